@@ -1,0 +1,1 @@
+"""ndot: online training of spiking neural networks (NDOT, OTTT, SLTT, BPTT)."""

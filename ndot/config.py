@@ -1,0 +1,113 @@
+"""One training configuration: a flat, serialisable dataclass, validated up front."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+RULES = ("ndot", "ndot_ref", "ottt", "sltt", "bptt")
+MODES = ("O", "A")
+PRECISIONS = ("fp32", "bf16")
+LOADERS = ("auto", "device", "cpu")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line meant for the user."""
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    arch: str = "small_cnn"
+    rule: str = "ndot"
+    mode: str = "A"
+    T: int = 4
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 5
+    batch_size: int = 128
+    # Loss: ((1 - loss_alpha) * CE + loss_alpha * MSE) / T per step (spec §3).
+    loss_alpha: float = 0.05
+    # Slope of the sigmoid surrogate for dH/du (spec §1).
+    surrogate_alpha: float = 4.0
+    tau: float = 2.0
+    v_th: float = 1.0
+    dropout: float = 0.0
+    # NDOT on a zero denominator: lambda (paper default) or lambda * sign(A[t]).
+    signed_factor: bool = False
+    # BPTT only: cut the gradient through the soft reset (OTTT's theory assumes this).
+    detach_reset: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    # Data.
+    data_root: str | None = None
+    download: bool = False
+    loader: str = "auto"
+    workers: int = 4
+    crop: bool = True
+    flip: bool = True
+    autoaugment: bool = True
+    cutout: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError on the first bad field; cheap checks only, no data is touched."""
+        from ndot.models import ARCHS
+        from ndot.data import DATASETS
+
+        def bad(msg: str) -> None:
+            raise ConfigError(msg)
+
+        if not isinstance(self.T, int) or isinstance(self.T, bool) or self.T <= 0:
+            bad(f"T must be a positive integer, got {self.T!r}")
+        if self.rule not in RULES:
+            bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}")
+        if self.mode not in MODES:
+            bad(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if self.rule == "bptt" and self.mode == "O":
+            bad("rule 'bptt' needs the whole sequence before its one backward pass: use mode 'A'")
+        if self.arch not in ARCHS:
+            bad(f"unknown architecture {self.arch!r}; valid architectures: {', '.join(sorted(ARCHS))}")
+        if self.dataset not in DATASETS:
+            bad(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}")
+        if not self.lr > 0:
+            bad(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            bad(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.weight_decay < 0:
+            bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.epochs, int) or self.epochs <= 0:
+            bad(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not 0 <= self.loss_alpha <= 1:
+            bad(f"loss_alpha must be in [0, 1], got {self.loss_alpha!r}")
+        if not self.surrogate_alpha > 0:
+            bad(f"surrogate_alpha must be > 0, got {self.surrogate_alpha!r}")
+        if not self.tau > 1:
+            bad(f"tau must be > 1 (lambda = 1 - 1/tau in (0, 1)), got {self.tau!r}")
+        if not self.v_th > 0:
+            bad(f"v_th must be > 0, got {self.v_th!r}")
+        if not 0 <= self.dropout < 1:
+            bad(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.precision not in PRECISIONS:
+            bad(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.loader not in LOADERS:
+            bad(f"unknown loader {self.loader!r}; valid: {', '.join(LOADERS)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @property
+    def lam(self) -> float:
+        return 1.0 - 1.0 / self.tau
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict that may carry extra keys (e.g. a Tune config); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,64 @@
+"""Datasets by name.
+
+Every dataset module exposes `INFO` (a DatasetInfo), `check(cfg)` which raises
+DataError with one line when the data is missing (before any work starts), and
+`loaders(cfg, device, input_size)` returning (train, test) loaders. A loader
+yields (x, y) on `device`: x is [B, C, H, W] for static images (the same input
+at every time step) or [B, T, C, H, W] for event frames; it has `set_epoch`,
+`__len__` and `num_samples`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ndot.config import TrainConfig
+
+
+class DataError(RuntimeError):
+    """Data that is missing or unreadable; the message says what to do, in one line."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_channels: int
+    # Native side length; None where the model's preferred size is used instead.
+    image_size: int | None
+    # True when each sample is a sequence of T frames rather than one image.
+    frames: bool = False
+
+
+# name -> module under ndot.data, imported on first use so that a run on
+# digits never imports tonic.
+DATASETS: dict[str, str] = {
+    "digits": "digits",
+    "cifar10": "cifar",
+    "cifar100": "cifar",
+    "cifar10dvs": "dvs",
+}
+
+
+def _module(name: str) -> ModuleType:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
+    return importlib.import_module(f"ndot.data.{DATASETS[name]}")
+
+
+def info(name: str) -> DatasetInfo:
+    mod = _module(name)
+    return mod.INFO[name] if isinstance(mod.INFO, dict) else mod.INFO
+
+
+def check(cfg: "TrainConfig") -> None:
+    _module(cfg.dataset).check(cfg)
+
+
+def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[Any, Any]:
+    return _module(cfg.dataset).loaders(cfg, device, input_size)

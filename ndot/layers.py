@@ -1,0 +1,179 @@
+"""Modules of a spiking network. Each maps a pair (x, â) to a pair (y, â').
+
+x is what the forward computes with (an image, a current, spikes); â is the
+presynaptic trace that travels beside the spikes during online training, or
+None (evaluation, BPTT, and the real-valued input of the first layer).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ndot.neuron import lif_step, trace_step
+from ndot.ops import traced_conv2d
+
+Pair = tuple[Tensor, Tensor | None]
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv with scaled weight standardisation: Ŵ = gain (W - mean) / sqrt(var · fan_in + eps)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1, eps: float = 1e-4):
+        super().__init__(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=True)
+        self.gain = nn.Parameter(torch.ones(c_out, 1, 1, 1))
+        self.eps = eps
+        # Set by `standardised_weights` so that Ŵ is computed once per optimiser step.
+        self.w_hat: Tensor | None = None
+
+    def standardise(self) -> Tensor:
+        w = self.weight
+        fan_in = w[0].numel()
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=True)
+        return self.gain * (w - mean) / torch.sqrt(var * fan_in + self.eps)
+
+    def forward(self, x: Tensor, a: Tensor | None = None) -> Pair:  # type: ignore[override]
+        w = self.w_hat if self.w_hat is not None else self.standardise()
+        if a is None:
+            return F.conv2d(x, w, self.bias, self.stride, self.padding), None
+        return traced_conv2d(x, a, w, self.bias, self.stride[0], self.padding[0]), None
+
+
+class LIF(nn.Module):
+    """LIF neurons with soft reset; keeps u, the trace and the NDOT factor between steps.
+
+    The state is dropped by `reset_state` at the first step of every batch.
+    `rule` picks the gradient rule: an online rule detaches the state and, in
+    training, emits the trace; "bptt" keeps the graph through time.
+    """
+
+    def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.lam = 1.0 - 1.0 / tau
+        self.v_th = v_th
+        self.alpha = alpha
+        self.dropout = dropout
+        self.rule = "ndot"
+        self.signed = False
+        self.detach_reset = False
+        # False where nothing downstream reads the trace (the neuron before the readout).
+        self.emit_trace = True
+        self.state: dict[str, Tensor | None] | None = None
+        # Spike counts for the mean firing rate, accumulated in evaluation only.
+        self.spikes = torch.zeros(())
+        self.neuron_steps = 0
+
+    def forward(self, current: Tensor, a_in: Tensor | None = None) -> Pair:
+        first = self.state is None
+        st = self.state or {"v": torch.zeros_like(current), "q": torch.zeros_like(current), "a": None, "e": None}
+        if first and self.training and self.dropout > 0:
+            keep = torch.empty_like(current).bernoulli_(1 - self.dropout)
+            st["mask"] = keep / (1 - self.dropout)
+        s, u = lif_step(st["v"], current, self.lam, self.v_th, self.alpha)
+
+        online = self.rule != "bptt"
+        if online or not self.training:
+            A = (u - self.v_th * s).detach()
+            new = {"v": A, "mask": st.get("mask")}
+            a = None
+            if self.training and self.emit_trace:
+                q = A - self.v_th * s.detach() if self.rule == "ndot_ref" else A
+                a, e = trace_step(self.rule, st["a"], s.detach(), q, st["q"], st["e"], self.lam, self.signed)
+                new.update(q=q, a=a, e=e)
+        else:
+            reset = s.detach() if self.detach_reset else s
+            new = {"v": u - self.v_th * reset, "mask": st.get("mask")}
+            a = None
+        self.state = new
+
+        if not self.training:
+            self.spikes = self.spikes.to(s.device) + s.detach().sum()
+            self.neuron_steps += s.numel()
+        mask = new["mask"]
+        if mask is not None:
+            s = s * mask
+            a = None if a is None else a * mask
+        return s, a
+
+
+class Both(nn.Module):
+    """A linear, parameter-free op (scale, pooling) applied to the spikes and to their trace alike."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], name: str = ""):
+        super().__init__()
+        self.fn = fn
+        self.name = name
+
+    def extra_repr(self) -> str:
+        return self.name
+
+    def forward(self, x: Tensor, a: Tensor | None = None) -> Pair:
+        return self.fn(x), (None if a is None else self.fn(a))
+
+
+def scale(c: float) -> Both:
+    return Both(lambda x: x * c, f"scale={c}")
+
+
+def avg_pool(k: int = 2) -> Both:
+    return Both(lambda x: F.avg_pool2d(x, k), f"avg_pool={k}")
+
+
+class Seq(nn.Sequential):
+    def forward(self, x: Tensor, a: Tensor | None = None) -> Pair:  # type: ignore[override]
+        for m in self:
+            x, a = m(x, a)
+        return x, a
+
+
+def neurons(model: nn.Module) -> Iterator[LIF]:
+    return (m for m in model.modules() if isinstance(m, LIF))
+
+
+def configure(model: nn.Module, rule: str, signed: bool = False, detach_reset: bool = False) -> None:
+    for n in neurons(model):
+        n.rule, n.signed, n.detach_reset = rule, signed, detach_reset
+
+
+def reset_state(model: nn.Module) -> None:
+    for n in neurons(model):
+        n.state = None
+
+
+def firing_rate(model: nn.Module, clear: bool = True) -> float:
+    """Mean spikes per neuron per step over what the network ran in evaluation."""
+    ns = list(neurons(model))
+    steps = sum(n.neuron_steps for n in ns)
+    rate = float(sum(n.spikes.item() for n in ns)) / steps if steps else 0.0
+    if clear:
+        for n in ns:
+            n.spikes, n.neuron_steps = torch.zeros(()), 0
+    return rate
+
+
+@contextlib.contextmanager
+def standardised_weights(model: nn.Module) -> Iterator[None]:
+    """Compute every Ŵ once for the steps inside the block.
+
+    Within one optimiser step W does not change, so Ŵ is the same at every time
+    step: the block's backward passes accumulate the gradient w.r.t. Ŵ in a
+    detached leaf, and the exit pushes the sum through the standardisation once.
+    """
+    convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
+    w_hats = [m.standardise() for m in convs]
+    grad_on = torch.is_grad_enabled()
+    for m, w in zip(convs, w_hats):
+        m.w_hat = w.detach().requires_grad_(grad_on)
+    try:
+        yield
+        pairs = [(w, m.w_hat.grad) for m, w in zip(convs, w_hats) if m.w_hat.grad is not None]
+        if pairs:
+            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+    finally:
+        for m in convs:
+            m.w_hat = None

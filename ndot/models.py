@@ -1,0 +1,116 @@
+"""Spiking architectures with scaled weight standardisation, by name.
+
+Every model runs ONE time step per call: logits o[t] = readout(GAP(s[t])).
+The readout has no neuron, so its gradient reads the spikes themselves: with
+no membrane to carry W's effect into later steps, s[t] is the exact gradient
+signal (the authors' code feeds it the trace instead).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+from torch import Tensor
+
+from ndot.layers import LIF, Seq, WSConv2d, avg_pool, neurons, scale
+
+SCALE = 2.74  # keeps the variance of the next WS layer's input near 1 (the authors' constant)
+
+
+@dataclass(frozen=True)
+class NeuronArgs:
+    tau: float = 2.0
+    v_th: float = 1.0
+    alpha: float = 4.0
+    dropout: float = 0.0
+
+    def make(self) -> LIF:
+        return LIF(self.tau, self.v_th, self.alpha, self.dropout)
+
+
+class SpikingNet(nn.Module):
+    def __init__(self, features: nn.Module, width: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.readout = nn.Linear(width, num_classes)
+        for m in self.modules():
+            if isinstance(m, WSConv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.readout.weight, 0.0, 0.01)
+        nn.init.zeros_(self.readout.bias)
+        list(neurons(self))[-1].emit_trace = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        s, _ = self.features(x, None)
+        return self.readout(s.mean(dim=(2, 3)))
+
+
+def _conv_stack(cfg: list, c_in: int, n: NeuronArgs) -> Seq:
+    layers: list[nn.Module] = []
+    for v in cfg:
+        if v == "AP":
+            layers.append(avg_pool(2))
+        else:
+            layers += [WSConv2d(c_in, v), n.make(), scale(SCALE)]
+            c_in = v
+    return Seq(*layers)
+
+
+VGG11 = [64, 128, "AP", 256, 256, "AP", 512, 512, "AP", 512, 512]
+SMALL = [32, "AP", 64, "AP", 128]
+
+
+def vgg11_ws(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
+    """The paper's VGG-11-WS (spec §4): 1.21 GFLOP per image-step at 32x32."""
+    return SpikingNet(_conv_stack(VGG11, in_channels, n), 512, num_classes)
+
+
+def small_cnn(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
+    """Three WS conv layers (32-64-128): cheap enough for CPU sweeps."""
+    return SpikingNet(_conv_stack(SMALL, in_channels, n), 128, num_classes)
+
+
+class Block(nn.Module):
+    """Spiking basic block: the shortcut's spikes join the second conv's current before the neuron."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, n: NeuronArgs):
+        super().__init__()
+        self.body = Seq(WSConv2d(c_in, c_out, stride=stride), n.make(), scale(SCALE), WSConv2d(c_out, c_out))
+        self.shortcut = WSConv2d(c_in, c_out, 1, stride, 0) if (stride, c_in) != (1, c_out) else None
+        self.out = Seq(n.make(), scale(SCALE))
+
+    def forward(self, x: Tensor, a: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        current, _ = self.body(x, a)
+        current = current + (self.shortcut(x, a)[0] if self.shortcut is not None else x)
+        return self.out(current, None)
+
+
+def resnet_ws(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
+    """ResNet-10-style WS network: a stem and four basic blocks (64-128-256-512)."""
+    stem = Seq(WSConv2d(in_channels, 64), n.make(), scale(SCALE))
+    widths = [64, 128, 256, 512]
+    blocks = [Block(c_in, c_out, 1 if i == 0 else 2, n) for i, (c_in, c_out) in enumerate(zip([64] + widths, widths))]
+    return SpikingNet(Seq(stem, *blocks), 512, num_classes)
+
+
+@dataclass(frozen=True)
+class Arch:
+    build: Callable[[int, int, NeuronArgs], SpikingNet]
+    # Side length of the input the model is sized for; datasets without a
+    # native size (digits) are resized to it.
+    input_size: int
+
+
+ARCHS: dict[str, Arch] = {
+    "vgg11_ws": Arch(vgg11_ws, 32),
+    "small_cnn": Arch(small_cnn, 16),
+    "resnet_ws": Arch(resnet_ws, 32),
+}
+
+
+def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | None = None) -> SpikingNet:
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; valid architectures: {', '.join(sorted(ARCHS))}")
+    return ARCHS[name].build(in_channels, num_classes, neuron or NeuronArgs())

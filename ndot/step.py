@@ -1,0 +1,93 @@
+"""One batch of training or evaluation under each rule and update mode (spec §3)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ndot.layers import reset_state, standardised_weights
+
+
+def step_loss(o: Tensor, y: Tensor, T: int, alpha: float) -> Tensor:
+    """L[t] = ((1 - α) CE(o[t], y) + α MSE(o[t], onehot(y))) / T."""
+    o = o.float()
+    mse = F.mse_loss(o, F.one_hot(y, o.shape[-1]).to(o.dtype))
+    return ((1 - alpha) * F.cross_entropy(o, y) + alpha * mse) / T
+
+
+def _input(x: Tensor, t: int) -> Tensor:
+    # Static images repeat at every step; event data carries a T axis.
+    return x[:, t] if x.dim() == 5 else x
+
+
+def _autocast(x: Tensor, precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_batch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    rule: str,
+    mode: str,
+    T: int,
+    loss_alpha: float,
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """Train on one batch; returns (Σ_t L[t], Σ_t o[t]) detached, without a device sync.
+
+    Online rules run backward at every step (the graph never spans two steps);
+    mode "O" also steps the optimiser at every step, mode "A" once per batch.
+    BPTT builds the whole sequence and runs one backward.
+    """
+    reset_state(model)
+    loss_sum = torch.zeros((), device=x.device)
+    logits = None
+
+    def forward(t: int) -> Tensor:
+        nonlocal logits, loss_sum
+        with _autocast(x, precision):
+            o = model(_input(x, t))
+        loss = step_loss(o, y, T, loss_alpha)
+        logits = o.detach().float() if logits is None else logits + o.detach().float()
+        loss_sum = loss_sum + loss.detach()
+        return loss
+
+    if rule == "bptt":
+        with standardised_weights(model):
+            sum(forward(t) for t in range(T)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    elif mode == "A":
+        with standardised_weights(model):
+            for t in range(T):
+                forward(t).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    else:
+        for t in range(T):
+            with standardised_weights(model):
+                forward(t).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return loss_sum, logits
+
+
+@torch.no_grad()
+def eval_batch(model: nn.Module, x: Tensor, y: Tensor, *, T: int, loss_alpha: float, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """Evaluate one batch: no traces, no graph. Returns (Σ_t L[t], Σ_t o[t])."""
+    reset_state(model)
+    loss_sum = torch.zeros((), device=x.device)
+    logits = torch.zeros((), device=x.device)
+    with standardised_weights(model):
+        for t in range(T):
+            with _autocast(x, precision):
+                o = model(_input(x, t)).float()
+            loss_sum = loss_sum + step_loss(o, y, T, loss_alpha)
+            logits = logits + o
+    return loss_sum, logits

@@ -1,0 +1,238 @@
+"""Train one configuration: epochs of online training, per-epoch metrics, checkpoints.
+
+    python -m ndot.train --dataset digits --arch small_cnn --rule ndot --mode A --T 4 --epochs 8
+
+The library entry point is `train(cfg, on_epoch, resume)`. It knows nothing of
+Ray: a sweep passes a callback that reports the metrics and stores the state.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ndot import checkpoint, data
+from ndot.config import ConfigError, TrainConfig
+from ndot.layers import configure, firing_rate
+from ndot.models import ARCHS, NeuronArgs, build
+from ndot.step import eval_batch, train_batch
+
+Metrics = dict[str, Any]
+OnEpoch = Callable[[Metrics, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "diverged"
+    epochs_run: int
+    metrics: Metrics
+    best_test_acc: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Peak resident set of the whole process (Linux reports KiB).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state()[1].tolist(),
+        "python": random.getstate()[1],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    return (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum()
+
+
+def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int) -> Metrics:
+    model.eval()
+    loss = torch.zeros(())
+    top1 = top5 = 0
+    for x, y in loader:
+        l, logits = eval_batch(model, x, y, T=cfg.T, loss_alpha=cfg.loss_alpha, precision=cfg.precision)
+        loss = loss + l.cpu() * len(y)
+        top1 += int(_topk_correct(logits, y, 1))
+        if num_classes > 10:
+            top5 += int(_topk_correct(logits, y, 5))
+    n = loader.num_samples
+    out = {"test_loss": float(loss) / n, "test_acc": top1 / n, "firing_rate": firing_rate(model)}
+    if num_classes > 10:
+        out["test_top5"] = top5 / n
+    return out
+
+
+def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
+    """Train `cfg` to its last epoch (or divergence), calling `on_epoch(metrics, state)` after every epoch.
+
+    `state` is the checkpoint payload; passing it back as `resume` continues
+    with the next epoch exactly as the uninterrupted run would have.
+    """
+    cfg.validate()
+    data.check(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    info = data.info(cfg.dataset)
+    input_size = info.image_size or ARCHS[cfg.arch].input_size
+    train_loader, test_loader = data.loaders(cfg, device, input_size)
+    neuron = NeuronArgs(cfg.tau, cfg.v_th, cfg.surrogate_alpha, cfg.dropout)
+    model = build(cfg.arch, info.in_channels, info.num_classes, neuron).to(device)
+    configure(model, cfg.rule, cfg.signed_factor, cfg.detach_reset)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.0)
+
+    start, best = 1, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        _set_rng_state(resume["rng"])
+        start, best = resume["epoch"] + 1, resume["best_test_acc"]
+
+    metrics: Metrics = {}
+    for epoch in range(start, cfg.epochs + 1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model.train()
+        train_loader.set_epoch(epoch)
+        lr = opt.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for x, y in train_loader:
+            loss, logits = train_batch(
+                model, opt, x, y, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
+                loss_alpha=cfg.loss_alpha, precision=cfg.precision,
+            )
+            loss_sum += loss * len(y)
+            correct += _topk_correct(logits, y, 1)
+        train_loss = float(loss_sum) / train_loader.num_samples  # syncs the device
+        seconds = time.perf_counter() - t0
+        sched.step()
+
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": int(correct) / train_loader.num_samples,
+            "lr": lr,
+            "epoch_seconds": seconds,
+            "image_steps_per_s": train_loader.num_samples * cfg.T / seconds,
+        }
+        if not math.isfinite(train_loss):
+            metrics.update(status="diverged", peak_mem_mb=_peak_mem_mb(device), best_test_acc=best)
+            _call(on_epoch, metrics, model, opt, sched, epoch, best, cfg)
+            return TrainResult("diverged", epoch, metrics, best)
+        metrics.update(evaluate(model, test_loader, cfg, info.num_classes))
+        best = max(best, metrics["test_acc"])
+        metrics.update(best_test_acc=best, peak_mem_mb=_peak_mem_mb(device), status="ok")
+        _call(on_epoch, metrics, model, opt, sched, epoch, best, cfg)
+    return TrainResult("completed", cfg.epochs, metrics, best)
+
+
+def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: int, best: float, cfg: TrainConfig) -> None:
+    if on_epoch is None:
+        return
+    state = {
+        "epoch": epoch,
+        "best_test_acc": best,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": _rng_state(),
+        "config": cfg.to_dict(),
+    }
+    on_epoch(metrics, state)
+
+
+# ----- command line -----
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ndot.train", description="Train one spiking network online.")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "data_root":
+            p.add_argument(flag, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            p.add_argument(flag, type=kind, default=f.default)
+    p.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl and checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    out, resume = args.pop("out"), args.pop("resume")
+    cfg = TrainConfig(**args)
+    try:
+        cfg.validate()
+        data.check(cfg)
+    except (ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = out or Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.rule}_{cfg.mode}-T{cfg.T}-seed{cfg.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    state = None
+    if resume:
+        if not ckpt_path.exists():
+            print(f"error: --resume given but {ckpt_path} does not exist", file=sys.stderr)
+            return 2
+        state = checkpoint.load(ckpt_path)
+    elif log_path.exists():
+        log_path.unlink()
+
+    def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
+        checkpoint.save(ckpt_path, st)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        top5 = f" top5 {m['test_top5']:.3f}" if "test_top5" in m else ""
+        test = f"test {m['test_acc']:.4f}{top5} (best {m['best_test_acc']:.4f}) " if m["status"] == "ok" else "DIVERGED "
+        print(
+            f"epoch {m['epoch']:3d}/{cfg.epochs}  loss {m['train_loss']:.4f}  train {m['train_acc']:.4f}  {test}"
+            f"{m['epoch_seconds']:.1f}s  {m['image_steps_per_s']:.0f} img-steps/s",
+            flush=True,
+        )
+
+    print(f"{cfg.rule}_{cfg.mode} T={cfg.T} {cfg.arch} on {cfg.dataset} ({resolve_device(cfg.device)}) -> {out}", flush=True)
+    result = train(cfg, on_epoch, state)
+    print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
+    return 0 if result.status == "completed" else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Bad input: one clear line, before any work."""
+import subprocess
+import sys
+
+import pytest
+
+from ndot.config import ConfigError, TrainConfig
+
+
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        ({"T": 0}, "T must be a positive integer"),
+        ({"T": -3}, "T must be a positive integer"),
+        ({"rule": "stdp"}, "unknown rule 'stdp'; valid rules: ndot, ndot_ref, ottt, sltt, bptt"),
+        ({"arch": "vgg99"}, "unknown architecture 'vgg99'; valid architectures:"),
+        ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": -0.1}, "lr must be > 0"),
+        ({"rule": "bptt", "mode": "O"}, "rule 'bptt' needs the whole sequence"),
+        ({"mode": "B"}, "unknown mode 'B'"),
+        ({"tau": 1.0}, "tau must be > 1"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+    ],
+)
+def test_bad_config_raises_one_line(kw, words):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**kw).validate()
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg
+
+
+def test_arch_error_lists_valid_names():
+    with pytest.raises(ConfigError, match="resnet_ws, small_cnn, vgg11_ws"):
+        TrainConfig(arch="nope").validate()
+
+
+def test_default_config_is_valid_and_round_trips():
+    cfg = TrainConfig().validate()
+    assert TrainConfig.from_dict({**cfg.to_dict(), "extra_key_from_tune": 1}) == cfg
+
+
+@pytest.mark.parametrize("args,words", [(["--T", "0"], "T must be"), (["--rule", "bptt", "--mode", "O"], "bptt"),
+                                        (["--arch", "x"], "unknown architecture")])
+def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(args, words, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ndot.train", "--out", str(tmp_path), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and words in r.stderr
+    assert not (tmp_path / "checkpoint.pt").exists()

@@ -1,0 +1,135 @@
+"""The presynaptic traces against independent formulas (spec §2)."""
+import numpy as np
+import pytest
+import torch
+
+from ndot.layers import LIF
+
+LAM, VTH = 0.5, 1.0
+
+
+def run_lif(currents: np.ndarray, rule: str, signed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Drive a trained-mode LIF with the given currents [T, N]; returns (s, A, â) per step."""
+    lif = LIF(tau=1 / (1 - LAM), v_th=VTH)
+    lif.rule, lif.signed = rule, signed
+    lif.train()
+    s_, A_, a_ = [], [], []
+    for I in torch.tensor(currents, dtype=torch.float64):
+        s, a = lif(I)
+        s_.append(s.numpy())
+        A_.append(lif.state["v"].numpy())
+        a_.append(a.numpy())
+    return np.array(s_), np.array(A_), np.array(a_)
+
+
+def dyadic_dynamics(T: int, n: int, seed: int) -> np.ndarray:
+    """Currents whose post-reset potentials A[t] are chosen from multiples of 1/8,
+    zero included, so that zero denominators and binding clamps occur exactly."""
+    rng = np.random.default_rng(seed)
+    A_prev = np.zeros(n)
+    currents = []
+    for _ in range(T):
+        A = rng.integers(-8, 8, n) / 8.0
+        fire = (A >= 0) & (rng.random(n) < 0.5)
+        u = A + VTH * fire
+        currents.append(u - LAM * A_prev)
+        A_prev = A
+    return np.array(currents)
+
+
+def naive_factor(num: float, den: float, signed: bool) -> float:
+    if den == 0:
+        return LAM * np.sign(num) if signed else LAM
+    return min(max(num / den, -LAM), LAM)
+
+
+def naive_trace(s: np.ndarray, q: np.ndarray, t: int, n: int, signed: bool, current_step: bool) -> float:
+    """â[t] = Σ_k (Π_{i=k}^{t-1} e[i]) s[k] with e[i] from q; for the reference
+    rule the factor applied at step i+1 is e_ref[i+1] instead of e[i]."""
+    total = 0.0
+    for k in range(t + 1):
+        prod = 1.0
+        for i in range(k, t):
+            j = i + 1 if current_step else i
+            prod *= naive_factor(q[j, n], q[j - 1, n] if j > 0 else 0.0, signed)
+        total += prod * s[k, n]
+    return total
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_ndot_trace_equals_product_formula(signed):
+    currents = dyadic_dynamics(T=8, n=64, seed=3)
+    s, A, a = run_lif(currents, "ndot", signed)
+    # The dynamics must exercise what the formula is about.
+    ratios = A[1:] / np.where(A[:-1] == 0, np.nan, A[:-1])
+    assert (A[:-1] == 0).any() and (np.abs(ratios) > LAM).any() and (a < 0).any()
+    for t in range(8):
+        for n in range(64):
+            assert a[t, n] == pytest.approx(naive_trace(s, A, t, n, signed, current_step=False), abs=1e-12)
+
+
+def test_ndot_trace_telescopes_where_the_clamp_does_not_bind():
+    rng = np.random.default_rng(5)
+    T, n = 10, 32
+    # A[t] = r A[t-1] with 0.2 <= |r| <= 0.45 < λ: every ratio is inside the clamp.
+    A = [rng.uniform(0.1, 0.9, n)]
+    for _ in range(T - 1):
+        A.append(rng.choice([-1, 1], n) * rng.uniform(0.2, 0.45, n) * A[-1])
+    A = np.array(A)
+    fire = (A >= 0) & (rng.random((T, n)) < 0.5)
+    u = A + VTH * fire
+    currents = u - LAM * np.vstack([np.zeros(n), A[:-1]])
+    s, A_run, a = run_lif(currents, "ndot")
+    np.testing.assert_allclose(A_run, A, atol=1e-12)
+    A = A_run  # the identity holds for the potentials the neuron computed
+    for t in range(1, T):
+        # Π_{i=k}^{t-1} e[i] = A[t-1] / A[k-1] for k >= 2; e[1] = λ (A[0] = 0).
+        expect = s[t] + LAM * A[t - 1] / A[0] * s[0] + sum(A[t - 1] / A[k - 1] * s[k] for k in range(1, t))
+        np.testing.assert_allclose(a[t], expect, rtol=1e-10, atol=1e-12)
+
+
+def test_ndot_ref_trace_equals_product_formula():
+    currents = dyadic_dynamics(T=8, n=64, seed=4)
+    s, A, a = run_lif(currents, "ndot_ref")
+    q = A - VTH * s
+    for t in range(8):
+        for n in range(64):
+            assert a[t, n] == pytest.approx(naive_trace(s, q, t, n, False, current_step=True), abs=1e-12)
+
+
+def test_ndot_ref_hand_computed():
+    # λ = 0.5, Vth = 1, one neuron:
+    # t=1: u = 1.5, s = 1, A = 0.5,   q = A - s = -0.5,  â = 1
+    # t=2: u = 0.45, s = 0, A = 0.45, q = 0.45,  e_ref = 0.45 / -0.5 = -0.9 -> -0.5,  â = -0.5
+    # t=3: u = 1.225, s = 1, A = 0.225, q = -0.775, e_ref = -0.775 / 0.45 -> -0.5,  â = 0.25 + 1 = 1.25
+    # t=4: u = 0.1125 + 0.8875 = 1.0, s = 1, A = 0, q = -1,  e_ref = -1 / -0.775 -> 0.5,  â = 0.625 + 1 = 1.625
+    # t=5: u = 0 + 0.3 = 0.3, s = 0, A = 0.3, q = 0.3, e_ref = 0.3 / -1 = -0.3,  â = -0.4875
+    # t=6: u = 0.15 - 0.15 = 0, s = 0, A = 0, q = 0, e_ref = 0 / 0.3 = 0,  â = 0
+    # t=7: u = 0.2, s = 0, A = 0.2, q = 0.2, e_ref = 0.2 / 0 -> λ (zero denominator),  â = 0
+    currents = np.array([[1.5], [0.2], [1.0], [0.8875], [0.3], [-0.15], [0.2]])
+    s, _, a = run_lif(currents, "ndot_ref")
+    np.testing.assert_array_equal(s[:, 0], [1, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_allclose(a[:, 0], [1, -0.5, 1.25, 1.625, -0.4875, 0.0, 0.0], atol=1e-12)
+    # The paper's factor on the same dynamics uses e[t-1] = A[t-1] / A[t-2]:
+    # e[1] = λ (A[0] = 0), e[2] = 0.45/0.5 -> 0.5, e[3] = 0.225/0.45 = 0.5, e[4] = 0/0.225 = 0, e[5] = 0.3/0 -> λ, e[6] = 0
+    s, _, a = run_lif(currents, "ndot")
+    np.testing.assert_allclose(a[:, 0], [1, 0.5, 1.25, 1.625, 0.0, 0.0, 0.0], atol=1e-12)
+
+
+def test_baseline_traces():
+    currents = dyadic_dynamics(T=6, n=16, seed=6)
+    s, _, a = run_lif(currents, "ottt")
+    expect = np.zeros_like(s[0])
+    for t in range(6):
+        expect = LAM * expect + s[t]
+        np.testing.assert_allclose(a[t], expect, atol=1e-12)
+    s, _, a = run_lif(currents, "sltt")
+    np.testing.assert_array_equal(a, s)
+
+
+def test_ndot_factor_never_exceeds_lambda():
+    currents = np.random.default_rng(7).normal(0.6, 1.0, (30, 256))
+    for rule in ("ndot", "ndot_ref"):
+        s, _, a = run_lif(currents, rule)
+        _, _, ottt = run_lif(currents, "ottt")
+        assert (np.abs(a) <= ottt + 1e-12).all()
