@@ -30,6 +30,8 @@ from ndot.step import eval_batch, train_batch
 
 Metrics = dict[str, Any]
 OnEpoch = Callable[[Metrics, dict[str, Any]], None]
+# on_batch(epoch, batches_done, batches_total): progress inside a long epoch.
+OnBatch = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -76,22 +78,29 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor
 
 def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int) -> Metrics:
     model.eval()
-    loss = torch.zeros(())
-    top1 = top5 = 0
+    device = next(model.parameters()).device
+    loss = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
     for x, y in loader:
         l, logits = eval_batch(model, x, y, T=cfg.T, loss_alpha=cfg.loss_alpha, precision=cfg.precision)
-        loss = loss + l.cpu() * len(y)
-        top1 += int(_topk_correct(logits, y, 1))
+        loss += l * len(y)
+        top1 += _topk_correct(logits, y, 1)
         if num_classes > 10:
-            top5 += int(_topk_correct(logits, y, 5))
+            top5 += _topk_correct(logits, y, 5)
     n = loader.num_samples
-    out = {"test_loss": float(loss) / n, "test_acc": top1 / n, "firing_rate": firing_rate(model)}
+    out = {"test_loss": float(loss) / n, "test_acc": int(top1) / n, "firing_rate": firing_rate(model)}
     if num_classes > 10:
-        out["test_top5"] = top5 / n
+        out["test_top5"] = int(top5) / n
     return out
 
 
-def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    on_epoch: OnEpoch | None = None,
+    resume: dict[str, Any] | None = None,
+    on_batch: OnBatch | None = None,
+) -> TrainResult:
     """Train `cfg` to its last epoch (or divergence), calling `on_epoch(metrics, state)` after every epoch.
 
     `state` is the checkpoint payload; passing it back as `resume` continues
@@ -131,13 +140,15 @@ def train(cfg: TrainConfig, on_epoch: OnEpoch | None = None, resume: dict[str, A
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for x, y in train_loader:
+        for i, (x, y) in enumerate(train_loader, 1):
             loss, logits = train_batch(
                 model, opt, x, y, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
                 loss_alpha=cfg.loss_alpha, precision=cfg.precision,
             )
             loss_sum += loss * len(y)
             correct += _topk_correct(logits, y, 1)
+            if on_batch is not None:
+                on_batch(epoch, i, len(train_loader))
         train_loss = float(loss_sum) / train_loader.num_samples  # syncs the device
         seconds = time.perf_counter() - t0
         sched.step()
@@ -228,8 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
+    last = [time.monotonic()]
+
+    def on_batch(epoch: int, done: int, total: int) -> None:
+        # A line every 10 s keeps long epochs visible without flooding short ones.
+        if time.monotonic() - last[0] > 10 and done < total:
+            last[0] = time.monotonic()
+            print(f"epoch {epoch:3d}/{cfg.epochs}  batch {done}/{total}", flush=True)
+
     print(f"{cfg.rule}_{cfg.mode} T={cfg.T} {cfg.arch} on {cfg.dataset} ({resolve_device(cfg.device)}) -> {out}", flush=True)
-    result = train(cfg, on_epoch, state)
+    result = train(cfg, on_epoch, state, on_batch)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
 
