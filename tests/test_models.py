@@ -1,0 +1,82 @@
+"""Architectures: shapes, the paper's VGG-11-WS size, weight standardisation, neuron dropout."""
+import pytest
+import torch
+
+from ndot.layers import LIF, WSConv2d, neurons, reset_state
+from ndot.models import ARCHS, NeuronArgs, build
+
+
+def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    macs = []
+
+    def hook(m, inp, out):
+        cur = out[0]
+        macs.append(cur.shape[1] * cur.shape[2] * cur.shape[3] * m.weight[0].numel())
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, WSConv2d)]
+    model(x)
+    for h in hs:
+        h.remove()
+    return sum(macs)
+
+
+@pytest.mark.parametrize("c,size,classes", [(3, 32, 10), (3, 32, 100), (2, 48, 10)])
+def test_vgg11_ws_shapes(c, size, classes):
+    m = build("vgg11_ws", c, classes).eval()
+    reset_state(m)
+    assert m(torch.randn(2, c, size, size)).shape == (2, classes)
+
+
+def test_vgg11_ws_is_the_papers_network():
+    m = build("vgg11_ws", 3, 10).eval()
+    convs = [x for x in m.modules() if isinstance(x, WSConv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]
+    assert m.readout.in_features == 512
+    # 605 M multiply-adds per image per time step at 32x32 (spec §4).
+    reset_state(m)
+    assert conv_macs(m, torch.randn(1, 3, 32, 32)) == pytest.approx(605e6, rel=0.01)
+    assert torch.all(m.readout.bias == 0) and m.readout.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_arch_runs_on_its_input_size(arch):
+    m = build(arch, 1, 10).eval()
+    reset_state(m)
+    size = ARCHS[arch].input_size
+    assert m(torch.randn(3, 1, size, size)).shape == (3, 10)
+
+
+def test_unknown_arch_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid architectures: resnet_ws, small_cnn, vgg11_ws"):
+        build("lenet", 1, 10)
+
+
+def test_scaled_weight_standardisation():
+    conv = WSConv2d(16, 8)
+    with torch.no_grad():
+        conv.weight.normal_(3.0, 5.0)
+    w = conv.standardise()
+    fan_in = 16 * 9
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(8), atol=1e-6)
+    assert torch.allclose(w.var(dim=(1, 2, 3)) * fan_in, torch.ones(8), rtol=1e-3)
+    assert w.requires_grad, "the standardisation must stay differentiable"
+
+
+def test_neuron_dropout_mask_is_fixed_over_time_and_training_only():
+    torch.manual_seed(0)
+    lif = LIF(dropout=0.5).train()
+    lif.rule = "ottt"
+    current = torch.full((4000,), 5.0)  # fires at every step
+    outs = [lif(current)[0] for _ in range(3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    assert set(outs[0].unique().tolist()) == {0.0, 2.0}  # kept spikes scaled by 1/(1-p)
+    assert abs((outs[0] == 0).float().mean().item() - 0.5) < 0.05
+    lif.eval()
+    lif.state = None
+    assert torch.all(lif(current)[0] == 1.0)
+
+
+def test_last_neuron_emits_no_trace():
+    m = build("small_cnn", 1, 10)
+    flags = [n.emit_trace for n in neurons(m)]
+    assert flags[-1] is False and all(flags[:-1])
