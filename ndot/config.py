@@ -9,6 +9,7 @@ RULES = ("ndot", "ndot_ref", "ottt", "sltt", "bptt")
 MODES = ("O", "A")
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("auto", "device", "cpu")
+DVS_ENCODINGS = ("counts", "authors")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,8 @@ class TrainConfig:
     flip: bool = True
     autoaugment: bool = True
     cutout: bool = True
+    # CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding (ndot/data/dvs.py).
+    dvs_encoding: str = "counts"
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError on the first bad field; cheap checks only, no data is touched."""
@@ -95,6 +98,8 @@ class TrainConfig:
             bad(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.loader not in LOADERS:
             bad(f"unknown loader {self.loader!r}; valid: {', '.join(LOADERS)}")
+        if self.dvs_encoding not in DVS_ENCODINGS:
+            bad(f"unknown dvs_encoding {self.dvs_encoding!r}; valid: {', '.join(DVS_ENCODINGS)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         return self

@@ -1,13 +1,15 @@
-"""A loader that keeps a whole dataset on the training device and batches it there.
+"""Loaders: a whole dataset on the training device batched there, or a map-style dataset through CPU workers.
 
-Shuffling and augmentation draw from a generator seeded by (seed, epoch), so an
+Shuffling and augmentation draw from generators seeded by (seed, epoch), so an
 epoch's batches are the same whether or not the run was resumed in between.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 # augment(x, generator) -> x, applied per batch on the device, before `normalise`.
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -19,11 +21,17 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
     return g
 
 
+def num_batches(samples: int, batch_size: int, drop_last: bool) -> int:
+    return samples // batch_size if drop_last else -(-samples // batch_size)
+
+
 class DeviceLoader:
-    """Batches of (x, y) from tensors already on `device`.
+    """Batches of (x, y) from whole-dataset tensors, normally already on the training device.
 
     x holds raw samples (uint8 images or float frames); `prepare` turns a batch
     into the float input the model sees (dtype cast, augmentation, normalisation).
+    `device` is where batches are delivered and prepared, by default x's device;
+    a different one keeps the dataset in host memory and moves each batch.
     """
 
     def __init__(
@@ -36,6 +44,7 @@ class DeviceLoader:
         seed: int = 0,
         prepare: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         drop_last: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
@@ -45,6 +54,8 @@ class DeviceLoader:
         self.seed = seed
         self.prepare = prepare
         self.drop_last = drop_last
+        # Resolved ("cuda" -> "cuda:0") so that the comparison with x.device in __iter__ is exact.
+        self.device = torch.empty(0, device=device).device if device is not None else x.device
         self.epoch = 0
 
     @property
@@ -55,18 +66,103 @@ class DeviceLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n, b = self.num_samples, self.batch_size
-        return n // b if self.drop_last else -(-n // b)
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.x.device
-        g = epoch_generator(self.seed, self.epoch, device)
-        order = torch.randperm(self.num_samples, generator=g, device=device) if self.shuffle else None
+        home = self.x.device
+        g = epoch_generator(self.seed, self.epoch, home)
+        # One stream where possible: two generators seeded alike on one device would draw the same numbers.
+        g_prepare = g if self.device == home else epoch_generator(self.seed, self.epoch, self.device)
+        order = torch.randperm(self.num_samples, generator=g, device=home) if self.shuffle else None
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl] if order is not None else None
             x = self.x[idx] if idx is not None else self.x[sl]
             y = self.y[idx] if idx is not None else self.y[sl]
+            x, y = x.to(self.device), y.to(self.device)
             if self.prepare is not None:
-                x = self.prepare(x, g)
+                x = self.prepare(x, g_prepare)
             yield x, y
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """An independent torch seed for one sample of one epoch."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _SeededTransform(Dataset):
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor], seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        sample, label = self.dataset[index]
+        # With workers=0 this runs in the training process, whose RNG must not move. The CPU generator
+        # alone is saved and seeded: torch.random.fork_rng + torch.manual_seed take ~100x longer.
+        rng = torch.default_generator
+        state = rng.get_state()
+        rng.manual_seed(sample_seed(self.seed, self.epoch, index))
+        try:
+            return self.transform(sample), label
+        finally:
+            rng.set_state(state)
+
+
+class WorkerLoader:
+    """Batches from a map-style dataset of (sample, label), transformed on CPU workers, delivered on `device`.
+
+    `transform` draws from torch's global RNG (torchvision transforms do); it is
+    seeded per sample from (seed, epoch, index), so batches depend neither on the
+    number of workers nor on which worker ran which sample.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: Callable[[Any], torch.Tensor],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        workers: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+    ) -> None:
+        self._data = _SeededTransform(dataset, transform, seed)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.workers = workers
+        self.device = torch.device(device)
+        self.drop_last = drop_last
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._data)
+
+    @property
+    def epoch(self) -> int:
+        return self._data.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        # Workers are started per epoch (no persistent workers), so they see this value.
+        self._data.epoch = epoch
+
+    def __len__(self) -> int:
+        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            self._data,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=epoch_generator(self.seed, self.epoch),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=self.drop_last,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

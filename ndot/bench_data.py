@@ -1,0 +1,94 @@
+"""Data-path throughput, one JSON line per measurement.
+
+    python -m ndot.bench_data            # CIFAR shape, 10,000 images; DVS fixture with 100k events per recording
+    python -m ndot.bench_data --small    # a quick run on a small CPU
+
+CIFAR pipelines run on synthetic uint8 images in memory (no dataset needed):
+the PIL pipeline in DataLoader workers and the device pipeline, each with and
+without AutoAugment. DVS conversion runs on a generated 1,000-recording
+CIFAR10-DVS fixture (faery needed), first building the frame cache, then
+reading it back (from the page cache: the file was just written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ndot.config import TrainConfig
+from ndot.data import cifar, dvs, fixtures
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images_per_s(loader, device: torch.device) -> float:
+    loader.set_epoch(0)
+    t0 = time.perf_counter()
+    for _ in loader:
+        pass
+    _sync(device)
+    return loader.num_samples / (time.perf_counter() - t0)
+
+
+def bench_cifar(n: int, workers: int, device: torch.device) -> None:
+    rng = np.random.default_rng(0)
+    split = (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n))
+    for pipeline, where in (("cpu", torch.device("cpu")), ("device", device)):
+        for autoaugment in (True, False):
+            cfg = TrainConfig(dataset="cifar10", loader=pipeline, workers=workers, autoaugment=autoaugment)
+            train, _ = cifar.build(cfg, where, split, split)
+            if pipeline == "device":  # warm-up: kernels, AutoAugment tables
+                train.set_epoch(-1)
+                next(iter(train))
+            print(json.dumps({
+                "bench": f"cifar_{pipeline}_pipeline", "device": str(where),
+                "workers": workers if pipeline == "cpu" else 0, "autoaugment": autoaugment,
+                "torch_threads": torch.get_num_threads(), "images": n,
+                "images_per_s": round(_images_per_s(train, where)),
+            }), flush=True)
+
+
+def bench_dvs(events: int, T: int, workers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        fixtures.write_cifar10dvs(root, per_class=100, events=events)
+        dataset = dvs.CIFAR10DVS(save_to=str(root), transform=dvs.EventFrames(T, 48, "counts"))
+        train, test = dvs.split(dataset.data, dataset.targets)
+        frames = len(dataset) * T
+        for phase in ("convert", "cached"):
+            t0 = time.perf_counter()
+            data = dvs.frames(dataset, train, test, root / "cache", workers)
+            data.train_x.clone(), data.test_x.clone()  # a cached load is memory-mapped: read it all
+            seconds = time.perf_counter() - t0
+            print(json.dumps({
+                "bench": f"dvs_{phase}", "recordings": len(dataset), "events_per_recording": events, "T": T,
+                "size": 48, "workers": workers if phase == "convert" else 0,
+                "frames_per_s": round(frames / seconds), "seconds": round(seconds, 2),
+            }), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", action="store_true", help="fewer images and events, for a small CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU pipeline and DVS conversion")
+    p.add_argument("--T", type=int, default=10, help="DVS frames per recording")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of this process")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench_cifar(2_048 if args.small else 10_000, args.workers, torch.device(args.device))
+    bench_dvs(5_000 if args.small else 100_000, args.T, args.workers)
+
+
+if __name__ == "__main__":
+    main()

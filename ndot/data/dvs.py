@@ -1,0 +1,276 @@
+"""CIFAR10-DVS (Li et al., 2017) through tonic, as T event frames per recording (spec §5).
+
+Files: `<data root>/CIFAR10DVS/<class>/*.aedat4`, 1000 recordings per class, as
+tonic unpacks them, and tonic's `CIFAR10DVS.zip` beside them: tonic downloads
+the whole dataset again when that file is absent, so it must stay (it may be
+emptied once the recordings are unpacked).
+
+Frames: a recording's events, in time order, are cut into T bins of equal event
+count (event i of n goes to bin floor(i*T/n): sizes differ by at most one and no
+event is dropped; tonic's ToFrame(n_event_bins=T) drops the last n mod T
+events and accumulates with np.add.at, which is slower), counted per polarity and
+pixel into [T, 2, 128, 128] (channel = tonic's polarity p, 0 then 1) and
+resized to size x size. Encodings (cfg.dvs_encoding):
+
+- "counts" (default): the counts resized bilinearly with antialiasing (the
+  filter of the authors' PIL Resize), normalised per polarity with the mean and
+  std of the training frames, computed when the cache is built; they depend on
+  T, since a bin holds 1/T of the events.
+- "authors": the authors' chain, through the same torchvision/PIL calls:
+  ToPILImage on the counts (x255 into uint8, so counts wrap: 1 -> 255,
+  2 -> 254, ...; two channels make an LA image), PIL resize (which zeroes L
+  wherever A is 0), ToTensor; normalised with their constants (spec §5).
+
+Split: in each class, recordings in the natural order of the number in their
+file name, the first 90% train and the rest test (900 / 100 per class).
+Training augmentation: zero-pad 4 and crop back at a random offset, the same for
+all frames of a sample (cfg.crop); no flip.
+
+Cache: conversion reads and bins every event (milliseconds per recording,
+minutes for the data set), so the frames of both splits are stored once per
+(T, size, encoding, recordings) in one file under `<cache root>/cifar10dvs/`,
+named by all four; a changed T or data set reads another file. Written
+atomically under a lock, so concurrent trials build it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from tonic.datasets import CIFAR10DVS
+from torch.utils.data import DataLoader, Subset
+
+from ndot.config import DVS_ENCODINGS
+from ndot.data import DataError, DatasetInfo, augment, storage
+from ndot.data.loader import DeviceLoader
+
+if TYPE_CHECKING:
+    from ndot.config import TrainConfig
+
+INFO = DatasetInfo("cifar10dvs", num_classes=10, in_channels=2, image_size=48, frames=True)
+CLASSES = tuple(sorted(CIFAR10DVS.classes, key=CIFAR10DVS.classes.__getitem__))
+SENSOR_SIZE: tuple[int, int, int] = CIFAR10DVS.sensor_size  # (W, H, polarities)
+RECORDINGS_PER_CLASS = 1000
+TRAIN_FRACTION = 0.9
+PADDING = 4
+AUTHORS_NORMALISATION = ((0.2728, 0.1295), (0.2225, 0.1290))
+CACHE_FORMAT = 1
+
+
+def location(cfg: "TrainConfig") -> Path:
+    # tonic keeps a dataset in <save_to>/<class name>.
+    return storage.data_root(cfg) / CIFAR10DVS.__name__
+
+
+def _problem(folder: Path) -> str | None:
+    """What is wrong with the files on disk, in words, or None."""
+    have = Counter(p.parent.name for p in folder.rglob("*.aedat4")) if folder.is_dir() else Counter()
+    marker = folder / CIFAR10DVS.filename
+    if not have:
+        return (f"cifar10dvs is not in {folder}: expected folders {', '.join(CLASSES)} with "
+                f"{RECORDINGS_PER_CLASS} .aedat4 recordings each and tonic's {CIFAR10DVS.filename}; set "
+                f"download=True to fetch {CIFAR10DVS.url}, or point data_root or $NDOT_DATA at a folder holding CIFAR10DVS/")
+    wrong = [f"{c} has {have[c]} of {RECORDINGS_PER_CLASS} recordings" for c in CLASSES if have[c] != RECORDINGS_PER_CLASS]
+    if wrong:
+        return (f"cifar10dvs is incomplete in {folder}: {'; '.join(wrong)}; delete that folder and set download=True, "
+                f"or unpack {CIFAR10DVS.url} there again")
+    if not marker.is_file():
+        return (f"{marker} is missing and tonic would download the whole dataset again without it; "
+                f"the recordings are all there, so create it empty: touch {marker}")
+    return None
+
+
+def check(cfg: "TrainConfig") -> None:
+    folder = location(cfg)
+    problem = _problem(folder)
+    if problem is not None and cfg.download:
+        root = storage.data_root(cfg)
+        storage.download(
+            lambda: CIFAR10DVS(save_to=str(root)),
+            what="cifar10dvs", folder=folder,
+            manual=f"download {CIFAR10DVS.url} ({CIFAR10DVS.filename}) on a machine with network access, "
+                   f"put it in {folder} and set download=True again to unpack it",
+        )
+        problem = _problem(folder)
+    if problem is not None:
+        raise DataError(problem)
+
+
+def _number(path: str) -> int:
+    digits = re.findall(r"\d+", Path(path).stem)
+    if not digits:
+        raise DataError(f"cannot order recording {path}: its name holds no recording number")
+    return int(digits[-1])
+
+
+def split(paths: list[str], labels: list[int]) -> tuple[list[int], list[int]]:
+    """Indices (train, test): per class, ordered by recording number, the first TRAIN_FRACTION train."""
+    train: list[int] = []
+    test: list[int] = []
+    for label in sorted(set(labels)):
+        members = sorted((i for i, lab in enumerate(labels) if lab == label), key=lambda i: _number(paths[i]))
+        cut = round(TRAIN_FRACTION * len(members))
+        train += members[:cut]
+        test += members[cut:]
+    return train, test
+
+
+def count_frames(events: np.ndarray, T: int, sensor_size: tuple[int, int, int] = SENSOR_SIZE) -> torch.Tensor:
+    """Events (fields x, y, p, in time order) -> float32 counts [T, polarities, H, W] over T equal-count bins."""
+    w, h, polarities = sensor_size
+    n = len(events)
+    bins = np.arange(n, dtype=np.int64) * T // max(n, 1)
+    flat = ((bins * polarities + events["p"].astype(np.int64)) * h + events["y"]) * w + events["x"]
+    counts = np.bincount(flat, minlength=T * polarities * h * w).reshape(T, polarities, h, w)
+    return torch.from_numpy(counts.astype(np.float32))
+
+
+def encode(counts: torch.Tensor, size: int, encoding: str) -> torch.Tensor:
+    """Counts [T, 2, H, W] -> float16 frames [T, 2, size, size] in `encoding` (module docstring)."""
+    if encoding == "counts":
+        frames = TF.resize(counts, [size, size], antialias=True)
+    elif encoding == "authors":
+        frames = torch.stack([TF.to_tensor(TF.resize(TF.to_pil_image(f), [size, size])) for f in counts])
+    else:
+        raise ValueError(f"unknown DVS encoding {encoding!r}; valid: {', '.join(DVS_ENCODINGS)}")
+    return frames.to(torch.float16)
+
+
+class EventFrames:
+    """tonic transform: one recording's events -> float16 frames [T, 2, size, size]."""
+
+    def __init__(self, T: int, size: int, encoding: str) -> None:
+        self.T, self.size, self.encoding = T, size, encoding
+
+    def __call__(self, events: np.ndarray) -> torch.Tensor:
+        return encode(count_frames(events, self.T), self.size, self.encoding)
+
+
+@dataclass
+class Frames:
+    train_x: torch.Tensor  # float16 [N, T, 2, size, size]
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # float32 [2], per polarity over the training frames
+    std: torch.Tensor
+
+
+def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T, size = dataset.transform.T, dataset.transform.size
+    x = torch.empty(len(indices), T, 2, size, size, dtype=torch.float16)
+    y = torch.empty(len(indices), dtype=torch.long)
+    done = 0
+    for frames, labels in DataLoader(Subset(dataset, indices), batch_size=32, num_workers=workers):
+        x[done:done + len(labels)] = frames
+        y[done:done + len(labels)] = labels
+        done += len(labels)
+    return x, y
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    total = torch.zeros(2, dtype=torch.float64)
+    squares = torch.zeros(2, dtype=torch.float64)
+    for chunk in x.split(256):
+        c = chunk.double()
+        total += c.sum((0, 1, 3, 4))
+        squares += c.square().sum((0, 1, 3, 4))
+    n = x.numel() // 2
+    mean = total / n
+    std = (squares / n - mean.square()).clamp(min=0).sqrt()
+    return mean.float(), torch.where(std > 0, std, 1.0).float()
+
+
+def _cache_key(dataset: CIFAR10DVS, train: list[int], test: list[int]) -> dict[str, object]:
+    t = dataset.transform
+    root = Path(dataset.location_on_system)
+
+    def describe(indices: list[int]) -> list[tuple[str, int, int]]:
+        return [(str(Path(dataset.data[i]).relative_to(root)), Path(dataset.data[i]).stat().st_size,
+                 dataset.targets[i]) for i in indices]
+
+    listing = json.dumps([describe(train), describe(test)]).encode()
+    return {"format": CACHE_FORMAT, "T": t.T, "size": t.size, "encoding": t.encoding,
+            "recordings": hashlib.sha256(listing).hexdigest()[:16]}
+
+
+def _load(path: Path, key: dict[str, object]) -> Frames | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, mmap=True, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None  # unreadable: rebuilt and replaced below
+    if payload.get("key") != key:
+        return None
+    return Frames(**payload["frames"])
+
+
+def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Path, workers: int = 0) -> Frames:
+    """The frames of both splits, from the cache when it holds them, else converted and cached.
+
+    `dataset` carries an EventFrames transform, whose (T, size, encoding) key the cache with the recordings.
+    """
+    key = _cache_key(dataset, train, test)
+    path = cache_dir / f"cifar10dvs-T{key['T']}-{key['size']}px-{key['encoding']}-{key['recordings']}.pt"
+    # Complete files only ever appear (atomic rename): a hit needs no lock, and a read-only cache serves.
+    cached = _load(path, key)
+    if cached is not None:
+        return cached
+    storage.writable_folder(cache_dir, "the CIFAR10-DVS frame cache", "set $NDOT_CACHE to a writable folder")
+    with storage.file_lock(path.with_name(path.name + ".lock")):
+        cached = _load(path, key)  # another process may have built it while this one waited
+        if cached is not None:
+            return cached
+        train_x, train_y = _convert(dataset, train, workers)
+        test_x, test_y = _convert(dataset, test, workers)
+        built = Frames(train_x, train_y, test_x, test_y, *_channel_stats(train_x))
+        storage.atomic_write(path, lambda tmp: torch.save({"key": key, "frames": vars(built)}, tmp))
+        return built
+
+
+def load_frames(cfg: "TrainConfig", size: int) -> Frames:
+    dataset = CIFAR10DVS(save_to=str(storage.data_root(cfg)), transform=EventFrames(cfg.T, size, cfg.dvs_encoding))
+    train, test = split(dataset.data, dataset.targets)
+    return frames(dataset, train, test, storage.cache_root(cfg) / "cifar10dvs", cfg.workers)
+
+
+class FrameRecipe:
+    """float16 frames [B, T, 2, S, S] -> float32, optionally pad-and-crop (one offset per sample), normalised."""
+
+    def __init__(self, crop: bool, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.crop = crop
+        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = x.float()
+        if self.crop:
+            x = augment.random_crop(x, PADDING, generator)
+        return (x - self.mean) / self.std
+
+
+def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[DeviceLoader, DeviceLoader]:
+    check(cfg)
+    data = load_frames(cfg, input_size)
+    if cfg.dvs_encoding == "authors":
+        mean, std = (torch.tensor(v) for v in AUTHORS_NORMALISATION)
+    else:
+        mean, std = data.mean, data.std
+    # "cpu" keeps the frames in host memory (they take N*T*2*S*S*2 bytes) and moves each batch.
+    home = torch.device("cpu") if cfg.loader == "cpu" else device
+    mean, std = mean.to(device), std.to(device)
+
+    def make(x: torch.Tensor, y: torch.Tensor, train: bool) -> DeviceLoader:
+        return DeviceLoader(x.to(home), y.to(home), cfg.batch_size, shuffle=train, seed=cfg.seed,
+                            prepare=FrameRecipe(train and cfg.crop, mean, std), device=device)
+
+    return make(data.train_x, data.train_y, True), make(data.test_x, data.test_y, False)

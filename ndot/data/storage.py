@@ -1,0 +1,105 @@
+"""Where datasets and caches live on disk, and the few safe ways ndot writes there.
+
+Data root: `cfg.data_root`, else `$NDOT_DATA`, else `~/data`. Caches derived from
+the data (DVS frames) go to `$NDOT_CACHE`, else `<data root>/ndot-cache`, so that
+a read-only shared dataset mount can keep its caches elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import tarfile
+import tempfile
+import urllib.error
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from ndot.data import DataError
+
+if TYPE_CHECKING:
+    from ndot.config import TrainConfig
+
+DEFAULT_ROOT = "~/data"
+# Applies to every blocking socket operation (connect, each read), not to the
+# whole transfer: a slow download finishes, a stalled one fails.
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def data_root(cfg: "TrainConfig") -> Path:
+    root = cfg.data_root or os.environ.get("NDOT_DATA") or DEFAULT_ROOT
+    return Path(root).expanduser()
+
+
+def cache_root(cfg: "TrainConfig") -> Path:
+    env = os.environ.get("NDOT_CACHE")
+    return Path(env).expanduser() if env else data_root(cfg) / "ndot-cache"
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    # torchvision and tonic call urlopen without a timeout; the process-wide
+    # default is the only way to bound them.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
+    if isinstance(exc, TimeoutError):
+        return f"no data for {DOWNLOAD_TIMEOUT_S:g} s (timed out)"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: str) -> None:
+    """Run `fetch` (a library's download) with a socket timeout; any failure becomes one DataError line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            fetch()
+    except (OSError, RuntimeError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        raise DataError(f"downloading {what} into {folder} failed: {_reason(exc)}; {manual}") from exc
+
+
+def writable_folder(folder: Path, what: str, remedy: str) -> None:
+    """Create `folder` if needed; DataError if `what` cannot be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create {folder} for {what}: {exc.strerror or exc}; {remedy}") from exc
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"cannot write {what} in {folder}; {remedy}")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock, so concurrent trials build a cache once instead of each building it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

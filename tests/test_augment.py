@@ -1,0 +1,169 @@
+"""Batched device augmentation: exact against references per sample, and the right distributions."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import chi2 as chi2_dist
+from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
+from torchvision.transforms.autoaugment import _apply_op
+
+from data_fixtures import one_torch_thread  # noqa: F401 (requested by pytestmark)
+from ndot.data import augment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def uniform_enough(counts: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Chi-square goodness of fit at p = 0.001: seeds are fixed, so a pass is stable, and a wrong
+    distribution (a missing offset, a biased coin) fails by a wide margin."""
+    statistic = float(((counts - expected) ** 2 / expected).sum())
+    return statistic < chi2_dist.ppf(0.999, len(counts) - 1)
+
+
+def crop_offsets(out: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top, left) offsets of crops of an all-ones image, read off the zero padding they show."""
+    def offset(lines_lit: torch.Tensor) -> torch.Tensor:
+        dark = (~lines_lit).int()
+        leading = dark.cumprod(1).sum(1)
+        trailing = dark.flip(1).cumprod(1).sum(1)
+        return trailing - leading + padding
+
+    return offset(out.amax(-1) > 0), offset(out.amax(-2) > 0)
+
+
+def test_crop_at_is_pad_then_slice_with_one_offset_for_all_frames():
+    x = torch.randint(0, 256, (6, 3, 2, 9, 11), dtype=torch.uint8)  # [B, T, C, H, W]
+    top, left = torch.tensor([0, 1, 4, 8, 3, 8]), torch.tensor([0, 8, 4, 2, 7, 0])
+    out = augment.crop_at(x, 4, top, left)
+    padded = F.pad(x, (4, 4, 4, 4))
+    for b in range(len(x)):
+        assert torch.equal(out[b], padded[b, ..., top[b]:top[b] + 9, left[b]:left[b] + 11])
+
+
+def test_random_crop_offsets_are_uniform_and_shared_by_frames():
+    n, padding = 4000, 4
+    out = augment.random_crop(torch.ones(n, 3, 2, 12, 12), padding, gen(0))
+    assert torch.equal(out, out[:, :1].expand_as(out)), "frames and channels of a sample must share the crop"
+    top, left = crop_offsets(out[:, 0, 0], padding)
+    for offsets in (top, left):
+        counts = torch.bincount(offsets, minlength=2 * padding + 1).float()
+        assert len(counts) == 2 * padding + 1
+        assert uniform_enough(counts, torch.full_like(counts, n / (2 * padding + 1)))
+
+
+def test_random_flip_flips_half_the_samples_whole():
+    n = 4000
+    ramp = torch.arange(10.0).expand(n, 2, 3, 5, 10)
+    out = augment.random_flip(ramp, gen(1))
+    flipped = out[:, 0, 0, 0, 0] > out[:, 0, 0, 0, -1]
+    assert torch.equal(out[flipped], ramp[flipped].flip(-1))
+    assert torch.equal(out[~flipped], ramp[~flipped])
+    assert abs(flipped.float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5
+
+
+def test_cutout_at_is_the_clipped_square():
+    x = torch.ones(5, 3, 32, 32)
+    cy, cx = torch.tensor([0, 31, 16, 5, 8]), torch.tensor([0, 31, 3, 30, 8])
+    out = augment.cutout_at(x, 16, cy, cx)
+    for b in range(len(x)):
+        hole = torch.zeros(32, 32, dtype=torch.bool)
+        hole[max(cy[b] - 8, 0):cy[b] + 8, max(cx[b] - 8, 0):cx[b] + 8] = True
+        assert torch.equal(out[b] == 0, hole.expand(3, 32, 32))
+
+
+def test_random_cutout_hole_area_has_the_clipped_square_expectation():
+    n, size, side = 4000, 16, 32
+    out = augment.random_cutout(torch.ones(n, 2, 3, side, side), size, gen(2))
+    assert torch.equal(out, out[:, :1].expand_as(out))
+    area = (out[:, 0, 0] == 0).sum((-2, -1)).float()
+    # A centre uniform over the image; the square clipped at the border.
+    lengths = torch.tensor([min(c + size // 2, side) - max(c - size // 2, 0) for c in range(side)], dtype=torch.float)
+    expected_mean = lengths.mean() ** 2
+    assert abs(area.mean() - expected_mean) < 4 * area.std() / n ** 0.5
+    assert area.max() == size * size and area.min() == (size // 2) ** 2
+
+
+def image_kinds(n: int, g: torch.Generator) -> torch.Tensor:
+    """uint8 images that reach every branch: noise, low contrast, constant, a smooth gradient."""
+    noise = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    low = noise // 8 + 100
+    constant = torch.full_like(noise, 77)
+    ramp = (torch.arange(32).view(1, 1, 1, 32) * 4 + torch.arange(3).view(1, 3, 1, 1) * 30).expand_as(noise)
+    return torch.cat([noise, low, constant, ramp.to(torch.uint8)])
+
+
+def test_every_autoaugment_entry_equals_torchvision_op_on_each_image():
+    aa = augment.BatchAutoAugment((32, 32))
+    entries = torch.arange(len(aa.ops))
+    x = image_kinds(len(entries), gen(3))
+    e = torch.stack([entries.repeat(4), torch.zeros(len(x), dtype=torch.long)], 1)
+    out = aa.apply(x, e)
+    for i in range(len(x)):
+        name, magnitude = aa.ops[int(e[i, 0])]
+        ref = _apply_op(x[i], name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        assert torch.equal(out[i], ref), f"entry {int(e[i, 0])} ({name} {magnitude:+.3f}) on image {i}"
+
+
+def test_sampled_sub_policies_apply_both_ops_in_order():
+    aa = augment.BatchAutoAugment((32, 32))
+    x = image_kinds(16, gen(4))
+    e = aa.sample(len(x), gen(5), x.device)
+    out = aa.apply(x, e)
+    for i in range(len(x)):
+        ref = x[i]
+        for slot in range(2):
+            name, magnitude = aa.ops[int(e[i, slot])]
+            ref = _apply_op(ref, name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        assert torch.equal(out[i], ref)
+
+
+def test_sample_draws_autoaugment_forward_per_image():
+    """Each entry's frequency equals AutoAugment.forward's: 1/25 * p * 1/2 (sign), identity otherwise.
+    (The policy has an op with p = 0, never drawn.)"""
+    n = 200_000
+    aa = augment.BatchAutoAugment((32, 32))
+    e = aa.sample(n, gen(6), torch.device("cpu"))
+    policies = AutoAugment(AutoAugmentPolicy.CIFAR10).policies
+    for slot in range(2):
+        expected = torch.zeros(len(aa.ops))
+        for k, sub_policy in enumerate(policies):
+            p = sub_policy[slot][1]
+            entry = 1 + 4 * k + 2 * slot
+            expected[[entry, entry + 1]] += n * p / len(policies) / 2
+            expected[0] += n * (1 - p) / len(policies)
+        drawn = expected > 0
+        counts = torch.bincount(e[:, slot], minlength=len(aa.ops)).float()
+        assert counts[~drawn].sum() == 0
+        assert uniform_enough(counts[drawn], expected[drawn])
+
+
+def test_ops_table_matches_torchvision_policy():
+    aa = augment.BatchAutoAugment((32, 32))
+    policies = AutoAugment(AutoAugmentPolicy.CIFAR10).policies
+    assert [name for name, _ in aa.ops[1::2]] == [op[0] for sub in policies for op in sub]
+    rotate = [m for name, m in aa.ops if name == "Rotate"]
+    assert rotate and all(abs(m) <= 30 for m in rotate) and min(rotate) < 0 < max(rotate)
+
+
+def test_autoaugment_is_seeded_and_checks_its_input():
+    aa = augment.BatchAutoAugment((32, 32))
+    x = image_kinds(32, gen(7))
+    assert torch.equal(aa(x, gen(8)), aa(x, gen(8)))
+    assert not torch.equal(aa(x, gen(8)), aa(x, gen(9)))
+    with pytest.raises(ValueError, match="uint8"):
+        aa(x.float(), gen(8))
+
+
+def test_normalise_is_to_tensor_then_normalize():
+    import torchvision.transforms as T
+    from PIL import Image
+
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    ref = torch.stack([T.Normalize(mean, std)(T.ToTensor()(Image.fromarray(i.permute(1, 2, 0).numpy()))) for i in x])
+    assert torch.equal(augment.normalise(x, torch.tensor(mean), torch.tensor(std)), ref)

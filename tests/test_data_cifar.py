@@ -1,0 +1,254 @@
+"""CIFAR-10/100: torchvision's files written by the test, read through the real loaders; both pipelines."""
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from data_fixtures import closed_port, one_line, one_torch_thread  # noqa: F401 (one_torch_thread: pytestmark)
+from ndot.config import TrainConfig
+from ndot.data import DataError, cifar, fixtures, storage
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PIPELINES = ("device", "cpu")
+CPU = torch.device("cpu")
+N_TRAIN, N_TEST = 250, 70
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, classes in (("cifar10", 10), ("cifar100", 100)):
+        train = (rng.integers(0, 256, (N_TRAIN, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, N_TRAIN))
+        test = (rng.integers(0, 256, (N_TEST, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, N_TEST))
+        out[name] = {"train": train, "test": test, "md5s": fixtures.write_cifar(root, name, train, test)}
+    return root, out
+
+
+@pytest.fixture
+def root(written, monkeypatch) -> Path:
+    """The fixture's folder, with its md5s registered where torchvision looks them up."""
+    path, data = written
+    for name, cls in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
+        for attr, value in data[name]["md5s"].items():
+            monkeypatch.setattr(cls, attr, value)
+    return path
+
+
+def config(root: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{"dataset": "cifar10", "data_root": str(root), "batch_size": 32, "workers": 0, **kw})
+
+
+def batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_fixture_fails_the_real_md5_check(written):
+    with pytest.raises(DataError, match="md5"):
+        cifar.check(config(written[0]))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_loaders_read_the_files_with_labels_and_normalisation(root, written, name, pipeline):
+    data = written[1][name]
+    train, test = cifar.loaders(config(root, dataset=name, loader=pipeline), CPU, 32)
+    assert (train.num_samples, test.num_samples) == (N_TRAIN, N_TEST)
+    assert (len(train), len(test)) == (-(-N_TRAIN // 32), -(-N_TEST // 32))
+
+    xs, ys = zip(*batches(train, 1))
+    assert all(x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and x.device == CPU for x in xs)
+    assert sorted(torch.cat(ys).tolist()) == sorted(data["train"][1].tolist())
+
+    x, y = map(torch.cat, zip(*batches(test, 1)))
+    assert y.dtype == torch.int64 and y.tolist() == data["test"][1].tolist()
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in cifar.NORMALISATION[name])
+    expected = (torch.from_numpy(data["test"][0]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+def test_both_pipelines_give_identical_test_inputs(root):
+    out = [torch.cat([x for x, _ in batches(cifar.loaders(config(root, loader=p), CPU, 32)[1], 1)]) for p in PIPELINES]
+    assert torch.equal(*out)
+
+
+def test_only_32px_inputs(root):
+    with pytest.raises(ValueError, match="32x32"):
+        cifar.loaders(config(root), CPU, 48)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_epochs_replay_under_a_seed_and_resume(root, pipeline):
+    def loader(seed: int = 0):
+        return cifar.loaders(config(root, loader=pipeline, seed=seed), CPU, 32)[0]
+
+    first = loader()
+    run = [batches(first, e) for e in (1, 2, 3)]
+    resumed = batches(loader(), 3)
+    for (xa, ya), (xb, yb) in zip(run[2], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(run[1][0][1], run[2][0][1]), "each epoch has its own order"
+    assert not torch.equal(batches(loader(seed=1), 3)[0][1], run[2][0][1]), "the seed changes the order"
+
+
+def test_cpu_pipeline_does_not_depend_on_worker_count(root):
+    one, two = (batches(cifar.loaders(config(root, loader="cpu", workers=w), CPU, 32)[0], 2) for w in (0, 2))
+    for (xa, ya), (xb, yb) in zip(one, two):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_cpu_pipeline_leaves_the_training_rng_alone(root):
+    train = cifar.loaders(config(root, loader="cpu"), CPU, 32)[0]
+    torch.manual_seed(123)
+    batches(train, 1)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
+
+
+# --- same distribution from both pipelines --------------------------------------------------------------------
+
+N_STAT = 2000
+
+
+def augmented(images: np.ndarray, pipeline: str, **flags) -> torch.Tensor:
+    """The training inputs of one epoch over `images`, in their order, mapped back to [0, 255] pixel values."""
+    index = np.arange(len(images))  # as labels: undoes the shuffle
+    cfg = TrainConfig(dataset="cifar10", loader=pipeline, batch_size=256, workers=0, **flags)
+    train, _ = cifar.build(cfg, CPU, (images, index), (images, index))
+    x, order = map(torch.cat, zip(*batches(train, 1)))
+    x = x[order.argsort()]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in cifar.NORMALISATION["cifar10"])
+    lo, hi = -mean / std, (1 - mean) / std
+    assert ((x >= lo - 1e-5) & (x <= hi + 1e-5)).all(), "normalised values lie in the image of [0, 1]"
+    return (x * std + mean) * 255
+
+
+def white(n: int) -> np.ndarray:
+    return np.full((n, 32, 32, 3), 255, dtype=np.uint8)
+
+
+def fits_uniform(values: torch.Tensor, bins: int) -> bool:
+    counts = torch.bincount(values, minlength=bins).float()
+    statistic = float(((counts - len(values) / bins) ** 2 / (len(values) / bins)).sum())
+    return len(counts) == bins and statistic < chi2.ppf(0.999, bins - 1)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_crop_offsets_uniform_over_the_81_positions(pipeline):
+    out = augmented(white(N_STAT), pipeline, flip=False, autoaugment=False, cutout=False)
+    lit = out[:, 0] > 127
+    dark_top = (~lit.any(2)).int().cumprod(1).sum(1)
+    dark_bottom = (~lit.any(2)).flip(1).int().cumprod(1).sum(1)
+    dark_left = (~lit.any(1)).int().cumprod(1).sum(1)
+    dark_right = (~lit.any(1)).flip(1).int().cumprod(1).sum(1)
+    top, left = dark_bottom - dark_top + 4, dark_right - dark_left + 4
+    assert fits_uniform(top * 9 + left, 81)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_flip_half_the_images(pipeline):
+    ramp = np.broadcast_to((np.arange(32) * 8).astype(np.uint8)[None, None, :, None], (N_STAT, 32, 32, 3)).copy()
+    out = augmented(ramp, pipeline, crop=False, autoaugment=False, cutout=False)
+    flipped = out[:, 0, 0, 0] > out[:, 0, 0, -1]
+    assert abs(flipped.float().mean().item() - 0.5) < 4 * (0.25 / N_STAT) ** 0.5
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cutout_one_clipped_16px_hole_with_uniform_centre(pipeline):
+    out = augmented(white(N_STAT), pipeline, crop=False, flip=False, autoaugment=False)
+    hole = out.amax(1) < 127
+    rows, cols = hole.any(2), hole.any(1)
+    area = hole.sum((1, 2))
+    assert torch.equal(area, rows.sum(1) * cols.sum(1)), "the hole is one rectangle"
+    lengths = torch.tensor([min(c + 8, 32) - max(c - 8, 0) for c in range(32)], dtype=torch.float)
+    assert abs(area.float().mean() - lengths.mean() ** 2) < 4 * area.float().std() / N_STAT ** 0.5
+
+
+def smooth_images(n: int) -> np.ndarray:
+    """Gradients with a random tint and noise: images on which every AutoAugment op changes pixels."""
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(0, 1, 32)
+    base = ramp[None, :, None, None] * rng.uniform(60, 200, (n, 1, 1, 3)) + ramp[None, None, :, None] * 40
+    return np.clip(base + rng.normal(0, 12, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+
+
+def test_autoaugment_same_statistics_from_pil_and_device():
+    images = smooth_images(N_STAT)
+    source = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    outs = {p: augmented(images, p, crop=False, flip=False, cutout=False) for p in PIPELINES}
+    for p in PIPELINES:
+        # PIL and tensor ops may differ by one level of rounding; "untouched" allows for it.
+        untouched = ((outs[p] - source).abs() <= 1.01).flatten(1).all(1).float().mean().item()
+        outs[p] = (outs[p], untouched)
+    (dev, dev_untouched), (pil, pil_untouched) = outs["device"], outs["cpu"]
+    spread = 4 * (2 * 0.25 / N_STAT) ** 0.5
+    assert abs(dev_untouched - pil_untouched) < spread
+    assert 0.1 < dev_untouched < 0.5, "AutoAugment leaves some images but not most untouched"
+    for stat in (lambda t: t.mean((0, 2, 3)), lambda t: t.std((0, 2, 3))):
+        torch.testing.assert_close(stat(dev), stat(pil), rtol=0.03, atol=2.0)
+
+
+# --- data root and errors ----------------------------------------------------------------------------------------
+
+def test_data_root_from_config_then_environment_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("NDOT_DATA", str(tmp_path / "env"))
+    assert storage.data_root(config(tmp_path / "cfg")) == tmp_path / "cfg"
+    assert storage.data_root(TrainConfig()) == tmp_path / "env"
+    monkeypatch.delenv("NDOT_DATA")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert storage.data_root(TrainConfig()) == tmp_path / "data"
+
+
+def test_missing_dataset_names_folder_files_and_remedy(tmp_path):
+    with pytest.raises(DataError) as err:
+        cifar.check(config(tmp_path, dataset="cifar100"))
+    message = one_line(err)
+    for part in (str(tmp_path / "cifar-100-python"), "train", "test", "meta", "download=True", CIFAR100.url):
+        assert part in message
+
+
+def test_half_present_dataset_names_what_is_missing_or_damaged(root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(root / CIFAR10.base_folder, copy / CIFAR10.base_folder)
+    (copy / CIFAR10.base_folder / "data_batch_3").unlink()
+    with open(copy / CIFAR10.base_folder / "test_batch", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(DataError) as err:
+        cifar.loaders(config(copy), CPU, 32)
+    message = one_line(err)
+    assert "missing data_batch_3" in message and "test_batch failing the md5 check" in message
+    assert "data_batch_1" not in message
+
+
+def test_failed_download_is_one_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{closed_port()}/cifar-10-python.tar.gz")
+    with pytest.raises(DataError) as err:
+        cifar.check(config(tmp_path, download=True))
+    message = one_line(err)
+    assert f"downloading cifar10 into {tmp_path} failed" in message and "refused" in message
+    assert "unpack it into" in message
+
+
+def test_stalled_download_times_out(tmp_path, monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # the kernel completes the handshake; nobody ever answers
+        monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.getsockname()[1]}/c.tar.gz")
+        monkeypatch.setattr(storage, "DOWNLOAD_TIMEOUT_S", 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(DataError, match="timed out"):
+            cifar.check(config(tmp_path, download=True))
+        assert time.monotonic() - t0 < 10
+    assert socket.getdefaulttimeout() is None, "the process-wide timeout is restored"

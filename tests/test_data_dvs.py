@@ -1,0 +1,307 @@
+"""CIFAR10-DVS: .aedat4 recordings written with faery, read through tonic and the real loaders and cache."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tonic
+import torch
+
+from data_fixtures import closed_port, one_line, one_torch_thread  # noqa: F401 (one_torch_thread: pytestmark)
+from ndot.config import TrainConfig
+from ndot.data import DataError, dvs, fixtures
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CPU = torch.device("cpu")
+PER_CLASS = 100  # 1,000 recordings: tonic's minimum, and a 900 / 100 split
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dvs")
+    fixtures.write_cifar10dvs(root, per_class=PER_CLASS, events=300)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dvs-cache")
+
+
+@pytest.fixture(autouse=True)
+def fixture_size(monkeypatch, shared_cache):
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", PER_CLASS)
+    monkeypatch.setenv("NDOT_CACHE", str(shared_cache))
+
+
+def config(root: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{"dataset": "cifar10dvs", "data_root": str(root), "batch_size": 64, "workers": 0, "T": 2, **kw})
+
+
+def epoch(loader, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    loader.set_epoch(n)
+    x, y = zip(*loader)
+    return torch.cat(x), torch.cat(y)
+
+
+def tonic_events(n: int, rng: np.random.Generator) -> np.ndarray:
+    events = np.zeros(n, dtype=dvs.CIFAR10DVS.dtype)
+    events["t"] = np.arange(n)
+    events["x"], events["y"] = rng.integers(0, 128, n), rng.integers(0, 128, n)
+    events["p"] = rng.random(n) < 0.5
+    return events
+
+
+# --- frames --------------------------------------------------------------------------------------------------
+
+def test_equal_count_frames_match_tonic_when_the_count_divides():
+    events = tonic_events(1200, np.random.default_rng(0))
+    ours = dvs.count_frames(events, 4)
+    theirs = tonic.transforms.ToFrame(sensor_size=dvs.SENSOR_SIZE, n_event_bins=4)(events)
+    assert ours.shape == (4, 2, 128, 128) and ours.dtype == torch.float32
+    assert torch.equal(ours, torch.from_numpy(theirs).float())
+
+
+def test_equal_count_frames_keep_every_event_in_time_order():
+    events = tonic_events(1003, np.random.default_rng(1))
+    events["x"] = np.arange(1003) % 128
+    events["y"] = np.arange(1003) // 128
+    frames = dvs.count_frames(events, 4)
+    per_bin = frames.sum((1, 2, 3))
+    assert per_bin.sum() == 1003 and per_bin.max() - per_bin.min() <= 1
+    # Event i sits at pixel (i // 128, i % 128): each bin holds one contiguous run of indices.
+    owner = frames.sum(1).flatten(1).argmax(0)[:1003]
+    assert torch.equal(owner, owner.sort().values)
+
+
+def test_counts_encoding_resizes_to_48_keeping_the_mass():
+    counts = dvs.count_frames(tonic_events(5000, np.random.default_rng(2)), 3)
+    frames = dvs.encode(counts, 48, "counts")
+    assert frames.shape == (3, 2, 48, 48) and frames.dtype == torch.float16
+    torch.testing.assert_close(frames.float().mean((2, 3)), counts.mean((2, 3)), rtol=0.02, atol=0)
+
+
+def test_authors_encoding_wraps_counts_and_zeroes_where_the_other_polarity_is_empty():
+    counts = torch.zeros(1, 2, 128, 128)
+    counts[0, 0, :, :64] = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(16).view(1, 64)
+    counts[0, 1, :, :32] = 1  # polarity 1 active on the left quarter only
+    frames = dvs.encode(counts, 64, "authors").float() * 255
+    # PIL halves each 2x2 block; polarity 0 there held counts (1, 2) or (3, 4): uint8 255, 254 | 253, 252.
+    torch.testing.assert_close(frames[0, 0, 5, :16], torch.tensor([254.5, 252.5]).repeat(8), atol=1, rtol=0)
+    # Output column 16 straddles input column 32, where polarity 1 stops.
+    assert (frames[0, 0, :, 17:32] == 0).all(), "LA resize zeroes L wherever A is 0"
+    assert (frames[0, 1, :, :15] == 255).all() and (frames[0, 1, :, 17:] == 0).all()
+
+
+# --- split -----------------------------------------------------------------------------------------------------
+
+def test_split_first_900_of_each_class_in_natural_number_order():
+    rng = np.random.default_rng(3)
+    names = [(f"/d/{c}/cifar10_{c}_{i}.aedat4", label) for label, c in enumerate(dvs.CLASSES) for i in range(1000)]
+    names = [names[i] for i in rng.permutation(len(names))]
+    paths, labels = zip(*names)
+    train, test = dvs.split(list(paths), list(labels))
+    assert (len(train), len(test)) == (9000, 1000)
+    for label, c in enumerate(dvs.CLASSES):
+        numbers = [int(Path(paths[i]).stem.split("_")[-1]) for i in train if labels[i] == label]
+        assert numbers == list(range(900)), "natural order: 9 before 10"
+        assert sorted(int(Path(paths[i]).stem.split("_")[-1]) for i in test if labels[i] == label) == list(range(900, 1000))
+
+
+def test_split_on_the_fixture_through_tonic(dataset_root):
+    ds = dvs.CIFAR10DVS(save_to=str(dataset_root))
+    train, test = dvs.split(ds.data, ds.targets)
+    assert (len(train), len(test)) == (900, 100)
+    assert [ds.targets[i] for i in test] == [c for c in range(10) for _ in range(10)]
+    assert [Path(ds.data[i]).name for i in test[:3]] == [f"cifar10_airplane_{i}.aedat4" for i in (90, 91, 92)]
+
+
+# --- loaders -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [2, 5])
+def test_loader_shapes_dtypes_and_labels_per_T(dataset_root, T):
+    train, test = dvs.loaders(config(dataset_root, T=T), CPU, 48)
+    assert (train.num_samples, test.num_samples, len(train), len(test)) == (900, 100, 15, 2)
+    x, y = next(iter(train))
+    assert x.shape == (64, T, 2, 48, 48) and x.dtype == torch.float32 and y.dtype == torch.int64
+    x, y = epoch(test)
+    assert x.shape == (100, T, 2, 48, 48)
+    assert y.tolist() == [c for c in range(10) for _ in range(10)], "test: class by class (tonic's label order)"
+
+
+def test_a_test_sample_is_its_recording_converted_and_normalised(dataset_root):
+    cfg = config(dataset_root)
+    data = dvs.load_frames(cfg, 48)
+    _, test = dvs.loaders(cfg, CPU, 48)
+    x, _ = epoch(test)
+    recording = dataset_root / "CIFAR10DVS" / "cat" / "cifar10_cat_93.aedat4"
+    events = tonic.io.read_aedat4(str(recording))
+    events.dtype.names = ["t", "x", "y", "p"]
+    frames = dvs.encode(dvs.count_frames(events, 2), 48, "counts").float()
+    expected = (frames - data.mean.view(2, 1, 1)) / data.std.view(2, 1, 1)
+    torch.testing.assert_close(x[3 * 10 + 3], expected)
+
+
+def test_normalisation_is_the_training_frames_statistics(dataset_root):
+    data = dvs.load_frames(config(dataset_root), 48)
+    per_polarity = data.train_x.float().transpose(0, 2).reshape(2, -1)
+    torch.testing.assert_close(data.mean, per_polarity.mean(1))
+    torch.testing.assert_close(data.std, per_polarity.std(1, correction=0), rtol=1e-4, atol=0)
+
+
+def test_training_order_and_crops_replay_under_a_seed(dataset_root):
+    def first_epoch(seed: int, n: int = 1):
+        return epoch(dvs.loaders(config(dataset_root, seed=seed), CPU, 48)[0], n)
+
+    xa, ya = first_epoch(0)
+    xb, yb = first_epoch(0)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(first_epoch(1)[1], ya)
+    assert not torch.equal(first_epoch(0, n=2)[1], ya)
+
+
+def test_crop_switch(dataset_root):
+    from ndot.data.loader import epoch_generator
+
+    data = dvs.load_frames(config(dataset_root), 48)
+    plain, _ = epoch(dvs.loaders(config(dataset_root, crop=False), CPU, 48)[0])
+    order = torch.randperm(900, generator=epoch_generator(0, 1))
+    expected = (data.train_x[order].float() - data.mean.view(2, 1, 1)) / data.std.view(2, 1, 1)
+    torch.testing.assert_close(plain, expected)
+    cropped, _ = epoch(dvs.loaders(config(dataset_root), CPU, 48)[0])
+    assert cropped.shape == plain.shape and not torch.equal(cropped, plain)
+
+
+# --- cache ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def private_cache(monkeypatch, tmp_path) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NDOT_CACHE", str(cache))
+    return cache / "cifar10dvs"
+
+
+def conversions(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = dvs._convert
+
+    def counting(dataset, indices, workers):
+        calls.append(dataset.transform.T)
+        return real(dataset, indices, workers)
+
+    monkeypatch.setattr(dvs, "_convert", counting)
+    return calls
+
+
+def cache_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.pt"))
+
+
+def test_cache_is_reused_and_a_changed_T_never_reads_it(dataset_root, private_cache, monkeypatch):
+    calls = conversions(monkeypatch)
+    first = dvs.load_frames(config(dataset_root, T=2), 48)
+    assert calls == [2, 2] and len(cache_files(private_cache)) == 1
+    again = dvs.load_frames(config(dataset_root, T=2), 48)
+    assert calls == [2, 2], "the second load reads the cache"
+    assert torch.equal(first.train_x, again.train_x) and torch.equal(first.test_y, again.test_y)
+    other = dvs.load_frames(config(dataset_root, T=3), 48)
+    assert calls == [2, 2, 3, 3] and other.train_x.shape[1] == 3
+    assert len(cache_files(private_cache)) == 2
+    assert not list(private_cache.glob("*.tmp")), "no temporary file left behind"
+
+
+def test_cache_follows_the_recordings(dataset_root, private_cache, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_root / "CIFAR10DVS", copy / "CIFAR10DVS")
+    calls = conversions(monkeypatch)
+    dvs.load_frames(config(copy), 48)
+    events = fixtures.recording_events(1234, np.random.default_rng(9))
+    fixtures.write_recording(copy / "CIFAR10DVS" / "dog" / "cifar10_dog_5.aedat4", events)
+    dvs.load_frames(config(copy), 48)
+    assert len(calls) == 4 and len(cache_files(private_cache)) == 2
+
+
+def test_unreadable_cache_is_rebuilt(dataset_root, private_cache, monkeypatch):
+    dvs.load_frames(config(dataset_root), 48)
+    (path,) = private_cache.glob("*.pt")
+    path.write_bytes(b"not a cache")
+    calls = conversions(monkeypatch)
+    frames = dvs.load_frames(config(dataset_root), 48)
+    assert len(calls) == 2 and frames.train_x.shape == (900, 2, 2, 48, 48)
+    assert path.stat().st_size > 1000
+
+
+def test_failed_cache_write_leaves_nothing(dataset_root, private_cache, monkeypatch):
+    def failing_save(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        dvs.load_frames(config(dataset_root), 48)
+    assert not cache_files(private_cache) and not list(private_cache.glob("*.tmp"))
+
+
+def test_unwritable_cache_folder_is_one_error(dataset_root, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NDOT_CACHE", str(blocker / "cache"))
+    with pytest.raises(DataError, match="NDOT_CACHE"):
+        dvs.load_frames(config(dataset_root), 48)
+
+
+def test_conversion_in_worker_processes_matches(dataset_root, private_cache):
+    inline = dvs.load_frames(config(dataset_root), 48)
+    shutil.rmtree(private_cache)
+    workers = dvs.load_frames(config(dataset_root, workers=2), 48)
+    assert torch.equal(inline.train_x, workers.train_x) and torch.equal(inline.test_y, workers.test_y)
+
+
+def test_authors_encoding_end_to_end(dataset_root):
+    train, test = dvs.loaders(config(dataset_root, dvs_encoding="authors"), CPU, 48)
+    x, _ = epoch(test)
+    mean, std = (torch.tensor(v).view(2, 1, 1) for v in dvs.AUTHORS_NORMALISATION)
+    raw = x * std + mean
+    assert raw.min() > -1e-4 and raw.max() < 1 + 1e-4, "their encoding lies in [0, 1] before normalisation"
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+def test_missing_dataset_names_folder_and_remedy(tmp_path):
+    with pytest.raises(DataError) as err:
+        dvs.check(config(tmp_path))
+    message = one_line(err)
+    for part in (str(tmp_path / "CIFAR10DVS"), "airplane", ".aedat4", "CIFAR10DVS.zip", "download=True", dvs.CIFAR10DVS.url):
+        assert part in message
+
+
+def test_half_present_dataset_names_each_short_class(tmp_path, monkeypatch):
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)
+    (folder / "cat" / "cifar10_cat_1.aedat4").unlink()
+    shutil.rmtree(folder / "dog")
+    with pytest.raises(DataError) as err:
+        dvs.loaders(config(tmp_path), CPU, 48)
+    message = one_line(err)
+    assert "cat has 2 of 3 recordings" in message and "dog has 0 of 3 recordings" in message
+    assert "airplane" not in message and str(folder) in message
+
+
+def test_missing_marker_is_explained_not_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)
+    (folder / "CIFAR10DVS.zip").unlink()
+    with pytest.raises(DataError) as err:
+        dvs.check(config(tmp_path))
+    assert f"touch {folder / 'CIFAR10DVS.zip'}" in one_line(err)
+
+
+def test_failed_download_is_one_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(dvs.CIFAR10DVS, "url", f"http://127.0.0.1:{closed_port()}/CIFAR10DVS.zip")
+    with pytest.raises(DataError) as err:
+        dvs.check(config(tmp_path, download=True))
+    message = one_line(err)
+    assert "downloading cifar10dvs" in message and "refused" in message
