@@ -42,6 +42,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    # Fast path (ndot.fast, ndot.graphs): how a step runs, not what it computes; off by default
+    # because none is free everywhere (a layout conversion, compile time, CUDA only).
+    channels_last: bool = False
+    fused_neuron: bool = False
+    cuda_graph: bool = False
     # Data.
     data_root: str | None = None
     download: bool = False
@@ -102,6 +107,8 @@ class TrainConfig:
             bad(f"unknown dvs_encoding {self.dvs_encoding!r}; valid: {', '.join(DVS_ENCODINGS)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             bad(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.cuda_graph and self.device == "cpu":
+            bad("cuda_graph replays CUDA graphs: it needs device 'cuda' (or 'auto' on a machine with a GPU)")
         return self
 
     @property

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ndot.neuron import lif_step, trace_step
+from ndot.neuron import Step, neuron_step
 from ndot.ops import traced_conv2d
 
 Pair = tuple[Tensor, Tensor | None]
@@ -64,6 +64,8 @@ class LIF(nn.Module):
         # False where nothing downstream reads the trace (the neuron before the readout).
         self.emit_trace = True
         self.state: dict[str, Tensor | None] | None = None
+        # The elementwise work of one step; ndot.fast swaps in a compiled version of the same function.
+        self.step_fn: Callable[..., Step] = neuron_step
         # Spike counts for the mean firing rate, accumulated in evaluation only.
         self.spikes = torch.zeros(())
         self.neuron_steps = 0
@@ -74,27 +76,21 @@ class LIF(nn.Module):
         if first and self.training and self.dropout > 0:
             keep = torch.empty_like(current).bernoulli_(1 - self.dropout)
             st["mask"] = keep / (1 - self.dropout)
-        s, u = lif_step(st["v"], current, self.lam, self.v_th, self.alpha)
-
         online = self.rule != "bptt"
-        if online or not self.training:
-            A = (u - self.v_th * s).detach()
-            new = {"v": A, "mask": st.get("mask")}
-            a = None
-            if self.training and self.emit_trace:
-                q = A - self.v_th * s.detach() if self.rule == "ndot_ref" else A
-                a, e = trace_step(self.rule, st["a"], s.detach(), q, st["q"], st["e"], self.lam, self.signed)
-                new.update(q=q, a=a, e=e)
-        else:
-            reset = s.detach() if self.detach_reset else s
-            new = {"v": u - self.v_th * reset, "mask": st.get("mask")}
-            a = None
-        self.state = new
+        trace = online and self.training and self.emit_trace
+        s, v, q, a, e = self.step_fn(
+            current, st["v"], st.get("q"), st.get("a"), st.get("e"),
+            rule=self.rule, lam=self.lam, v_th=self.v_th, alpha=self.alpha, signed=self.signed,
+            detach_reset=self.detach_reset, through_time=not online and self.training, trace=trace,
+        )
+        self.state = {"v": v, "mask": st.get("mask")}
+        if trace:
+            self.state.update(q=q, a=a, e=e)
 
         if not self.training:
             self.spikes = self.spikes.to(s.device) + s.detach().sum()
             self.neuron_steps += s.numel()
-        mask = new["mask"]
+        mask = self.state["mask"]
         if mask is not None:
             s = s * mask
             a = None if a is None else a * mask

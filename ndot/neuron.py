@@ -82,3 +82,42 @@ def trace_step(
         e = factor(q, q_prev, lam)
         return (s if a is None else e * a + s), None
     raise ValueError(f"no trace for rule {rule!r}; online rules: {', '.join(ONLINE_RULES)}")
+
+
+Step = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+
+
+def neuron_step(
+    current: Tensor,
+    v: Tensor,
+    q_prev: Tensor | None,
+    a: Tensor | None,
+    e_prev: Tensor | None,
+    *,
+    rule: str,
+    lam: float,
+    v_th: float,
+    alpha: float,
+    signed: bool,
+    detach_reset: bool,
+    through_time: bool,
+    trace: bool,
+) -> Step:
+    """One step of a layer of neurons: the LIF update and, where asked, the trace.
+
+    This is the whole elementwise work of a layer per step, in one function so
+    that the fast path can compile it into one kernel (ndot.fast).
+    through_time: keep the graph across steps (BPTT in training); otherwise the
+    new state is detached. trace: advance â (online rule, training, read downstream).
+    Returns (s[t], new v, q[t], â[t], e[t]); the last three are None without a trace.
+    """
+    s, u = lif_step(v, current, lam, v_th, alpha)
+    if through_time:
+        reset = s.detach() if detach_reset else s
+        return s, u - v_th * reset, None, None, None
+    A = (u - v_th * s).detach()
+    if not trace:
+        return s, A, None, None, None
+    q = A - v_th * s.detach() if rule == "ndot_ref" else A
+    a, e = trace_step(rule, a, s.detach(), q, q_prev, e_prev, lam, signed)
+    return s, A, q, a, e

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -24,6 +25,8 @@ import torch
 
 from ndot import checkpoint, data
 from ndot.config import ConfigError, TrainConfig
+from ndot.fast import accelerate
+from ndot.graphs import GraphedStep
 from ndot.layers import configure, firing_rate
 from ndot.models import ARCHS, NeuronArgs, build
 from ndot.step import eval_batch, train_batch
@@ -109,6 +112,8 @@ def train(
     cfg.validate()
     data.check(cfg)
     device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -118,9 +123,13 @@ def train(
     train_loader, test_loader = data.loaders(cfg, device, input_size)
     neuron = NeuronArgs(cfg.tau, cfg.v_th, cfg.surrogate_alpha, cfg.dropout)
     model = build(cfg.arch, info.in_channels, info.num_classes, neuron).to(device)
+    accelerate(model, channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron)
     configure(model, cfg.rule, cfg.signed_factor, cfg.detach_reset)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.0)
+    step = functools.partial(train_batch, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
+                             loss_alpha=cfg.loss_alpha, precision=cfg.precision)
+    run_batch = GraphedStep(step, model, opt) if cfg.cuda_graph else functools.partial(step, model, opt)
 
     start, best = 1, 0.0
     if resume is not None:
@@ -141,10 +150,7 @@ def train(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for i, (x, y) in enumerate(train_loader, 1):
-            loss, logits = train_batch(
-                model, opt, x, y, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
-                loss_alpha=cfg.loss_alpha, precision=cfg.precision,
-            )
+            loss, logits = run_batch(x, y)
             loss_sum += loss * len(y)
             correct += _topk_correct(logits, y, 1)
             if on_batch is not None:

@@ -39,11 +39,12 @@ def batch(seed: int = 1, n: int = 6, c: int = 1, size: int = 16, classes: int = 
     return x, y
 
 
-def grads(model: torch.nn.Module, rule: str, mode: str, x, y, T: int, **configure_kw) -> dict[str, torch.Tensor]:
+def grads(model: torch.nn.Module, rule: str, mode: str, x, y, T: int, precision: str = "fp32",
+          **configure_kw) -> dict[str, torch.Tensor]:
     """Summed parameter gradients of one batch, taken through the real training step."""
     configure(model, rule, **configure_kw)
     opt = RecordingSGD(model.parameters())
-    train_batch(model, opt, x, y, rule=rule, mode=mode, T=T, loss_alpha=0.05)
+    train_batch(model, opt, x, y, rule=rule, mode=mode, T=T, loss_alpha=0.05, precision=precision)
     names = [n for n, _ in model.named_parameters()]
     total = [sum(r[i] for r in opt.records) for i in range(len(names))]
     return dict(zip(names, total))

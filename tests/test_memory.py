@@ -4,39 +4,15 @@ import torch
 
 from helpers import RecordingSGD, batch, make_model
 from ndot.layers import configure
+from ndot.memory import SavedTensorMeter
 from ndot.step import train_batch
-
-
-class _Saved:
-    """Stands in for a saved tensor; counts its bytes while autograd holds it."""
-
-    def __init__(self, meter: "Meter", t: torch.Tensor):
-        self.meter, self.t, self.n = meter, t, t.numel() * t.element_size()
-        meter.live += self.n
-        meter.peak = max(meter.peak, meter.live)
-
-    def __del__(self):
-        self.meter.live -= self.n
-
-
-class Meter:
-    def __init__(self):
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(self, t), lambda p: p.t)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
 
 
 def peak_saved_bytes(rule: str, mode: str, T: int) -> int:
     model = make_model(rule=rule, dtype=torch.float32)
     configure(model, rule)
     x, y = batch(dtype=torch.float32)
-    with Meter() as m:
+    with SavedTensorMeter() as m:
         train_batch(model, RecordingSGD(model.parameters()), x, y, rule=rule, mode=mode, T=T, loss_alpha=0.05)
     assert m.live == 0, "saved tensors outlived the batch"
     return m.peak

@@ -1,0 +1,157 @@
+"""The fast path (ndot.fast, ndot.graphs) computes what the plain path computes (issue 5).
+
+On a machine with CUDA the same tests also run there, where channels_last picks
+cuDNN's NHWC kernels and the fused neuron is a Triton kernel; bench/gpu_check.sh runs them.
+"""
+import json
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+
+from helpers import assert_close, batch, grads, make_model
+from ndot import bench
+from ndot.config import ConfigError, TrainConfig
+from ndot.fast import accelerate, fused_neuron_step
+from ndot.graphs import GraphedStep
+from ndot.layers import neurons
+from ndot.step import train_batch
+from ndot.train import train
+
+CUDA = torch.cuda.is_available()
+CASES = [(r, m) for r in ("ndot", "ndot_ref", "ottt", "sltt") for m in "AO"] + [("bptt", "A")]
+# float32 is the issue's bar (1e-5 per parameter); float64 on CUDA shows any float32 gap is rounding.
+PLACES = [("cpu", torch.float32)] + ([("cuda", torch.float32), ("cuda", torch.float64)] if CUDA else [])
+
+
+@pytest.fixture
+def no_tf32():
+    """Plain float32 convolutions on CUDA, where cuDNN would otherwise use TF32 for both paths."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def on(device, dtype, **fast):
+    def model(rule):
+        return accelerate(make_model(rule=rule, dtype=dtype).to(device), **fast)
+    x, y = batch(n=2, size=16, dtype=dtype)
+    return model, x.to(device), y.to(device)
+
+
+@pytest.mark.parametrize("device,dtype", PLACES)
+@pytest.mark.parametrize("rule,mode", CASES)
+def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, no_tf32):
+    model, x, y = on(device, dtype)
+    plain = grads(model(rule), rule, mode, x, y, T=3)
+    fast_model, x, y = on(device, dtype, channels_last=True, fused_neuron=True)
+    m = fast_model(rule)
+    # A silent fall-back to eager would pass the comparison without testing anything.
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        fast = grads(m, rule, mode, x, y, T=3)
+    last = list(neurons(m))[-1]
+    assert last.step_fn is fused_neuron_step()
+    if dtype == torch.float32:  # cuDNN keeps float64 convolutions in NCHW
+        assert last.state["v"].is_contiguous(memory_format=torch.channels_last)
+    for name in plain:
+        assert plain[name].abs().sum() > 0, name
+        assert_close(fast[name], plain[name], 1e-5 if dtype == torch.float32 else 1e-10, name)
+
+
+@pytest.mark.parametrize("rule", ["ndot", "ndot_ref", "ottt", "sltt", "bptt"])
+def test_channels_last_alone_is_exact_in_float64(rule):
+    model, x, y = on("cpu", torch.float64)
+    plain = grads(model(rule), rule, "A", x, y, T=3)
+    fast_model, x, y = on("cpu", torch.float64, channels_last=True)
+    fast = grads(fast_model(rule), rule, "A", x, y, T=3)
+    for name in plain:
+        assert_close(fast[name], plain[name], 1e-12, name)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("mode", "AO")
+def test_bf16_fast_path_is_finite_and_close_to_fp32(mode, device):
+    model, x, y = on(device, torch.float32)
+    ref = grads(model("ndot"), "ndot", mode, x, y, T=3)
+    fast_model, x, y = on(device, torch.float32, channels_last=True, fused_neuron=True)
+    low = grads(fast_model("ndot"), "ndot", mode, x, y, T=3, precision="bf16")
+    for name in ref:
+        assert torch.isfinite(low[name]).all(), name
+        # bf16 moves potentials across the threshold, so spikes (and with them
+        # the readout's gradient) differ: the direction must still agree.
+        cos = torch.nn.functional.cosine_similarity(low[name].flatten(), ref[name].flatten(), dim=0)
+        assert cos > 0.8, f"{name}: cosine {cos:.3f} to the fp32 gradient"
+
+
+def test_trainer_applies_the_levers_and_trains_alike():
+    base = dict(dataset="digits", arch="small_cnn", T=1, batch_size=32, epochs=1, seed=3, device="cpu")
+    runs = []
+    for levers in ({}, {"channels_last": True, "fused_neuron": True}):
+        seen = []
+        train(TrainConfig(**base, **levers), lambda m, s: seen.append((m, s)))
+        runs.append(seen[-1])
+    (plain, _), (fast, state) = runs
+    assert state["model"]["features.4.weight"].is_contiguous(memory_format=torch.channels_last)
+    # One epoch of updates on gradients equal to rounding: the same loss to rounding.
+    assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+
+
+def test_cuda_graph_is_refused_without_cuda():
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        TrainConfig(cuda_graph=True, device="cpu").validate()
+
+
+def test_bench_small_prints_the_expected_json_lines(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--small"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --small runs on one thread; later tests should not
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [r["kind"] for r in rows]
+    assert kinds[0] == "env" and kinds[-1] == "targets" and "error" not in kinds
+    levers = {"channels_last", "fused_neuron", "cuda_graph"}
+    snn = [r for r in rows if r["kind"] == "snn"]
+    assert {(r["rule"], r["mode"]) for r in snn} == {("ndot", "A"), ("ndot", "O"), ("ottt", "A"), ("sltt", "A"), ("bptt", "A")}
+    for r in snn:
+        assert {"arch", "T", "batch", "precision", "image_steps_per_s", "saved_mb", "peak_mem_mb",
+                "ceiling_images_per_s", "ratio_to_ceiling"} | levers <= set(r)
+        assert r["image_steps_per_s"] > 0 and r["ceiling_images_per_s"] > 0 and r["saved_mb"] > 0
+    ann = [r for r in rows if r["kind"] == "ann"]
+    assert {r["precision"] for r in ann} == {"fp32", "bf16"} and all(r["images_per_s"] > 0 for r in ann)
+    checks = [r for r in rows if r["kind"] == "memory_vs_T"]
+    assert {c["rule"] for c in checks} == {"ndot", "ottt", "sltt", "bptt"}
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    assert all(c["growth"] == 0 for c in checks if c["rule"] != "bptt")
+    assert all(c["growth"] > 1 for c in checks if c["rule"] == "bptt")
+
+
+def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
+    code = ("import sys, ndot, ndot.bench, ndot.train; "
+            "bad = {'ray', 'optuna', 'tonic'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
+def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, no_tf32):
+    models = [make_model(rule=rule, dtype=torch.float32).cuda() for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    step = partial(train_batch, rule=rule, mode=mode, T=3, loss_alpha=0.05)
+    graphed = GraphedStep(step, models[1], opts[1])
+    # Two batches, a new lr (a new capture), and a smaller last batch (a graph of its own).
+    for i, (n, lr) in enumerate([(4, 0.1), (4, 0.1), (4, 0.05), (3, 0.05)]):
+        x, y = (t.cuda() for t in batch(seed=10 + i, n=n, size=16, dtype=torch.float32))
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        eager = step(models[0], opts[0], x, y)
+        replay = graphed(x, y)
+        for a, b in zip(eager, replay):
+            assert_close(b, a, 1e-5, f"batch {i} output")
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert_close(q.detach(), p.detach(), 1e-5, f"batch {i} {name}")
+    assert len(graphed.graphs) == 2
