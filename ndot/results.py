@@ -1,0 +1,281 @@
+"""A sweep's results as two Parquet tables: one row per epoch of every trial, one row per trial.
+
+    python -m ndot.results collect DIR   # rebuild both tables from a Tune experiment directory
+    python -m ndot.results plot DIR      # write the figures next to them
+    ndot.results.load("DIR")             # -> pandas DataFrame (table="trials" for the other one)
+
+The source of truth is each trial's checkpoint: the trainable stores the
+trial's whole epoch history next to the model state, so a trial that restarts
+from checkpoint k continues a history of exactly k epochs (no epoch twice, none
+lost), and a dead driver loses nothing that a checkpoint holds. DIR may be a
+local folder or a URI such as s3://bucket/sweeps/name.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import io
+import json
+import math
+import os
+import re
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Sequence
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from ndot.config import TrainConfig
+from ndot.sweep.space import STRATUM_KEY, method
+
+EPOCHS_TABLE = "epochs"
+TRIALS_TABLE = "trials"
+HISTORY_FILE = "history.json"
+_CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
+
+# Per-trial outcomes; unfinished trials keep Tune's state in lower case (pending, running, paused).
+COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED = "completed", "stopped_early", "diverged", "errored"
+
+Row = dict[str, Any]
+
+
+# ----- rows, written by the trainable -----
+
+def _identity(trial_id: str, config: dict[str, Any]) -> Row:
+    """The columns both tables start with: the trial, its stratum, its method and every config value."""
+    cfg = TrainConfig.from_dict(config).to_dict()
+    return {"trial_id": trial_id, "stratum": config.get(STRATUM_KEY, ""), "method": method(cfg["rule"], cfg["mode"]), **cfg}
+
+
+def epoch_row(trial_id: str, config: dict[str, Any], metrics: dict[str, Any], node: dict[str, Any], timestamp: float) -> Row:
+    """One epoch of one trial: ids, every config value, every metric, where and when it ran.
+
+    A metric named like a config field (the scheduled `lr`) gets an `epoch_`
+    prefix, so `lr` is always the trial's initial learning rate.
+    """
+    row = _identity(trial_id, config)
+    row.update({f"epoch_{k}" if k in row else k: v for k, v in metrics.items()})
+    row.update(node)
+    row["timestamp"] = timestamp
+    return row
+
+
+def dumps_history(history: Sequence[Row]) -> bytes:
+    return json.dumps(list(history)).encode()
+
+
+# ----- trial records -----
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    config: dict[str, Any]
+    # Tune's trial state: PENDING, RUNNING, PAUSED, TERMINATED or ERROR.
+    tune_status: str
+    num_failures: int
+    history: list[Row]
+
+    @classmethod
+    def of(cls, trial: Any, history: list[Row]) -> "TrialRecord":
+        """From a ray.tune Trial."""
+        return cls(trial.trial_id, dict(trial.config), trial.status, trial.run_metadata.num_failures, history)
+
+
+def outcome(tune_status: str, last: Row | None, epochs: int) -> str:
+    """completed / stopped_early / diverged / errored, or Tune's state while the trial is unfinished."""
+    if last is not None and last.get("status") == "diverged":
+        return DIVERGED
+    if tune_status == "ERROR":
+        return ERRORED
+    if last is not None and last["epoch"] >= epochs:
+        return COMPLETED
+    if tune_status == "TERMINATED":
+        return STOPPED_EARLY
+    return tune_status.lower()
+
+
+def read_history(fs: pafs.FileSystem, checkpoint_path: str) -> list[Row]:
+    with fs.open_input_stream(f"{checkpoint_path}/{HISTORY_FILE}") as f:
+        return json.loads(f.readall())
+
+
+def latest_history(fs: pafs.FileSystem, trial_path: str) -> list[Row]:
+    """The history in the newest readable checkpoint of a trial folder ([] before the first epoch).
+
+    That checkpoint can be newer than the one Tune's experiment state names,
+    when the driver died after the trial wrote it; a checkpoint whose upload
+    was cut short is skipped for the one before it.
+    """
+    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    found = sorted(
+        ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := _CHECKPOINT_DIR.search(i.path))),
+        reverse=True,
+    )
+    for _, path in found:
+        try:
+            return read_history(fs, path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+    return []
+
+
+def has_state(experiment: str) -> bool:
+    """Whether Tune has saved the experiment's state (its trial list) yet."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    fs, path = filesystem(experiment)
+    pattern = TuneController.CKPT_FILE_TMPL.format("*")
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return any(fnmatch.fnmatch(PurePosixPath(i.path).name, pattern) for i in infos)
+
+
+def collect(experiment: str) -> list[TrialRecord]:
+    """The trials of a Tune experiment directory, as its newest experiment state lists them.
+
+    An unfinished trial's rows come from its newest checkpoint on storage,
+    which is newer than the state when the driver died. Trial folders the
+    state does not list (created after the last state save of a driver that
+    then died) are left out: resuming re-creates those trials.
+    """
+    # Imported here so that load() and plotting work without Ray.
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
+    return [TrialRecord.of(t, _history(t)) for t in analysis.trials]
+
+
+def _history(trial: Any) -> list[Row]:
+    if trial.status in ("TERMINATED", "ERROR"):
+        # Final: the checkpoint Tune recorded last is the trial's end. (A newer
+        # one can remain from before a resume that ended the trial sooner.)
+        return read_history(trial.checkpoint.filesystem, trial.checkpoint.path) if trial.checkpoint else []
+    return latest_history(trial.storage.storage_filesystem, trial.path)
+
+
+# ----- tables -----
+
+def epochs_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    df = pd.DataFrame([row for r in records for row in r.history])
+    if not df.empty:
+        df["timestamp"] = pd.to_datetime(df["timestamp"], unit="s", utc=True)
+    return df
+
+
+def _trial_row(r: TrialRecord) -> Row:
+    row = _identity(r.trial_id, r.config)
+    last = r.history[-1] if r.history else None
+    row.update(status=outcome(r.tune_status, last, row["epochs"]), epochs_run=len(r.history), num_failures=r.num_failures)
+    if last is None:
+        return row
+    h = pd.DataFrame(r.history)
+    tested = h.dropna(subset=["test_acc"]) if "test_acc" in h else h.iloc[:0]
+    started = h["timestamp"].iloc[0] - h["epoch_seconds"].iloc[0]
+    row.update(
+        final_test_acc=last.get("test_acc", math.nan),
+        best_test_acc=float(tested["test_acc"].max()) if len(tested) else math.nan,
+        best_epoch=int(tested["epoch"].iloc[tested["test_acc"].argmax()]) if len(tested) else None,
+        final_train_loss=last["train_loss"],
+        wall_time_s=last["timestamp"] - started,
+        train_time_s=float(h["epoch_seconds"].sum()),
+        peak_mem_mb=float(h["peak_mem_mb"].max()),
+        image_steps_per_s=float(h["image_steps_per_s"].median()),
+        started_at=started,
+        ended_at=last["timestamp"],
+        node_ip=last.get("node_ip"),
+        hostname=last.get("hostname"),
+    )
+    return row
+
+
+def trials_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
+    df = pd.DataFrame([_trial_row(r) for r in records])
+    if "best_epoch" in df:
+        df["best_epoch"] = df["best_epoch"].astype("Int64")
+    for col in ("started_at", "ended_at"):
+        if col in df:
+            df[col] = pd.to_datetime(df[col], unit="s", utc=True)
+    return df
+
+
+# ----- files -----
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or a URI (s3://...), and the path within it."""
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically (temporary file, then move): a reader sees the old or the new file."""
+    fs, path = filesystem(uri)
+    parent = PurePosixPath(path).parent
+    fs.create_dir(str(parent), recursive=True)
+    tmp = str(parent / f".{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp")
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.readall()
+
+
+def table_uri(experiment: str, table: str) -> str:
+    return f"{experiment.rstrip('/')}/{table}.parquet"
+
+
+def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
+    for table, frame in ((EPOCHS_TABLE, epochs_frame(records)), (TRIALS_TABLE, trials_frame(records))):
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        write_bytes(table_uri(experiment, table), buf.getvalue())
+
+
+def load(path: str, table: str = EPOCHS_TABLE) -> pd.DataFrame:
+    """A results table: `path` is a .parquet file or an experiment directory (then `table` picks which)."""
+    uri = path if str(path).endswith(".parquet") else table_uri(str(path), table)
+    fs, p = filesystem(uri)
+    return pd.read_parquet(p, filesystem=fs)
+
+
+def write_plots(experiment: str) -> list[str]:
+    """Render the figures of an experiment's tables into its directory; returns their URIs."""
+    from ndot import plots
+
+    out = []
+    for name, png in plots.render(load(experiment, TRIALS_TABLE)).items():
+        uri = f"{experiment.rstrip('/')}/{name}.png"
+        write_bytes(uri, png)
+        out.append(uri)
+    return out
+
+
+# ----- command line -----
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ndot.results", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("collect", help="rebuild epochs.parquet and trials.parquet from a Tune experiment directory").add_argument("dir")
+    sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "collect":
+            records = collect(args.dir)
+            write_tables(args.dir, records)
+            rows = sum(len(r.history) for r in records)
+            print(f"{len(records)} trials, {rows} epochs -> {table_uri(args.dir, EPOCHS_TABLE)}, {table_uri(args.dir, TRIALS_TABLE)}")
+        else:
+            for uri in write_plots(args.dir):
+                print(uri)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

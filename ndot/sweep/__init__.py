@@ -1,0 +1,12 @@
+"""Ray Tune + Optuna sweeps over time steps, architectures and learning rates.
+
+definitions  the three sweeps and their presets
+space        strata and the Optuna define-by-run space
+searcher     equal Optuna (TPE) budgets per stratum
+scheduler    ASHA early stopping within a stratum
+resources    how many trials fit at once, on a fixed or an autoscaling cluster
+trainable    the Tune function trainable around ndot.train.train
+recorder     keeps the Parquet tables current while a sweep runs
+runner       builds, runs and resumes the Tune experiment
+cli          the command line shared by the scripts in sweeps/
+"""

@@ -1,0 +1,243 @@
+"""The command line shared by the scripts in sweeps/: parse, validate before Ray starts, run, summarise.
+
+Every flag defaults to the chosen preset's value. Lists are comma-separated
+(--T 1,2,4,6); a range is LOW,HIGH and searched, a single value is fixed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import ray
+from ray import tune
+from ray.tune.experiment import Trial
+
+from ndot import data, results
+from ndot.config import ConfigError, TrainConfig
+from ndot.sweep import runner
+from ndot.sweep.definitions import Sweep
+from ndot.sweep.runner import METRIC, Plan
+from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
+
+DEFAULT_STORAGE = "runs/sweeps"
+_FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
+
+
+class InputError(ValueError):
+    """A command line that cannot run; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, not argparse's usage block: bad input is reported like every other error.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            # dict.fromkeys: drop repeats, keep order.
+            return tuple(dict.fromkeys(kind(v) for v in text.split(",") if v))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _span(text: str) -> tuple[float, float]:
+    values = _listed(float)(text)
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected VALUE or LOW,HIGH, got {text!r}")
+    low, high = values[0], values[-1]
+    if low > high:
+        raise argparse.ArgumentTypeError(f"LOW must not exceed HIGH, got {text!r}")
+    return low, high
+
+
+def parser(sweep: Sweep) -> argparse.ArgumentParser:
+    p = _Parser(prog=os.path.basename(sys.argv[0]) or sweep.name, description=f"{sweep.about} {_FLAGS_HELP}")
+    p.add_argument("--preset", choices=sorted(sweep.presets), default="smoke", help="defaults for every flag (default: smoke)")
+    p.add_argument("--dataset")
+    p.add_argument("--data-root", help="folder holding the dataset (default: the data module's)")
+    p.add_argument("--download", action="store_true", help="fetch a missing dataset (on every node that lacks it)")
+    p.add_argument("--rules", type=_listed(str), help="RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A")
+    p.add_argument("--T", type=_listed(int), help="time steps, e.g. 1,2,4,6")
+    p.add_argument("--archs", type=_listed(str), help="architectures, e.g. vgg11_ws,resnet_ws")
+    p.add_argument("--lr", type=_span, help="learning rate, or LOW,HIGH searched log-uniformly")
+    p.add_argument("--momentum", type=_span, help="SGD momentum, or LOW,HIGH searched")
+    p.add_argument("--loss-alpha", type=_span, help="MSE weight of the loss, or LOW,HIGH searched")
+    p.add_argument("--batch-size", type=_listed(int), help="batch size, or several to choose from")
+    p.add_argument("--trials", type=int, help="Optuna trials per stratum")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float, help="a fraction packs trials on one GPU, e.g. 0.25")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster can hold)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samplers and of every trial")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder or s3:// URI for the experiment (default: {DEFAULT_STORAGE})")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto on a cluster node (default: a local Ray)")
+    p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the experiment --name in --storage as it was started, errored trials included "
+        "(of the other flags only --cpus-per-trial and --gpus-per-trial apply)",
+    )
+    return p
+
+
+def _axis_values(sweep: Sweep, args: argparse.Namespace) -> dict[str, tuple]:
+    preset = sweep.presets[args.preset]
+    given = {"method": (args.rules, "--rules"), "T": (args.T, "--T"), "arch": (args.archs, "--archs")}
+    values = {}
+    for axis, (value, flag) in given.items():
+        value = value if value is not None else getattr(preset, axis)
+        if not value:
+            raise InputError(f"{flag} needs at least one value")
+        if axis not in sweep.strata and len(value) != 1:
+            raise InputError(f"{flag} takes one value in the {sweep.name} sweep, whose strata are {' x '.join(sweep.strata)}")
+        values[axis] = value
+    return values
+
+
+def _given(value: Any, default: Any) -> Any:
+    """A flag's value, or the preset's when the flag was not given."""
+    return default if value is None else value
+
+
+def _resources(cpus: float, gpus: float) -> tuple[float, float]:
+    # Trials need a CPU so that none lands on a head node that advertises none.
+    if not cpus > 0:
+        raise InputError(f"--cpus-per-trial must be > 0, got {cpus}")
+    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+        raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {gpus}")
+    return cpus, gpus
+
+
+def _storage(args: argparse.Namespace) -> str:
+    return args.storage if "://" in args.storage else os.path.abspath(args.storage)
+
+
+def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
+    """The run the command line asks for; raises InputError or ConfigError on bad input."""
+    preset = sweep.presets[args.preset]
+    axes = _axis_values(sweep, args)
+    base: dict[str, Any] = {**preset.config, "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": args.seed}
+    if args.data_root is not None:
+        base["data_root"] = args.data_root
+    if args.download:
+        base["download"] = True
+    for axis, value in axes.items():
+        if axis not in sweep.strata:
+            base.update(parse_method(value[0]) if axis == "method" else {axis: value[0]})
+    try:
+        cells = strata({axis: axes[axis] for axis in sweep.strata})
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    space = SearchSpace(
+        lr=_given(args.lr, preset.lr), momentum=_given(args.momentum, preset.momentum),
+        loss_alpha=_given(args.loss_alpha, preset.loss_alpha), batch_size=_given(args.batch_size, preset.batch_size),
+        first=preset.first,
+    )
+    trials = _given(args.trials, preset.trials)
+    if trials < 1:
+        raise InputError(f"--trials must be at least 1, got {trials}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
+    cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
+    for cell in cells:
+        for corner in space.corners():
+            TrainConfig(**{**base, **cell.values, **corner}).validate()
+    return Plan(
+        name=args.name or f"{sweep.name}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
+        cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=args.max_concurrent,
+        grace_period=preset.grace_period, seed=args.seed,
+    )
+
+
+def resumed_plan(args: argparse.Namespace) -> Plan:
+    """The plan an experiment was started with; only the resources per trial may change on resume."""
+    if not args.name:
+        raise InputError("--resume needs the --name of the experiment to continue")
+    experiment = f"{_storage(args).rstrip('/')}/{args.name}"
+    if not tune.Tuner.can_restore(experiment):
+        raise InputError(f"no experiment to resume at {experiment}")
+    plan = runner.load_plan(experiment)
+    cpus, gpus = _resources(_given(args.cpus_per_trial, plan.cpus_per_trial), _given(args.gpus_per_trial, plan.gpus_per_trial))
+    # The storage may have moved (e.g. copied from S3 to a laptop); the name is the experiment's.
+    return dataclasses.replace(plan, storage=_storage(args), cpus_per_trial=cpus, gpus_per_trial=gpus)
+
+
+def check_storage(uri: str) -> None:
+    """Fail now, not after the first epoch, when the experiment cannot be written."""
+    probe = f"{uri.rstrip('/')}/.ndot-write-probe"
+    try:
+        results.write_bytes(probe, b"")
+        fs, path = results.filesystem(probe)
+        fs.delete_file(path)
+    except OSError as e:
+        raise InputError(f"storage {uri} is not writable: {str(e).splitlines()[0]}") from None
+
+
+def check(plan: Plan, resume: bool) -> None:
+    """What can be checked before Ray starts: the data, the storage, and that a new experiment is new."""
+    data.check(TrainConfig(**{**plan.base, **plan.strata[0].values}))
+    check_storage(plan.storage)
+    if not resume and tune.Tuner.can_restore(plan.experiment):
+        raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
+
+
+class Progress(tune.Callback):
+    """One line per finished trial."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._line(trials, trial, Trial.TERMINATED)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._line(trials, trial, Trial.ERROR)
+
+    def _line(self, trials: list[Trial], trial: Trial, status: str) -> None:
+        # Counted from the trial list, so that the count is right after a resume too.
+        done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials if t is not trial)
+        last = trial.last_result if "epoch" in (trial.last_result or {}) else None
+        outcome = results.outcome(status, last, trial.config["epochs"])
+        progress = f"epoch {last['epoch']}, best acc {last[METRIC]:.4f}" if last else "no epoch"
+        print(f"[{done}/{self._total}] {trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}: {outcome} ({progress})", flush=True)
+
+
+def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
+    args = parser(sweep).parse_args(argv)
+    try:
+        plan = resumed_plan(args) if args.resume else build_plan(sweep, args)
+        check(plan, args.resume)
+    except (InputError, ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    action = "resuming" if args.resume else "starting"
+    print(
+        f"{action} {plan.name}: {len(plan.strata)} strata x {plan.trials_per_stratum} trials, "
+        f"{plan.base['epochs']} epochs, {plan.cpus_per_trial:g} CPU + {plan.gpus_per_trial:g} GPU per trial -> {plan.experiment}",
+        flush=True,
+    )
+    start = time.monotonic()
+    runner.connect(args.address)
+    try:
+        runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
+    finally:
+        ray.shutdown()
+    trials = results.load(plan.experiment, results.TRIALS_TABLE)
+    counts = trials["status"].value_counts().to_dict()
+    print(f"finished in {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
+    print(f"tables: {results.table_uri(plan.experiment, results.EPOCHS_TABLE)}, {results.table_uri(plan.experiment, results.TRIALS_TABLE)}")
+    if counts.get(results.ERRORED):
+        print(f"{counts[results.ERRORED]} trials errored: rerun with --resume --name {plan.name} to retry them", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,139 @@
+"""One Tune experiment per sweep: build it, run it, resume it."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import ray
+from ray import tune
+from ray.tune.experiment import Trial
+
+from ndot import results
+from ndot.sweep import resources
+from ndot.sweep.recorder import TablesCallback
+from ndot.sweep.scheduler import StratifiedASHA
+from ndot.sweep.searcher import StratifiedSearch
+from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
+from ndot.sweep.trainable import run_trial
+
+# What Optuna maximises and ASHA compares: the best test accuracy so far, as
+# the paper reports it; unlike the last epoch's accuracy it is defined (and
+# meaningful) for a trial that diverged.
+METRIC, MODE = "best_test_acc", "max"
+# Restarts of a trial from its checkpoint after its worker died (e.g. a spot node was reclaimed).
+MAX_FAILURES = 3
+# The newest checkpoint and one before it, in case the newest upload was cut short.
+CHECKPOINTS_KEPT = 2
+REDUCTION_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A sweep, fully resolved: everything Tune needs."""
+
+    name: str
+    storage: str  # an absolute local path or a URI (s3://...)
+    base: dict[str, Any]  # TrainConfig fields shared by every trial
+    strata: tuple[Stratum, ...]
+    space: SearchSpace
+    trials_per_stratum: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent: int | None = None  # None: as many trials as the cluster can hold
+    grace_period: int = 1
+    seed: int = 0
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def num_trials(self) -> int:
+        return len(self.strata) * self.trials_per_stratum
+
+
+PLAN_FILE = "sweep.json"
+
+
+def save_plan(plan: Plan) -> None:
+    """Store the plan in the experiment, readable, so that a resume runs what was started."""
+    results.write_bytes(f"{plan.experiment}/{PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
+
+
+def load_plan(experiment: str) -> Plan:
+    d = json.loads(results.read_bytes(f"{experiment}/{PLAN_FILE}"))
+    d["strata"] = tuple(Stratum(**s) for s in d["strata"])
+    # JSON turned the space's tuples into lists.
+    d["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["space"].items()})
+    return Plan(**d)
+
+
+def trial_dirname(trial: Trial) -> str:
+    return f"{trial.trial_id}_{trial.config[STRATUM_KEY]}"
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` ("auto": the one this node belongs to), or start a private local Ray when None."""
+    # "local": without it, ray.init() joins any Ray already running on this machine
+    # (someone's test cluster, say) instead of starting one of its own.
+    # Trials print nothing worth forwarding; their errors are stored with the trial.
+    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+
+
+def _trainable(plan: Plan) -> Any:
+    return tune.with_resources(run_trial, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
+
+
+def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+    first = plan.space.first_point()
+    search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.seed, first or None)
+    asha = StratifiedASHA(
+        METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
+        grace_period=plan.grace_period, reduction_factor=REDUCTION_FACTOR,
+    )
+    slots = plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial, resources.capacity())
+    return tune.Tuner(
+        _trainable(plan),
+        param_space=dict(plan.base),
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            scheduler=asha,
+            num_samples=plan.num_trials,
+            max_concurrent_trials=slots,
+            trial_dirname_creator=trial_dirname,
+            # A new process per trial costs seconds of imports (torch, the data):
+            # a third of the smoke sweep. The trainer resets its memory peak every
+            # epoch, so a reused process does not carry an earlier trial's peak.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.storage,
+            callbacks=[TablesCallback(plan.experiment), *callbacks],
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            verbose=0,
+        ),
+    )
+
+
+def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
+    """Run the sweep (or continue it, errored trials included); needs a connected Ray (see `connect`).
+
+    On resume, Tune restores the searcher, scheduler and callbacks the
+    experiment was started with; only the resources per trial come from
+    `plan` (see `load_plan`), and `callbacks` are not used.
+    """
+    # Every epoch checkpoints, and Tune snapshots the experiment state whenever a
+    # trial has checkpointed num_to_keep times: frequent snapshots are intended here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resume:
+        tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True)
+    else:
+        save_plan(plan)
+        tuner = _new_tuner(plan, callbacks)
+    grid = tuner.fit()
+    results.write_plots(plan.experiment)
+    return grid

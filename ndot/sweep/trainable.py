@@ -1,0 +1,50 @@
+"""The Tune function trainable: one trial = one ndot.train.train run, reported and checkpointed every epoch."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+from ray import tune
+
+from ndot import checkpoint, results
+from ndot.config import TrainConfig
+from ndot.train import train
+
+STATE_FILE = "state.pt"
+
+
+def _node() -> dict[str, Any]:
+    # node_id tells apart the nodes of a one-machine test cluster, which share ip and hostname.
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    cfg = TrainConfig.from_dict(config)
+    trial_id = tune.get_context().get_trial_id()
+    node = _node()
+    resume, history = None, []
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            resume = checkpoint.load(Path(d, STATE_FILE))
+            history = results.read_history(pafs.LocalFileSystem(), d)
+
+    def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        history.append(results.epoch_row(trial_id, config, metrics, node, time.time()))
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save(Path(d, STATE_FILE), state)
+            Path(d, results.HISTORY_FILE).write_bytes(results.dumps_history(history))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    train(cfg, on_epoch=on_epoch, resume=resume)

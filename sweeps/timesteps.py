@@ -1,0 +1,13 @@
+"""Time-step sweep: every T x every rule, the same Optuna budget each, results in Parquet.
+
+    python sweeps/timesteps.py --preset smoke            # offline, digits, CPU, a few minutes
+    python sweeps/timesteps.py --preset paper --address auto --storage s3://BUCKET/sweeps
+    python sweeps/timesteps.py --help
+"""
+import sys
+
+from ndot.sweep.cli import main
+from ndot.sweep.definitions import TIMESTEPS
+
+if __name__ == "__main__":
+    sys.exit(main(TIMESTEPS))

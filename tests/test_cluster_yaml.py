@@ -1,0 +1,88 @@
+"""cluster/gpu.yaml, checked offline: Ray's cluster-launcher schema, a head that runs no trials, security, versions."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from ndot.sweep import resources
+from ndot.sweep.definitions import PAPER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load((ROOT / "cluster" / "gpu.yaml").read_text())
+
+
+def _commands(config: dict, *keys: str) -> str:
+    return "\n".join(c for k in keys for c in config.get(k, []))
+
+
+def test_matches_the_cluster_launcher_schema(config):
+    # What `ray up` does before it talks to AWS.
+    validate_config(prepare_config(config))
+
+
+def test_head_advertises_no_cpu_so_no_trial_lands_there(config):
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
+    assert "--num-cpus=0" in _commands(config, "head_start_ray_commands")
+
+
+def test_workers_are_autoscaling_gpu_nodes(config):
+    workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+    assert workers
+    for name, node in workers.items():
+        assert node["min_workers"] == 0 and node["max_workers"] > 0, name
+        assert node["resources"]["GPU"] >= 1 and node["resources"]["CPU"] >= 1, name
+        assert node["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot", name
+
+
+def test_every_node_has_an_instance_profile_for_the_shared_storage(config):
+    for name, node in config["available_node_types"].items():
+        assert "IamInstanceProfile" in node["node_config"], name
+
+
+def test_only_ssh_is_reachable_from_outside(config):
+    # Ray's default group allows SSH from anywhere and everything inside the
+    # group; any extra rule here, or a group of one's own, would widen that.
+    extra = config["provider"].get("security_group", {}).get("IpPermissions", [])
+    assert all(rule.get("FromPort") == rule.get("ToPort") == 22 for rule in extra)
+    for name, node in config["available_node_types"].items():
+        assert "SecurityGroupIds" not in node["node_config"], name
+    head_start = _commands(config, "head_start_ray_commands")
+    assert re.search(r"--dashboard-host[= ](127\.0\.0\.1|localhost)\b", head_start)
+    assert "0.0.0.0" not in yaml.safe_dump(config)
+
+
+def test_token_auth_is_on_for_every_ray_process(config):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if " start " in f" {c} "]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert "disabled" not in yaml.safe_dump(config).lower()
+    assert any("auth_token" in remote for remote in config["file_mounts"])
+
+
+def test_every_node_installs_this_project_with_the_pinned_ray(config):
+    # The main dependency (ray[tune]) and the cluster extra (ray[default]) pin the Ray this test runs with.
+    pins = re.findall(r'"ray\[(\w+)\]==([\w.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert {extra for extra, _ in pins} == {"tune", "default"}
+    assert all(version == ray.__version__ for _, version in pins)
+    mounted = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    assert mounted
+    # setup_commands run on every node, head and workers.
+    setup = _commands(config, "setup_commands")
+    assert re.search(rf"pip install .*-e \"?{re.escape(mounted[0])}\[cluster\]", setup)
+
+
+def test_a_paper_sweep_asks_for_every_slot_of_the_grown_cluster(config):
+    # 8 x g5.2xlarge (1 GPU) + 2 x g5.12xlarge (4 GPUs) = 16 GPUs, four trials each.
+    grown = resources.autoscaler_capacity(config)
+    assert grown == {"CPU": 8 * 8 + 2 * 48, "GPU": 16}
+    assert resources.slots(PAPER.cpus_per_trial, PAPER.gpus_per_trial, grown) == 64

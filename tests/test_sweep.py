@@ -1,0 +1,163 @@
+"""Sweeps end to end on a one-machine Ray cluster: the smoke preset, divergence, a killed driver, a killed node.
+
+The cluster (a head with no CPUs, two workers advertising one CPU and one fake
+GPU each) is shared by the module: starting Ray costs seconds. The test that
+removes a worker node runs last.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from ndot import results
+from ndot.sweep import cli, runner
+from ndot.sweep.definitions import SMOKE, TIMESTEPS
+from ndot.sweep.space import SearchSpace, Stratum, strata
+
+ROOT = Path(__file__).resolve().parents[1]
+# Node deaths are noticed in about a second instead of Ray's default half minute.
+FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
+WAIT_S = 240  # a bound for waits that normally take seconds; only reached when something hangs
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": FAST_FAILURE_DETECTION})
+    for _ in range(2):
+        c.add_node(num_cpus=1, num_gpus=1)
+    c.wait_for_nodes()
+    yield c
+    c.shutdown()
+
+
+def _sweep_cmd(storage: Path, name: str, address: str, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--storage", str(storage), "--name", name, "--address", address, *flags]
+
+
+def _wait_for_epoch(experiment: Path, proc: subprocess.Popen, min_epoch: int, max_epoch: int) -> results.Row:
+    """The last row of the first trial found between min_epoch and max_epoch (exclusive), polling its checkpoints."""
+    fs, deadline = pafs.LocalFileSystem(), time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        for trial_dir in experiment.glob("*_T=*"):
+            history = results.latest_history(fs, str(trial_dir))
+            if history and min_epoch <= history[-1]["epoch"] < max_epoch:
+                return history[-1]
+        time.sleep(0.2)
+    raise TimeoutError(f"no trial reached epoch {min_epoch} in {experiment}")
+
+
+def _assert_epochs_complete(epochs: pd.DataFrame, trials: pd.DataFrame) -> None:
+    """Every trial has exactly the epochs 1..epochs_run: no gap, no duplicate."""
+    for trial_id, g in epochs.groupby("trial_id"):
+        run = trials.set_index("trial_id").loc[trial_id, "epochs_run"]
+        assert sorted(g["epoch"]) == list(range(1, run + 1)), trial_id
+
+
+def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
+    rc = cli.main(TIMESTEPS, ["--preset", "smoke", "--storage", str(tmp_path), "--name", "smoke", "--address", cluster.address])
+    assert rc == 0, capsys.readouterr().err
+    experiment = tmp_path / "smoke"
+    epochs = pd.read_parquet(experiment / "epochs.parquet")
+    trials = pd.read_parquet(experiment / "trials.parquet")
+
+    expected = {s.label for s in strata({"T": SMOKE.T, "method": SMOKE.method})}
+    assert set(trials["stratum"]) == expected and len(trials) == len(expected) * SMOKE.trials
+    assert set(epochs["stratum"]) == expected
+    assert (trials["status"] == results.COMPLETED).all()
+    assert len(epochs) == len(trials) * SMOKE.epochs
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    _assert_epochs_complete(epochs, trials)
+    # Flat, typed columns: config values, metrics and where/when each epoch ran.
+    assert epochs["T"].dtype == "int64" and epochs["test_acc"].dtype == "float64"
+    assert isinstance(epochs["timestamp"].dtype, pd.DatetimeTZDtype)
+    assert epochs[["lr", "epoch_lr", "peak_mem_mb", "image_steps_per_s", "node_ip", "hostname"]].notna().all().all()
+    assert epochs["test_acc"].between(0, 1).all()
+    # Re-collected from the experiment directory: the same tables as written live.
+    assert results.main(["collect", str(experiment)]) == 0
+    by = ["trial_id", "epoch"]
+    recollected = results.load(str(experiment))
+    pd.testing.assert_frame_equal(recollected.sort_values(by, ignore_index=True), epochs.sort_values(by, ignore_index=True))
+    recollected = results.load(str(experiment), results.TRIALS_TABLE)
+    by = ["trial_id"]
+    pd.testing.assert_frame_equal(recollected.sort_values(by, ignore_index=True), trials.sort_values(by, ignore_index=True))
+    for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
+        assert (experiment / f"{figure}.png").stat().st_size > 0
+
+
+def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
+    plan = runner.Plan(
+        name="divergence", storage=str(tmp_path),
+        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 3},
+        strata=(Stratum({"lr": 0.1}, "lr=0.1"), Stratum({"lr": 1e4}, "lr=1e4")),
+        space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1, gpus_per_trial=0,
+    )
+    runner.connect(cluster.address)
+    try:
+        runner.run(plan)
+    finally:
+        ray.shutdown()
+    trials = results.load(plan.experiment, results.TRIALS_TABLE).set_index("stratum")
+    epochs = results.load(plan.experiment)
+    assert trials.loc["lr=1e4", "status"] == results.DIVERGED
+    assert trials.loc["lr=1e4", "epochs_run"] == 1
+    assert list(epochs.loc[epochs["stratum"] == "lr=1e4", "status"]) == ["diverged"]
+    assert trials.loc["lr=0.1", "status"] == results.COMPLETED
+    assert trials.loc["lr=0.1", "epochs_run"] == 3
+
+
+def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
+    flags = ("--T", "1,2", "--rules", "ndot_A,ottt_A", "--epochs", "6")
+    cmd = _sweep_cmd(tmp_path, "driver", cluster.address, *flags)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_epoch(tmp_path / "driver", proc, 2, 6)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = {r.trial_id for r in results.collect(str(tmp_path / "driver"))}
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    epochs = results.load(str(tmp_path / "driver"))
+    trials = results.load(str(tmp_path / "driver"), results.TRIALS_TABLE)
+    assert sorted(trials["stratum"]) == sorted(s.label for s in strata({"T": (1, 2), "method": ("ndot_A", "ottt_A")}))
+    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 6).all()
+    assert before <= set(trials["trial_id"]), "a trial running when the driver died was re-created, not resumed"
+    _assert_epochs_complete(epochs, trials)
+    assert len(epochs) == 4 * 6
+
+
+def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):
+    workers = {n.node_id: n for n in cluster.worker_nodes}
+    flags = ("--T", "2", "--rules", "ndot_A,ottt_A,sltt_A,bptt_A", "--epochs", "8", "--gpus-per-trial", "0.5")
+    proc = subprocess.Popen(_sweep_cmd(tmp_path, "nodes", cluster.address, *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = _wait_for_epoch(tmp_path / "nodes", proc, 2, 6)["node_id"]
+        cluster.remove_node(workers[victim], allow_graceful=False)
+        out, _ = proc.communicate(timeout=WAIT_S)
+    finally:
+        proc.kill()
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    assert proc.returncode == 0, out[-2000:]
+
+    epochs = results.load(str(tmp_path / "nodes"))
+    trials = results.load(str(tmp_path / "nodes"), results.TRIALS_TABLE)
+    assert set(epochs["node_id"]) == set(workers), "trials did not spread over both worker nodes"
+    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 8).all()
+    _assert_epochs_complete(epochs, trials)
+    # The interrupted trial kept the epochs it ran on the dead node and continued
+    # on the other one from its checkpoint, rather than starting again.
+    moved = [g.sort_values("epoch")["node_id"].tolist() for _, g in epochs.groupby("trial_id")]
+    moved = [nodes for nodes in moved if len(set(nodes)) > 1]
+    assert moved and all(nodes[0] == victim and nodes[-1] != victim for nodes in moved)
+    assert trials["num_failures"].max() >= 1

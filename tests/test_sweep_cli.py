@@ -1,0 +1,97 @@
+"""Bad sweep input is refused before Ray starts: one line on stderr, a non-zero exit code."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray
+
+from ndot.sweep import cli
+from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_SESSIONS = Path(tempfile.gettempdir(), "ray")
+
+
+def _sessions() -> set[Path]:
+    return set(RAY_SESSIONS.glob("session_2*"))
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return ["--storage", str(tmp_path / "runs")]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--T", "0"], "T must be a positive integer"),
+        (["--T", "2,-1"], "T must be a positive integer"),
+        (["--T", "two"], "--T"),
+        (["--rules", "ndot_O,magic_A"], "unknown rule 'magic'"),
+        (["--rules", "ndot"], "RULE_MODE"),
+        (["--rules", "bptt_O"], "bptt"),
+        (["--archs", "transformer"], "unknown architecture"),
+        (["--dataset", "mnist"], "unknown dataset"),
+        (["--lr", "0"], "lr must be > 0"),
+        (["--lr=-0.1,0.5"], "lr must be > 0"),
+        (["--lr", "0.5,0.1"], "LOW must not exceed HIGH"),
+        (["--archs", "small_cnn,vgg11_ws"], "takes one value in the timesteps sweep"),
+        (["--trials", "0"], "--trials"),
+        (["--resume"], "--resume needs the --name"),
+        (["--resume", "--name", "never-ran"], "no experiment to resume"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
+    rc = _exit_code(TIMESTEPS, [*argv, *storage])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and says in err, err
+    assert not ray.is_initialized()
+
+
+def _exit_code(sweep, argv: list[str]) -> int:
+    try:
+        return cli.main(sweep, argv)
+    except SystemExit as e:  # argparse refuses a malformed value itself
+        return e.code
+
+
+@pytest.mark.parametrize("sweep", [TIMESTEPS, ARCHITECTURES, LEARNING_RATES], ids=lambda s: s.name)
+def test_every_preset_is_a_valid_plan(sweep):
+    for preset in sweep.presets:
+        plan = cli.build_plan(sweep, cli.parser(sweep).parse_args(["--preset", preset]))
+        assert plan.num_trials == len(plan.strata) * sweep.presets[preset].trials > 0
+
+
+def test_missing_dataset_is_refused(tmp_path, capsys):
+    rc = _exit_code(TIMESTEPS, ["--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "cifar10" in err
+
+
+def test_unwritable_storage_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc = _exit_code(TIMESTEPS, ["--storage", str(blocker / "runs")])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "not writable" in err
+
+
+def test_an_architecture_sweep_checks_its_strata_too(tmp_path, capsys):
+    rc = _exit_code(ARCHITECTURES, ["--archs", "small_cnn,nope", "--storage", str(tmp_path)])
+    assert rc != 0 and "unknown architecture 'nope'" in capsys.readouterr().err
+
+
+def test_script_exits_nonzero_without_starting_ray(tmp_path):
+    before = _sessions()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--T", "0", "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and "T must be a positive integer" in done.stderr
+    assert _sessions() == before, "a Ray session was started"
