@@ -51,11 +51,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _reset_peak_mem(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: restart the resident-set high-water mark, so that an epoch's figure
+    # is its own even when a process runs several trials (Tune reuses actors).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_mem_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: peak resident set of the process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # Peak resident set of the whole process (Linux reports KiB).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _rng_state() -> dict[str, Any]:
@@ -141,8 +158,7 @@ def train(
 
     metrics: Metrics = {}
     for epoch in range(start, cfg.epochs + 1):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        _reset_peak_mem(device)
         model.train()
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]
