@@ -59,7 +59,6 @@ def _conv_stack(cfg: list, c_in: int, n: NeuronArgs) -> Seq:
 
 
 VGG11 = [64, 128, "AP", 256, 256, "AP", 512, 512, "AP", 512, 512]
-SMALL = [32, "AP", 64, "AP", 128]
 
 
 def vgg11_ws(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
@@ -68,8 +67,16 @@ def vgg11_ws(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
 
 
 def small_cnn(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
-    """Three WS conv layers (32-64-128): cheap enough for CPU sweeps."""
-    return SpikingNet(_conv_stack(SMALL, in_channels, n), 128, num_classes)
+    """Three WS conv layers (32-64-128), cheap enough for CPU sweeps.
+
+    It downsamples with stride-2 convs: an average pool shrinks the variance of
+    sparse spike maps, and with one time step the pooled input could no longer
+    drive the next layer to threshold (it stays silent at T = 1).
+    """
+    layers: list[nn.Module] = []
+    for c_in, c_out, stride in ((in_channels, 32, 1), (32, 64, 2), (64, 128, 2)):
+        layers += [WSConv2d(c_in, c_out, stride=stride), n.make(), scale(SCALE)]
+    return SpikingNet(Seq(*layers), 128, num_classes)
 
 
 class Block(nn.Module):
