@@ -19,7 +19,7 @@ smoke: setup
 	$(PY) sweeps/timesteps.py --preset smoke
 
 train: setup
-	$(PY) -m ndot.train --dataset digits --arch small_cnn --rule ndot --mode A --T 4 --epochs 8
+	$(PY) -m ndot.train --dataset digits --arch small_cnn --rule ndot --mode A --T 4 --epochs 6 --batch_size 32
 
 test: setup
 	$(PY) -m pytest
