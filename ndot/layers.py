@@ -72,7 +72,13 @@ class LIF(nn.Module):
 
     def forward(self, current: Tensor, a_in: Tensor | None = None) -> Pair:
         first = self.state is None
-        st = self.state or {"v": torch.zeros_like(current), "q": torch.zeros_like(current), "a": None, "e": None}
+        if first:
+            # The membrane integrates in fp32 at least, also when autocast hands it a bf16 current:
+            # spikes near threshold and NDOT's ratio A[t] / A[t-1] need the precision.
+            zeros = torch.zeros_like(current, dtype=torch.promote_types(current.dtype, torch.float32))
+            st = {"v": zeros, "q": zeros, "a": None, "e": None}
+        else:
+            st = self.state
         if first and self.training and self.dropout > 0:
             keep = torch.empty_like(current).bernoulli_(1 - self.dropout)
             st["mask"] = keep / (1 - self.dropout)

@@ -81,3 +81,13 @@ def test_state_does_not_leak_between_batches():
     train_batch(model, opt, x, y, rule="ndot", mode="A", T=3, loss_alpha=0.05)
     for a, b in zip(first, opt.records[2]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bf16_keeps_the_membrane_in_fp32():
+    model = make_model(rule="ndot", dtype=torch.float32)
+    x, y = batch(dtype=torch.float32)
+    train_batch(model, RecordingSGD(model.parameters()), x, y, rule="ndot", mode="A", T=2, loss_alpha=0.05, precision="bf16")
+    from ndot.layers import neurons
+    for n in neurons(model):
+        assert n.state["v"].dtype == torch.float32
+        assert n.state.get("a") is None or n.state["a"].dtype == torch.float32
