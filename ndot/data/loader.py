@@ -11,9 +11,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-# augment(x, generator) -> x, applied per batch on the device, before `normalise`.
-Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
 
 def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
     g = torch.Generator(device=device)
