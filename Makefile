@@ -4,6 +4,9 @@ PYTHON ?= python3
 DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 VENV ?= $(HOME)/.cache/ndot/venv-$(DEPS_HASH)
 PY := $(VENV)/bin/python
+# The checkout itself comes first on the path: the venv is shared by every checkout
+# (and clone) of the same dependency list, so its editable install may point at another one.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup smoke train test bench
 
