@@ -1,13 +1,15 @@
-"""The sweep's search and early stopping, without Ray running: equal budgets, per-stratum ASHA, resumed errored trials."""
+"""The sweep's search and early stopping, without Ray running: equal budgets, per-stratum ASHA, resumed trials."""
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import optuna
 import pytest
+from ray.train._internal.session import _TrainingResult
+from ray.tune import Checkpoint
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from ndot import results
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedSearch
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
@@ -90,12 +92,16 @@ def test_errored_trial_resumed_after_restore_still_informs_its_study(tmp_path):
     assert [(t.params["lr"], t.value) for t in done] == [(config["lr"], 0.6)]
 
 
-def _trial(trial_id: str, stratum: str) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=trial_id, config={STRATUM_KEY: stratum})
+def _trial(trial_id: str, stratum: str) -> Trial:
+    return Trial("run_trial", config={STRATUM_KEY: stratum}, trial_id=trial_id, stub=True)
+
+
+def _asha(max_t: int = 9) -> StratifiedASHA:
+    return StratifiedASHA(METRIC, "max", time_attr="epoch", max_t=max_t, grace_period=1, reduction_factor=3)
 
 
 def test_asha_compares_trials_only_within_their_stratum():
-    asha = StratifiedASHA(METRIC, "max", time_attr="epoch", max_t=9, grace_period=1, reduction_factor=3)
+    asha = _asha()
     good_t6, poor_t1, poorer_t1 = _trial("a", "T=6"), _trial("b", "T=1"), _trial("c", "T=1")
     for t in (good_t6, poor_t1, poorer_t1):
         asha.on_trial_add(None, t)
@@ -104,3 +110,36 @@ def test_asha_compares_trials_only_within_their_stratum():
     assert asha.on_trial_result(None, poor_t1, _result(0.2)) == TrialScheduler.CONTINUE
     # Below the only other T=1 trial at the same rung: stopped.
     assert asha.on_trial_result(None, poorer_t1, _result(0.1)) == TrialScheduler.STOP
+
+
+def test_asha_rungs_survive_a_resume(tmp_path):
+    """A resumed experiment re-adds its trials to a fresh scheduler; their checkpoints rebuild the rungs."""
+    accs = [0.5, 0.6, 0.7, 0.75, 0.8, 0.82, 0.84, 0.86, 0.9]
+    rows = [_result(acc, epoch) for epoch, acc in enumerate(accs, 1)]
+    live = _asha()
+    done = _trial("done", "T=1")
+    live.on_trial_add(None, done)
+    for row in rows:
+        live.on_trial_result(None, done, row)
+    live.on_trial_complete(None, done, rows[-1])
+
+    # The same trial as Tuner.restore hands it over: finished, its history in its newest checkpoint.
+    (tmp_path / results.HISTORY_FILE).write_bytes(results.dumps_history(rows))
+    restored_done = _trial("done", "T=1")
+    restored_done.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=Checkpoint.from_directory(str(tmp_path)), metrics=rows[-1]))
+    restored_done.set_status(Trial.TERMINATED)
+    restored = _asha()
+    restored.on_trial_add(None, restored_done)
+
+    def decisions(asha: StratifiedASHA, trial_id: str) -> list[str]:
+        # Level with the finished trial at the first rung (1), behind it at the second (3).
+        late = _trial(trial_id, "T=1")
+        asha.on_trial_add(None, late)
+        return [asha.on_trial_result(None, late, _result(acc, epoch)) for epoch, acc in ((1, 0.55), (2, 0.6), (3, 0.65))]
+
+    expected = [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert decisions(live, "late") == expected
+    assert decisions(restored, "late") == expected
+    # Without the rebuilt rungs the late trial would be the first of its stratum, and kept.
+    assert TrialScheduler.STOP not in decisions(_asha(), "late")

@@ -122,8 +122,9 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
 def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
     """Run the sweep (or continue it, errored trials included); needs a connected Ray (see `connect`).
 
-    On resume, Tune restores the searcher, scheduler and callbacks the
-    experiment was started with; only the resources per trial come from
+    On resume, Tune restores the searcher and callbacks the experiment was
+    started with, and a fresh scheduler rebuilds its rungs from the trials'
+    checkpoints (ndot.sweep.scheduler); only the resources per trial come from
     `plan` (see `load_plan`), and `callbacks` are not used.
     """
     # Every epoch checkpoints, and Tune snapshots the experiment state whenever a

@@ -3,6 +3,11 @@
 One global ASHA would stop every T=1 trial of a T sweep because T=6 trials
 are ahead at the same epoch; one AsyncHyperBandScheduler per stratum keeps
 the rungs separate.
+
+Tune saves no scheduler state: a resumed experiment re-adds its trials to a
+fresh scheduler. Each trial's checkpoint holds its epoch history, so the rungs
+are rebuilt from it, and trials after a resume are judged against the same
+records as before it.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+from ndot import results
 from ndot.sweep.space import STRATUM_KEY
 
 if TYPE_CHECKING:
@@ -42,7 +48,21 @@ class StratifiedASHA(FIFOScheduler):
         return self._by_stratum[key]
 
     def on_trial_add(self, tune_controller: "TuneController", trial: Trial) -> None:
-        self._asha(trial).on_trial_add(tune_controller, trial)
+        asha = self._asha(trial)
+        asha.on_trial_add(tune_controller, trial)
+        if trial.checkpoint is not None:
+            self._replay(tune_controller, asha, trial)
+
+    @staticmethod
+    def _replay(tune_controller: "TuneController", asha: AsyncHyperBandScheduler, trial: Trial) -> None:
+        """Feed a restored trial's epochs to `asha` in the order Tune fed them the first time."""
+        history = results.read_history(trial.checkpoint.filesystem, trial.checkpoint.path)
+        for row in history:
+            asha.on_trial_result(tune_controller, trial, row)
+        # A finished trial's last result was also passed to on_trial_complete, which
+        # records it at the final rung; Tune will not call it again after the resume.
+        if history and trial.status == Trial.TERMINATED:
+            asha.on_trial_complete(tune_controller, trial, history[-1])
 
     def on_trial_error(self, tune_controller: "TuneController", trial: Trial) -> None:
         self._asha(trial).on_trial_error(tune_controller, trial)
