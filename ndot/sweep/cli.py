@@ -217,7 +217,8 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     try:
         plan = resumed_plan(args) if args.resume else build_plan(sweep, args)
         check(plan, args.resume)
-    except (InputError, ConfigError, data.DataError) as e:
+        runner.check_address(args.address)
+    except (InputError, ConfigError, data.DataError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -228,7 +229,11 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     start = time.monotonic()
-    runner.connect(args.address)
+    try:
+        runner.connect(args.address)
+    except ConnectionError as e:  # "auto" on a node that belongs to no cluster
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
     finally:

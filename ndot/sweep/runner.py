@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import ray
 from ray import tune
@@ -72,6 +74,31 @@ def load_plan(experiment: str) -> Plan:
 
 def trial_dirname(trial: Trial) -> str:
     return f"{trial.trial_id}_{trial.config[STRATUM_KEY]}"
+
+
+# Ray's own defaults: the GCS of a cluster head, and the Ray Client server (ray://).
+GCS_PORT, CLIENT_PORT = 6379, 10001
+
+
+def check_address(address: str | None, timeout_s: float = 10.0) -> None:
+    """Raise ConnectionError when nothing listens at a cluster address; ray.init would wait on it for minutes.
+
+    None ("start a local Ray") and "auto" (found on this node, or refused at once by Ray) pass.
+    """
+    if address in (None, "auto", "local"):
+        return
+    client = address.startswith("ray://")
+    try:
+        where = urlsplit(address if client else f"//{address}")
+        host, port = where.hostname, where.port or (CLIENT_PORT if client else GCS_PORT)
+    except ValueError:
+        raise ConnectionError(f"--address {address!r} is not HOST:PORT or ray://HOST:PORT") from None
+    if not host:
+        raise ConnectionError(f"--address {address!r} is not HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {host}:{port} ({e.strerror or e}): is its head node up?") from None
 
 
 def connect(address: str | None) -> None:
