@@ -214,14 +214,15 @@ def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ndot.train", description="Train one spiking network online.")
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name
+        # --batch_size as the field is named, --batch-size as the sweep scripts spell it.
+        flags = dict.fromkeys(["--" + f.name, "--" + f.name.replace("_", "-")])
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "data_root":
-            p.add_argument(flag, default=None)
+            p.add_argument(*flags, default=None)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=kind, default=f.default)
+            p.add_argument(*flags, type=kind, default=f.default)
     p.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl and checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     return p

@@ -48,3 +48,11 @@ def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(args, words, tmp_p
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and words in r.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
+    # Dashed spellings are accepted too, as in the sweep scripts.
+    r = subprocess.run([sys.executable, "-m", "ndot.train", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
+                        "--batch-size", "8", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--download" in r.stderr and str(tmp_path / "data") in r.stderr

@@ -215,7 +215,7 @@ def test_missing_dataset_names_folder_files_and_remedy(tmp_path):
     with pytest.raises(DataError) as err:
         cifar.check(config(tmp_path, dataset="cifar100"))
     message = one_line(err)
-    for part in (str(tmp_path / "cifar-100-python"), "train", "test", "meta", "download=True", CIFAR100.url):
+    for part in (str(tmp_path / "cifar-100-python"), "train", "test", "meta", "--download", "download=True", CIFAR100.url):
         assert part in message
 
 

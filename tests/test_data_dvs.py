@@ -274,7 +274,7 @@ def test_missing_dataset_names_folder_and_remedy(tmp_path):
     with pytest.raises(DataError) as err:
         dvs.check(config(tmp_path))
     message = one_line(err)
-    for part in (str(tmp_path / "CIFAR10DVS"), "airplane", ".aedat4", "CIFAR10DVS.zip", "download=True", dvs.CIFAR10DVS.url):
+    for part in (str(tmp_path / "CIFAR10DVS"), "airplane", ".aedat4", "CIFAR10DVS.zip", "--download", "download=True", dvs.CIFAR10DVS.url):
         assert part in message
 
 

@@ -65,8 +65,8 @@ def _problem(name: str, cfg: "TrainConfig") -> str | None:
         found.append(f"missing {', '.join(missing)}")
     if damaged:
         found.append(f"{', '.join(damaged)} failing the md5 check")
-    return (f"{name} is incomplete in {folder}: {'; '.join(found)}; set download=True to fetch {cls.url}, "
-            f"or unpack that archive into {root} yourself (data_root or $NDOT_DATA choose the folder)")
+    return (f"{name} is incomplete in {folder}: {'; '.join(found)}; pass --download (download=True) to fetch {cls.url}, "
+            f"or unpack that archive into {root} yourself (--data-root, data_root or $NDOT_DATA choose the folder)")
 
 
 def check(cfg: "TrainConfig") -> None:

@@ -77,11 +77,11 @@ def _problem(folder: Path) -> str | None:
     marker = folder / CIFAR10DVS.filename
     if not have:
         return (f"cifar10dvs is not in {folder}: expected folders {', '.join(CLASSES)} with "
-                f"{RECORDINGS_PER_CLASS} .aedat4 recordings each and tonic's {CIFAR10DVS.filename}; set "
-                f"download=True to fetch {CIFAR10DVS.url}, or point data_root or $NDOT_DATA at a folder holding CIFAR10DVS/")
+                f"{RECORDINGS_PER_CLASS} .aedat4 recordings each and tonic's {CIFAR10DVS.filename}; pass "
+                f"--download (download=True) to fetch {CIFAR10DVS.url}, or point --data-root (data_root) or $NDOT_DATA at a folder holding CIFAR10DVS/")
     wrong = [f"{c} has {have[c]} of {RECORDINGS_PER_CLASS} recordings" for c in CLASSES if have[c] != RECORDINGS_PER_CLASS]
     if wrong:
-        return (f"cifar10dvs is incomplete in {folder}: {'; '.join(wrong)}; delete that folder and set download=True, "
+        return (f"cifar10dvs is incomplete in {folder}: {'; '.join(wrong)}; delete that folder and pass --download (download=True), "
                 f"or unpack {CIFAR10DVS.url} there again")
     if not marker.is_file():
         return (f"{marker} is missing and tonic would download the whole dataset again without it; "
@@ -98,7 +98,7 @@ def check(cfg: "TrainConfig") -> None:
             lambda: CIFAR10DVS(save_to=str(root)),
             what="cifar10dvs", folder=folder,
             manual=f"download {CIFAR10DVS.url} ({CIFAR10DVS.filename}) on a machine with network access, "
-                   f"put it in {folder} and set download=True again to unpack it",
+                   f"put it in {folder} and pass --download again to unpack it",
         )
         problem = _problem(folder)
     if problem is not None:
