@@ -90,8 +90,10 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     recollected = results.load(str(experiment), results.TRIALS_TABLE)
     by = ["trial_id"]
     pd.testing.assert_frame_equal(recollected.sort_values(by, ignore_index=True), trials.sort_values(by, ignore_index=True))
+    printed = capsys.readouterr().out
     for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
+        assert str(experiment / f"{figure}.png") in printed
 
 
 def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):

@@ -235,13 +235,14 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
+        figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
     finally:
         ray.shutdown()
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     counts = trials["status"].value_counts().to_dict()
     print(f"finished in {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
     print(f"tables: {results.table_uri(plan.experiment, results.EPOCHS_TABLE)}, {results.table_uri(plan.experiment, results.TRIALS_TABLE)}")
+    print(f"figures: {', '.join(figures)}")
     if counts.get(results.ERRORED):
         print(f"{counts[results.ERRORED]} trials errored: rerun with --resume --name {plan.name} to retry them", file=sys.stderr)
         return 1

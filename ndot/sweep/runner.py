@@ -146,8 +146,11 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
     )
 
 
-def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = ()) -> tune.ResultGrid:
+def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = ()) -> list[str]:
     """Run the sweep (or continue it, errored trials included); needs a connected Ray (see `connect`).
+
+    The Parquet tables are kept current while it runs (ndot.sweep.recorder);
+    at the end the figures are drawn from them. Returns the figures' URIs.
 
     On resume, Tune restores the searcher and callbacks the experiment was
     started with, and a fresh scheduler rebuilds its rungs from the trials'
@@ -162,6 +165,5 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     else:
         save_plan(plan)
         tuner = _new_tuner(plan, callbacks)
-    grid = tuner.fit()
-    results.write_plots(plan.experiment)
-    return grid
+    tuner.fit()
+    return results.write_plots(plan.experiment)
