@@ -3,10 +3,12 @@
 #   1. the fast path's gradients on CUDA equal the plain path's (fp32 <= 1e-5 per parameter,
 #      TF32 off; float64 too), bf16 stays close, CUDA-graph replay trains exactly like the
 #      eager step, and nothing the benchmark imports needs Ray, Optuna or tonic;
-#   2. the benchmark at real size (vgg11_ws, batch 128, T 1,2,4,6,20, fp32 and bf16), with profiles.
+#   2. the benchmark at real size (vgg11_ws, batch 128, T 1,2,4,6,20, fp32 and bf16), with profiles;
+#   3. the device data pipeline (crop, flip, AutoAugment, Cutout on the GPU) against the PIL one.
+#   The device pipeline's ops on CUDA are also checked pixel for pixel against the CPU in 1.
 # Run from the repository root:  bash bench/gpu_check.sh
-# (BENCH_ARGS adds benchmark flags: BENCH_ARGS=--small makes a quick dry run on a CPU.)
-# Writes into $OUT (default ./bench-out): env.txt, tests.log, bench.jsonl, bench.log, bench.md.
+# (BENCH_ARGS and BENCH_DATA_ARGS add flags: both --small make a quick dry run on a CPU.)
+# Writes into $OUT (default ./bench-out): env.txt, tests.log, bench.jsonl, bench.log, bench.md, bench_data.jsonl.
 # Exit status 0 only if the tests pass and every benchmark case ran.
 set -uo pipefail
 OUT=${OUT:-./bench-out}
@@ -19,10 +21,12 @@ status=0
 { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
 
 # Each stage has its own limit, so that a hang in one still leaves the other's results.
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda or imports" 2>&1 | tee "$OUT/tests.log" \
-  || status=1
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_augment.py -k "cuda or imports" 2>&1 \
+  | tee "$OUT/tests.log" || status=1
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
 timeout 300 $PY -m ndot.bench --profile ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >"$OUT/bench.log" 2>&1 || status=1
 $PY -m ndot.bench --table "$OUT/bench.jsonl" | tee "$OUT/bench.md"
+timeout 60 $PY -m ndot.bench_data --only cifar --workers "$(nproc)" ${BENCH_DATA_ARGS:-} 2>&1 | tee "$OUT/bench_data.jsonl" \
+  || status=1
 echo "gpu_check: exit status $status"
 exit $status

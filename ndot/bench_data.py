@@ -2,6 +2,7 @@
 
     python -m ndot.bench_data            # CIFAR shape, 10,000 images; DVS fixture with 100k events per recording
     python -m ndot.bench_data --small    # a quick run on a small CPU
+    python -m ndot.bench_data --only cifar   # no DVS part: needs neither tonic nor faery
 
 CIFAR pipelines run on synthetic uint8 images in memory (no dataset needed):
 the PIL pipeline in DataLoader workers and the device pipeline, each with and
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot.config import TrainConfig
-from ndot.data import cifar, dvs, fixtures
+from ndot.data import cifar
 
 
 def _sync(device: torch.device) -> None:
@@ -58,6 +59,9 @@ def bench_cifar(n: int, workers: int, device: torch.device) -> None:
 
 
 def bench_dvs(events: int, T: int, workers: int) -> None:
+    # Here, not at the top: tonic and faery are needed by this part only.
+    from ndot.data import dvs, fixtures
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         fixtures.write_cifar10dvs(root, per_class=100, events=events)
@@ -83,11 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU pipeline and DVS conversion")
     p.add_argument("--T", type=int, default=10, help="DVS frames per recording")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of this process")
+    p.add_argument("--only", choices=("cifar", "dvs"), default=None, help="run one part (default: both)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench_cifar(2_048 if args.small else 10_000, args.workers, torch.device(args.device))
-    bench_dvs(5_000 if args.small else 100_000, args.T, args.workers)
+    if args.only in (None, "cifar"):
+        bench_cifar(2_048 if args.small else 10_000, args.workers, torch.device(args.device))
+    if args.only in (None, "dvs"):
+        bench_dvs(5_000 if args.small else 100_000, args.T, args.workers)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fixtures shared by the data tests (test_augment, test_data_cifar, test_data_dvs)."""
+"""Fixtures shared by the data tests (test_augment, test_data_cifar, test_data_dvs) and the sweep CLI tests."""
 from __future__ import annotations
 
 import socket

@@ -159,6 +159,25 @@ def test_autoaugment_is_seeded_and_checks_its_input():
         aa(x.float(), gen(8))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_ops_on_cuda_equal_the_cpu_ones():
+    """The device pipeline on a GPU: the same pixels as on the CPU, where the ops are checked against torchvision."""
+    aa = augment.BatchAutoAugment((32, 32))
+    x = image_kinds(len(aa.ops), gen(10))
+    e = torch.stack([torch.arange(len(aa.ops)).repeat(4), torch.arange(len(x)) % len(aa.ops)], 1)
+    top, left = torch.randint(0, 9, (2, len(x)), generator=gen(11))
+    cy, cx = torch.randint(0, 32, (2, len(x)), generator=gen(12))
+    mean, std = torch.tensor((0.1, 0.2, 0.3)), torch.tensor((0.5, 0.6, 0.7))
+
+    def pipeline(x, e, top, left, cy, cx, mean, std):
+        return augment.cutout_at(augment.normalise(augment.crop_at(aa.apply(x, e), 4, top, left), mean, std), 16, cy, cx)
+
+    args = (x, e, top, left, cy, cx, mean, std)
+    on_cuda = pipeline(*(a.cuda() for a in args))
+    assert on_cuda.is_cuda
+    assert torch.equal(on_cuda.cpu(), pipeline(*args))
+
+
 def test_normalise_is_to_tensor_then_normalize():
     import torchvision.transforms as T
     from PIL import Image

@@ -130,8 +130,8 @@ def test_bench_small_prints_the_expected_json_lines(capsys):
 
 
 def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
-    code = ("import sys, ndot, ndot.bench, ndot.train; "
-            "bad = {'ray', 'optuna', 'tonic'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
+    code = ("import sys, ndot, ndot.bench, ndot.bench_data, ndot.train; "
+            "bad = {'ray', 'optuna', 'tonic', 'faery'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

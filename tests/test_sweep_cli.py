@@ -1,7 +1,6 @@
 """Bad sweep input is refused before Ray starts: one line on stderr, a non-zero exit code."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from data_fixtures import closed_port
 from ndot.sweep import cli
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
@@ -98,16 +98,10 @@ def test_script_exits_nonzero_without_starting_ray(tmp_path):
     assert _sessions() == before, "a Ray session was started"
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "127.0.0.1:notaport"])
 def test_an_address_nothing_answers_at_is_refused_before_ray_starts(storage, capsys, address):
     before = _sessions()
-    rc = _exit_code(TIMESTEPS, ["--address", address.format(port=_closed_port()), *storage])
+    rc = _exit_code(TIMESTEPS, ["--address", address.format(port=closed_port()), *storage])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "127.0.0.1" in err
     assert _sessions() == before, "a Ray session was started"

@@ -1,0 +1,24 @@
+"""The data-path benchmark: its small run completes and reports every pipeline."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_small_run_reports_every_pipeline():
+    done = subprocess.run([sys.executable, "-m", "ndot.bench_data", "--small", "--workers", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    cifar = {(r["bench"], r["autoaugment"]) for r in rows if r["bench"].startswith("cifar")}
+    assert cifar == {(f"cifar_{p}_pipeline", aa) for p in ("cpu", "device") for aa in (True, False)}
+    assert [r["bench"] for r in rows if r["bench"].startswith("dvs")] == ["dvs_convert", "dvs_cached"]
+    assert all(r.get("images_per_s", r.get("frames_per_s")) > 0 for r in rows)
+
+
+def test_cifar_part_runs_without_the_event_libraries():
+    # The GPU machine has torch and torchvision but neither tonic nor faery.
+    code = ("import sys; sys.modules.update(tonic=None, faery=None); "
+            "from ndot import bench_data; bench_data.main(['--small', '--only', 'cifar', '--workers', '1', '--threads', '1'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert len(done.stdout.splitlines()) == 4
