@@ -108,11 +108,12 @@ def timed(run: Callable[[], object], device: torch.device, warmup: int, min_seco
 
 
 def ann_twin(model: nn.Module) -> nn.Module:
-    """The same network with every LIF replaced by a ReLU (in place)."""
+    """The same network with every LIF replaced by a ReLU times the LIF's output scale (in place)."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, LIF):
-                setattr(parent, name, Both(F.relu, "relu"))
+                c = child.out_scale
+                setattr(parent, name, Both(lambda x, c=c: F.relu(x) * c, f"relu*{c}"))
     return model
 
 

@@ -52,12 +52,15 @@ class LIF(nn.Module):
     training, emits the trace; "bptt" keeps the graph through time.
     """
 
-    def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0):
+    def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0, out_scale: float = 1.0):
         super().__init__()
         self.lam = 1.0 - 1.0 / tau
         self.v_th = v_th
         self.alpha = alpha
         self.dropout = dropout
+        # The constant the network multiplies spikes by (the 2.74 of scaled WS): emitted with s
+        # and â by the step itself, so the fused kernel does it instead of two more passes.
+        self.out_scale = out_scale
         self.rule = "ndot"
         self.signed = False
         self.detach_reset = False
@@ -88,13 +91,14 @@ class LIF(nn.Module):
             current, st["v"], st.get("q"), st.get("a"), st.get("e"),
             rule=self.rule, lam=self.lam, v_th=self.v_th, alpha=self.alpha, signed=self.signed,
             detach_reset=self.detach_reset, through_time=not online and self.training, trace=trace,
+            out_scale=self.out_scale,
         )
         self.state = {"v": v, "mask": st.get("mask")}
         if trace:
             self.state.update(q=q, a=a, e=e)
 
         if not self.training:
-            self.spikes = self.spikes.to(s.device) + s.detach().sum()
+            self.spikes = self.spikes.to(s.device) + torch.count_nonzero(s.detach())
             self.neuron_steps += s.numel()
         mask = self.state["mask"]
         if mask is not None:
@@ -104,7 +108,7 @@ class LIF(nn.Module):
 
 
 class Both(nn.Module):
-    """A linear, parameter-free op (scale, pooling) applied to the spikes and to their trace alike."""
+    """A linear, parameter-free op (pooling) applied to the spikes and to their trace alike."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], name: str = ""):
         super().__init__()
@@ -116,10 +120,6 @@ class Both(nn.Module):
 
     def forward(self, x: Tensor, a: Tensor | None = None) -> Pair:
         return self.fn(x), (None if a is None else self.fn(a))
-
-
-def scale(c: float) -> Both:
-    return Both(lambda x: x * c, f"scale={c}")
 
 
 def avg_pool(k: int = 2) -> Both:

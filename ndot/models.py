@@ -13,9 +13,11 @@ from typing import Callable
 import torch.nn as nn
 from torch import Tensor
 
-from ndot.layers import LIF, Seq, WSConv2d, avg_pool, neurons, scale
+from ndot.layers import LIF, Seq, WSConv2d, avg_pool, neurons
 
-SCALE = 2.74  # keeps the variance of the next WS layer's input near 1 (the authors' constant)
+# Every spike is multiplied by this before the next layer: it keeps the variance of the
+# next WS layer's input near 1 (the authors' constant). The neuron emits it (LIF.out_scale).
+SCALE = 2.74
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class NeuronArgs:
     dropout: float = 0.0
 
     def make(self) -> LIF:
-        return LIF(self.tau, self.v_th, self.alpha, self.dropout)
+        return LIF(self.tau, self.v_th, self.alpha, self.dropout, out_scale=SCALE)
 
 
 class SpikingNet(nn.Module):
@@ -53,7 +55,7 @@ def _conv_stack(cfg: list, c_in: int, n: NeuronArgs) -> Seq:
         if v == "AP":
             layers.append(avg_pool(2))
         else:
-            layers += [WSConv2d(c_in, v), n.make(), scale(SCALE)]
+            layers += [WSConv2d(c_in, v), n.make()]
             c_in = v
     return Seq(*layers)
 
@@ -75,7 +77,7 @@ def small_cnn(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
     """
     layers: list[nn.Module] = []
     for c_in, c_out, stride in ((in_channels, 32, 1), (32, 64, 2), (64, 128, 2)):
-        layers += [WSConv2d(c_in, c_out, stride=stride), n.make(), scale(SCALE)]
+        layers += [WSConv2d(c_in, c_out, stride=stride), n.make()]
     return SpikingNet(Seq(*layers), 128, num_classes)
 
 
@@ -84,9 +86,9 @@ class Block(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int, n: NeuronArgs):
         super().__init__()
-        self.body = Seq(WSConv2d(c_in, c_out, stride=stride), n.make(), scale(SCALE), WSConv2d(c_out, c_out))
+        self.body = Seq(WSConv2d(c_in, c_out, stride=stride), n.make(), WSConv2d(c_out, c_out))
         self.shortcut = WSConv2d(c_in, c_out, 1, stride, 0) if (stride, c_in) != (1, c_out) else None
-        self.out = Seq(n.make(), scale(SCALE))
+        self.out = n.make()
 
     def forward(self, x: Tensor, a: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         current, _ = self.body(x, a)
@@ -96,7 +98,7 @@ class Block(nn.Module):
 
 def resnet_ws(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
     """ResNet-10-style WS network: a stem and four basic blocks (64-128-256-512)."""
-    stem = Seq(WSConv2d(in_channels, 64), n.make(), scale(SCALE))
+    stem = Seq(WSConv2d(in_channels, 64), n.make())
     widths = [64, 128, 256, 512]
     blocks = [Block(c_in, c_out, 1 if i == 0 else 2, n) for i, (c_in, c_out) in enumerate(zip([64] + widths, widths))]
     return SpikingNet(Seq(stem, *blocks), 512, num_classes)

@@ -102,6 +102,7 @@ def neuron_step(
     detach_reset: bool,
     through_time: bool,
     trace: bool,
+    out_scale: float = 1.0,
 ) -> Step:
     """One step of a layer of neurons: the LIF update and, where asked, the trace.
 
@@ -109,15 +110,19 @@ def neuron_step(
     that the fast path can compile it into one kernel (ndot.fast).
     through_time: keep the graph across steps (BPTT in training); otherwise the
     new state is detached. trace: advance â (online rule, training, read downstream).
-    Returns (s[t], new v, q[t], â[t], e[t]); the last three are None without a trace.
+    out_scale: c, the constant the network multiplies spikes by before the next
+    layer; the step emits c·s[t] and, every trace being linear in s, the trace of
+    c·s, which is c·â[t]. The reset and the NDOT factor read s itself.
+    Returns (c·s[t], new v, q[t], c·â[t], e[t]); the last three are None without a trace.
     """
     s, u = lif_step(v, current, lam, v_th, alpha)
+    out = s * out_scale if out_scale != 1.0 else s
     if through_time:
         reset = s.detach() if detach_reset else s
-        return s, u - v_th * reset, None, None, None
+        return out, u - v_th * reset, None, None, None
     A = (u - v_th * s).detach()
     if not trace:
-        return s, A, None, None, None
+        return out, A, None, None, None
     q = A - v_th * s.detach() if rule == "ndot_ref" else A
-    a, e = trace_step(rule, a, s.detach(), q, q_prev, e_prev, lam, signed)
-    return s, A, q, a, e
+    a, e = trace_step(rule, a, out.detach(), q, q_prev, e_prev, lam, signed)
+    return out, A, q, a, e

@@ -26,7 +26,7 @@ def test_ottt_a_last_layer_and_readout_equal_bptt_with_detached_reset():
     T = 4
     ottt = grads(make_model(rule="ottt"), "ottt", "A", x, y, T=T)
     bptt = grads(make_model(rule="bptt"), "bptt", "A", x, y, T=T, detach_reset=True)
-    last = "features.6"  # the last WS conv of small_cnn
+    last = "features.4"  # the last WS conv of small_cnn
     for name in [f"{last}.weight", f"{last}.gain", "readout.weight", "readout.bias"]:
         assert ottt[name].abs().sum() > 0
         assert_close(ottt[name], bptt[name], 1e-9, name)
@@ -37,7 +37,7 @@ def test_ottt_a_last_layer_and_readout_equal_bptt_with_detached_reset():
 
 def test_rules_differ_beyond_t1():
     x, y = batch(size=16)
-    g = {r: grads(make_model(rule=r), r, "A", x, y, T=4)["features.3.weight"] for r in RULES}
+    g = {r: grads(make_model(rule=r), r, "A", x, y, T=4)["features.2.weight"] for r in RULES}
     for a in RULES:
         for b in RULES:
             if a < b:

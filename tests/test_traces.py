@@ -133,3 +133,28 @@ def test_ndot_factor_never_exceeds_lambda():
         s, _, a = run_lif(currents, rule)
         _, _, ottt = run_lif(currents, "ottt")
         assert (np.abs(a) <= ottt + 1e-12).all()
+
+
+@pytest.mark.parametrize("rule", ["ndot", "ndot_ref", "ottt", "sltt", "bptt"])
+def test_out_scale_scales_what_the_neuron_emits_not_its_dynamics(rule):
+    """LIF(out_scale=c) emits c·s and c·â; u, the reset and the factor still read s, and the
+    surrogate gradient is c times as large: the same as a ×c op after the neuron."""
+    c = 2.74
+    currents = torch.tensor(dyadic_dynamics(T=8, n=64, seed=8), requires_grad=True)
+    runs = []
+    for out_scale in (1.0, c):
+        lif = LIF(tau=1 / (1 - LAM), v_th=VTH, out_scale=out_scale).train()
+        lif.rule = rule
+        outs, traces, potentials = [], [], []
+        for I in currents:
+            s, a = lif(I)
+            outs.append(s)
+            traces.append(a)
+            potentials.append(lif.state["v"].detach())
+        grad, = torch.autograd.grad(sum((s * torch.arange(64.0)).sum() for s in outs), currents)
+        runs.append((torch.stack(outs).detach(), traces, torch.stack(potentials), grad))
+    (s1, a1, v1, g1), (sc, ac, vc, gc) = runs
+    assert torch.equal(sc, c * s1) and torch.equal(vc, v1)
+    torch.testing.assert_close(gc, c * g1, rtol=1e-12, atol=0)
+    if rule != "bptt":
+        torch.testing.assert_close(torch.stack(ac), c * torch.stack(a1), rtol=1e-12, atol=1e-12)
