@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import DeviceType
 
+from ndot.cli import Parser, listed
+from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.layers import LIF, Both, configure, neurons
@@ -347,19 +349,15 @@ def _rule_mode(text: str) -> tuple[str, str]:
     return rule, mode
 
 
-def _list(kind: Callable[[str], Any]) -> Callable[[str], list]:
-    return lambda text: [kind(v) for v in text.split(",")]
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ndot.bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m ndot.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="small_cnn, batch 8, T 1,2,4: a CPU smoke run")
     p.add_argument("--device", default="auto")
-    p.add_argument("--arch", type=_list(str), default=None, help="comma-separated architectures")
+    p.add_argument("--arch", type=listed(str), default=None, help="comma-separated architectures")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--T", type=_list(int), default=None, help="comma-separated time steps")
-    p.add_argument("--rules", type=_list(_rule_mode), default=None, help="comma-separated RULE_MODE, e.g. ndot_A,bptt_A")
-    p.add_argument("--precisions", type=_list(str), default=["fp32", "bf16"])
+    p.add_argument("--T", type=listed(int), default=None, help="comma-separated time steps")
+    p.add_argument("--rules", type=listed(_rule_mode), default=None, help="comma-separated RULE_MODE, e.g. ndot_A,bptt_A")
+    p.add_argument("--precisions", type=listed(str), default=PRECISIONS)
     p.add_argument("--levers", type=Levers.parse, default=None,
                    help="levers of the rule x T grid: plain or e.g. channels_last+fused_neuron (default: those on CUDA, plain on CPU)")
     p.add_argument("--ablation-T", type=int, default=None, help="T of the per-lever runs of ndot_A and ndot_O (0: none)")
@@ -384,7 +382,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         ablation += [Levers(cuda_graph=True), Levers(True, True, True)]
     return {
         "archs": args.arch or ["small_cnn" if small else "vgg11_ws"],
-        "batch": args.batch or (8 if small else 128),
+        "batch": args.batch if args.batch is not None else (8 if small else 128),
         "Ts": args.T or ([1, 2, 4] if small else [1, 2, 4, 6, 20]),
         "rules": args.rules or [("ndot", "A"), ("ndot", "O"), ("ottt", "A"), ("sltt", "A"), ("bptt", "A")],
         "precisions": args.precisions,
@@ -396,6 +394,21 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
         "min_seconds": args.min_seconds if args.min_seconds is not None else (0.05 if small else 0.5),
     }
+
+
+def check_plan(p: dict[str, Any], device: torch.device) -> None:
+    """Raise ConfigError for the first case that cannot run, before anything is measured."""
+    for arch in p["archs"]:
+        for rule, mode in p["rules"]:
+            for T in p["Ts"]:
+                for precision in p["precisions"]:
+                    TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=p["batch"], precision=precision).validate()
+    if p["ablation_T"] < 0:
+        raise ConfigError(f"--ablation-T must be >= 0 (0: no per-lever runs), got {p['ablation_T']}")
+    if p["grid_levers"].cuda_graph and device.type != "cuda":
+        raise ConfigError(f"the cuda_graph lever replays CUDA graphs: it needs a CUDA device, not {device}")
+    if p["warmup"] < 0 or not p["min_seconds"] > 0:
+        raise ConfigError("--warmup must be >= 0 and --min-seconds > 0")
 
 
 def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:
@@ -426,8 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.table) as f:
             print(table([json.loads(line) for line in f if line.strip()]))
         return 0
-    device = resolve_device(args.device)
-    p = plan(args, device)
+    try:
+        device = resolve_device(args.device)
+        p = plan(args, device)
+        check_plan(p, device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.threads or args.small:
         torch.set_num_threads(args.threads or 1)
     with open(args.out, "a") if args.out else contextlib.nullcontext() as out:

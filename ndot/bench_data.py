@@ -12,9 +12,9 @@ reading it back (from the page cache: the file was just written).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ndot.config import TrainConfig
+from ndot.cli import Parser
+from ndot.config import ConfigError, TrainConfig
 from ndot.data import cifar
+from ndot.train import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -80,22 +82,30 @@ def bench_dvs(events: int, T: int, workers: int) -> None:
             }), flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m ndot.bench_data", description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="fewer images and events, for a small CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="where the device pipeline runs (default: the GPU if there is one)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU pipeline and DVS conversion")
     p.add_argument("--T", type=int, default=10, help="DVS frames per recording")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of this process")
     p.add_argument("--only", choices=("cifar", "dvs"), default=None, help="run one part (default: both)")
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only in (None, "cifar"):
-        bench_cifar(2_048 if args.small else 10_000, args.workers, torch.device(args.device))
+        bench_cifar(2_048 if args.small else 10_000, args.workers, device)
     if args.only in (None, "dvs"):
         bench_dvs(5_000 if args.small else 100_000, args.T, args.workers)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

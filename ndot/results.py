@@ -12,7 +12,6 @@ local folder or a URI such as s3://bucket/sweeps/name.
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import io
 import json
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import pandas as pd
 import pyarrow.fs as pafs
 
+from ndot.cli import Parser
 from ndot.config import TrainConfig
 from ndot.sweep.space import STRATUM_KEY, method
 
@@ -257,7 +257,7 @@ def write_plots(experiment: str) -> list[str]:
 # ----- command line -----
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ndot.results", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m ndot.results", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("collect", help="rebuild epochs.parquet and trials.parquet from a Tune experiment directory").add_argument("dir")
     sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir")

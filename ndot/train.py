@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data
+from ndot.cli import Parser
 from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
@@ -46,9 +47,18 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" is the GPU where there is one; a CUDA device this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(f"device {name!r} asked for, but torch sees {count} CUDA device(s) here")
+    return device
 
 
 def _reset_peak_mem(device: torch.device) -> None:
@@ -212,7 +222,7 @@ def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: 
 # ----- command line -----
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ndot.train", description="Train one spiking network online.")
+    p = Parser(prog="python -m ndot.train", description="Train one spiking network online.")
     for f in dataclasses.fields(TrainConfig):
         # --batch_size as the field is named, --batch-size as the sweep scripts spell it.
         flags = dict.fromkeys(["--" + f.name, "--" + f.name.replace("_", "-")])
@@ -234,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**args)
     try:
         cfg.validate()
+        resolve_device(cfg.device)
         data.check(cfg)
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,3 +22,10 @@ def test_cifar_part_runs_without_the_event_libraries():
             "from ndot import bench_data; bench_data.main(['--small', '--only', 'cifar', '--workers', '1', '--threads', '1'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert len(done.stdout.splitlines()) == 4
+
+
+def test_a_device_this_machine_lacks_is_one_line():
+    done = subprocess.run([sys.executable, "-m", "ndot.bench_data", "--device", "cuda:7", "--small"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "cuda:7" in done.stderr

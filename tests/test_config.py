@@ -41,7 +41,8 @@ def test_default_config_is_valid_and_round_trips():
 
 
 @pytest.mark.parametrize("args,words", [(["--T", "0"], "T must be"), (["--rule", "bptt", "--mode", "O"], "bptt"),
-                                        (["--arch", "x"], "unknown architecture")])
+                                        (["--arch", "x"], "unknown architecture"), (["--T", "two"], "--T"),
+                                        (["--device", "cuda:7"], "cuda:7")])
 def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(args, words, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ndot.train", "--out", str(tmp_path), *args],
                        capture_output=True, text=True, timeout=120)

@@ -129,6 +129,20 @@ def test_bench_small_prints_the_expected_json_lines(capsys):
     assert all(c["growth"] > 1 for c in checks if c["rule"] == "bptt")
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--arch", "nope"], "unknown architecture 'nope'"),
+    (["--T", "0"], "T must be a positive integer"),
+    (["--precisions", "fp16"], "unknown precision 'fp16'"),
+    (["--rules", "bptt_O"], "bptt"),
+    (["--batch", "0"], "batch_size must be a positive integer"),
+    (["--ablation-T", "-1"], "--ablation-T"),
+] + ([] if CUDA else [(["--levers", "cuda_graph"], "CUDA device"), (["--device", "cuda"], "CUDA device")]))
+def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys):
+    assert bench.main(["--small", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
+
+
 def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
     code = ("import sys, ndot, ndot.bench, ndot.bench_data, ndot.train; "
             "bad = {'ray', 'optuna', 'tonic', 'faery'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")

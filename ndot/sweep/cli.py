@@ -10,13 +10,14 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import data, results
+from ndot.cli import Parser, listed
 from ndot.config import ConfigError, TrainConfig
 from ndot.sweep import runner
 from ndot.sweep.definitions import Sweep
@@ -31,26 +32,8 @@ class InputError(ValueError):
     """A command line that cannot run; the message is one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, not argparse's usage block: bad input is reported like every other error.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
-    def parse(text: str) -> tuple:
-        try:
-            # dict.fromkeys: drop repeats, keep order.
-            return tuple(dict.fromkeys(kind(v) for v in text.split(",") if v))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
-
-    parse.__name__ = f"{kind.__name__} list"
-    return parse
-
-
 def _span(text: str) -> tuple[float, float]:
-    values = _listed(float)(text)
+    values = listed(float)(text)
     if len(values) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected VALUE or LOW,HIGH, got {text!r}")
     low, high = values[0], values[-1]
@@ -60,18 +43,18 @@ def _span(text: str) -> tuple[float, float]:
 
 
 def parser(sweep: Sweep) -> argparse.ArgumentParser:
-    p = _Parser(prog=os.path.basename(sys.argv[0]) or sweep.name, description=f"{sweep.about} {_FLAGS_HELP}")
+    p = Parser(prog=os.path.basename(sys.argv[0]) or sweep.name, description=f"{sweep.about} {_FLAGS_HELP}")
     p.add_argument("--preset", choices=sorted(sweep.presets), default="smoke", help="defaults for every flag (default: smoke)")
     p.add_argument("--dataset")
     p.add_argument("--data-root", help="folder holding the dataset (default: the data module's)")
     p.add_argument("--download", action="store_true", help="fetch a missing dataset (on every node that lacks it)")
-    p.add_argument("--rules", type=_listed(str), help="RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A")
-    p.add_argument("--T", type=_listed(int), help="time steps, e.g. 1,2,4,6")
-    p.add_argument("--archs", type=_listed(str), help="architectures, e.g. vgg11_ws,resnet_ws")
+    p.add_argument("--rules", type=listed(str), help="RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A")
+    p.add_argument("--T", type=listed(int), help="time steps, e.g. 1,2,4,6")
+    p.add_argument("--archs", type=listed(str), help="architectures, e.g. vgg11_ws,resnet_ws")
     p.add_argument("--lr", type=_span, help="learning rate, or LOW,HIGH searched log-uniformly")
     p.add_argument("--momentum", type=_span, help="SGD momentum, or LOW,HIGH searched")
     p.add_argument("--loss-alpha", type=_span, help="MSE weight of the loss, or LOW,HIGH searched")
-    p.add_argument("--batch-size", type=_listed(int), help="batch size, or several to choose from")
+    p.add_argument("--batch-size", type=listed(int), help="batch size, or several to choose from")
     p.add_argument("--trials", type=int, help="Optuna trials per stratum")
     p.add_argument("--epochs", type=int)
     p.add_argument("--cpus-per-trial", type=float)
