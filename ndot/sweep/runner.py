@@ -160,6 +160,9 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     # Every epoch checkpoints, and Tune snapshots the experiment state whenever a
     # trial has checkpointed num_to_keep times: frequent snapshots are intended here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's default console output prints its own banner whatever `verbose` says; with the
+    # classic one, verbose=0 is silent and the progress lines are the sweep's own (ndot.sweep.cli).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True)
     else:
