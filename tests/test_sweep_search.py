@@ -143,3 +143,14 @@ def test_asha_rungs_survive_a_resume(tmp_path):
     assert decisions(restored, "late") == expected
     # Without the rebuilt rungs the late trial would be the first of its stratum, and kept.
     assert TrialScheduler.STOP not in decisions(_asha(), "late")
+
+
+def test_a_restored_trial_with_an_unreadable_checkpoint_is_added_as_new(tmp_path):
+    trial = _trial("cut", "T=1")
+    # A checkpoint folder whose history upload was cut short.
+    (tmp_path / results.HISTORY_FILE).write_text('[{"epoch": 1, ')
+    trial.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=Checkpoint.from_directory(str(tmp_path)), metrics={}))
+    asha = _asha()
+    asha.on_trial_add(None, trial)
+    assert asha.on_trial_result(None, trial, _result(0.1)) == TrialScheduler.CONTINUE

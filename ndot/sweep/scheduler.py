@@ -11,6 +11,7 @@ records as before it.
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.experiment import Trial
@@ -21,6 +22,8 @@ from ndot.sweep.space import STRATUM_KEY
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
+
+log = logging.getLogger(__name__)
 
 
 class StratifiedASHA(FIFOScheduler):
@@ -56,7 +59,12 @@ class StratifiedASHA(FIFOScheduler):
     @staticmethod
     def _replay(tune_controller: "TuneController", asha: AsyncHyperBandScheduler, trial: Trial) -> None:
         """Feed a restored trial's epochs to `asha` in the order Tune fed them the first time."""
-        history = results.read_history(trial.checkpoint.filesystem, trial.checkpoint.path)
+        try:
+            history = results.read_history(trial.checkpoint.filesystem, trial.checkpoint.path)
+        except (OSError, ValueError) as e:
+            # Without its past the trial is judged like a new one; the resume itself goes on.
+            log.warning("ASHA cannot replay trial %s from %s: %s", trial.trial_id, trial.checkpoint.path, e)
+            return
         for row in history:
             asha.on_trial_result(tune_controller, trial, row)
         # A finished trial's last result was also passed to on_trial_complete, which
