@@ -47,7 +47,8 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is the GPU where there is one; a CUDA device this machine lacks is a ConfigError."""
+    """The torch device for a config's `device`: "auto" is the GPU where there is one; a CUDA device
+    this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
