@@ -2,7 +2,9 @@
 
 A step of a small network launches hundreds of short kernels; replaying them
 as one graph removes the CPU launch cost between them. The replay computes
-what the eager step computes, given the conditions `GraphedStep` enforces.
+what the eager step computes, given the conditions `GraphedStep` enforces,
+except for random draws (dropout masks): those come from the captured
+generator offsets, so a run with dropout is not bit-comparable to an eager one.
 """
 from __future__ import annotations
 
@@ -78,6 +80,8 @@ class GraphedStep:
         self.opt.zero_grad(set_to_none=True)
         sx, sy = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread may call CUDA (pinned allocations,
+        # events) while this thread captures; under the default "global" mode that breaks the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = self.step(self.model, self.opt, sx, sy)
         return graph, sx, sy, tuple(out)

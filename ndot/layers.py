@@ -83,7 +83,8 @@ class LIF(nn.Module):
         else:
             st = self.state
         if first and self.training and self.dropout > 0:
-            keep = torch.empty_like(current).bernoulli_(1 - self.dropout)
+            # In the state's dtype: a bf16 mask would round 1/(1-p) (1.109375 for p = 0.1).
+            keep = torch.empty_like(st["v"]).bernoulli_(1 - self.dropout)
             st["mask"] = keep / (1 - self.dropout)
         online = self.rule != "bptt"
         trace = online and self.training and self.emit_trace

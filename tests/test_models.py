@@ -76,6 +76,13 @@ def test_neuron_dropout_mask_is_fixed_over_time_and_training_only():
     assert torch.all(lif(current)[0] == 1.0)
 
 
+def test_dropout_mask_keeps_its_scale_under_a_bf16_current():
+    torch.manual_seed(0)
+    lif = LIF(dropout=0.1).train()
+    s, _ = lif(torch.full((1000,), 5.0, dtype=torch.bfloat16))
+    assert set(s.unique().tolist()) == {0.0, torch.tensor(1 / 0.9, dtype=torch.float32).item()}
+
+
 def test_last_neuron_emits_no_trace():
     m = build("small_cnn", 1, 10)
     flags = [n.emit_trace for n in neurons(m)]
