@@ -87,11 +87,15 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def _rng_state() -> dict[str, Any]:
+    # Whole generator states, position and cached Gaussian included, as plain
+    # lists and numbers (checkpoints load with weights_only).
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state()[1].tolist(),
-        "python": random.getstate()[1],
+        "numpy": [keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(internal), gauss_next],
     }
 
 
@@ -99,8 +103,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# What a checkpoint's run must share with the run that continues it. The rest may change on
+# resume: epochs (to extend a run), where and how it runs (device, levers, loader), the data's place.
+_RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "fused_neuron", "cuda_graph",
+                      "data_root", "download", "loader", "workers"}
+
+
+def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
+    """Raise ConfigError when `resume` is a checkpoint of a different run than `cfg`."""
+    saved = resume["config"]
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items()
+               if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != v]
+    if changed:
+        raise ConfigError(f"the checkpoint is of another run: {', '.join(changed)}")
 
 
 def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -138,6 +159,8 @@ def train(
     with the next epoch exactly as the uninterrupted run would have.
     """
     cfg.validate()
+    if resume is not None:
+        check_resume(cfg, resume)
     data.check(cfg)
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
@@ -166,6 +189,9 @@ def train(
         sched.load_state_dict(resume["scheduler"])
         _set_rng_state(resume["rng"])
         start, best = resume["epoch"] + 1, resume["best_test_acc"]
+        if resume.get("status") == "diverged":
+            # Its weights are not finite: the run ended there, and continuing cannot change that.
+            return TrainResult("diverged", resume["epoch"], resume["metrics"], best)
 
     metrics: Metrics = {}
     for epoch in range(start, cfg.epochs + 1):
@@ -210,6 +236,8 @@ def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: 
         return
     state = {
         "epoch": epoch,
+        "status": metrics["status"],
+        "metrics": metrics,
         "best_test_acc": best,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -259,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --resume given but {ckpt_path} does not exist", file=sys.stderr)
             return 2
         state = checkpoint.load(ckpt_path)
+        try:
+            check_resume(cfg, state)
+        except ConfigError as e:
+            print(f"error: {e} ({ckpt_path})", file=sys.stderr)
+            return 2
     elif log_path.exists():
         log_path.unlink()
 

@@ -1,13 +1,18 @@
 """The trainer on the offline dataset: metrics, checkpoint/resume, divergence, the CLI."""
 import json
+import random
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from ndot import checkpoint
-from ndot.config import TrainConfig
-from ndot.train import train
+from ndot.config import ConfigError, TrainConfig
+from ndot.train import _rng_state, _set_rng_state, train
 
 FAST = dict(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=3, lr=0.1, seed=3, device="cpu")
 
@@ -55,10 +60,41 @@ def test_resume_equals_uninterrupted(rule, mode):
 
 
 def test_divergence_is_a_status_not_a_crash():
-    seen = []
-    result = train(TrainConfig(**{**FAST, "lr": 1e30, "epochs": 4}, rule="ottt"), lambda m, s: seen.append(m))
+    seen, states = [], []
+    cfg = TrainConfig(**{**FAST, "lr": 1e30, "epochs": 4}, rule="ottt")
+    result = train(cfg, lambda m, s: (seen.append(m), states.append(s)))
     assert result.status == "diverged"
     assert seen[-1]["status"] == "diverged" and result.epochs_run == seen[-1]["epoch"] < 4
+    # Resuming from where it diverged trains nothing more and says so again.
+    again = train(cfg, lambda m, s: pytest.fail("a diverged run was continued"), resume=states[-1])
+    assert (again.status, again.epochs_run) == ("diverged", result.epochs_run)
+
+
+def test_resume_refuses_another_runs_checkpoint_but_may_extend_it():
+    states = []
+    train(TrainConfig(**{**FAST, "epochs": 1}), lambda m, s: states.append(s))
+    with pytest.raises(ConfigError, match="T 2 -> 4"):
+        train(TrainConfig(**{**FAST, "epochs": 2, "T": 4}), resume=states[-1])
+    assert train(TrainConfig(**{**FAST, "epochs": 2}), resume=states[-1]).epochs_run == 2
+
+
+def test_random_states_round_trip_exactly():
+    np.random.seed(0)
+    np.random.standard_normal(3)  # leaves a cached Gaussian and a position inside the key block
+    random.seed(0)
+    random.gauss(0, 1)
+    saved = _rng_state()
+    expected = (np.random.standard_normal(5).tolist(), random.gauss(0, 1), torch.rand(3))
+    _set_rng_state(checkpoint_round_trip(saved))
+    assert (np.random.standard_normal(5).tolist(), random.gauss(0, 1)) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def checkpoint_round_trip(obj):
+    """Through a checkpoint file, as resume sees it (weights_only loading)."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(Path(d, "c.pt"), obj)
+        return checkpoint.load(Path(d, "c.pt"))
 
 
 def test_cli_trains_checkpoints_and_resumes(tmp_path):
@@ -73,3 +109,5 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     r = subprocess.run(args[:-4] + ["--epochs", "3", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    r = subprocess.run(args[:-4] + ["--epochs", "4", "--T", "2", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "T 1 -> 2" in r.stderr
