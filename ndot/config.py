@@ -39,6 +39,9 @@ class TrainConfig:
     signed_factor: bool = False
     # BPTT only: cut the gradient through the soft reset (OTTT's theory assumes this).
     detach_reset: bool = False
+    # Online rules: the readout's weight gradient reads the last layer's trace, as in the authors'
+    # code, instead of its spikes (exact for a readout, which has no membrane after it).
+    readout_trace: bool = False
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"

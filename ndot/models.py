@@ -1,9 +1,10 @@
 """Spiking architectures with scaled weight standardisation, by name.
 
 Every model runs ONE time step per call: logits o[t] = readout(GAP(s[t])).
-The readout has no neuron, so its gradient reads the spikes themselves: with
-no membrane to carry W's effect into later steps, s[t] is the exact gradient
-signal (the authors' code feeds it the trace instead).
+The readout has no neuron, so by default its gradient reads the spikes
+themselves: with no membrane to carry W's effect into later steps, s[t] is the
+exact gradient signal. `readout_trace` feeds it the last layer's trace instead,
+as the authors' code does.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ndot.layers import LIF, Seq, WSConv2d, avg_pool, neurons
+from ndot.ops import traced_conv2d
 
 # Every spike is multiplied by this before the next layer: it keeps the variance of the
 # next WS layer's input near 1 (the authors' constant). The neuron emits it (LIF.out_scale).
@@ -42,11 +44,20 @@ class SpikingNet(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.readout.weight, 0.0, 0.01)
         nn.init.zeros_(self.readout.bias)
-        list(neurons(self))[-1].emit_trace = False
+        self.set_readout_trace(False)
+
+    def set_readout_trace(self, on: bool) -> None:
+        """Feed the readout's weight gradient the last layer's trace (the authors' code) or, off, its spikes."""
+        list(neurons(self))[-1].emit_trace = on
 
     def forward(self, x: Tensor) -> Tensor:
-        s, _ = self.features(x, None)
-        return self.readout(s.mean(dim=(2, 3)))
+        s, a = self.features(x, None)
+        s = s.mean(dim=(2, 3))
+        if a is None:
+            return self.readout(s)
+        # The readout as a 1x1 conv, so that its weight gradient reads GAP(â) like every other layer's.
+        w, b = self.readout.weight, self.readout.bias
+        return traced_conv2d(s[..., None, None], a.mean(dim=(2, 3))[..., None, None], w[..., None, None], b).flatten(1)
 
 
 def _conv_stack(cfg: list, c_in: int, n: NeuronArgs) -> Seq:
@@ -119,7 +130,10 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | None = None) -> SpikingNet:
+def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | None = None,
+          readout_trace: bool = False) -> SpikingNet:
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; valid architectures: {', '.join(sorted(ARCHS))}")
-    return ARCHS[name].build(in_channels, num_classes, neuron or NeuronArgs())
+    net = ARCHS[name].build(in_channels, num_classes, neuron or NeuronArgs())
+    net.set_readout_trace(readout_trace)
+    return net

@@ -173,7 +173,7 @@ def train(
     input_size = info.image_size or ARCHS[cfg.arch].input_size
     train_loader, test_loader = data.loaders(cfg, device, input_size)
     neuron = NeuronArgs(cfg.tau, cfg.v_th, cfg.surrogate_alpha, cfg.dropout)
-    model = build(cfg.arch, info.in_channels, info.num_classes, neuron).to(device)
+    model = build(cfg.arch, info.in_channels, info.num_classes, neuron, cfg.readout_trace).to(device)
     accelerate(model, channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron)
     configure(model, cfg.rule, cfg.signed_factor, cfg.detach_reset)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from helpers import assert_close, batch, grads, make_model
+from ndot.layers import neurons
 
 RULES = ["ndot", "ndot_ref", "ottt", "sltt", "bptt"]
 
@@ -42,3 +43,38 @@ def test_rules_differ_beyond_t1():
         for b in RULES:
             if a < b:
                 assert (g[a] - g[b]).abs().max() > 1e-8, f"{a} and {b} gave the same gradient at T=4"
+
+
+def test_readout_trace_reads_the_last_layers_trace_and_changes_nothing_else():
+    """--readout_trace (the authors' readout): W_out's gradient is Σ_t g_o[t] GAP(â[t])ᵀ, with OTTT's
+    â[t] = Σ_k λ^(t-k) c·s[k] written out here; every other gradient is the default's."""
+    x, y = batch(size=16)
+    T, lam = 4, 0.5
+    default = grads(make_model(rule="ottt"), "ottt", "A", x, y, T=T)
+    model = make_model(rule="ottt")
+    model.set_readout_trace(True)
+    s_bar, g_o = [], []
+    last = list(neurons(model))[-1]
+    last.register_forward_hook(lambda m, i, out: s_bar.append(out[0].detach().mean(dim=(2, 3))))
+    def keep_output_gradient(module, inputs, o):
+        o.register_hook(g_o.append)
+
+    model.register_forward_hook(keep_output_gradient)
+    traced = grads(model, "ottt", "A", x, y, T=T)
+
+    a_bar = [sum(lam ** (t - k) * s_bar[k] for k in range(t + 1)) for t in range(T)]
+    expect = sum(g_o[t].T @ a_bar[t] for t in range(T))
+    assert_close(traced["readout.weight"], expect, 1e-9, "readout.weight")
+    assert (traced["readout.weight"] - default["readout.weight"]).abs().max() > 1e-6
+    for name in default:
+        if name != "readout.weight":
+            assert_close(traced[name], default[name], 1e-9, name)
+
+
+def test_readout_trace_at_t1_is_the_default():
+    x, y = batch(size=16)
+    model = make_model(rule="ndot")
+    model.set_readout_trace(True)
+    traced, default = grads(model, "ndot", "A", x, y, T=1), grads(make_model(rule="ndot"), "ndot", "A", x, y, T=1)
+    for name in default:
+        assert_close(traced[name], default[name], 1e-12, name)
