@@ -126,3 +126,24 @@ class TrainConfig:
         """Build from a dict that may carry extra keys (e.g. a Tune config); unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_field(name: str, text: str) -> Any:
+    """A TrainConfig field's value from command-line text; ConfigError for an unknown field or a malformed value."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    if name not in kinds:
+        raise ConfigError(f"unknown setting {name!r}; settings are TrainConfig's fields: {', '.join(kinds)}")
+    kind = kinds[name]
+    if kind == "bool":
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"{name} is true or false, got {text!r}")
+    if kind.startswith("str"):
+        return text
+    try:
+        return {"int": int, "float": float}[kind](text)
+    except ValueError:
+        raise ConfigError(f"{name} is a number ({kind}), got {text!r}") from None

@@ -44,6 +44,12 @@ def storage(tmp_path):
         (["--trials", "0"], "--trials"),
         (["--resume"], "--resume needs the --name"),
         (["--resume", "--name", "never-ran"], "no experiment to resume"),
+        (["--set", "precision"], "FIELD=VALUE"),
+        (["--set", "warp=9"], "unknown setting 'warp'"),
+        (["--set", "T=4"], "use --T"),
+        (["--set", "fused_neuron=maybe"], "true or false"),
+        (["--set", "dropout=lots"], "dropout is a number"),
+        (["--set", "precision=fp16"], "unknown precision 'fp16'"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
@@ -52,6 +58,13 @@ def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
     assert rc != 0
     assert err.count("\n") == 1 and says in err, err
     assert not ray.is_initialized()
+
+
+def test_set_fixes_any_other_field_for_every_trial(tmp_path):
+    args = cli.parser(TIMESTEPS).parse_args(
+        ["--set", "precision=bf16", "--set", "fused_neuron=true", "--set", "dropout=0.1", "--storage", str(tmp_path)])
+    base = cli.build_plan(TIMESTEPS, args).base
+    assert (base["precision"], base["fused_neuron"], base["dropout"]) == ("bf16", True, 0.1)
 
 
 def _exit_code(sweep, argv: list[str]) -> int:

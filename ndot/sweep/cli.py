@@ -18,7 +18,7 @@ from ray.tune.experiment import Trial
 
 from ndot import data, results
 from ndot.cli import Parser, listed
-from ndot.config import ConfigError, TrainConfig
+from ndot.config import ConfigError, TrainConfig, parse_field
 from ndot.sweep import runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
@@ -61,6 +61,11 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, help="a fraction packs trials on one GPU, e.g. 0.25")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster can hold)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samplers and of every trial")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="any other TrainConfig field, the same for every trial; repeatable, e.g. "
+        "--set precision=bf16 --set fused_neuron=true --set readout_trace=true",
+    )
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder or s3:// URI for the experiment (default: {DEFAULT_STORAGE})")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto on a cluster node (default: a local Ray)")
     p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
@@ -104,11 +109,32 @@ def _storage(args: argparse.Namespace) -> str:
     return args.storage if "://" in args.storage else os.path.abspath(args.storage)
 
 
+# TrainConfig fields that have flags of their own (--set refuses them).
+_FLAGGED = {"dataset": "--dataset", "data_root": "--data-root", "download": "--download", "T": "--T",
+            "arch": "--archs", "rule": "--rules", "mode": "--rules", "lr": "--lr", "momentum": "--momentum",
+            "loss_alpha": "--loss-alpha", "batch_size": "--batch-size", "epochs": "--epochs", "seed": "--seed"}
+
+
+def _settings(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise InputError(f"--set takes FIELD=VALUE, got {item!r}")
+        if name in _FLAGGED:
+            raise InputError(f"{name} has a flag of its own: use {_FLAGGED[name]}")
+        out[name] = parse_field(name, text)
+    return out
+
+
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The run the command line asks for; raises InputError or ConfigError on bad input."""
     preset = sweep.presets[args.preset]
     axes = _axis_values(sweep, args)
-    base: dict[str, Any] = {**preset.config, "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": args.seed}
+    base: dict[str, Any] = {
+        **preset.config, **_settings(args.set),
+        "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": args.seed,
+    }
     if args.data_root is not None:
         base["data_root"] = args.data_root
     if args.download:
