@@ -448,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads or args.small:
         torch.set_num_threads(args.threads or 1)
+    # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
         def emit(row: Row) -> None:
             line = json.dumps(row)

@@ -165,6 +165,9 @@ def train(
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
+    # A run has a handful of conv shapes: let cuDNN time its algorithms once per shape.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
