@@ -15,6 +15,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from data_fixtures import closed_port, one_line, one_torch_thread  # noqa: F401 (one_torch_thread: pytestmark)
 from ndot.config import TrainConfig
 from ndot.data import DataError, cifar, fixtures, storage
+from ndot.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -252,3 +253,11 @@ def test_stalled_download_times_out(tmp_path, monkeypatch):
             cifar.check(config(tmp_path, download=True))
         assert time.monotonic() - t0 < 10
     assert socket.getdefaulttimeout() is None, "the process-wide timeout is restored"
+
+
+def test_the_trainer_runs_on_the_cifar100_fixture_and_reports_top5(root):
+    seen = []
+    result = train(config(root, dataset="cifar100", arch="small_cnn", T=1, epochs=1, device="cpu"),
+                   lambda m, s: seen.append(m))
+    assert result.status == "completed"
+    assert 0 <= seen[0]["test_acc"] <= seen[0]["test_top5"] <= 1

@@ -12,6 +12,7 @@ import torch
 from data_fixtures import closed_port, one_line, one_torch_thread  # noqa: F401 (one_torch_thread: pytestmark)
 from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures
+from ndot.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -305,3 +306,12 @@ def test_failed_download_is_one_error(tmp_path, monkeypatch):
         dvs.check(config(tmp_path, download=True))
     message = one_line(err)
     assert "downloading cifar10dvs" in message and "refused" in message
+
+
+def test_the_trainer_runs_on_the_fixture(dataset_root):
+    """Event frames [B, T, 2, 48, 48] through a whole epoch of online training and evaluation."""
+    seen = []
+    result = train(config(dataset_root, arch="small_cnn", rule="ndot", mode="O", epochs=1, device="cpu"),
+                   lambda m, s: seen.append(m))
+    assert result.status == "completed" and [m["epoch"] for m in seen] == [1]
+    assert 0 <= seen[0]["test_acc"] <= 1 and 0 < seen[0]["firing_rate"] < 1
