@@ -2,6 +2,7 @@
 
     python -m ndot.results collect DIR   # rebuild both tables from a Tune experiment directory
     python -m ndot.results plot DIR      # write the figures next to them
+    python -m ndot.results summary DIR   # each stratum's best trial, as a table on stdout
     ndot.results.load("DIR")             # -> pandas DataFrame (table="trials" for the other one)
 
 The source of truth is each trial's checkpoint: the trainable stores the
@@ -200,6 +201,26 @@ def trials_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     return df
 
 
+def summary(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per stratum, in the table's order: its best trial's accuracy and learning rate, and how its trials ended."""
+    rows = []
+    for stratum, g in trials.groupby("stratum", sort=False):
+        scored = g.dropna(subset=["best_test_acc"]) if "best_test_acc" in g else g.iloc[:0]
+        best = scored.loc[scored["best_test_acc"].idxmax()] if len(scored) else None
+        rows.append({
+            "stratum": stratum, "trials": len(g),
+            "best_test_acc": best["best_test_acc"] if best is not None else math.nan,
+            "lr": best["lr"] if best is not None else math.nan,
+            "best_epoch": best["best_epoch"] if best is not None else None,
+            "outcomes": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().items()),
+        })
+    return pd.DataFrame(rows).set_index("stratum")
+
+
+def summary_text(trials: pd.DataFrame) -> str:
+    return summary(trials).to_string(formatters={"best_test_acc": "{:.4f}".format, "lr": "{:.3g}".format})
+
+
 # ----- files -----
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -261,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("collect", help="rebuild epochs.parquet and trials.parquet from a Tune experiment directory").add_argument("dir")
     sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir")
+    sub.add_parser("summary", help="print each stratum's best trial from the tables in DIR").add_argument("dir")
     args = p.parse_args(argv)
     try:
         if args.command == "collect":
@@ -268,9 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             write_tables(args.dir, records)
             rows = sum(len(r.history) for r in records)
             print(f"{len(records)} trials, {rows} epochs -> {table_uri(args.dir, EPOCHS_TABLE)}, {table_uri(args.dir, TRIALS_TABLE)}")
-        else:
+        elif args.command == "plot":
             for uri in write_plots(args.dir):
                 print(uri)
+        else:
+            print(summary_text(load(args.dir, TRIALS_TABLE)))
+    except FileNotFoundError as e:
+        print(f"error: {args.dir} is not a sweep's experiment folder (not found: {e})".splitlines()[0], file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 2

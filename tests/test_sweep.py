@@ -91,6 +91,7 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     by = ["trial_id"]
     pd.testing.assert_frame_equal(recollected.sort_values(by, ignore_index=True), trials.sort_values(by, ignore_index=True))
     printed = capsys.readouterr().out
+    assert "best_test_acc" in printed and all(label in printed for label in expected), "no per-stratum summary"
     for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
         assert str(experiment / f"{figure}.png") in printed

@@ -250,6 +250,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     counts = trials["status"].value_counts().to_dict()
     print(f"finished in {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
+    print(results.summary_text(trials))
     print(f"tables: {results.table_uri(plan.experiment, results.EPOCHS_TABLE)}, {results.table_uri(plan.experiment, results.TRIALS_TABLE)}")
     print(f"figures: {', '.join(figures)}")
     if counts.get(results.ERRORED):
