@@ -1,6 +1,5 @@
 """Gradient equivalences of the spec (§2): exact in float64."""
 import pytest
-import torch
 
 from helpers import assert_close, batch, grads, make_model
 from ndot.layers import neurons

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ndot.layers import LIF, WSConv2d, neurons, reset_state
-from ndot.models import ARCHS, NeuronArgs, build
+from ndot.models import ARCHS, build
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
