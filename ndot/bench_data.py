@@ -25,7 +25,7 @@ import torch
 from ndot.cli import Parser
 from ndot.config import ConfigError, TrainConfig
 from ndot.data import cifar
-from ndot.train import resolve_device
+from ndot.device import resolve_device
 
 
 def _sync(device: torch.device) -> None:

@@ -148,6 +148,12 @@ def reset_state(model: nn.Module) -> None:
         n.state = None
 
 
+def layer_firing_rates(model: nn.Module) -> dict[str, float]:
+    """Spikes per neuron per step of each spiking layer, by module name, over what it ran in evaluation."""
+    return {name: float(m.spikes.item()) / m.neuron_steps
+            for name, m in model.named_modules() if isinstance(m, LIF) and m.neuron_steps}
+
+
 def firing_rate(model: nn.Module, clear: bool = True) -> float:
     """Mean spikes per neuron per step over what the network ran in evaluation."""
     ns = list(neurons(model))

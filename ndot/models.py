@@ -9,13 +9,16 @@ as the authors' code does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch.nn as nn
 from torch import Tensor
 
-from ndot.layers import LIF, Seq, WSConv2d, avg_pool, neurons
+from ndot.layers import LIF, Seq, WSConv2d, avg_pool, configure, neurons
 from ndot.ops import traced_conv2d
+
+if TYPE_CHECKING:
+    from ndot.config import TrainConfig
 
 # Every spike is multiplied by this before the next layer: it keeps the variance of the
 # next WS layer's input near 1 (the authors' constant). The neuron emits it (LIF.out_scale).
@@ -136,4 +139,12 @@ def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | No
         raise ValueError(f"unknown architecture {name!r}; valid architectures: {', '.join(sorted(ARCHS))}")
     net = ARCHS[name].build(in_channels, num_classes, neuron or NeuronArgs())
     net.set_readout_trace(readout_trace)
+    return net
+
+
+def from_config(cfg: "TrainConfig", in_channels: int, num_classes: int) -> SpikingNet:
+    """The network a training configuration describes: architecture, neuron, readout and gradient rule."""
+    neuron = NeuronArgs(cfg.tau, cfg.v_th, cfg.surrogate_alpha, cfg.dropout)
+    net = build(cfg.arch, in_channels, num_classes, neuron, cfg.readout_trace)
+    configure(net, cfg.rule, cfg.signed_factor, cfg.detach_reset)
     return net

@@ -80,14 +80,14 @@ def train_batch(
 
 @torch.no_grad()
 def eval_batch(model: nn.Module, x: Tensor, y: Tensor, *, T: int, loss_alpha: float, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-    """Evaluate one batch: no traces, no graph. Returns (Σ_t L[t], Σ_t o[t])."""
+    """Evaluate one batch: no traces, no graph. Returns (Σ_t L[t], o) with o[t] the logits of step t, [T, B, classes]."""
     reset_state(model)
     loss_sum = torch.zeros((), device=x.device)
-    logits = torch.zeros((), device=x.device)
+    outputs = []
     with standardised_weights(model):
         for t in range(T):
             with _autocast(x, precision):
                 o = model(_input(x, t)).float()
             loss_sum = loss_sum + step_loss(o, y, T, loss_alpha)
-            logits = logits + o
-    return loss_sum, logits
+            outputs.append(o)
+    return loss_sum, torch.stack(outputs)

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -26,13 +25,13 @@ import torch
 from ndot import checkpoint, data
 from ndot.cli import Parser
 from ndot.config import ConfigError, TrainConfig
+from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
+from ndot.evaluate import BEST_FILE, CHECKPOINT_FILE, Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
-from ndot.layers import configure, firing_rate
-from ndot.models import ARCHS, NeuronArgs, build
-from ndot.step import eval_batch, train_batch
+from ndot.models import from_config
+from ndot.step import train_batch
 
-Metrics = dict[str, Any]
 OnEpoch = Callable[[Metrics, dict[str, Any]], None]
 # on_batch(epoch, batches_done, batches_total): progress inside a long epoch.
 OnBatch = Callable[[int, int, int], None]
@@ -44,46 +43,6 @@ class TrainResult:
     epochs_run: int
     metrics: Metrics
     best_test_acc: float
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a config's `device`: "auto" is the GPU where there is one; a CUDA device
-    this machine lacks is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            raise ConfigError(f"device {name!r} asked for, but torch sees {count} CUDA device(s) here")
-    return device
-
-
-def _reset_peak_mem(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    # Linux: restart the resident-set high-water mark, so that an epoch's figure
-    # is its own even when a process runs several trials (Tune reuses actors).
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: peak resident set of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _rng_state() -> dict[str, Any]:
@@ -124,29 +83,6 @@ def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
         raise ConfigError(f"the checkpoint is of another run: {', '.join(changed)}")
 
 
-def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    return (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum()
-
-
-def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int) -> Metrics:
-    model.eval()
-    device = next(model.parameters()).device
-    loss = torch.zeros((), device=device)
-    top1 = torch.zeros((), device=device, dtype=torch.long)
-    top5 = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in loader:
-        l, logits = eval_batch(model, x, y, T=cfg.T, loss_alpha=cfg.loss_alpha, precision=cfg.precision)
-        loss += l * len(y)
-        top1 += _topk_correct(logits, y, 1)
-        if num_classes > 10:
-            top5 += _topk_correct(logits, y, 5)
-    n = loader.num_samples
-    out = {"test_loss": float(loss) / n, "test_acc": int(top1) / n, "firing_rate": firing_rate(model)}
-    if num_classes > 10:
-        out["test_top5"] = int(top5) / n
-    return out
-
-
 def train(
     cfg: TrainConfig,
     on_epoch: OnEpoch | None = None,
@@ -173,12 +109,9 @@ def train(
     np.random.seed(cfg.seed)
 
     info = data.info(cfg.dataset)
-    input_size = info.image_size or ARCHS[cfg.arch].input_size
-    train_loader, test_loader = data.loaders(cfg, device, input_size)
-    neuron = NeuronArgs(cfg.tau, cfg.v_th, cfg.surrogate_alpha, cfg.dropout)
-    model = build(cfg.arch, info.in_channels, info.num_classes, neuron, cfg.readout_trace).to(device)
-    accelerate(model, channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron)
-    configure(model, cfg.rule, cfg.signed_factor, cfg.detach_reset)
+    train_loader, test_loader = data.loaders(cfg, device)
+    model = accelerate(from_config(cfg, info.in_channels, info.num_classes).to(device),
+                       channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.0)
     step = functools.partial(train_batch, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
@@ -198,7 +131,7 @@ def train(
 
     metrics: Metrics = {}
     for epoch in range(start, cfg.epochs + 1):
-        _reset_peak_mem(device)
+        reset_peak_mem(device)
         model.train()
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]
@@ -208,7 +141,7 @@ def train(
         for i, (x, y) in enumerate(train_loader, 1):
             loss, logits = run_batch(x, y)
             loss_sum += loss * len(y)
-            correct += _topk_correct(logits, y, 1)
+            correct += topk_correct(logits, y, 1)
             if on_batch is not None:
                 on_batch(epoch, i, len(train_loader))
         train_loss = float(loss_sum) / train_loader.num_samples  # syncs the device
@@ -224,12 +157,12 @@ def train(
             "image_steps_per_s": train_loader.num_samples * cfg.T / seconds,
         }
         if not math.isfinite(train_loss):
-            metrics.update(status="diverged", peak_mem_mb=_peak_mem_mb(device), best_test_acc=best)
+            metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
             _call(on_epoch, metrics, model, opt, sched, epoch, best, cfg)
             return TrainResult("diverged", epoch, metrics, best)
         metrics.update(evaluate(model, test_loader, cfg, info.num_classes))
         best = max(best, metrics["test_acc"])
-        metrics.update(best_test_acc=best, peak_mem_mb=_peak_mem_mb(device), status="ok")
+        metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
         _call(on_epoch, metrics, model, opt, sched, epoch, best, cfg)
     return TrainResult("completed", cfg.epochs, metrics, best)
 
@@ -265,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(*flags, type=kind, default=f.default)
-    p.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl and checkpoint.pt")
+    p.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl, checkpoint.pt (the last epoch) and best.pt (the best epoch's weights)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     return p
 
@@ -283,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.rule}_{cfg.mode}-T{cfg.T}-seed{cfg.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    ckpt_path, best_path, log_path = out / CHECKPOINT_FILE, out / BEST_FILE, out / "metrics.jsonl"
     state = None
     if resume:
         if not ckpt_path.exists():
@@ -295,10 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"error: {e} ({ckpt_path})", file=sys.stderr)
             return 2
-    elif log_path.exists():
-        log_path.unlink()
+    else:
+        # A fresh run in a used folder: nothing of the old run may pass for this one's.
+        log_path.unlink(missing_ok=True)
+        best_path.unlink(missing_ok=True)
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
+        # best.pt before checkpoint.pt: a run killed between the two redoes this epoch and rewrites both.
+        if m["status"] == "ok" and m["test_acc"] == m["best_test_acc"]:
+            # The weights behind best_test_acc (the spec's model selection), for python -m ndot.evaluate.
+            checkpoint.save(best_path, {k: st[k] for k in ("epoch", "metrics", "model", "config")})
         checkpoint.save(ckpt_path, st)
         with open(log_path, "a") as f:
             f.write(json.dumps(m) + "\n")

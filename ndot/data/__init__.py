@@ -2,10 +2,10 @@
 
 Every dataset module exposes `INFO` (a DatasetInfo), `check(cfg)` which raises
 DataError with one line when the data is missing (before any work starts), and
-`loaders(cfg, device, input_size)` returning (train, test) loaders. A loader
-yields (x, y) on `device`: x is [B, C, H, W] for static images (the same input
-at every time step) or [B, T, C, H, W] for event frames; it has `set_epoch`,
-`__len__` and `num_samples`.
+`loaders(cfg, device, input_size)` returning (train, test) loaders; `ndot.data.loaders(cfg, device)`
+picks input_size. A loader yields (x, y) on `device`: x is [B, C, H, W] for static
+images (the same input at every time step) or [B, T, C, H, W] for event frames;
+it has `set_epoch`, `__len__` and `num_samples`.
 """
 from __future__ import annotations
 
@@ -60,5 +60,9 @@ def check(cfg: "TrainConfig") -> None:
     _module(cfg.dataset).check(cfg)
 
 
-def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[Any, Any]:
+def loaders(cfg: "TrainConfig", device: torch.device) -> tuple[Any, Any]:
+    """(train, test) loaders of cfg's dataset, sized for cfg's architecture where the data has no native size."""
+    from ndot.models import ARCHS
+
+    input_size = info(cfg.dataset).image_size or ARCHS[cfg.arch].input_size
     return _module(cfg.dataset).loaders(cfg, device, input_size)

@@ -1,0 +1,143 @@
+"""Test-set evaluation: the trainer's per-epoch metrics, and a command line for saved weights.
+
+    python -m ndot.evaluate runs/NAME                        # best.pt there (the best epoch's weights)
+    python -m ndot.evaluate runs/NAME/checkpoint.pt --T 8    # the last epoch's weights, run for 8 steps
+
+Besides top-1 (top-5 with more than 10 classes) the command reports the
+accuracy after each time step, argmax of Σ_{t' ≤ t} o[t'] (how early the
+network decides), and the firing rate of each spiking layer; it writes them as
+JSON beside the weights.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ndot import checkpoint, data
+from ndot.cli import Parser
+from ndot.config import PRECISIONS, ConfigError, TrainConfig
+from ndot.device import resolve_device
+from ndot.layers import firing_rate, layer_firing_rates
+from ndot.models import from_config
+from ndot.step import eval_batch
+
+Metrics = dict[str, Any]
+BEST_FILE, CHECKPOINT_FILE = "best.pt", "checkpoint.pt"
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    return (logits.topk(k, dim=-1).indices == y[..., None]).any(dim=-1).sum(dim=-1)
+
+
+def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int, detail: bool = False) -> Metrics:
+    """Test loss, top-1 (top-5 with more than 10 classes) and mean firing rate of `model` over `loader`, T = cfg.T.
+
+    `detail` adds `acc_by_step` (top-1 of the logits summed up to each step) and
+    `layer_firing_rates` (per spiking layer, by module name).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    loss = torch.zeros((), device=device)
+    top1 = torch.zeros(cfg.T, device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in loader:
+        l, o = eval_batch(model, x, y, T=cfg.T, loss_alpha=cfg.loss_alpha, precision=cfg.precision)
+        loss += l * len(y)
+        summed = o.cumsum(0) if detail else o.sum(0, keepdim=True)
+        top1[-len(summed):] += topk_correct(summed, y, 1)
+        if num_classes > 10:
+            top5 += topk_correct(summed[-1], y, 5)
+    n = loader.num_samples
+    out: Metrics = {"test_loss": float(loss) / n, "test_acc": int(top1[-1]) / n}
+    if num_classes > 10:
+        out["test_top5"] = int(top5) / n
+    if detail:
+        out.update(acc_by_step=[int(c) / n for c in top1], layer_firing_rates=layer_firing_rates(model))
+    out["firing_rate"] = firing_rate(model)
+    return out
+
+
+def weights_file(path: Path) -> Path:
+    """The file to evaluate: `path` itself, or in a run folder its best.pt (else its checkpoint.pt)."""
+    if path.is_dir():
+        for name in (BEST_FILE, CHECKPOINT_FILE):
+            if (path / name).is_file():
+                return path / name
+        raise ConfigError(f"{path} holds neither {BEST_FILE} nor {CHECKPOINT_FILE}: is it a run folder of python -m ndot.train?")
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
+    try:
+        state = checkpoint.load(path)
+    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
+        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise ConfigError(f"{path} has no model weights and configuration: not a checkpoint of python -m ndot.train")
+    return state
+
+
+def evaluate_weights(state: dict[str, Any], cfg: TrainConfig) -> Metrics:
+    """Evaluate the weights in `state` on cfg's test set, with cfg's T, device and precision."""
+    data.check(cfg)
+    device = resolve_device(cfg.device)
+    info = data.info(cfg.dataset)
+    model = from_config(cfg, info.in_channels, info.num_classes).to(device)
+    model.load_state_dict(state["model"])
+    _, test_loader = data.loaders(cfg, device)
+    return evaluate(model, test_loader, cfg, info.num_classes, detail=True)
+
+
+def _parser() -> Parser:
+    p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
+    p.add_argument("path", type=Path, help="best.pt or checkpoint.pt, or the run folder holding them (best.pt first)")
+    p.add_argument("--T", type=int, default=None, help="time steps (default: the run's)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
+    p.add_argument("--out", type=Path, default=None, help="JSON file (default: eval-<weights>-T<T>.json beside the weights)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {k: v for k, v in (("T", args.T), ("precision", args.precision), ("batch_size", args.batch_size),
+                                   ("data_root", args.data_root)) if v is not None}
+    # Where the run trained says nothing about where its weights are read: auto unless asked.
+    overrides.update(device=args.device or "auto", cuda_graph=False)
+    try:
+        path = weights_file(args.path)
+        state = load(path)
+        cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
+        resolve_device(cfg.device)
+        data.check(cfg)
+    except (ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trained = TrainConfig.from_dict(state["config"])
+    epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
+    print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "
+          f"evaluating with T={cfg.T} on {resolve_device(cfg.device)}", flush=True)
+    m = evaluate_weights(state, cfg)
+    top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
+    print(f"test accuracy {m['test_acc']:.4f}{top5}, loss {m['test_loss']:.4f}")
+    print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))
+    print(f"firing rate {m['firing_rate']:.4f}; by layer: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in m["layer_firing_rates"].items()))
+    out = args.out or path.with_name(f"eval-{path.stem}-T{cfg.T}.json")
+    result = {"weights": str(path), "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Evaluation: accuracy after each step, the best epoch's weights, and python -m ndot.evaluate."""
+import json
+
+import pytest
+import torch
+
+from ndot import checkpoint, data, train as train_module
+from ndot.config import TrainConfig
+from ndot.evaluate import evaluate, main as evaluate_main
+from ndot.models import from_config
+from ndot.train import main as train_main
+
+RUN = ["--dataset", "digits", "--arch", "small_cnn", "--T", "2", "--epochs", "3", "--batch_size", "32",
+       "--seed", "3", "--device", "cpu"]
+
+
+def test_accuracy_after_step_t_is_that_of_a_t_step_run():
+    # Static input and state dropped per batch: the first t steps of a T-step run are a t-step run.
+    cfg = TrainConfig(dataset="digits", arch="small_cnn", T=5, device="cpu", batch_size=64)
+    info = data.info(cfg.dataset)
+    torch.manual_seed(0)
+    model = from_config(cfg, info.in_channels, info.num_classes)
+    # An untrained net is near chance; a few large weights make its steps disagree.
+    model.readout.weight.data.normal_(0, 1)
+    _, test = data.loaders(cfg, torch.device("cpu"))
+    detailed = evaluate(model, test, cfg, info.num_classes, detail=True)
+    shorter = [evaluate(model, test, TrainConfig(**{**cfg.to_dict(), "T": t}), info.num_classes)["test_acc"]
+               for t in range(1, 6)]
+    assert detailed["acc_by_step"] == shorter
+    assert detailed["test_acc"] == shorter[-1]
+    assert len(set(shorter)) > 1, "the steps should not all agree, or the comparison shows nothing"
+    rates = detailed["layer_firing_rates"]
+    assert list(rates) == ["features.1", "features.3", "features.5"] and all(0 <= r <= 1 for r in rates.values())
+
+
+def test_best_pt_holds_the_best_epoch_and_evaluates_to_its_accuracy(tmp_path, monkeypatch, capsys):
+    real = train_module.evaluate
+    scripted = iter([0.5, 0.9, 0.7])
+
+    def evaluate_with_scripted_accuracy(*args, **kwargs):
+        return {**real(*args, **kwargs), "test_acc": next(scripted)}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_with_scripted_accuracy)
+    assert train_main([*RUN, "--out", str(tmp_path)]) == 0
+    best, last = checkpoint.load(tmp_path / "best.pt"), checkpoint.load(tmp_path / "checkpoint.pt")
+    assert (best["epoch"], best["metrics"]["test_acc"], last["epoch"]) == (2, 0.9, 3)
+    assert any((best["model"][k] != last["model"][k]).any() for k in best["model"])
+
+    monkeypatch.setattr(train_module, "evaluate", real)
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path)]) == 0
+    assert "best.pt (epoch 2," in capsys.readouterr().out
+    result = json.loads((tmp_path / "eval-best-T2.json").read_text())
+    assert result["epoch"] == 2 and result["acc_by_step"][-1] == result["test_acc"]
+
+
+def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
+    assert train_main([*RUN, "--out", str(tmp_path)]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert evaluate_main([str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "last.json")]) == 0
+    result = json.loads((tmp_path / "last.json").read_text())
+    assert result["test_acc"] == logged[-1]["test_acc"] and result["firing_rate"] == logged[-1]["firing_rate"]
+    # Another T changes the run, not the weights.
+    assert evaluate_main([str(tmp_path), "--T", "4"]) == 0
+    assert len(json.loads((tmp_path / "eval-best-T4.json").read_text())["acc_by_step"]) == 4
+
+    # A fresh run in the same folder leaves nothing of the old one behind before its own first epoch.
+    (tmp_path / "metrics.jsonl").write_text("stale\n")
+    assert train_main([*RUN, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (None, [], "does not exist"),
+    ("dir", [], "neither best.pt nor checkpoint.pt"),
+    ("garbage", [], "not a readable checkpoint"),
+    ("tensor", [], "no model weights and configuration"),
+    ("run", ["--T", "0"], "T must be a positive integer"),
+    ("run", ["--device", "cuda:7"], "CUDA device"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
+    path = tmp_path / "w.pt"
+    if make == "dir":
+        path = tmp_path
+    elif make == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    elif make == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif make == "run":
+        checkpoint.save(path, {"model": {}, "config": TrainConfig(dataset="digits").to_dict()})
+    assert evaluate_main([str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
