@@ -54,7 +54,7 @@ from ndot.layers import LIF, Both, configure, neurons
 from ndot.memory import SavedTensorMeter
 from ndot.models import ARCHS, build
 from ndot.step import step_loss, train_batch
-from ndot.train import resolve_device
+from ndot.device import resolve_device
 
 Row = dict[str, Any]
 LOSS_ALPHA = 0.05
@@ -396,6 +396,11 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     }
 
 
+def lever_T(p: dict[str, Any]) -> int:
+    """The T of the per-lever runs, the targets read off them and the profiles."""
+    return p["ablation_T"] or 4
+
+
 def check_plan(p: dict[str, Any], device: torch.device) -> None:
     """Raise ConfigError for the first case that cannot run, before anything is measured."""
     for arch in p["archs"]:
@@ -430,14 +435,19 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
         if p["profile"]:
             for precision in p["precisions"]:
                 for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
-                    yield "profile", s, ("ndot", "A", p["ablation_T"] or 4, precision, lv)
+                    yield "profile", s, ("ndot", "A", lever_T(p), precision, lv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.table:
         with open(args.table) as f:
-            print(table([json.loads(line) for line in f if line.strip()]))
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not any(r["kind"] == "targets" for r in rows):
+            # A run cut short (a device's time limit) never printed its summaries: read them off the rows it kept.
+            env = next((r for r in rows if r["kind"] == "env"), {})
+            rows += [*memory_checks(rows), targets(rows, env.get("lever_T", 4))]
+        print(table(rows))
         return 0
     try:
         device = resolve_device(args.device)
@@ -462,12 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_cases(p, device, emit)
         for check in memory_checks(rows):
             emit(check)
-        emit(targets(rows, p["ablation_T"] or 4))
+        emit(targets(rows, lever_T(p)))
     return 1 if any(r["kind"] == "error" for r in rows) else 0
 
 
 def run_cases(p: dict[str, Any], device: torch.device, emit: Callable[[Row], None]) -> list[Row]:
-    emit(env_row(device))
+    emit({**env_row(device), "lever_T": lever_T(p)})
     rows: list[Row] = []
     ceiling: dict[tuple[str, int], float] = {}
     for kind, s, case in cases(p, device):

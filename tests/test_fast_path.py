@@ -104,7 +104,7 @@ def test_cuda_graph_is_refused_without_cuda():
         TrainConfig(cuda_graph=True, device="cpu").validate()
 
 
-def test_bench_small_prints_the_expected_json_lines(capsys):
+def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
         assert bench.main(["--small"]) == 0
@@ -127,6 +127,16 @@ def test_bench_small_prints_the_expected_json_lines(capsys):
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     assert all(c["growth"] == 0 for c in checks if c["rule"] != "bptt")
     assert all(c["growth"] > 1 for c in checks if c["rule"] == "bptt")
+
+    # --table of a run cut short before its summaries shows the same summaries, read off its rows.
+    def markdown(kept: list[dict]) -> str:
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        assert bench.main(["--table", str(tmp_path / "rows.jsonl")]) == 0
+        return capsys.readouterr().out
+
+    whole = markdown(rows)
+    assert "Memory over T" in whole and "Targets" in whole
+    assert markdown([r for r in rows if r["kind"] not in ("memory_vs_T", "targets")]) == whole
 
 
 @pytest.mark.parametrize("argv, says", [
