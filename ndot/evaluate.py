@@ -98,7 +98,8 @@ def evaluate_weights(state: dict[str, Any], cfg: TrainConfig) -> Metrics:
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
     p.add_argument("path", type=Path, help="best.pt or checkpoint.pt, or the run folder holding them (best.pt first)")
-    p.add_argument("--T", type=int, default=None, help="time steps (default: the run's)")
+    p.add_argument("--T", type=int, default=None,
+                   help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
