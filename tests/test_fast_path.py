@@ -179,3 +179,15 @@ def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, no_tf32):
         for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
             assert_close(q.detach(), p.detach(), 1e-5, f"batch {i} {name}")
     assert len(graphed.graphs) == 2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu_check.sh runs this)")
+def test_trainer_on_cuda_with_every_lever():
+    # The product's GPU path end to end: data on the device, bf16, channels_last, the fused neuron,
+    # and a CUDA graph captured again when the second epoch's lr changes.
+    cfg = TrainConfig(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=2, seed=3, device="cuda",
+                      precision="bf16", channels_last=True, fused_neuron=True, cuda_graph=True)
+    seen = []
+    result = train(cfg, lambda m, s: seen.append(m))
+    assert result.status == "completed" and [m["epoch"] for m in seen] == [1, 2]
+    assert seen[-1]["test_acc"] > 0.5 and seen[-1]["peak_mem_mb"] > 0
