@@ -8,6 +8,11 @@ from typing import Any
 
 import torch
 
+# File names of saved states. A run folder of python -m ndot.train holds LAST (the state after the
+# last epoch, for --resume) and BEST (the weights of the best epoch); a sweep trial's Tune
+# checkpoint folder holds TRIAL. Each has the weights under "model" and the run's config under "config".
+LAST, BEST, TRIAL = "checkpoint.pt", "best.pt", "state.pt"
+
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)

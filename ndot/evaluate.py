@@ -2,6 +2,7 @@
 
     python -m ndot.evaluate runs/NAME                        # best.pt there (the best epoch's weights)
     python -m ndot.evaluate runs/NAME/checkpoint.pt --T 8    # the last epoch's weights, run for 8 steps
+    python -m ndot.evaluate runs/sweeps/NAME/TRIAL/checkpoint_000009   # a sweep trial's saved state
 
 Besides top-1 (top-5 with more than 10 classes) the command reports the
 accuracy after each time step, argmax of Σ_{t' ≤ t} o[t'] (how early the
@@ -26,7 +27,6 @@ from ndot.models import from_config
 from ndot.step import eval_batch
 
 Metrics = dict[str, Any]
-BEST_FILE, CHECKPOINT_FILE = "best.pt", "checkpoint.pt"
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -62,12 +62,13 @@ def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int,
 
 
 def weights_file(path: Path) -> Path:
-    """The file to evaluate: `path` itself, or in a run folder its best.pt (else its checkpoint.pt)."""
+    """The file to evaluate: `path` itself, or the saved state in the folder `path` (best.pt before checkpoint.pt)."""
     if path.is_dir():
-        for name in (BEST_FILE, CHECKPOINT_FILE):
+        for name in (checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL):
             if (path / name).is_file():
                 return path / name
-        raise ConfigError(f"{path} holds neither {BEST_FILE} nor {CHECKPOINT_FILE}: is it a run folder of python -m ndot.train?")
+        raise ConfigError(f"{path} holds none of {checkpoint.BEST}, {checkpoint.LAST}, {checkpoint.TRIAL}: "
+                          "name a run folder of python -m ndot.train or a sweep trial's checkpoint folder")
     if not path.is_file():
         raise ConfigError(f"{path} does not exist")
     return path
@@ -97,7 +98,7 @@ def evaluate_weights(state: dict[str, Any], cfg: TrainConfig) -> Metrics:
 
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
-    p.add_argument("path", type=Path, help="best.pt or checkpoint.pt, or the run folder holding them (best.pt first)")
+    p.add_argument("path", type=Path, help="a saved state, or the folder holding it: a run folder (best.pt first) or a sweep trial's checkpoint folder")
     p.add_argument("--T", type=int, default=None,
                    help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")

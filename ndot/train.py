@@ -26,7 +26,7 @@ from ndot import checkpoint, data
 from ndot.cli import Parser
 from ndot.config import ConfigError, TrainConfig
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
-from ndot.evaluate import BEST_FILE, CHECKPOINT_FILE, Metrics, evaluate, topk_correct
+from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.models import from_config
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.rule}_{cfg.mode}-T{cfg.T}-seed{cfg.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, best_path, log_path = out / CHECKPOINT_FILE, out / BEST_FILE, out / "metrics.jsonl"
+    ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / "metrics.jsonl"
     state = None
     if resume:
         if not ckpt_path.exists():

@@ -73,7 +73,7 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
 
 @pytest.mark.parametrize("make,args,message", [
     (None, [], "does not exist"),
-    ("dir", [], "neither best.pt nor checkpoint.pt"),
+    ("dir", [], "holds none of best.pt, checkpoint.pt, state.pt"),
     ("garbage", [], "not a readable checkpoint"),
     ("tensor", [], "no model weights and configuration"),
     ("run", ["--T", "0"], "T must be a positive integer"),

@@ -6,6 +6,7 @@ removes a worker node runs last.
 """
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ndot import results
+from ndot import evaluate, results
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import SMOKE, TIMESTEPS
 from ndot.sweep.space import SearchSpace, Stratum, strata
@@ -95,6 +96,13 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
         assert str(experiment / f"{figure}.png") in printed
+    # A trial's last checkpoint folder is weights python -m ndot.evaluate reads: they score what the trial
+    # reported (to a sample or so: the trial ran on one thread, this process on more).
+    saved = sorted(experiment.glob("*/checkpoint_*"))[-1]
+    trial = trials[[t in saved.parent.name for t in trials["trial_id"]]].iloc[0]
+    assert evaluate.main([str(saved), "--out", str(tmp_path / "eval.json")]) == 0
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["config"]["T"] == trial["T"] and abs(scored["test_acc"] - trial["final_test_acc"]) <= 0.01
 
 
 def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):

@@ -16,8 +16,6 @@ from ndot import checkpoint, results
 from ndot.config import TrainConfig
 from ndot.train import train
 
-STATE_FILE = "state.pt"
-
 
 def _node() -> dict[str, Any]:
     # node_id tells apart the nodes of a one-machine test cluster, which share ip and hostname.
@@ -37,13 +35,13 @@ def run_trial(config: dict[str, Any]) -> None:
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            resume = checkpoint.load(Path(d, STATE_FILE))
+            resume = checkpoint.load(Path(d, checkpoint.TRIAL))
             history = results.read_history(pafs.LocalFileSystem(), d)
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
         history.append(results.epoch_row(trial_id, config, metrics, node, time.time()))
         with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(Path(d, STATE_FILE), state)
+            checkpoint.save(Path(d, checkpoint.TRIAL), state)
             Path(d, results.HISTORY_FILE).write_bytes(results.dumps_history(history))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
