@@ -48,13 +48,13 @@ from torch.autograd import DeviceType
 
 from ndot.cli import Parser, listed
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
+from ndot.device import resolve_device
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.layers import LIF, Both, configure, neurons
 from ndot.memory import SavedTensorMeter
 from ndot.models import ARCHS, build
 from ndot.step import step_loss, train_batch
-from ndot.device import resolve_device
 
 Row = dict[str, Any]
 LOSS_ALPHA = 0.05

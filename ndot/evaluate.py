@@ -85,10 +85,8 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
-def evaluate_weights(state: dict[str, Any], cfg: TrainConfig) -> Metrics:
-    """Evaluate the weights in `state` on cfg's test set, with cfg's T, device and precision."""
-    data.check(cfg)
-    device = resolve_device(cfg.device)
+def evaluate_weights(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> Metrics:
+    """Evaluate the weights in `state` on cfg's test set, with cfg's T and precision, on `device`."""
     info = data.info(cfg.dataset)
     model = from_config(cfg, info.in_channels, info.num_classes).to(device)
     model.load_state_dict(state["model"])
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         path = weights_file(args.path)
         state = load(path)
         cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
-        resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         data.check(cfg)
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -127,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     trained = TrainConfig.from_dict(state["config"])
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
     print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "
-          f"evaluating with T={cfg.T} on {resolve_device(cfg.device)}", flush=True)
-    m = evaluate_weights(state, cfg)
+          f"evaluating with T={cfg.T} on {device}", flush=True)
+    m = evaluate_weights(state, cfg, device)
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
     print(f"test accuracy {m['test_acc']:.4f}{top5}, loss {m['test_loss']:.4f}")
     print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))
