@@ -10,8 +10,20 @@ import torch
 
 # File names of saved states. A run folder of python -m ndot.train holds LAST (the state after the
 # last epoch, for --resume) and BEST (the weights of the best epoch); a sweep trial's Tune
-# checkpoint folder holds TRIAL. Each has the weights under "model" and the run's config under "config".
+# checkpoint folder holds TRIAL, and BEST when an earlier epoch was the best. Each has the weights
+# under "model" and the run's config under "config".
 LAST, BEST, TRIAL = "checkpoint.pt", "best.pt", "state.pt"
+
+
+def is_best(metrics: dict[str, Any]) -> bool:
+    """Whether an epoch is the run's best so far by test accuracy (the spec's model selection; the newer on ties)."""
+    return metrics["status"] == "ok" and metrics["test_acc"] == metrics["best_test_acc"]
+
+
+def best_of(state: dict[str, Any]) -> dict[str, Any]:
+    """What BEST holds of an epoch's state: its weights, copied off the live model, its metrics and the config."""
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
+    return {"epoch": state["epoch"], "metrics": state["metrics"], "model": weights, "config": state["config"]}
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -78,11 +78,19 @@ class TrialRecord:
     tune_status: str
     num_failures: int
     history: list[Row]
+    # The checkpoint the history was read from, relative to the experiment folder; it holds the best
+    # epoch's weights too (see ndot.sweep.trainable). None before the trial's first epoch.
+    checkpoint: str | None
 
     @classmethod
-    def of(cls, trial: Any, history: list[Row]) -> "TrialRecord":
+    def of(cls, trial: Any, history: list[Row], checkpoint: str | None) -> "TrialRecord":
         """From a ray.tune Trial."""
-        return cls(trial.trial_id, dict(trial.config), trial.status, trial.run_metadata.num_failures, history)
+        return cls(trial.trial_id, dict(trial.config), trial.status, trial.run_metadata.num_failures, history, checkpoint)
+
+
+def relative_checkpoint(trial: Any, checkpoint_path: str) -> str:
+    """A checkpoint's path relative to the experiment folder (which can be synced or moved elsewhere)."""
+    return str(PurePosixPath(checkpoint_path).relative_to(trial.storage.experiment_fs_path))
 
 
 def outcome(tune_status: str, last: Row | None, epochs: int) -> str:
@@ -103,8 +111,8 @@ def read_history(fs: pafs.FileSystem, checkpoint_path: str) -> list[Row]:
         return json.loads(f.readall())
 
 
-def latest_history(fs: pafs.FileSystem, trial_path: str) -> list[Row]:
-    """The history in the newest readable checkpoint of a trial folder ([] before the first epoch).
+def newest_checkpoint(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[Row]]:
+    """The newest readable checkpoint of a trial folder and the history in it ((None, []) before the first epoch).
 
     That checkpoint can be newer than the one Tune's experiment state names,
     when the driver died after the trial wrote it; a checkpoint whose upload
@@ -117,10 +125,10 @@ def latest_history(fs: pafs.FileSystem, trial_path: str) -> list[Row]:
     )
     for _, path in found:
         try:
-            return read_history(fs, path)
+            return path, read_history(fs, path)
         except (FileNotFoundError, json.JSONDecodeError):
             continue
-    return []
+    return None, []
 
 
 def has_state(experiment: str) -> bool:
@@ -145,15 +153,18 @@ def collect(experiment: str) -> list[TrialRecord]:
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
-    return [TrialRecord.of(t, _history(t)) for t in analysis.trials]
+    return [_record(t) for t in analysis.trials]
 
 
-def _history(trial: Any) -> list[Row]:
+def _record(trial: Any) -> TrialRecord:
     if trial.status in ("TERMINATED", "ERROR"):
         # Final: the checkpoint Tune recorded last is the trial's end. (A newer
         # one can remain from before a resume that ended the trial sooner.)
-        return read_history(trial.checkpoint.filesystem, trial.checkpoint.path) if trial.checkpoint else []
-    return latest_history(trial.storage.storage_filesystem, trial.path)
+        c = trial.checkpoint
+        path, history = (c.path, read_history(c.filesystem, c.path)) if c else (None, [])
+    else:
+        path, history = newest_checkpoint(trial.storage.storage_filesystem, trial.path)
+    return TrialRecord.of(trial, history, relative_checkpoint(trial, path) if path else None)
 
 
 # ----- tables -----
@@ -177,7 +188,8 @@ def _trial_row(r: TrialRecord) -> Row:
     row.update(
         final_test_acc=last.get("test_acc", math.nan),
         best_test_acc=float(tested["test_acc"].max()) if len(tested) else math.nan,
-        best_epoch=int(tested["epoch"].iloc[tested["test_acc"].argmax()]) if len(tested) else None,
+        # The last epoch reaching the best, whose weights the trial's checkpoint holds.
+        best_epoch=int(tested["epoch"][tested["test_acc"] == tested["test_acc"].max()].iloc[-1]) if len(tested) else None,
         final_train_loss=last["train_loss"],
         wall_time_s=last["timestamp"] - started,
         train_time_s=float(h["epoch_seconds"].sum()),
@@ -187,6 +199,7 @@ def _trial_row(r: TrialRecord) -> Row:
         ended_at=last["timestamp"],
         node_ip=last.get("node_ip"),
         hostname=last.get("hostname"),
+        checkpoint=r.checkpoint,
     )
     return row
 
@@ -212,6 +225,7 @@ def summary(trials: pd.DataFrame) -> pd.DataFrame:
             "best_test_acc": best["best_test_acc"] if best is not None else math.nan,
             "lr": best["lr"] if best is not None else math.nan,
             "best_epoch": best["best_epoch"] if best is not None else None,
+            "checkpoint": best["checkpoint"] if best is not None else None,
             "outcomes": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().items()),
         })
     return pd.DataFrame(rows).set_index("stratum")

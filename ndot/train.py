@@ -235,9 +235,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
         # best.pt before checkpoint.pt: a run killed between the two redoes this epoch and rewrites both.
-        if m["status"] == "ok" and m["test_acc"] == m["best_test_acc"]:
-            # The weights behind best_test_acc (the spec's model selection), for python -m ndot.evaluate.
-            checkpoint.save(best_path, {k: st[k] for k in ("epoch", "metrics", "model", "config")})
+        if checkpoint.is_best(m):
+            checkpoint.save(best_path, checkpoint.best_of(st))
         checkpoint.save(ckpt_path, st)
         with open(log_path, "a") as f:
             f.write(json.dumps(m) + "\n")

@@ -15,10 +15,12 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
         "lr": [0.1, 0.03, 1.0, 0.2],
         "best_epoch": pd.array([3, 2, None, 1], dtype="Int64"),
         "status": ["completed", "stopped_early", "errored", "diverged"],
+        "checkpoint": ["a/checkpoint_000002", "b/checkpoint_000001", None, "d/checkpoint_000000"],
     })
     table = results.summary(trials)
     assert list(table.index) == ["T=1,ndot_A", "T=2,ndot_A"]
-    assert table.loc["T=1,ndot_A", ["trials", "best_test_acc", "lr", "best_epoch"]].tolist() == [2, 0.95, 0.03, 2]
+    assert table.loc["T=1,ndot_A", ["trials", "best_test_acc", "lr", "best_epoch", "checkpoint"]].tolist() == [
+        2, 0.95, 0.03, 2, "b/checkpoint_000001"]
     assert table.loc["T=2,ndot_A", "best_test_acc"] == 0.5 and "1 errored" in table.loc["T=2,ndot_A", "outcomes"]
 
     trials.to_parquet(tmp_path / "trials.parquet")

@@ -19,7 +19,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ndot import evaluate, results
+from ndot import checkpoint, evaluate, results
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import SMOKE, TIMESTEPS
 from ndot.sweep.space import SearchSpace, Stratum, strata
@@ -50,7 +50,7 @@ def _wait_for_epoch(experiment: Path, proc: subprocess.Popen, min_epoch: int, ma
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
         for trial_dir in experiment.glob("*_T=*"):
-            history = results.latest_history(fs, str(trial_dir))
+            _, history = results.newest_checkpoint(fs, str(trial_dir))
             if history and min_epoch <= history[-1]["epoch"] < max_epoch:
                 return history[-1]
         time.sleep(0.2)
@@ -62,6 +62,14 @@ def _assert_epochs_complete(epochs: pd.DataFrame, trials: pd.DataFrame) -> None:
     for trial_id, g in epochs.groupby("trial_id"):
         run = trials.set_index("trial_id").loc[trial_id, "epochs_run"]
         assert sorted(g["epoch"]) == list(range(1, run + 1)), trial_id
+
+
+def _assert_checkpoints_hold_best_weights(experiment: Path, trials: pd.DataFrame) -> None:
+    """Each trial's checkpoint is its last epoch's state, with the weights of its best epoch."""
+    for _, trial in trials.iterrows():
+        folder = experiment / trial["checkpoint"]
+        assert checkpoint.load(folder / checkpoint.TRIAL)["epoch"] == trial["epochs_run"], trial["trial_id"]
+        assert checkpoint.load(evaluate.weights_file(folder))["epoch"] == trial["best_epoch"], trial["trial_id"]
 
 
 def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
@@ -96,13 +104,13 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
         assert str(experiment / f"{figure}.png") in printed
-    # A trial's last checkpoint folder is weights python -m ndot.evaluate reads: they score what the trial
-    # reported (to a sample or so: the trial ran on one thread, this process on more).
-    saved = sorted(experiment.glob("*/checkpoint_*"))[-1]
-    trial = trials[[t in saved.parent.name for t in trials["trial_id"]]].iloc[0]
-    assert evaluate.main([str(saved), "--out", str(tmp_path / "eval.json")]) == 0
+    _assert_checkpoints_hold_best_weights(experiment, trials)
+    # The summary names each stratum's best trial's checkpoint, which python -m ndot.evaluate reads: it
+    # scores what the trial reported (to a sample or so: the trial ran on one thread, this process on more).
+    best = results.summary(trials).iloc[0]
+    assert evaluate.main([str(experiment / best["checkpoint"]), "--out", str(tmp_path / "eval.json")]) == 0
     scored = json.loads((tmp_path / "eval.json").read_text())
-    assert scored["config"]["T"] == trial["T"] and abs(scored["test_acc"] - trial["final_test_acc"]) <= 0.01
+    assert abs(scored["test_acc"] - best["best_test_acc"]) <= 0.01
 
 
 def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
@@ -126,6 +134,58 @@ def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
     assert trials.loc["lr=0.1", "epochs_run"] == 3
 
 
+# Test accuracies of epochs 1-4, scripted: epoch 2 is the best, so the last checkpoint
+# holds its weights as best.pt, carried over a restart after epoch 3.
+SCRIPTED_ACC = (0.5, 0.9, 0.7, 0.6)
+
+
+def _trial_with_scripted_accuracy(config: dict) -> None:
+    """The sweep's trainable, its test accuracies SCRIPTED_ACC; the first attempt fails after epoch 3's checkpoint."""
+    import ndot.train
+    from ray import tune
+
+    first = tune.get_checkpoint() is None
+    accuracies = iter(SCRIPTED_ACC[:3] if first else SCRIPTED_ACC[3:])
+    real = ndot.train.evaluate
+
+    def scripted(*args, **kwargs):
+        acc = next(accuracies, None)
+        if acc is None:
+            raise RuntimeError("failure injected after epoch 3")
+        return {**real(*args, **kwargs), "test_acc": acc}
+
+    ndot.train.evaluate = scripted
+    try:
+        runner.run_trial(config)
+    finally:
+        ndot.train.evaluate = real
+
+
+def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster, tmp_path, monkeypatch):
+    plan = runner.Plan(
+        name="best", storage=str(tmp_path),
+        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 4},
+        strata=(Stratum({}, "scripted"),), space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1, gpus_per_trial=0,
+    )
+    # The trial runs in a Ray worker, which cannot import this test module: send the function itself.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(runner, "run_trial", _trial_with_scripted_accuracy)
+    runner.connect(cluster.address)
+    try:
+        runner.run(plan)
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    trial = results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]
+    assert (trial["status"], trial["num_failures"], trial["best_epoch"]) == (results.COMPLETED, 1, 2)
+    assert list(results.load(plan.experiment)["test_acc"]) == list(SCRIPTED_ACC)
+    folder = Path(plan.experiment, trial["checkpoint"])
+    assert evaluate.weights_file(folder) == folder / checkpoint.BEST
+    best, last = checkpoint.load(folder / checkpoint.BEST), checkpoint.load(folder / checkpoint.TRIAL)
+    assert (best["epoch"], best["metrics"]["test_acc"], last["epoch"]) == (2, 0.9, 4)
+    assert any((best["model"][k] != last["model"][k]).any() for k in best["model"])
+
+
 def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     flags = ("--T", "1,2", "--rules", "ndot_A,ottt_A", "--epochs", "6")
     cmd = _sweep_cmd(tmp_path, "driver", cluster.address, *flags)
@@ -144,6 +204,7 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     assert sorted(trials["stratum"]) == sorted(s.label for s in strata({"T": (1, 2), "method": ("ndot_A", "ottt_A")}))
     assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 6).all()
     assert before <= set(trials["trial_id"]), "a trial running when the driver died was re-created, not resumed"
+    _assert_checkpoints_hold_best_weights(tmp_path / "driver", trials)
     _assert_epochs_complete(epochs, trials)
     assert len(epochs) == 4 * 6
 

@@ -14,15 +14,16 @@ class TablesCallback(tune.Callback):
     """Rewrites epochs.parquet and trials.parquet in the experiment directory.
 
     A trial's rows are the history in its newest checkpoint, read when Tune
-    registers that checkpoint. Tables are rewritten at most every
-    `min_interval_s` (rewriting is linear in the sweep's size) and at once
-    when a trial ends and when the experiment ends.
+    registers that checkpoint; its row in trials.parquet names that checkpoint.
+    Tables are rewritten at most every `min_interval_s` (rewriting is linear in
+    the sweep's size) and at once when a trial ends and when the experiment ends.
     """
 
     def __init__(self, experiment: str, min_interval_s: float = 10.0) -> None:
         self._experiment = experiment
         self._min_interval_s = min_interval_s
-        self._histories: dict[str, list[results.Row]] = {}
+        # trial id -> (history, checkpoint relative to the experiment)
+        self._saved: dict[str, tuple[list[results.Row], str | None]] = {}
         self._trials: list[Trial] = []
         self._changed = self._trial_ended = False
         self._last_write = 0.0
@@ -30,10 +31,11 @@ class TablesCallback(tune.Callback):
     def setup(self, **info: Any) -> None:
         # A restored experiment: start from what its checkpoints already hold.
         if results.has_state(self._experiment):
-            self._histories = {r.trial_id: r.history for r in results.collect(self._experiment)}
+            self._saved = {r.trial_id: (r.history, r.checkpoint) for r in results.collect(self._experiment)}
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
-        self._histories[trial.trial_id] = results.read_history(checkpoint.filesystem, checkpoint.path)
+        history = results.read_history(checkpoint.filesystem, checkpoint.path)
+        self._saved[trial.trial_id] = history, results.relative_checkpoint(trial, checkpoint.path)
         self._changed = True
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -53,7 +55,7 @@ class TablesCallback(tune.Callback):
         self._write()
 
     def _write(self) -> None:
-        records = [results.TrialRecord.of(t, self._histories.get(t.trial_id, [])) for t in self._trials]
+        records = [results.TrialRecord.of(t, *self._saved.get(t.trial_id, ([], None))) for t in self._trials]
         results.write_tables(self._experiment, records)
         self._changed = self._trial_ended = False
         self._last_write = time.monotonic()

@@ -31,17 +31,27 @@ def run_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config)
     trial_id = tune.get_context().get_trial_id()
     node = _node()
-    resume, history = None, []
+    resume, history, best = None, [], None
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             resume = checkpoint.load(Path(d, checkpoint.TRIAL))
             history = results.read_history(pafs.LocalFileSystem(), d)
+            best = checkpoint.load(Path(d, checkpoint.BEST)) if Path(d, checkpoint.BEST).is_file() else None
+        if checkpoint.is_best(resume["metrics"]):
+            best = checkpoint.best_of(resume)
 
     def on_epoch(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        nonlocal best
+        if checkpoint.is_best(metrics):
+            best = checkpoint.best_of(state)
         history.append(results.epoch_row(trial_id, config, metrics, node, time.time()))
         with tempfile.TemporaryDirectory() as d:
             checkpoint.save(Path(d, checkpoint.TRIAL), state)
+            # Every checkpoint carries the best epoch's weights, as state.pt when that is
+            # this epoch: Tune keeps only the newest checkpoints (ndot.sweep.runner).
+            if best is not None and best["epoch"] != state["epoch"]:
+                checkpoint.save(Path(d, checkpoint.BEST), best)
             Path(d, results.HISTORY_FILE).write_bytes(results.dumps_history(history))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
