@@ -27,7 +27,7 @@ timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/t
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
 timeout 280 $PY -m ndot.bench --profile ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >"$OUT/bench.log" 2>&1 || status=1
 $PY -m ndot.bench --table "$OUT/bench.jsonl" | tee "$OUT/bench.md"
-timeout 45 $PY -m ndot.bench_data --only cifar --workers "$(nproc)" ${BENCH_DATA_ARGS:-} 2>&1 | tee "$OUT/bench_data.jsonl" \
+timeout 45 $PY -m ndot.bench.data --only cifar --workers "$(nproc)" ${BENCH_DATA_ARGS:-} 2>&1 | tee "$OUT/bench_data.jsonl" \
   || status=1
 echo "gpu_check: exit status $status"
 exit $status

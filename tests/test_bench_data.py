@@ -7,7 +7,7 @@ import sys
 
 
 def test_small_run_reports_every_pipeline():
-    done = subprocess.run([sys.executable, "-m", "ndot.bench_data", "--small", "--workers", "1", "--threads", "1"],
+    done = subprocess.run([sys.executable, "-m", "ndot.bench.data", "--small", "--workers", "1", "--threads", "1"],
                           capture_output=True, text=True, timeout=300, check=True)
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     cifar = {(r["bench"], r["autoaugment"]) for r in rows if r["bench"].startswith("cifar")}
@@ -19,13 +19,13 @@ def test_small_run_reports_every_pipeline():
 def test_cifar_part_runs_without_the_event_libraries():
     # The GPU machine has torch and torchvision but neither tonic nor faery.
     code = ("import sys; sys.modules.update(tonic=None, faery=None); "
-            "from ndot import bench_data; bench_data.main(['--small', '--only', 'cifar', '--workers', '1', '--threads', '1'])")
+            "from ndot.bench import data; data.main(['--small', '--only', 'cifar', '--workers', '1', '--threads', '1'])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert len(done.stdout.splitlines()) == 4
 
 
 def test_a_device_this_machine_lacks_is_one_line():
-    done = subprocess.run([sys.executable, "-m", "ndot.bench_data", "--device", "cuda:7", "--small"],
+    done = subprocess.run([sys.executable, "-m", "ndot.bench.data", "--device", "cuda:7", "--small"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "cuda:7" in done.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_close, batch, grads, make_model
-from ndot import bench
+from ndot.bench.cli import main as bench_main
 from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate, fused_neuron_step
 from ndot.graphs import GraphedStep
@@ -107,7 +107,7 @@ def test_cuda_graph_is_refused_without_cuda():
 def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     threads = torch.get_num_threads()
     try:
-        assert bench.main(["--small"]) == 0
+        assert bench_main(["--small"]) == 0
     finally:
         torch.set_num_threads(threads)  # --small runs on one thread; later tests should not
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -131,7 +131,7 @@ def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     # --table of a run cut short before its summaries shows the same summaries, read off its rows.
     def markdown(kept: list[dict]) -> str:
         (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-        assert bench.main(["--table", str(tmp_path / "rows.jsonl")]) == 0
+        assert bench_main(["--table", str(tmp_path / "rows.jsonl")]) == 0
         return capsys.readouterr().out
 
     whole = markdown(rows)
@@ -148,13 +148,13 @@ def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     (["--ablation-T", "-1"], "--ablation-T"),
 ] + ([] if CUDA else [(["--levers", "cuda_graph"], "CUDA device"), (["--device", "cuda"], "CUDA device")]))
 def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys):
-    assert bench.main(["--small", *argv]) == 2
+    assert bench_main(["--small", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
 
 
 def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
-    code = ("import sys, ndot, ndot.bench, ndot.bench_data, ndot.train; "
+    code = ("import sys, ndot, ndot.bench.cli, ndot.bench.data, ndot.train; "
             "bad = {'ray', 'optuna', 'tonic', 'faery'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 

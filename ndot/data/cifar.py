@@ -13,7 +13,7 @@ cfg.cutout). Test inputs: Normalize only. Two pipelines produce them:
 - "cpu": torchvision transforms on PIL images in DataLoader workers.
 
 loader="auto" takes "device" everywhere: on a CPU-only machine too, one core
-of it outruns the PIL pipeline on several (python -m ndot.bench_data).
+of it outruns the PIL pipeline on several (python -m ndot.bench.data).
 """
 from __future__ import annotations
 

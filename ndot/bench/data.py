@@ -1,8 +1,8 @@
 """Data-path throughput, one JSON line per measurement.
 
-    python -m ndot.bench_data            # CIFAR shape, 10,000 images; DVS fixture with 100k events per recording
-    python -m ndot.bench_data --small    # a quick run on a small CPU
-    python -m ndot.bench_data --only cifar   # no DVS part: needs neither tonic nor faery
+    python -m ndot.bench.data            # CIFAR shape, 10,000 images; DVS fixture with 100k events per recording
+    python -m ndot.bench.data --small    # a quick run on a small CPU
+    python -m ndot.bench.data --only cifar   # no DVS part: needs neither tonic nor faery
 
 CIFAR pipelines run on synthetic uint8 images in memory (no dataset needed):
 the PIL pipeline in DataLoader workers and the device pipeline, each with and
@@ -83,7 +83,7 @@ def bench_dvs(events: int, T: int, workers: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m ndot.bench_data", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m ndot.bench.data", description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="fewer images and events, for a small CPU")
     p.add_argument("--device", default="auto", help="where the device pipeline runs (default: the GPU if there is one)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU pipeline and DVS conversion")

@@ -1,0 +1,5 @@
+import sys
+
+from ndot.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,204 @@
+"""Throughput and memory of online training, against an ANN step of the same network as the ceiling.
+
+    python -m ndot.bench              # real size (GPU): vgg11_ws, batch 128, 3x32x32, T in {1,2,4,6,20}
+    python -m ndot.bench --small      # small_cnn, batch 8: a CPU smoke run, well under a minute on 2 cores
+    python -m ndot.bench --table FILE # the JSON lines of a run as Markdown tables (for the README)
+
+Synthetic data, created on the device once. One JSON object per line on stdout (and in --out):
+
+- "env": what was measured on.
+- "ann": images/s of one forward + backward + SGD step of the same convs and
+  weight standardisation with ReLU in place of LIF. One SNN time step does that
+  conv work plus the neuron math, so the fastest ANN figure of a run is the
+  per-time-step ceiling.
+- "snn": image-steps/s of `train_batch` per arch x rule x mode x T x batch x
+  precision x levers, with the ceiling and the ratio to it.
+- "memory_vs_T": one per series over T: online rules should be flat, BPTT linear.
+- "targets": the issue's throughput targets, read off this run's rows.
+- "profile" (--profile): where the time of an NDOT_A batch goes: convolutions,
+  neuron forward (LIF, factor, trace) and its backward, everything else.
+- "error": a case that raised; the run goes on.
+
+Memory: `peak_mem_mb` is torch.cuda.max_memory_allocated over the timed batches,
+less what earlier cases left allocated (so: model, optimiser state, input and
+activations of this case), CUDA only. `saved_mb` is the peak
+of the tensors autograd holds for backward during one batch (ndot.memory), on
+every device; it is the figure the memory check uses on a CPU, which keeps no
+allocator peak.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_snn, env_row
+from ndot.bench.profile import profile_snn
+from ndot.bench.report import memory_checks, table, targets
+from ndot.cli import Parser, listed
+from ndot.config import PRECISIONS, ConfigError, TrainConfig
+from ndot.device import resolve_device
+
+
+def _rule_mode(text: str) -> tuple[str, str]:
+    rule, _, mode = text.rpartition("_")
+    if not rule or mode not in ("A", "O"):
+        raise argparse.ArgumentTypeError(f"expected RULE_MODE such as ndot_A, got {text!r}")
+    return rule, mode
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m ndot.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="small_cnn, batch 8, T 1,2,4: a CPU smoke run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", type=listed(str), default=None, help="comma-separated architectures")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--T", type=listed(int), default=None, help="comma-separated time steps")
+    p.add_argument("--rules", type=listed(_rule_mode), default=None, help="comma-separated RULE_MODE, e.g. ndot_A,bptt_A")
+    p.add_argument("--precisions", type=listed(str), default=PRECISIONS)
+    p.add_argument("--levers", type=Levers.parse, default=None,
+                   help="levers of the rule x T grid: plain or e.g. channels_last+fused_neuron (default: those on CUDA, plain on CPU)")
+    p.add_argument("--ablation-T", type=int, default=None, help="T of the per-lever runs of ndot_A and ndot_O (0: none)")
+    p.add_argument("--profile", action="store_true", help="also profile NDOT_A at the ablation T, plain and grid levers")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--min-seconds", type=float, default=None, help="timed seconds per case, at least")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's; --small: 1, as a smoke run on a shared machine "
+                        "crawls when its threads wait on each other)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--table", default=None, metavar="FILE", help="print the JSON lines in FILE as Markdown tables; measure nothing")
+    return p
+
+
+def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Fill the defaults of the chosen size; every case the run will measure follows from this."""
+    small = args.small
+    cuda = device.type == "cuda"
+    fast = Levers(channels_last=True, fused_neuron=True)
+    ablation = [Levers(), Levers(channels_last=True), Levers(fused_neuron=True), fast]
+    if cuda:
+        ablation += [Levers(cuda_graph=True), Levers(True, True, True)]
+    return {
+        "archs": args.arch or ["small_cnn" if small else "vgg11_ws"],
+        "batch": args.batch if args.batch is not None else (8 if small else 128),
+        "Ts": args.T or ([1, 2, 4] if small else [1, 2, 4, 6, 20]),
+        "rules": args.rules or [("ndot", "A"), ("ndot", "O"), ("ottt", "A"), ("sltt", "A"), ("bptt", "A")],
+        "precisions": args.precisions,
+        "grid_levers": args.levers or (fast if cuda else Levers()),
+        "ablation": ablation,
+        "profile": args.profile,
+        "ablation_T": args.ablation_T if args.ablation_T is not None else (2 if small else 4),
+        "ann_levers": [Levers(channels_last=c, cuda_graph=g) for c in (False, True) for g in ((False, True) if cuda else (False,))],
+        "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
+        "min_seconds": args.min_seconds if args.min_seconds is not None else (0.05 if small else 0.5),
+    }
+
+
+def lever_T(p: dict[str, Any]) -> int:
+    """The T of the per-lever runs, the targets read off them and the profiles."""
+    return p["ablation_T"] or 4
+
+
+def check_plan(p: dict[str, Any], device: torch.device) -> None:
+    """Raise ConfigError for the first case that cannot run, before anything is measured."""
+    for arch in p["archs"]:
+        for rule, mode in p["rules"]:
+            for T in p["Ts"]:
+                for precision in p["precisions"]:
+                    TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=p["batch"], precision=precision).validate()
+    if p["ablation_T"] < 0:
+        raise ConfigError(f"--ablation-T must be >= 0 (0: no per-lever runs), got {p['ablation_T']}")
+    if p["grid_levers"].cuda_graph and device.type != "cuda":
+        raise ConfigError(f"the cuda_graph lever replays CUDA graphs: it needs a CUDA device, not {device}")
+    if p["warmup"] < 0 or not p["min_seconds"] > 0:
+        raise ConfigError("--warmup must be >= 0 and --min-seconds > 0")
+
+
+def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:
+    """Every case once, in the order that loses least if a device run is cut short:
+    the ceiling, the per-lever runs the targets are read from, the rule x T grid, the profiles."""
+    for arch in p["archs"]:
+        s = Setup(device, arch, p["batch"], p["warmup"], p["min_seconds"])
+        for precision in p["precisions"]:
+            for lv in p["ann_levers"]:
+                # Graph replay is measured where the spec's ceiling has it: bf16.
+                if not lv.cuda_graph or precision == "bf16":
+                    yield "ann", s, (precision, lv)
+        snn = [(rule, mode, p["ablation_T"], precision, lv) for precision in p["precisions"]
+               for rule, mode in [("ndot", "A"), ("ndot", "O")] for lv in p["ablation"] if p["ablation_T"]]
+        snn += [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
+                for rule, mode in p["rules"] for T in p["Ts"]]
+        for case in dict.fromkeys(snn):
+            yield "snn", s, case
+        if p["profile"]:
+            for precision in p["precisions"]:
+                for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
+                    yield "profile", s, ("ndot", "A", lever_T(p), precision, lv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        if not any(r["kind"] == "targets" for r in rows):
+            # A run cut short (a device's time limit) never printed its summaries: read them off the rows it kept.
+            env = next((r for r in rows if r["kind"] == "env"), {})
+            rows += [*memory_checks(rows), targets(rows, env.get("lever_T", 4))]
+        print(table(rows))
+        return 0
+    try:
+        device = resolve_device(args.device)
+        p = plan(args, device)
+        check_plan(p, device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads or args.small:
+        torch.set_num_threads(args.threads or 1)
+    # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike.
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
+        def emit(row: Row) -> None:
+            line = json.dumps(row)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+
+        rows = run_cases(p, device, emit)
+        for check in memory_checks(rows):
+            emit(check)
+        emit(targets(rows, lever_T(p)))
+    return 1 if any(r["kind"] == "error" for r in rows) else 0
+
+
+def run_cases(p: dict[str, Any], device: torch.device, emit: Callable[[Row], None]) -> list[Row]:
+    emit({**env_row(device), "lever_T": lever_T(p)})
+    rows: list[Row] = []
+    ceiling: dict[tuple[str, int], float] = {}
+    for kind, s, case in cases(p, device):
+        try:
+            if kind == "ann":
+                row = bench_ann(s, *case)
+                ceiling[(s.arch, s.batch)] = max(ceiling.get((s.arch, s.batch), 0.0), row["images_per_s"])
+            elif kind == "profile":
+                row = profile_snn(s, *case)
+            else:
+                row = bench_snn(s, *case)
+                row["ceiling_images_per_s"] = ceiling.get((s.arch, s.batch))
+                row["ratio_to_ceiling"] = row["image_steps_per_s"] / row["ceiling_images_per_s"] if row["ceiling_images_per_s"] else None
+        except Exception as e:  # one failing case (an OOM, a capture error) must not lose the rest of a device run
+            row = {"kind": "error", "case": kind, "arch": s.arch, "batch": s.batch,
+                   "args": list(case[:-1]), **dataclasses.asdict(case[-1]), "error": f"{type(e).__name__}: {e}"}
+        rows.append(row)
+        emit(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,162 @@
+"""One benchmark case: an ANN step (the ceiling) or an SNN training batch, timed on synthetic data."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ndot.fast import accelerate
+from ndot.graphs import GraphedStep
+from ndot.layers import LIF, Both, configure
+from ndot.memory import SavedTensorMeter
+from ndot.models import ARCHS, build
+from ndot.step import step_loss, train_batch
+
+Row = dict[str, Any]
+LOSS_ALPHA = 0.05
+CHANNELS, CLASSES = 3, 10
+
+
+@dataclass(frozen=True)
+class Levers:
+    channels_last: bool = False
+    fused_neuron: bool = False
+    cuda_graph: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Levers":
+        """Parse "plain" or lever names joined by "+", e.g. "channels_last+fused_neuron"."""
+        names = [] if text == "plain" else text.split("+")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(names) - fields
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown lever(s) {sorted(unknown)}; valid: plain or {'+'.join(sorted(fields))}")
+        return cls(**{n: True for n in names})
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def timed(run: Callable[[], object], device: torch.device, warmup: int, min_seconds: float,
+          base: int = 0) -> tuple[float, float | None]:
+    """Seconds per call of `run` after warm-up, and the CUDA peak MB over the timed calls above `base` bytes."""
+    for _ in range(warmup):
+        run()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    run()
+    sync(device)
+    # Enough calls to fill min_seconds, judged from one; a single sync at the end.
+    n = max(3, math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-9)))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run()
+    sync(device)
+    seconds = (time.perf_counter() - t0) / n
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
+    return seconds, peak
+
+
+def ann_twin(model: nn.Module) -> nn.Module:
+    """The same network with every LIF replaced by a ReLU times the LIF's output scale (in place)."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, LIF):
+                c = child.out_scale
+                setattr(parent, name, Both(lambda x, c=c: F.relu(x) * c, f"relu*{c}"))
+    return model
+
+
+def ann_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, *, precision: str) -> tuple[Tensor]:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        o = model(x)
+    loss = step_loss(o, y, 1, LOSS_ALPHA)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (loss.detach(),)
+
+
+@dataclass(frozen=True)
+class Setup:
+    device: torch.device
+    arch: str
+    batch: int
+    warmup: int
+    min_seconds: float
+
+
+def synthetic_batch(s: Setup) -> tuple[Tensor, Tensor]:
+    g = torch.Generator(device=s.device).manual_seed(0)
+    size = ARCHS[s.arch].input_size
+    x = torch.randn(s.batch, CHANNELS, size, size, device=s.device, generator=g)
+    return x, torch.randint(0, CLASSES, (s.batch,), device=s.device, generator=g)
+
+
+def fresh_model(s: Setup, levers: Levers) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = accelerate(build(s.arch, CHANNELS, CLASSES).to(s.device),
+                       channels_last=levers.channels_last, fused_neuron=levers.fused_neuron)
+    model.train()
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _runner(step: Callable, model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, graph: bool) -> Callable[[], object]:
+    if graph:
+        graphed = GraphedStep(step, model, opt)
+        return lambda: graphed(x, y)
+    return lambda: step(model, opt, x, y)
+
+
+def bench_ann(s: Setup, precision: str, levers: Levers) -> Row:
+    base = allocated(s.device)
+    model, opt = fresh_model(s, levers)
+    step = functools.partial(ann_step, precision=precision)
+    x, y = synthetic_batch(s)
+    run = _runner(step, ann_twin(model), opt, x, y, levers.cuda_graph)
+    seconds, peak = timed(run, s.device, s.warmup, s.min_seconds, base)
+    return {"kind": "ann", "arch": s.arch, "batch": s.batch, "precision": precision, **dataclasses.asdict(levers),
+            "images_per_s": s.batch / seconds, "step_ms": 1e3 * seconds, "peak_mem_mb": peak}
+
+
+def bench_snn(s: Setup, rule: str, mode: str, T: int, precision: str, levers: Levers) -> Row:
+    # What earlier cases left allocated is not this case's memory.
+    base = allocated(s.device)
+    model, opt = fresh_model(s, levers)
+    configure(model, rule)
+    step = functools.partial(train_batch, rule=rule, mode=mode, T=T, loss_alpha=LOSS_ALPHA, precision=precision)
+    x, y = synthetic_batch(s)
+    seconds, peak = timed(_runner(step, model, opt, x, y, levers.cuda_graph), s.device, s.warmup, s.min_seconds, base)
+    # One more batch, eager, to count what autograd saves (after timing, so nothing compiles under the hooks).
+    with SavedTensorMeter() as meter:
+        step(model, opt, x, y)
+    return {"kind": "snn", "arch": s.arch, "rule": rule, "mode": mode, "T": T, "batch": s.batch,
+            "precision": precision, **dataclasses.asdict(levers), "image_steps_per_s": s.batch * T / seconds,
+            "batch_ms": 1e3 * seconds, "peak_mem_mb": peak, "saved_mb": meter.peak / 2**20}
+
+
+def env_row(device: torch.device) -> Row:
+    row: Row = {"kind": "env", "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+                "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        row.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return row

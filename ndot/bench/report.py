@@ -1,0 +1,95 @@
+"""Summaries of a run's rows: memory over T, the issue's targets, Markdown tables."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ndot.bench.measure import Levers, Row
+
+def memory_checks(rows: list[Row], tolerance: float = 0.05) -> list[Row]:
+    """Memory over T per series: online rules within `tolerance` of flat, BPTT linear (R² of a line fit)."""
+    series: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r["kind"] == "snn":
+            key = tuple(r[k] for k in ("arch", "batch", "rule", "mode", "precision", *Levers.__dataclass_fields__))
+            series.setdefault(key, []).append(r)
+    out = []
+    for rs in series.values():
+        if len({r["T"] for r in rs}) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["T"])
+        metric = "peak_mem_mb" if rs[0]["peak_mem_mb"] is not None else "saved_mb"
+        Ts, mem = [r["T"] for r in rs], [r[metric] for r in rs]
+        check = {k: rs[0][k] for k in ("arch", "batch", "rule", "mode", "precision", *Levers.__dataclass_fields__)}
+        check.update(kind="memory_vs_T", metric=metric, T=Ts, mb=mem, growth=mem[-1] / mem[0] - 1)
+        if rs[0]["rule"] == "bptt":
+            slope, r2 = _line_fit(Ts, mem)
+            check.update(mb_per_step=slope, r2=r2, ok=slope > 0 and r2 >= 0.99)
+        else:
+            check.update(ok=max(mem) <= (1 + tolerance) * min(mem))
+        out.append(check)
+    return out
+
+
+def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    ss_res = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    return slope, 1.0 - ss_res / ss_tot if ss_tot else 1.0
+
+
+def targets(rows: list[Row], T: int = 4) -> Row:
+    """Issue 5's targets from this run: NDOT_A bf16 vs the ceiling, NDOT_O vs NDOT_A, fp32 throughput."""
+    def best(rule: str, mode: str, precision: str) -> Row | None:
+        rs = [r for r in rows if r["kind"] == "snn" and (r["rule"], r["mode"], r["precision"], r["T"]) == (rule, mode, precision, T)]
+        return max(rs, key=lambda r: r["image_steps_per_s"], default=None)
+
+    a16, o16, a32 = best("ndot", "A", "bf16"), best("ndot", "O", "bf16"), best("ndot", "A", "fp32")
+    lever_keys = list(Levers.__dataclass_fields__)
+    out: Row = {"kind": "targets", "T": T, "note": "issue 5 sets these for an H200; elsewhere they are only ratios to read"}
+    if a16:
+        out.update(ndot_A_bf16_ratio_to_ceiling=a16["ratio_to_ceiling"], ndot_A_bf16_levers={k: a16[k] for k in lever_keys},
+                   ndot_A_bf16_ok=a16["ratio_to_ceiling"] >= 0.8)
+    if a16 and o16:
+        out.update(ndot_O_over_A_bf16=o16["image_steps_per_s"] / a16["image_steps_per_s"])
+        out["ndot_O_ok"] = out["ndot_O_over_A_bf16"] >= 0.85
+    if a32:
+        out.update(ndot_A_fp32_image_steps_per_s=a32["image_steps_per_s"], ndot_A_fp32_ok=a32["image_steps_per_s"] >= 14_000)
+    return out
+
+
+def _levers_name(r: Row) -> str:
+    return "+".join(k for k in Levers.__dataclass_fields__ if r[k]) or "plain"
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown tables of a run: the ceiling, training throughput, memory over T, profiles, targets, errors."""
+    out: list[str] = []
+
+    def section(title: str, head: list[str], body: Iterable[list[Any]]) -> None:
+        body = [["–" if v is None else f"{v:,.0f}" if isinstance(v, float) and abs(v) >= 100 else f"{v:.3g}" if isinstance(v, float) else str(v)
+                 for v in line] for line in body]
+        if body:
+            out.extend([f"\n{title}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)])
+            out.extend("| " + " | ".join(line) + " |" for line in body)
+
+    env = next((r for r in rows if r["kind"] == "env"), {})
+    out.append(" ".join(f"{k}={v}" for k, v in env.items() if k != "kind"))
+    section("ANN step (the ceiling)", ["arch", "batch", "precision", "levers", "images/s", "peak MB"],
+            ([r["arch"], r["batch"], r["precision"], _levers_name(r), r["images_per_s"], r["peak_mem_mb"]]
+             for r in rows if r["kind"] == "ann"))
+    section("Training", ["arch", "rule", "T", "batch", "precision", "levers", "image-steps/s", "x ceiling", "peak MB", "saved MB"],
+            ([r["arch"], f"{r['rule']}_{r['mode']}", r["T"], r["batch"], r["precision"], _levers_name(r),
+              r["image_steps_per_s"], r["ratio_to_ceiling"], r["peak_mem_mb"], r["saved_mb"]]
+             for r in rows if r["kind"] == "snn"))
+    section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MB", "ok"],
+            ([f"{r['rule']}_{r['mode']}", r["precision"], _levers_name(r), r["metric"], r["T"],
+              [round(m, 1) for m in r["mb"]], r["ok"]] for r in rows if r["kind"] == "memory_vs_T"))
+    section("Profile (fraction of the batch)", ["rule", "T", "precision", "levers", "batch ms", "conv fwd", "conv bwd",
+                                                "neuron fwd", "neuron bwd", "other", "neuron / conv"],
+            ([f"{r['rule']}_{r['mode']}", r["T"], r["precision"], _levers_name(r), r["batch_ms"],
+              *r["fraction"].values(), r["neuron_over_conv"]] for r in rows if r["kind"] == "profile"))
+    section("Targets", ["target", "value"], ([k, v] for r in rows if r["kind"] == "targets" for k, v in r.items() if k != "kind"))
+    section("Errors", ["case", "args", "error"], ([r["case"], r["args"], r["error"]] for r in rows if r["kind"] == "error"))
+    return "\n".join(out)
