@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**args)
     try:
         cfg.validate()
-        resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         data.check(cfg)
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             last[0] = time.monotonic()
             print(f"epoch {epoch:3d}/{cfg.epochs}  batch {done}/{total}", flush=True)
 
-    print(f"{cfg.rule}_{cfg.mode} T={cfg.T} {cfg.arch} on {cfg.dataset} ({resolve_device(cfg.device)}) -> {out}", flush=True)
+    print(f"{cfg.rule}_{cfg.mode} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
     result = train(cfg, on_epoch, state, on_batch)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
