@@ -2,7 +2,7 @@
 
     python -m ndot.evaluate runs/NAME                        # best.pt there (the best epoch's weights)
     python -m ndot.evaluate runs/NAME/checkpoint.pt --T 8    # the last epoch's weights, run for 8 steps
-    python -m ndot.evaluate runs/sweeps/NAME/TRIAL/checkpoint_000009   # a sweep trial's saved state
+    python -m ndot.evaluate runs/sweeps/NAME/CHECKPOINT      # a sweep trial's best weights (trials.parquet names it)
 
 Besides top-1 (top-5 with more than 10 classes) the command reports the
 accuracy after each time step, argmax of Σ_{t' ≤ t} o[t'] (how early the
@@ -96,7 +96,7 @@ def evaluate_weights(state: dict[str, Any], cfg: TrainConfig, device: torch.devi
 
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
-    p.add_argument("path", type=Path, help="a saved state, or the folder holding it: a run folder (best.pt first) or a sweep trial's checkpoint folder")
+    p.add_argument("path", type=Path, help="a saved state, or the folder holding it (best.pt first): a run folder or a sweep trial's checkpoint folder")
     p.add_argument("--T", type=int, default=None,
                    help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")
