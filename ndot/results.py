@@ -20,7 +20,6 @@ import math
 import os
 import re
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Sequence
@@ -30,6 +29,7 @@ import pyarrow.fs as pafs
 
 from ndot.cli import Parser
 from ndot.config import TrainConfig
+from ndot.files import filesystem, write_bytes
 from ndot.sweep.space import STRATUM_KEY, method
 
 EPOCHS_TABLE = "epochs"
@@ -236,28 +236,6 @@ def summary_text(trials: pd.DataFrame) -> str:
 
 
 # ----- files -----
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a local path or a URI (s3://...), and the path within it."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file atomically (temporary file, then move): a reader sees the old or the new file."""
-    fs, path = filesystem(uri)
-    parent = PurePosixPath(path).parent
-    fs.create_dir(str(parent), recursive=True)
-    tmp = str(parent / f".{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp")
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
-
-
-def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.readall()
-
 
 def table_uri(experiment: str, table: str) -> str:
     return f"{experiment.rstrip('/')}/{table}.parquet"

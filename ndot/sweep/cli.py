@@ -16,7 +16,7 @@ import ray
 from ray import tune
 from ray.tune.experiment import Trial
 
-from ndot import data, results
+from ndot import data, files, results
 from ndot.cli import Parser, listed
 from ndot.config import ConfigError, TrainConfig, parse_field
 from ndot.sweep import runner
@@ -185,8 +185,8 @@ def check_storage(uri: str) -> None:
     """Fail now, not after the first epoch, when the experiment cannot be written."""
     probe = f"{uri.rstrip('/')}/.ndot-write-probe"
     try:
-        results.write_bytes(probe, b"")
-        fs, path = results.filesystem(probe)
+        files.write_bytes(probe, b"")
+        fs, path = files.filesystem(probe)
         fs.delete_file(path)
     except OSError as e:
         raise InputError(f"storage {uri} is not writable: {str(e).splitlines()[0]}") from None

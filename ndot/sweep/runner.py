@@ -12,7 +12,7 @@ import ray
 from ray import tune
 from ray.tune.experiment import Trial
 
-from ndot import results
+from ndot import files, results
 from ndot.sweep import resources
 from ndot.sweep.recorder import TablesCallback
 from ndot.sweep.scheduler import StratifiedASHA
@@ -61,11 +61,11 @@ PLAN_FILE = "sweep.json"
 
 def save_plan(plan: Plan) -> None:
     """Store the plan in the experiment, readable, so that a resume runs what was started."""
-    results.write_bytes(f"{plan.experiment}/{PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
+    files.write_bytes(f"{plan.experiment}/{PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
 
 
 def load_plan(experiment: str) -> Plan:
-    d = json.loads(results.read_bytes(f"{experiment}/{PLAN_FILE}"))
+    d = json.loads(files.read_bytes(f"{experiment}/{PLAN_FILE}"))
     d["strata"] = tuple(Stratum(**s) for s in d["strata"])
     # JSON turned the space's tuples into lists.
     d["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["space"].items()})
