@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -41,5 +41,5 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise
 
 
-def load(path: str | os.PathLike) -> dict[str, Any]:
+def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)

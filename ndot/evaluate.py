@@ -3,22 +3,25 @@
     python -m ndot.evaluate runs/NAME                        # best.pt there (the best epoch's weights)
     python -m ndot.evaluate runs/NAME/checkpoint.pt --T 8    # the last epoch's weights, run for 8 steps
     python -m ndot.evaluate runs/sweeps/NAME/CHECKPOINT      # a sweep trial's best weights (trials.parquet names it)
+    python -m ndot.evaluate s3://BUCKET/PREFIX/NAME/CHECKPOINT   # the same where the sweep stored it
 
 Besides top-1 (top-5 with more than 10 classes) the command reports the
 accuracy after each time step, argmax of Σ_{t' ≤ t} o[t'] (how early the
 network decides), and the firing rate of each spiking layer; it writes them as
-JSON beside the weights.
+JSON beside the weights (or to --out).
 """
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
-from ndot import checkpoint, data
+from ndot import checkpoint, data, files
 from ndot.cli import Parser
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.device import resolve_device
@@ -61,23 +64,28 @@ def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int,
     return out
 
 
-def weights_file(path: Path) -> Path:
-    """The file to evaluate: `path` itself, or the saved state in the folder `path` (best.pt before checkpoint.pt)."""
-    if path.is_dir():
+def weights_file(path: str | os.PathLike) -> str:
+    """The file to evaluate: `path` itself, or the saved state in the folder `path` (best.pt first).
+
+    `path` is local or a URI (s3://...).
+    """
+    path = str(path)
+    kind = files.kind(path)
+    if kind == pafs.FileType.Directory:
         for name in (checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL):
-            if (path / name).is_file():
-                return path / name
+            if files.kind(f"{path.rstrip('/')}/{name}") == pafs.FileType.File:
+                return f"{path.rstrip('/')}/{name}"
         raise ConfigError(f"{path} holds none of {checkpoint.BEST}, {checkpoint.LAST}, {checkpoint.TRIAL}: "
                           "name a run folder of python -m ndot.train or a sweep trial's checkpoint folder")
-    if not path.is_file():
+    if kind != pafs.FileType.File:
         raise ConfigError(f"{path} does not exist")
     return path
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: str) -> dict[str, Any]:
     """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
     try:
-        state = checkpoint.load(path)
+        state = checkpoint.load(io.BytesIO(files.read_bytes(path)))
     except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
@@ -96,14 +104,15 @@ def evaluate_weights(state: dict[str, Any], cfg: TrainConfig, device: torch.devi
 
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
-    p.add_argument("path", type=Path, help="a saved state, or the folder holding it (best.pt first): a run folder or a sweep trial's checkpoint folder")
+    p.add_argument("path", help="a saved state, or the folder holding it (best.pt first): a run folder or a sweep "
+                               "trial's checkpoint folder; local or a URI (s3://...)")
     p.add_argument("--T", type=int, default=None,
                    help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
-    p.add_argument("--out", type=Path, default=None, help="JSON file (default: eval-<weights>-T<T>.json beside the weights)")
+    p.add_argument("--out", default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights)")
     return p
 
 
@@ -122,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:  # storage that cannot be reached or read (credentials, network, scheme)
+        print(f"error: {args.path}: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     trained = TrainConfig.from_dict(state["config"])
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
     print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "
@@ -132,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))
     print(f"firing rate {m['firing_rate']:.4f}; by layer: "
           + ", ".join(f"{k} {v:.4f}" for k, v in m["layer_firing_rates"].items()))
-    out = args.out or path.with_name(f"eval-{path.stem}-T{cfg.T}.json")
-    result = {"weights": str(path), "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    folder, _, name = path.rpartition("/")
+    out = args.out or f"{folder or '.'}/eval-{name.removesuffix('.pt')}-T{cfg.T}.json"
+    result = {"weights": path, "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
+    files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"-> {out}")
     return 0
 

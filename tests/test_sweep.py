@@ -180,7 +180,7 @@ def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster,
     assert (trial["status"], trial["num_failures"], trial["best_epoch"]) == (results.COMPLETED, 1, 2)
     assert list(results.load(plan.experiment)["test_acc"]) == list(SCRIPTED_ACC)
     folder = Path(plan.experiment, trial["checkpoint"])
-    assert evaluate.weights_file(folder) == folder / checkpoint.BEST
+    assert evaluate.weights_file(folder) == str(folder / checkpoint.BEST)
     best, last = checkpoint.load(folder / checkpoint.BEST), checkpoint.load(folder / checkpoint.TRIAL)
     assert (best["epoch"], best["metrics"]["test_acc"], last["epoch"]) == (2, 0.9, 4)
     assert any((best["model"][k] != last["model"][k]).any() for k in best["model"])
