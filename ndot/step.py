@@ -12,8 +12,8 @@ from ndot.layers import reset_state, standardised_weights
 
 
 def step_loss(o: Tensor, y: Tensor, T: int, alpha: float) -> Tensor:
-    """L[t] = ((1 - α) CE(o[t], y) + α MSE(o[t], onehot(y))) / T."""
-    o = o.float()
+    """L[t] = ((1 - α) CE(o[t], y) + α MSE(o[t], onehot(y))) / T, in fp32 at least (bf16 logits are widened)."""
+    o = o.to(torch.promote_types(o.dtype, torch.float32))
     mse = F.mse_loss(o, F.one_hot(y, o.shape[-1]).to(o.dtype))
     return ((1 - alpha) * F.cross_entropy(o, y) + alpha * mse) / T
 
