@@ -10,9 +10,9 @@ import torch
 
 # File names of saved states. A run folder of python -m ndot.train holds LAST (the state after the
 # last epoch, for --resume) and BEST (the weights of the best epoch); a sweep trial's Tune
-# checkpoint folder holds TRIAL, and BEST when an earlier epoch was the best. Each has the weights
-# under "model" and the run's config under "config".
-LAST, BEST, TRIAL = "checkpoint.pt", "best.pt", "state.pt"
+# checkpoint folder holds TRIAL, HISTORY (a row per epoch so far) and, when an earlier epoch was
+# the best, BEST. Each state has the weights under "model" and the run's config under "config".
+LAST, BEST, TRIAL, HISTORY = "checkpoint.pt", "best.pt", "state.pt", "history.json"
 
 
 def is_best(metrics: dict[str, Any]) -> bool:

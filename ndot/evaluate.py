@@ -65,16 +65,25 @@ def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int,
 
 
 def weights_file(path: str | os.PathLike) -> str:
-    """The file to evaluate: `path` itself, or the saved state in the folder `path` (best.pt first).
+    """The file to evaluate: `path` itself, or the best epoch's weights in the folder `path`.
 
+    In a run folder that is best.pt. In a sweep trial's checkpoint it is
+    state.pt when its epoch was the best so far (its history's last row says),
+    else best.pt: a best.pt left by an earlier attempt at the same checkpoint
+    (Tune writes a re-run epoch's checkpoint into the same folder) is then ignored.
     `path` is local or a URI (s3://...).
     """
     path = str(path)
     kind = files.kind(path)
     if kind == pafs.FileType.Directory:
-        for name in (checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL):
-            if files.kind(f"{path.rstrip('/')}/{name}") == pafs.FileType.File:
-                return f"{path.rstrip('/')}/{name}"
+        folder = path.rstrip("/")
+        names = [checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL]
+        if files.kind(f"{folder}/{checkpoint.HISTORY}") == pafs.FileType.File:
+            last = json.loads(files.read_bytes(f"{folder}/{checkpoint.HISTORY}"))[-1]
+            names = [checkpoint.TRIAL] if checkpoint.is_best(last) else [checkpoint.BEST, checkpoint.TRIAL]
+        for name in names:
+            if files.kind(f"{folder}/{name}") == pafs.FileType.File:
+                return f"{folder}/{name}"
         raise ConfigError(f"{path} holds none of {checkpoint.BEST}, {checkpoint.LAST}, {checkpoint.TRIAL}: "
                           "name a run folder of python -m ndot.train or a sweep trial's checkpoint folder")
     if kind != pafs.FileType.File:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import pandas as pd
 import pyarrow.fs as pafs
 
+from ndot import checkpoint
 from ndot.cli import Parser
 from ndot.config import TrainConfig
 from ndot.files import filesystem, write_bytes
@@ -34,7 +35,6 @@ from ndot.sweep.space import STRATUM_KEY, method
 
 EPOCHS_TABLE = "epochs"
 TRIALS_TABLE = "trials"
-HISTORY_FILE = "history.json"
 _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
 
 # Per-trial outcomes; unfinished trials keep Tune's state in lower case (pending, running, paused).
@@ -88,6 +88,14 @@ class TrialRecord:
         return cls(trial.trial_id, dict(trial.config), trial.status, trial.run_metadata.num_failures, history, checkpoint)
 
 
+def experiment_of(trial: Any) -> str:
+    """The experiment folder a Tune trial belongs to, now: a local path or a URI (s3://bucket/prefix/name)."""
+    storage = trial.storage
+    path = storage.experiment_fs_path
+    fs = storage.storage_filesystem
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
 def relative_checkpoint(trial: Any, checkpoint_path: str) -> str:
     """A checkpoint's path relative to the experiment folder (which can be synced or moved elsewhere)."""
     return str(PurePosixPath(checkpoint_path).relative_to(trial.storage.experiment_fs_path))
@@ -107,7 +115,7 @@ def outcome(tune_status: str, last: Row | None, epochs: int) -> str:
 
 
 def read_history(fs: pafs.FileSystem, checkpoint_path: str) -> list[Row]:
-    with fs.open_input_stream(f"{checkpoint_path}/{HISTORY_FILE}") as f:
+    with fs.open_input_stream(f"{checkpoint_path}/{checkpoint.HISTORY}") as f:
         return json.loads(f.readall())
 
 
@@ -157,13 +165,19 @@ def collect(experiment: str) -> list[TrialRecord]:
 
 
 def _record(trial: Any) -> TrialRecord:
-    if trial.status in ("TERMINATED", "ERROR"):
+    fs = trial.storage.storage_filesystem
+    if trial.status not in ("TERMINATED", "ERROR"):
+        path, history = newest_checkpoint(fs, trial.path)
+    elif (c := trial.checkpoint) is None:
+        path, history = None, []
+    else:
         # Final: the checkpoint Tune recorded last is the trial's end. (A newer
         # one can remain from before a resume that ended the trial sooner.)
-        c = trial.checkpoint
-        path, history = (c.path, read_history(c.filesystem, c.path)) if c else (None, [])
-    else:
-        path, history = newest_checkpoint(trial.storage.storage_filesystem, trial.path)
+        try:
+            path, history = c.path, read_history(c.filesystem, c.path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            # Deleted by checkpoint retention after the state naming it was saved, before the driver died.
+            path, history = newest_checkpoint(fs, trial.path)
     return TrialRecord.of(trial, history, relative_checkpoint(trial, path) if path else None)
 
 

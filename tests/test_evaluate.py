@@ -6,7 +6,7 @@ import torch
 
 from ndot import checkpoint, data, train as train_module
 from ndot.config import TrainConfig
-from ndot.evaluate import evaluate, main as evaluate_main
+from ndot.evaluate import evaluate, main as evaluate_main, weights_file
 from ndot.models import from_config
 from ndot.train import main as train_main
 
@@ -69,6 +69,20 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
     assert train_main([*RUN, "--epochs", "1", "--out", str(tmp_path)]) == 0
     assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 1
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("last,files,picked", [
+    ({"status": "ok", "test_acc": 0.9, "best_test_acc": 0.9}, ["state.pt", "best.pt"], "state.pt"),
+    ({"status": "ok", "test_acc": 0.8, "best_test_acc": 0.9}, ["state.pt", "best.pt"], "best.pt"),
+    ({"status": "diverged", "test_acc": None, "best_test_acc": None}, ["state.pt"], "state.pt"),
+])
+def test_a_sweep_checkpoint_yields_the_weights_its_history_names_best(tmp_path, last, files, picked):
+    # A best.pt beside the best epoch's own state is left over from an earlier attempt at the
+    # same checkpoint (Tune writes a re-run epoch into the same folder): it is not the best.
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / checkpoint.HISTORY).write_text(json.dumps([{"epoch": 1, **last}]))
+    assert weights_file(tmp_path) == str(tmp_path / picked)
 
 
 @pytest.mark.parametrize("make,args,message", [

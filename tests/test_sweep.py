@@ -7,6 +7,7 @@ removes a worker node runs last.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,13 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     before = {r.trial_id for r in results.collect(str(tmp_path / "driver"))}
+
+    # A copy elsewhere is refused: Tune would create the sweep's later trials in the original place.
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "driver", copy / "driver")
+    refused = subprocess.run([*_sweep_cmd(copy, "driver", cluster.address, *flags), "--resume"],
+                             capture_output=True, text=True, timeout=WAIT_S)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "resume it there" in refused.stderr
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
     assert done.returncode == 0, done.stderr[-2000:]

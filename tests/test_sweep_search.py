@@ -9,7 +9,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from ndot import results
+from ndot import checkpoint, results
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedSearch
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
@@ -124,7 +124,7 @@ def test_asha_rungs_survive_a_resume(tmp_path):
     live.on_trial_complete(None, done, rows[-1])
 
     # The same trial as Tuner.restore hands it over: finished, its history in its newest checkpoint.
-    (tmp_path / results.HISTORY_FILE).write_bytes(results.dumps_history(rows))
+    (tmp_path / checkpoint.HISTORY).write_bytes(results.dumps_history(rows))
     restored_done = _trial("done", "T=1")
     restored_done.run_metadata.checkpoint_manager.register_checkpoint(
         _TrainingResult(checkpoint=Checkpoint.from_directory(str(tmp_path)), metrics=rows[-1]))
@@ -148,7 +148,7 @@ def test_asha_rungs_survive_a_resume(tmp_path):
 def test_a_restored_trial_with_an_unreadable_checkpoint_is_added_as_new(tmp_path):
     trial = _trial("cut", "T=1")
     # A checkpoint folder whose history upload was cut short.
-    (tmp_path / results.HISTORY_FILE).write_text('[{"epoch": 1, ')
+    (tmp_path / checkpoint.HISTORY).write_text('[{"epoch": 1, ')
     trial.run_metadata.checkpoint_manager.register_checkpoint(
         _TrainingResult(checkpoint=Checkpoint.from_directory(str(tmp_path)), metrics={}))
     asha = _asha()

@@ -176,9 +176,13 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
     if not tune.Tuner.can_restore(experiment):
         raise InputError(f"no experiment to resume at {experiment}")
     plan = runner.load_plan(experiment)
+    if plan.storage.rstrip("/") != _storage(args).rstrip("/"):
+        # Tune 2.60 restores the trials it has at the new place but creates the later ones
+        # where the experiment was started: they would fail, or write beside the original.
+        raise InputError(f"experiment {args.name} was started in {plan.storage}: resume it there "
+                         f"(Ray Tune creates a resumed sweep's new trials where it started)")
     cpus, gpus = _resources(_given(args.cpus_per_trial, plan.cpus_per_trial), _given(args.gpus_per_trial, plan.gpus_per_trial))
-    # The storage may have moved (e.g. copied from S3 to a laptop); the name is the experiment's.
-    return dataclasses.replace(plan, storage=_storage(args), cpus_per_trial=cpus, gpus_per_trial=gpus)
+    return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus)
 
 
 def check_storage(uri: str) -> None:

@@ -1,41 +1,53 @@
 """A Tune callback that keeps the sweep's Parquet tables current while it runs."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import results
 
+log = logging.getLogger(__name__)
+
 
 class TablesCallback(tune.Callback):
-    """Rewrites epochs.parquet and trials.parquet in the experiment directory.
+    """Rewrites epochs.parquet and trials.parquet in the experiment folder.
 
-    A trial's rows are the history in its newest checkpoint, read when Tune
-    registers that checkpoint; its row in trials.parquet names that checkpoint.
-    Tables are rewritten at most every `min_interval_s` (rewriting is linear in
-    the sweep's size) and at once when a trial ends and when the experiment ends.
+    The folder is the one Tune keeps the trials in. A trial's rows are the history in its newest checkpoint. Tune registers a
+    checkpoint only after its callbacks have returned, and drops it when one
+    raises, so `on_checkpoint` only notes the folder; the history is read when
+    the tables are next written. Tables are rewritten at most every
+    `min_interval_s` (rewriting is linear in the sweep's size) and at once when
+    a trial ends and when the experiment ends. Storage that fails for a moment
+    costs a warning and a retry at the next write, never the sweep: the tables
+    can always be rebuilt from the checkpoints (python -m ndot.results collect).
     """
 
-    def __init__(self, experiment: str, min_interval_s: float = 10.0) -> None:
-        self._experiment = experiment
+    def __init__(self, min_interval_s: float = 10.0) -> None:
         self._min_interval_s = min_interval_s
+        self._experiment: str | None = None
         # trial id -> (history, checkpoint relative to the experiment)
         self._saved: dict[str, tuple[list[results.Row], str | None]] = {}
+        # trial id -> (filesystem, path, path relative to the experiment) of a checkpoint registered since the last read
+        self._unread: dict[str, tuple[pafs.FileSystem, str, str]] = {}
         self._trials: list[Trial] = []
         self._changed = self._trial_ended = False
         self._last_write = 0.0
 
-    def setup(self, **info: Any) -> None:
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self._experiment is not None or not trials:
+            return
+        self._experiment = results.experiment_of(trials[0])
         # A restored experiment: start from what its checkpoints already hold.
         if results.has_state(self._experiment):
             self._saved = {r.trial_id: (r.history, r.checkpoint) for r in results.collect(self._experiment)}
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
-        history = results.read_history(checkpoint.filesystem, checkpoint.path)
-        self._saved[trial.trial_id] = history, results.relative_checkpoint(trial, checkpoint.path)
+        self._unread[trial.trial_id] = checkpoint.filesystem, checkpoint.path, results.relative_checkpoint(trial, checkpoint.path)
         self._changed = True
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -55,7 +67,22 @@ class TablesCallback(tune.Callback):
         self._write()
 
     def _write(self) -> None:
+        if self._experiment is None:
+            return
+        for trial_id, (fs, path, relative) in list(self._unread.items()):
+            try:
+                self._saved[trial_id] = results.read_history(fs, path), relative
+            except (OSError, ValueError) as e:
+                log.warning("ndot: could not read the history of %s (%s); trying again at the next write", path, e)
+                continue
+            del self._unread[trial_id]
         records = [results.TrialRecord.of(t, *self._saved.get(t.trial_id, ([], None))) for t in self._trials]
-        results.write_tables(self._experiment, records)
-        self._changed = self._trial_ended = False
         self._last_write = time.monotonic()
+        try:
+            results.write_tables(self._experiment, records)
+        except OSError as e:
+            log.warning("ndot: could not write the tables to %s (%s); trying again in %.0f s",
+                        self._experiment, e, self._min_interval_s)
+            self._changed, self._trial_ended = True, False
+            return
+        self._changed, self._trial_ended = bool(self._unread), False

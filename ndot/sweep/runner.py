@@ -26,7 +26,8 @@ from ndot.sweep.trainable import run_trial
 METRIC, MODE = "best_test_acc", "max"
 # Restarts of a trial from its checkpoint after its worker died (e.g. a spot node was reclaimed).
 MAX_FAILURES = 3
-# The newest checkpoint and one before it, in case the newest upload was cut short.
+# The newest checkpoint and the one before it: reading a trial's results falls back on that one
+# when the newest upload was cut short (ndot.results.newest_checkpoint).
 CHECKPOINTS_KEPT = 2
 REDUCTION_FACTOR = 3
 
@@ -138,7 +139,7 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=plan.storage,
-            callbacks=[TablesCallback(plan.experiment), *callbacks],
+            callbacks=[TablesCallback(), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             verbose=0,

@@ -1,0 +1,100 @@
+"""The sweep's tables, without Ray running: where they are written, storage that fails for a moment, checkpoints gone."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+from ray.train._internal.session import _TrainingResult
+from ray.train._internal.storage import StorageContext
+from ray.tune import Checkpoint
+from ray.tune.experiment import Trial
+
+from ndot import checkpoint, results
+from ndot.sweep.recorder import TablesCallback
+
+CONFIG = {"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 2, "epochs": 3, "stratum": "T=2,ndot_A"}
+
+
+def _trial(experiment: Path, trial_id: str = "t0") -> Trial:
+    storage = StorageContext(storage_path=str(experiment.parent), experiment_dir_name=experiment.name, trial_dir_name=trial_id)
+    return Trial("run_trial", config=dict(CONFIG), trial_id=trial_id, stub=True, storage=storage)
+
+
+def _checkpoint(trial: Trial, epoch: int, write_history: bool = True) -> SimpleNamespace:
+    """A checkpoint folder as the trainable leaves it, holding the history of epochs 1..epoch."""
+    path = Path(trial.storage.trial_fs_path, f"checkpoint_{epoch - 1:06d}")
+    path.mkdir(parents=True)
+    if write_history:
+        metrics = [{"epoch": e, "status": "ok", "train_loss": 1.0 / e, "test_acc": 0.5 + e / 10, "epoch_seconds": 1.0,
+                    "peak_mem_mb": 10.0, "image_steps_per_s": 100.0} for e in range(1, epoch + 1)]
+        rows = [results.epoch_row(trial.trial_id, trial.config, m, {"node_ip": "1.2.3.4"}, 1000.0 + m["epoch"]) for m in metrics]
+        (path / checkpoint.HISTORY).write_bytes(results.dumps_history(rows))
+    return SimpleNamespace(filesystem=trial.storage.storage_filesystem, path=str(path))
+
+
+def _step(callback: TablesCallback, trials: list[Trial], checkpoint_of: dict[str, SimpleNamespace] | None = None) -> None:
+    callback.on_step_begin(0, trials)
+    for trial in trials:
+        if checkpoint_of and trial.trial_id in checkpoint_of:
+            callback.on_checkpoint(0, trials, trial, checkpoint_of[trial.trial_id])
+    callback.on_step_end(0, trials)
+
+
+def test_tables_go_to_the_trials_experiment_folder(tmp_path):
+    trial = _trial(tmp_path / "sweeps" / "exp")
+    callback = TablesCallback(min_interval_s=0)
+    _step(callback, [trial], {"t0": _checkpoint(trial, 2)})
+    trials = results.load(str(tmp_path / "sweeps" / "exp"), results.TRIALS_TABLE)
+    assert trials["epochs_run"].tolist() == [2] and trials["checkpoint"].tolist() == ["t0/checkpoint_000001"]
+    assert len(results.load(str(tmp_path / "sweeps" / "exp"))) == 2
+
+
+def test_a_history_that_cannot_be_read_yet_is_read_at_a_later_write(tmp_path, caplog):
+    trial = _trial(tmp_path / "exp")
+    callback = TablesCallback(min_interval_s=0)
+    first = _checkpoint(trial, 1, write_history=False)
+    with caplog.at_level(logging.WARNING):
+        _step(callback, [trial], {"t0": first})  # must not raise: Tune would drop the checkpoint
+    assert "could not read the history" in caplog.text
+    assert results.load(str(tmp_path / "exp"), results.TRIALS_TABLE)["epochs_run"].tolist() == [0]
+
+    second = _checkpoint(trial, 2)
+    _step(callback, [trial], {"t0": second})
+    assert results.load(str(tmp_path / "exp"), results.TRIALS_TABLE)["epochs_run"].tolist() == [2]
+
+
+def test_tables_that_cannot_be_written_cost_a_warning_and_a_retry(tmp_path, caplog):
+    experiment = tmp_path / "exp"
+    trial = _trial(experiment)
+    checkpoint = _checkpoint(trial, 3)
+    callback = TablesCallback(min_interval_s=0)
+    blocker = experiment / f"{results.EPOCHS_TABLE}.parquet"
+    blocker.mkdir()  # a folder where the table goes: every write of it fails
+    with caplog.at_level(logging.WARNING):
+        _step(callback, [trial], {"t0": checkpoint})
+        callback.on_trial_complete(0, [trial], trial)
+        trial.set_status(Trial.TERMINATED)
+        callback.on_experiment_end([trial])
+    assert caplog.text.count("could not write the tables") == 2
+
+    shutil.rmtree(blocker)
+    _step(callback, [trial])
+    trials = results.load(str(experiment), results.TRIALS_TABLE)
+    assert trials["status"].tolist() == [results.COMPLETED] and trials["best_epoch"].tolist() == [3]
+
+
+
+def test_a_finished_trial_whose_recorded_checkpoint_was_deleted_keeps_its_newest_one(tmp_path):
+    # Retention deleted the checkpoint the saved experiment state names, and then the driver died:
+    # collecting (and resuming) must still read the trial, from what its folder holds.
+    trial = _trial(tmp_path / "exp")
+    _checkpoint(trial, 1)
+    gone = _checkpoint(trial, 2)
+    trial.run_metadata.checkpoint_manager.register_checkpoint(
+        _TrainingResult(checkpoint=Checkpoint.from_directory(gone.path), metrics={}))
+    trial.set_status(Trial.TERMINATED)
+    shutil.rmtree(gone.path)
+    record = results._record(trial)
+    assert [row["epoch"] for row in record.history] == [1] and record.checkpoint == "t0/checkpoint_000000"
