@@ -5,6 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from ndot.bench import data
+
 
 def test_small_run_reports_every_pipeline():
     done = subprocess.run([sys.executable, "-m", "ndot.bench.data", "--small", "--workers", "1", "--threads", "1"],
@@ -24,8 +28,21 @@ def test_cifar_part_runs_without_the_event_libraries():
     assert len(done.stdout.splitlines()) == 4
 
 
-def test_a_device_this_machine_lacks_is_one_line():
-    done = subprocess.run([sys.executable, "-m", "ndot.bench.data", "--device", "cuda:7", "--small"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.count("\n") == 1 and "cuda:7" in done.stderr
+@pytest.mark.parametrize("argv, says", [
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--T", "0"], "--T must be >= 1, got 0"),
+    (["--T", "-3", "--only", "dvs"], "--T must be >= 1, got -3"),
+    (["--T", "0", "--only", "cifar"], "--T must be >= 1, got 0"),
+    (["--T", "2.5"], "invalid int value"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--threads", "-2"], "--threads must be >= 1, got -2"),
+])
+def test_bad_input_is_one_line_before_measuring(argv, says, capsys):
+    try:
+        status = data.main(["--small", *argv])
+    except SystemExit as e:  # argparse's errors leave through sys.exit
+        status = e.code
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and says in captured.err

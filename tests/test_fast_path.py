@@ -139,6 +139,13 @@ def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     assert markdown([r for r in rows if r["kind"] not in ("memory_vs_T", "targets")]) == whole
 
 
+def bench_exit_status(argv: list[str]) -> int:
+    try:
+        return bench_main(argv)
+    except SystemExit as e:  # argparse's errors leave through sys.exit
+        return e.code
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--arch", "nope"], "unknown architecture 'nope'"),
     (["--T", "0"], "T must be a positive integer"),
@@ -146,9 +153,32 @@ def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     (["--rules", "bptt_O"], "bptt"),
     (["--batch", "0"], "batch_size must be a positive integer"),
     (["--ablation-T", "-1"], "--ablation-T"),
+    (["--T", "1,,2"], "comma-separated list of int"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--min-seconds", "0"], "--min-seconds must be a finite number > 0"),
+    (["--min-seconds", "nan"], "--min-seconds must be a finite number > 0"),
+    (["--min-seconds", "inf"], "--min-seconds must be a finite number > 0"),
+    (["--out", "/nonexistent/rows.jsonl"], "cannot open --out /nonexistent/rows.jsonl"),
 ] + ([] if CUDA else [(["--levers", "cuda_graph"], "CUDA device"), (["--device", "cuda"], "CUDA device")]))
 def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys):
-    assert bench_main(["--small", *argv]) == 2
+    assert bench_exit_status(["--small", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read --table"),
+    ("", "holds no rows"),
+    ('{"epoch": 1, "train_loss": 0.5, "test_acc": 0.9}\n', "line 1 is not a row of python -m ndot.bench"),
+    ('{"kind": "env", "device": "cpu"}\n[1, 2]\n', "line 2 is not a row of python -m ndot.bench"),
+    ('{"kind": "env", "device": "cpu"}\n\nnot json\n', "line 3 is not JSON"),
+])
+def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says, tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert bench_exit_status(["--table", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
 

@@ -14,7 +14,8 @@ Synthetic data, created on the device once. One JSON object per line on stdout (
 - "snn": image-steps/s of `train_batch` per arch x rule x mode x T x batch x
   precision x levers, with the ceiling and the ratio to it.
 - "memory_vs_T": one per series over T: online rules should be flat, BPTT linear.
-- "targets": the issue's throughput targets, read off this run's rows.
+- "targets": the throughput targets for one H200 (NDOT_A bf16 against the
+  ceiling, NDOT_O against NDOT_A, NDOT_A fp32 image-steps/s), read off this run's rows.
 - "profile" (--profile): where the time of an NDOT_A batch goes: convolutions,
   neuron forward (LIF, factor, trace) and its backward, everything else.
 - "error": a case that raised; the run goes on.
@@ -32,6 +33,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import sys
 from typing import Any, Callable, Iterable
 
@@ -43,6 +45,9 @@ from ndot.bench.report import memory_checks, table, targets
 from ndot.cli import Parser, listed
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.device import resolve_device
+
+# Every kind of row a run prints; --table refuses a file with any other line.
+KINDS = ("env", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
 
 
 def _rule_mode(text: str) -> tuple[str, str]:
@@ -96,6 +101,8 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "ann_levers": [Levers(channels_last=c, cuda_graph=g) for c in (False, True) for g in ((False, True) if cuda else (False,))],
         "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
         "min_seconds": args.min_seconds if args.min_seconds is not None else (0.05 if small else 0.5),
+        # None keeps torch's number of threads.
+        "threads": args.threads if args.threads is not None else (1 if small else None),
     }
 
 
@@ -115,8 +122,13 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
         raise ConfigError(f"--ablation-T must be >= 0 (0: no per-lever runs), got {p['ablation_T']}")
     if p["grid_levers"].cuda_graph and device.type != "cuda":
         raise ConfigError(f"the cuda_graph lever replays CUDA graphs: it needs a CUDA device, not {device}")
-    if p["warmup"] < 0 or not p["min_seconds"] > 0:
-        raise ConfigError("--warmup must be >= 0 and --min-seconds > 0")
+    if p["warmup"] < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {p['warmup']}")
+    # Written so that nan fails too; inf would ask for endless timed calls.
+    if not (p["min_seconds"] > 0 and math.isfinite(p["min_seconds"])):
+        raise ConfigError(f"--min-seconds must be a finite number > 0, got {p['min_seconds']}")
+    if p["threads"] is not None and p["threads"] < 1:
+        raise ConfigError(f"--threads must be >= 1, got {p['threads']}")
 
 
 def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:
@@ -141,30 +153,68 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
                     yield "profile", s, ("ndot", "A", lever_T(p), precision, lv)
 
 
+def read_run(path: str) -> list[Row]:
+    """The rows of a run's JSON lines in `path`; ConfigError if it cannot be read or is not a run's output."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read --table {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--table {path} is not a text file") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--table {path} line {n} is not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or row.get("kind") not in KINDS:
+            raise ConfigError(f"--table {path} line {n} is not a row of python -m ndot.bench "
+                              f"(a JSON object whose kind is one of {', '.join(KINDS)})")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"--table {path} holds no rows")
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    """Print a run's rows as Markdown tables, with the summaries it printed or, cut short, never reached."""
+    if not any(r["kind"] == "targets" for r in rows):
+        # A run cut short (a device's time limit) never printed its summaries: read them off the rows it kept.
+        env = next((r for r in rows if r["kind"] == "env"), {})
+        rows = [*rows, *memory_checks(rows), targets(rows, env.get("lever_T", 4))]
+    print(table(rows))
+
+
+def _open_out(path: str | None) -> contextlib.AbstractContextManager:
+    try:
+        return open(path, "a") if path else contextlib.nullcontext()
+    except OSError as e:
+        raise ConfigError(f"cannot open --out {path}: {e.strerror}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.table:
-        with open(args.table) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        if not any(r["kind"] == "targets" for r in rows):
-            # A run cut short (a device's time limit) never printed its summaries: read them off the rows it kept.
-            env = next((r for r in rows if r["kind"] == "env"), {})
-            rows += [*memory_checks(rows), targets(rows, env.get("lever_T", 4))]
-        print(table(rows))
-        return 0
     try:
+        if args.table:
+            print_table(read_run(args.table))
+            return 0
         device = resolve_device(args.device)
         p = plan(args, device)
         check_plan(p, device)
+        # Opened before anything is measured, so that a path that cannot be written costs no run.
+        opened = _open_out(args.out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.threads or args.small:
-        torch.set_num_threads(args.threads or 1)
+    if p["threads"] is not None:
+        torch.set_num_threads(p["threads"])
     # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
+    with opened as out:
         def emit(row: Row) -> None:
             line = json.dumps(row)
             print(line, flush=True)

@@ -91,14 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of this process")
     p.add_argument("--only", choices=("cifar", "dvs"), default=None, help="run one part (default: both)")
     args = p.parse_args(argv)
+    # All of them, whichever part runs: a bad value is a slip to report, not to ignore.
+    for flag, value in (("--workers", args.workers), ("--T", args.T), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     try:
         device = resolve_device(args.device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.workers < 1:
-        p.error(f"--workers must be >= 1, got {args.workers}")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.only in (None, "cifar"):
         bench_cifar(2_048 if args.small else 10_000, args.workers, device)
