@@ -2,10 +2,35 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Sequence
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, no abbreviated flags, and `-` or `_` alike inside a flag's name.
+
+    Abbreviations are off because they turn slips into other settings: `--t 4`
+    would set tau, `--storag x` would be taken for `--storage`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:  # type: ignore[override]
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._spelled_as_declared(a) for a in args], namespace)
+
+    def _spelled_as_declared(self, token: str) -> str:
+        # --batch_size for --batch-size and the other way round, also in the --flag=value form.
+        name, eq, value = token.partition("=")
+        if not name.startswith("--") or name in self._option_string_actions:
+            return token
+        for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+            if other in self._option_string_actions:
+                return other + eq + value
+        return token
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, not argparse's usage block: bad input is reported like every other error.
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -15,9 +40,12 @@ def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
     """An argparse type: a comma-separated list of `kind`, repeats dropped, order kept."""
     def parse(text: str) -> tuple:
         try:
-            return tuple(dict.fromkeys(kind(v) for v in text.split(",") if v))
+            items = [kind(v) for v in text.split(",")]
         except ValueError:
+            items = []
+        if not items or any(v == "" for v in items):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+        return tuple(dict.fromkeys(items))
 
     parse.__name__ = f"{kind.__name__} list"
     return parse

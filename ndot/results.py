@@ -13,7 +13,6 @@ local folder or a URI such as s3://bucket/sweeps/name.
 """
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
 import math
@@ -39,6 +38,7 @@ _CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
 
 # Per-trial outcomes; unfinished trials keep Tune's state in lower case (pending, running, paused).
 COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED = "completed", "stopped_early", "diverged", "errored"
+FINAL = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)
 
 Row = dict[str, Any]
 
@@ -83,9 +83,9 @@ class TrialRecord:
     checkpoint: str | None
 
     @classmethod
-    def of(cls, trial: Any, history: list[Row], checkpoint: str | None) -> "TrialRecord":
-        """From a ray.tune Trial."""
-        return cls(trial.trial_id, dict(trial.config), trial.status, trial.run_metadata.num_failures, history, checkpoint)
+    def of(cls, trial: Any, history: list[Row], checkpoint: str | None, status: str | None = None) -> "TrialRecord":
+        """From a ray.tune Trial (`status` overrides its state)."""
+        return cls(trial.trial_id, dict(trial.config), status or trial.status, trial.run_metadata.num_failures, history, checkpoint)
 
 
 def experiment_of(trial: Any) -> str:
@@ -139,16 +139,6 @@ def newest_checkpoint(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None,
     return None, []
 
 
-def has_state(experiment: str) -> bool:
-    """Whether Tune has saved the experiment's state (its trial list) yet."""
-    from ray.tune.execution.tune_controller import TuneController
-
-    fs, path = filesystem(experiment)
-    pattern = TuneController.CKPT_FILE_TMPL.format("*")
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return any(fnmatch.fnmatch(PurePosixPath(i.path).name, pattern) for i in infos)
-
-
 def collect(experiment: str) -> list[TrialRecord]:
     """The trials of a Tune experiment directory, as its newest experiment state lists them.
 
@@ -161,10 +151,11 @@ def collect(experiment: str) -> list[TrialRecord]:
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
-    return [_record(t) for t in analysis.trials]
+    return [record(t) for t in analysis.trials]
 
 
-def _record(trial: Any) -> TrialRecord:
+def record(trial: Any) -> TrialRecord:
+    """A Tune trial's record, its history read from its checkpoints."""
     fs = trial.storage.storage_filesystem
     if trial.status not in ("TERMINATED", "ERROR"):
         path, history = newest_checkpoint(fs, trial.path)
@@ -228,8 +219,9 @@ def trials_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     return df
 
 
-def summary(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per stratum, in the table's order: its best trial's accuracy and learning rate, and how its trials ended."""
+def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per stratum: its best trial's best and last-epoch accuracy, learning rate and checkpoint, and how its
+    trials ended. Strata named in `order` come first, in that order; the others follow in the table's order."""
     rows = []
     for stratum, g in trials.groupby("stratum", sort=False):
         scored = g.dropna(subset=["best_test_acc"]) if "best_test_acc" in g else g.iloc[:0]
@@ -237,16 +229,20 @@ def summary(trials: pd.DataFrame) -> pd.DataFrame:
         rows.append({
             "stratum": stratum, "trials": len(g),
             "best_test_acc": best["best_test_acc"] if best is not None else math.nan,
+            "final_test_acc": best["final_test_acc"] if best is not None else math.nan,
             "lr": best["lr"] if best is not None else math.nan,
             "best_epoch": best["best_epoch"] if best is not None else None,
             "checkpoint": best["checkpoint"] if best is not None else None,
             "outcomes": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().items()),
         })
+    rank = {label: i for i, label in enumerate(order)}
+    rows.sort(key=lambda r: rank.get(r["stratum"], len(rank)))
     return pd.DataFrame(rows).set_index("stratum")
 
 
-def summary_text(trials: pd.DataFrame) -> str:
-    return summary(trials).to_string(formatters={"best_test_acc": "{:.4f}".format, "lr": "{:.3g}".format})
+def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
+    acc = "{:.4f}".format
+    return summary(trials, order).to_string(formatters={"best_test_acc": acc, "final_test_acc": acc, "lr": "{:.3g}".format})
 
 
 # ----- files -----

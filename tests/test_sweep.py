@@ -207,6 +207,7 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "(as started; ignored: --rules, --T, --epochs)" in done.stdout
     epochs = results.load(str(tmp_path / "driver"))
     trials = results.load(str(tmp_path / "driver"), results.TRIALS_TABLE)
     assert sorted(trials["stratum"]) == sorted(s.label for s in strata({"T": (1, 2), "method": ("ndot_A", "ottt_A")}))
@@ -215,6 +216,22 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     _assert_checkpoints_hold_best_weights(tmp_path / "driver", trials)
     _assert_epochs_complete(epochs, trials)
     assert len(epochs) == 4 * 6
+
+
+def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished(cluster, tmp_path):
+    cmd = _sweep_cmd(tmp_path, "ctrl-c", cluster.address, "--T", "1", "--rules", "ndot_A,ottt_A", "--epochs", "8")
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _wait_for_epoch(tmp_path / "ctrl-c", proc, 1, 7)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=WAIT_S)
+        finally:
+            proc.kill()
+    last = (tmp_path / "stderr").read_text().splitlines()[-1]
+    assert proc.returncode == 130 and "interrupted" in last and "--resume --name ctrl-c" in last, last
+    status = results.load(str(tmp_path / "ctrl-c"), results.TRIALS_TABLE)["status"]
+    assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
 
 
 def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from data_fixtures import closed_port
-from ndot.sweep import cli
+from ndot.sweep import cli, resources
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +50,9 @@ def storage(tmp_path):
         (["--set", "fused_neuron=maybe"], "true or false"),
         (["--set", "dropout=lots"], "dropout is a number"),
         (["--set", "precision=fp16"], "unknown precision 'fp16'"),
+        (["--set", "device=cuda"], "needs --gpus-per-trial > 0"),
+        (["--T", "1,,2"], "comma-separated list of int"),
+        (["--storag", "x"], "unrecognized arguments: --storag"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
@@ -119,3 +122,18 @@ def test_an_address_nothing_answers_at_is_refused_before_ray_starts(storage, cap
     assert rc == 2 and err.count("\n") == 1 and "127.0.0.1" in err
     assert _sessions() == before, "a Ray session was started"
 
+
+
+def test_trial_resources_must_fit_some_node_now_or_launchable():
+    gpu_node, cpu_node = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0}
+    assert resources.fits(2, 0.25, [cpu_node, gpu_node]) and resources.fits(8, 1, [gpu_node])
+    assert not resources.fits(1, 1, [cpu_node]), "Tune would wait forever for a GPU"
+    assert not resources.fits(4, 0, [cpu_node, {"CPU": 3.0, "GPU": 4.0}]), "no single node has 4 CPUs"
+
+
+def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys):
+    # This machine has no GPU and Ray starts here with none: a GPU per trial would wait forever.
+    rc = _exit_code(TIMESTEPS, ["--gpus-per-trial", "1", *storage])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "no node of this cluster" in err
+    assert not ray.is_initialized()

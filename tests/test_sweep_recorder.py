@@ -96,5 +96,19 @@ def test_a_finished_trial_whose_recorded_checkpoint_was_deleted_keeps_its_newest
         _TrainingResult(checkpoint=Checkpoint.from_directory(gone.path), metrics={}))
     trial.set_status(Trial.TERMINATED)
     shutil.rmtree(gone.path)
-    record = results._record(trial)
+    record = results.record(trial)
     assert [row["epoch"] for row in record.history] == [1] and record.checkpoint == "t0/checkpoint_000000"
+
+
+def test_trials_an_interrupted_sweep_stops_are_running_not_finished(tmp_path):
+    # Ctrl-C: Tune marks the trials it was running TERMINATED without completing them.
+    done, cut = _trial(tmp_path / "exp", "done"), _trial(tmp_path / "exp", "cut")
+    callback = TablesCallback(min_interval_s=0)
+    _step(callback, [done, cut], {"done": _checkpoint(done, 3), "cut": _checkpoint(cut, 1)})
+    callback.on_trial_complete(0, [done, cut], done)
+    for trial in (done, cut):
+        trial.set_status(Trial.TERMINATED)
+    callback.on_experiment_end([done, cut])
+    status = results.load(str(tmp_path / "exp"), results.TRIALS_TABLE).set_index("trial_id")["status"]
+    assert status.to_dict() == {"done": results.COMPLETED, "cut": "running"}
+

@@ -19,12 +19,13 @@ from ray.tune.experiment import Trial
 from ndot import data, files, results
 from ndot.cli import Parser, listed
 from ndot.config import ConfigError, TrainConfig, parse_field
-from ndot.sweep import runner
+from ndot.sweep import resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
 
 DEFAULT_STORAGE = "runs/sweeps"
+DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
 
 
@@ -44,7 +45,7 @@ def _span(text: str) -> tuple[float, float]:
 
 def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p = Parser(prog=os.path.basename(sys.argv[0]) or sweep.name, description=f"{sweep.about} {_FLAGS_HELP}")
-    p.add_argument("--preset", choices=sorted(sweep.presets), default="smoke", help="defaults for every flag (default: smoke)")
+    p.add_argument("--preset", choices=sorted(sweep.presets), help=f"defaults for every flag (default: {DEFAULT_PRESET})")
     p.add_argument("--dataset")
     p.add_argument("--data-root", help="folder holding the dataset (default: the data module's)")
     p.add_argument("--download", action="store_true", help="fetch a missing dataset (on every node that lacks it)")
@@ -60,7 +61,7 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float)
     p.add_argument("--gpus-per-trial", type=float, help="a fraction packs trials on one GPU, e.g. 0.25")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster can hold)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samplers and of every trial")
+    p.add_argument("--seed", type=int, help="seed of the samplers and of every trial (default: 0)")
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE",
         help="any other TrainConfig field, the same for every trial; repeatable, e.g. "
@@ -78,7 +79,7 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
 
 
 def _axis_values(sweep: Sweep, args: argparse.Namespace) -> dict[str, tuple]:
-    preset = sweep.presets[args.preset]
+    preset = sweep.presets[args.preset or DEFAULT_PRESET]
     given = {"method": (args.rules, "--rules"), "T": (args.T, "--T"), "arch": (args.archs, "--archs")}
     values = {}
     for axis, (value, flag) in given.items():
@@ -129,11 +130,12 @@ def _settings(items: Sequence[str]) -> dict[str, Any]:
 
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The run the command line asks for; raises InputError or ConfigError on bad input."""
-    preset = sweep.presets[args.preset]
+    preset = sweep.presets[args.preset or DEFAULT_PRESET]
+    seed = _given(args.seed, 0)
     axes = _axis_values(sweep, args)
     base: dict[str, Any] = {
         **preset.config, **_settings(args.set),
-        "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": args.seed,
+        "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": seed,
     }
     if args.data_root is not None:
         base["data_root"] = args.data_root
@@ -161,10 +163,10 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         for corner in space.corners():
             TrainConfig(**{**base, **cell.values, **corner}).validate()
     return Plan(
-        name=args.name or f"{sweep.name}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}",
+        name=args.name or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
         cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=args.max_concurrent,
-        grace_period=preset.grace_period, seed=args.seed,
+        grace_period=preset.grace_period, seed=seed,
     )
 
 
@@ -197,8 +199,11 @@ def check_storage(uri: str) -> None:
 
 
 def check(plan: Plan, resume: bool) -> None:
-    """What can be checked before Ray starts: the data, the storage, and that a new experiment is new."""
-    data.check(TrainConfig(**{**plan.base, **plan.strata[0].values}))
+    """What can be checked before Ray starts: the data, the device, the storage, and that a new experiment is new."""
+    cfg = TrainConfig(**{**plan.base, **plan.strata[0].values})
+    data.check(cfg)
+    if cfg.device.startswith("cuda") and plan.gpus_per_trial == 0:
+        raise InputError(f"device {cfg.device} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
     check_storage(plan.storage)
     if not resume and tune.Tuner.can_restore(plan.experiment):
         raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
@@ -236,9 +241,11 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         return 2
 
     action = "resuming" if args.resume else "starting"
+    ignored = _ignored_on_resume(args) if args.resume else []
     print(
         f"{action} {plan.name}: {len(plan.strata)} strata x {plan.trials_per_stratum} trials, "
-        f"{plan.base['epochs']} epochs, {plan.cpus_per_trial:g} CPU + {plan.gpus_per_trial:g} GPU per trial -> {plan.experiment}",
+        f"{plan.base['epochs']} epochs, {plan.cpus_per_trial:g} CPU + {plan.gpus_per_trial:g} GPU per trial -> {plan.experiment}"
+        + (f" (as started; ignored: {', '.join(ignored)})" if ignored else ""),
         flush=True,
     )
     start = time.monotonic()
@@ -248,16 +255,34 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes()):
+            print(f"error: no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
+                  f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial", file=sys.stderr)
+            return 2
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
     finally:
         ray.shutdown()
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     counts = trials["status"].value_counts().to_dict()
-    print(f"finished in {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
-    print(results.summary_text(trials))
+    print(f"ran for {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
+    print(results.summary_text(trials, order=[s.label for s in plan.strata]))
     print(f"tables: {results.table_uri(plan.experiment, results.EPOCHS_TABLE)}, {results.table_uri(plan.experiment, results.TRIALS_TABLE)}")
     print(f"figures: {', '.join(figures)}")
+    unfinished = plan.num_trials - sum(counts.get(s, 0) for s in results.FINAL)
+    again = f"{os.path.basename(sys.argv[0]) or 'the sweep'} --resume --name {plan.name} --storage {plan.storage}"
+    if unfinished:
+        print(f"interrupted with {unfinished} of {plan.num_trials} trials unfinished: continue with {again}", file=sys.stderr)
+        return 130
     if counts.get(results.ERRORED):
-        print(f"{counts[results.ERRORED]} trials errored: rerun with --resume --name {plan.name} to retry them", file=sys.stderr)
+        print(f"{counts[results.ERRORED]} trials errored: retry them with {again}", file=sys.stderr)
         return 1
     return 0
+
+
+# Flags that define what a sweep runs: a resume takes them from the experiment's sweep.json.
+_PLAN_FLAGS = ("preset", "dataset", "data_root", "download", "rules", "T", "archs", "lr", "momentum", "loss_alpha",
+               "batch_size", "trials", "epochs", "max_concurrent", "seed", "set")
+
+
+def _ignored_on_resume(args: argparse.Namespace) -> list[str]:
+    return ["--" + name.replace("_", "-") for name in _PLAN_FLAGS if getattr(args, name) not in (None, False, [])]

@@ -35,6 +35,8 @@ class TablesCallback(tune.Callback):
         # trial id -> (filesystem, path, path relative to the experiment) of a checkpoint registered since the last read
         self._unread: dict[str, tuple[pafs.FileSystem, str, str]] = {}
         self._trials: list[Trial] = []
+        # Trials Tune ended (completed, stopped or errored), in this run or before a resume.
+        self._ended: set[str] = set()
         self._changed = self._trial_ended = False
         self._last_write = 0.0
 
@@ -42,9 +44,10 @@ class TablesCallback(tune.Callback):
         if self._experiment is not None or not trials:
             return
         self._experiment = results.experiment_of(trials[0])
-        # A restored experiment: start from what its checkpoints already hold.
-        if results.has_state(self._experiment):
-            self._saved = {r.trial_id: (r.history, r.checkpoint) for r in results.collect(self._experiment)}
+        self._ended |= {t.trial_id for t in trials if t.status == Trial.TERMINATED}
+        # A restored experiment: start from what its trials' checkpoints already hold. (Not from
+        # Tune's experiment state, which the driver may be writing at this moment.)
+        self._saved = {r.trial_id: (r.history, r.checkpoint) for r in map(results.record, trials)}
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         self._unread[trial.trial_id] = checkpoint.filesystem, checkpoint.path, results.relative_checkpoint(trial, checkpoint.path)
@@ -52,6 +55,7 @@ class TablesCallback(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         # Tune sets the final status after this hook: write at the end of the step.
+        self._ended.add(trial.trial_id)
         self._trial_ended = True
 
     on_trial_error = on_trial_complete
@@ -66,6 +70,13 @@ class TablesCallback(tune.Callback):
         self._trials = trials
         self._write()
 
+    def _status(self, trial: Trial) -> str:
+        # An interrupted sweep (Ctrl-C) ends by marking its running trials TERMINATED, though they
+        # never finished: they are RUNNING, as the experiment state saved just before says.
+        if trial.status == Trial.TERMINATED and trial.trial_id not in self._ended:
+            return Trial.RUNNING
+        return trial.status
+
     def _write(self) -> None:
         if self._experiment is None:
             return
@@ -76,7 +87,7 @@ class TablesCallback(tune.Callback):
                 log.warning("ndot: could not read the history of %s (%s); trying again at the next write", path, e)
                 continue
             del self._unread[trial_id]
-        records = [results.TrialRecord.of(t, *self._saved.get(t.trial_id, ([], None))) for t in self._trials]
+        records = [results.TrialRecord.of(t, *self._saved.get(t.trial_id, ([], None)), status=self._status(t)) for t in self._trials]
         self._last_write = time.monotonic()
         try:
             results.write_tables(self._experiment, records)

@@ -29,12 +29,27 @@ def autoscaler_capacity(config: Mapping) -> dict[str, float]:
     return total
 
 
+def _launcher_config() -> dict:
+    path = BOOTSTRAP_CONFIG.expanduser()
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
 def capacity() -> dict[str, float]:
     """The larger of the connected cluster's resources now and what its autoscaler can grow it to."""
     now = ray.cluster_resources()
-    path = BOOTSTRAP_CONFIG.expanduser()
-    grown = autoscaler_capacity(yaml.safe_load(path.read_text())) if path.exists() else {}
+    grown = autoscaler_capacity(_launcher_config())
     return {key: max(now.get(key, 0.0), grown.get(key, 0.0)) for key in ("CPU", "GPU")}
+
+
+def node_shapes() -> list[dict[str, float]]:
+    """The resources of every live node of the connected cluster and of every node type its autoscaler can launch."""
+    live = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    return live + [t.get("resources", {}) for t in _launcher_config().get("available_node_types", {}).values()]
+
+
+def fits(cpus_per_trial: float, gpus_per_trial: float, shapes: list[dict[str, float]]) -> bool:
+    """Whether some node can hold one trial: Tune would otherwise wait for one forever."""
+    return any(s.get("CPU", 0.0) + 1e-6 >= cpus_per_trial and s.get("GPU", 0.0) + 1e-6 >= gpus_per_trial for s in shapes)
 
 
 def slots(cpus_per_trial: float, gpus_per_trial: float, available: Mapping[str, float]) -> int:
