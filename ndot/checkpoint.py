@@ -1,11 +1,14 @@
-"""Checkpoints written atomically: a reader or a crash never sees half a file."""
+"""Saved states: written atomically (a reader or a crash never sees half a file), and found again."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pyarrow.fs as pafs
 import torch
 
 # File names of saved states. A run folder of python -m ndot.train holds LAST (the state after the
@@ -43,3 +46,33 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# A sweep trial's folder holds one folder per kept Tune checkpoint, numbered by epoch - 1.
+_TRIAL_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
+
+
+def read_history(fs: pafs.FileSystem, folder: str) -> list[dict[str, Any]]:
+    """The epoch rows a sweep trial's checkpoint folder holds (HISTORY)."""
+    with fs.open_input_stream(f"{folder}/{HISTORY}") as f:
+        return json.loads(f.readall())
+
+
+def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """The newest readable checkpoint folder of a sweep trial and its history ((None, []) before the first epoch).
+
+    That checkpoint can be newer than the one Tune's experiment state names,
+    when the driver died after the trial wrote it; a checkpoint whose upload
+    was cut short is skipped for the one before it.
+    """
+    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    found = sorted(
+        ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := _TRIAL_CHECKPOINT.search(i.path))),
+        reverse=True,
+    )
+    for _, path in found:
+        try:
+            return path, read_history(fs, path)
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue
+    return None, []

@@ -67,7 +67,8 @@ def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int,
 def weights_file(path: str | os.PathLike) -> str:
     """The file to evaluate: `path` itself, or the best epoch's weights in the folder `path`.
 
-    In a run folder that is best.pt. In a sweep trial's checkpoint it is
+    In a run folder that is best.pt. A sweep trial's folder stands for its
+    newest checkpoint. In a sweep trial's checkpoint it is
     state.pt when its epoch was the best so far (its history's last row says),
     else best.pt: a best.pt left by an earlier attempt at the same checkpoint
     (Tune writes a re-run epoch's checkpoint into the same folder) is then ignored.
@@ -77,6 +78,10 @@ def weights_file(path: str | os.PathLike) -> str:
     kind = files.kind(path)
     if kind == pafs.FileType.Directory:
         folder = path.rstrip("/")
+        fs, fs_folder = files.filesystem(folder)
+        newest, _ = checkpoint.newest(fs, fs_folder)
+        if newest is not None:  # a sweep trial's folder: its newest checkpoint
+            folder = f"{folder}/{newest.rpartition('/')[2]}"
         names = [checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL]
         if files.kind(f"{folder}/{checkpoint.HISTORY}") == pafs.FileType.File:
             last = json.loads(files.read_bytes(f"{folder}/{checkpoint.HISTORY}"))[-1]
@@ -84,8 +89,8 @@ def weights_file(path: str | os.PathLike) -> str:
         for name in names:
             if files.kind(f"{folder}/{name}") == pafs.FileType.File:
                 return f"{folder}/{name}"
-        raise ConfigError(f"{path} holds none of {checkpoint.BEST}, {checkpoint.LAST}, {checkpoint.TRIAL}: "
-                          "name a run folder of python -m ndot.train or a sweep trial's checkpoint folder")
+        raise ConfigError(f"{folder} holds none of {checkpoint.BEST}, {checkpoint.LAST}, {checkpoint.TRIAL}: "
+                          "name a run folder of python -m ndot.train, a sweep trial's folder or one of its checkpoints")
     if kind != pafs.FileType.File:
         raise ConfigError(f"{path} does not exist")
     return path
@@ -113,8 +118,8 @@ def evaluate_weights(state: dict[str, Any], cfg: TrainConfig, device: torch.devi
 
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
-    p.add_argument("path", help="a saved state, or the folder holding it (best.pt first): a run folder or a sweep "
-                               "trial's checkpoint folder; local or a URI (s3://...)")
+    p.add_argument("path", help="a saved state, or a folder to take the best epoch's weights from: a run folder, a "
+                               "sweep trial's folder (its newest checkpoint) or one of its checkpoints; local or a URI (s3://...)")
     p.add_argument("--T", type=int, default=None,
                    help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
     p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")
@@ -137,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
         device = resolve_device(cfg.device)
         data.check(cfg)
+        folder, _, name = path.rpartition("/")
+        out = args.out or f"{folder or '.'}/eval-{name.removesuffix('.pt')}-T{cfg.T}.json"
+        try:
+            files.check_writable(out.rpartition("/")[0] or ".")
+        except OSError as e:
+            raise ConfigError(f"cannot write the result to {out}: {str(e).splitlines()[0]}") from None
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -153,8 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))
     print(f"firing rate {m['firing_rate']:.4f}; by layer: "
           + ", ".join(f"{k} {v:.4f}" for k, v in m["layer_firing_rates"].items()))
-    folder, _, name = path.rpartition("/")
-    out = args.out or f"{folder or '.'}/eval-{name.removesuffix('.pt')}-T{cfg.T}.json"
     result = {"weights": path, "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
     files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"-> {out}")

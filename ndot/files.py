@@ -33,3 +33,11 @@ def kind(uri: str) -> pafs.FileType:
     """File, Directory or NotFound."""
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type
+
+
+def check_writable(folder: str) -> None:
+    """Raise OSError now, not after hours of work, when nothing can be written in `folder` (created if missing)."""
+    probe = f"{folder.rstrip('/')}/.ndot-write-probe"
+    write_bytes(probe, b"")
+    fs, path = filesystem(probe)
+    fs.delete_file(path)

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -34,7 +33,6 @@ from ndot.sweep.space import STRATUM_KEY, method
 
 EPOCHS_TABLE = "epochs"
 TRIALS_TABLE = "trials"
-_CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)$")
 
 # Per-trial outcomes; unfinished trials keep Tune's state in lower case (pending, running, paused).
 COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED = "completed", "stopped_early", "diverged", "errored"
@@ -114,31 +112,6 @@ def outcome(tune_status: str, last: Row | None, epochs: int) -> str:
     return tune_status.lower()
 
 
-def read_history(fs: pafs.FileSystem, checkpoint_path: str) -> list[Row]:
-    with fs.open_input_stream(f"{checkpoint_path}/{checkpoint.HISTORY}") as f:
-        return json.loads(f.readall())
-
-
-def newest_checkpoint(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[Row]]:
-    """The newest readable checkpoint of a trial folder and the history in it ((None, []) before the first epoch).
-
-    That checkpoint can be newer than the one Tune's experiment state names,
-    when the driver died after the trial wrote it; a checkpoint whose upload
-    was cut short is skipped for the one before it.
-    """
-    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
-    found = sorted(
-        ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := _CHECKPOINT_DIR.search(i.path))),
-        reverse=True,
-    )
-    for _, path in found:
-        try:
-            return path, read_history(fs, path)
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-    return None, []
-
-
 def collect(experiment: str) -> list[TrialRecord]:
     """The trials of a Tune experiment directory, as its newest experiment state lists them.
 
@@ -158,17 +131,17 @@ def record(trial: Any) -> TrialRecord:
     """A Tune trial's record, its history read from its checkpoints."""
     fs = trial.storage.storage_filesystem
     if trial.status not in ("TERMINATED", "ERROR"):
-        path, history = newest_checkpoint(fs, trial.path)
+        path, history = checkpoint.newest(fs, trial.path)
     elif (c := trial.checkpoint) is None:
         path, history = None, []
     else:
         # Final: the checkpoint Tune recorded last is the trial's end. (A newer
         # one can remain from before a resume that ended the trial sooner.)
         try:
-            path, history = c.path, read_history(c.filesystem, c.path)
+            path, history = c.path, checkpoint.read_history(c.filesystem, c.path)
         except (FileNotFoundError, json.JSONDecodeError):
             # Deleted by checkpoint retention after the state naming it was saved, before the driver died.
-            path, history = newest_checkpoint(fs, trial.path)
+            path, history = checkpoint.newest(fs, trial.path)
     return TrialRecord.of(trial, history, relative_checkpoint(trial, path) if path else None)
 
 

@@ -64,12 +64,6 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
     assert evaluate_main([str(tmp_path), "--T", "4"]) == 0
     assert len(json.loads((tmp_path / "eval-best-T4.json").read_text())["acc_by_step"]) == 4
 
-    # A fresh run in the same folder leaves nothing of the old one behind before its own first epoch.
-    (tmp_path / "metrics.jsonl").write_text("stale\n")
-    assert train_main([*RUN, "--epochs", "1", "--out", str(tmp_path)]) == 0
-    assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 1
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
-
 
 @pytest.mark.parametrize("last,files,picked", [
     ({"status": "ok", "test_acc": 0.9, "best_test_acc": 0.9}, ["state.pt", "best.pt"], "state.pt"),
@@ -85,9 +79,20 @@ def test_a_sweep_checkpoint_yields_the_weights_its_history_names_best(tmp_path, 
     assert weights_file(tmp_path) == str(tmp_path / picked)
 
 
+def test_a_sweep_trials_folder_stands_for_its_newest_checkpoint(tmp_path):
+    for epoch in (1, 2):
+        folder = tmp_path / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir()
+        (folder / checkpoint.TRIAL).write_bytes(b"")
+        (folder / checkpoint.HISTORY).write_text(json.dumps([{"epoch": epoch, "status": "ok", "test_acc": 1, "best_test_acc": 1}]))
+    (tmp_path / "checkpoint_000002").mkdir()  # an upload cut short: no history
+    assert weights_file(tmp_path) == str(tmp_path / "checkpoint_000001" / checkpoint.TRIAL)
+
+
 @pytest.mark.parametrize("make,args,message", [
     (None, [], "does not exist"),
     ("dir", [], "holds none of best.pt, checkpoint.pt, state.pt"),
+    ("run", ["--out", "/proc/nope/x.json"], "cannot write the result to /proc/nope/x.json"),
     ("garbage", [], "not a readable checkpoint"),
     ("tensor", [], "no model weights and configuration"),
     ("run", ["--T", "0"], "T must be a positive integer"),

@@ -51,7 +51,7 @@ def _wait_for_epoch(experiment: Path, proc: subprocess.Popen, min_epoch: int, ma
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
         for trial_dir in experiment.glob("*_T=*"):
-            _, history = results.newest_checkpoint(fs, str(trial_dir))
+            _, history = checkpoint.newest(fs, str(trial_dir))
             if history and min_epoch <= history[-1]["epoch"] < max_epoch:
                 return history[-1]
         time.sleep(0.2)

@@ -187,24 +187,16 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
     return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus)
 
 
-def check_storage(uri: str) -> None:
-    """Fail now, not after the first epoch, when the experiment cannot be written."""
-    probe = f"{uri.rstrip('/')}/.ndot-write-probe"
-    try:
-        files.write_bytes(probe, b"")
-        fs, path = files.filesystem(probe)
-        fs.delete_file(path)
-    except OSError as e:
-        raise InputError(f"storage {uri} is not writable: {str(e).splitlines()[0]}") from None
-
-
 def check(plan: Plan, resume: bool) -> None:
     """What can be checked before Ray starts: the data, the device, the storage, and that a new experiment is new."""
     cfg = TrainConfig(**{**plan.base, **plan.strata[0].values})
     data.check(cfg)
     if cfg.device.startswith("cuda") and plan.gpus_per_trial == 0:
         raise InputError(f"device {cfg.device} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
-    check_storage(plan.storage)
+    try:
+        files.check_writable(plan.storage)
+    except OSError as e:
+        raise InputError(f"storage {plan.storage} is not writable: {str(e).splitlines()[0]}") from None
     if not resume and tune.Tuner.can_restore(plan.experiment):
         raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
 

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.experiment import Trial
 
-from ndot import results
+from ndot import checkpoint, results
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 class TablesCallback(tune.Callback):
     """Rewrites epochs.parquet and trials.parquet in the experiment folder.
 
-    The folder is the one Tune keeps the trials in. A trial's rows are the history in its newest checkpoint. Tune registers a
-    checkpoint only after its callbacks have returned, and drops it when one
-    raises, so `on_checkpoint` only notes the folder; the history is read when
-    the tables are next written. Tables are rewritten at most every
-    `min_interval_s` (rewriting is linear in the sweep's size) and at once when
-    a trial ends and when the experiment ends. Storage that fails for a moment
-    costs a warning and a retry at the next write, never the sweep: the tables
-    can always be rebuilt from the checkpoints (python -m ndot.results collect).
+    The folder is the one Tune keeps the trials in. A trial's rows are the
+    history in its newest checkpoint. Tune registers a checkpoint only after its
+    callbacks have returned, and drops it when one raises, so `on_checkpoint`
+    only notes the folder; the history is read when the tables are next written.
+    Tables are rewritten at most every `min_interval_s` (rewriting is linear in
+    the sweep's size) and at once when a trial ends and when the experiment
+    ends. Storage that fails for a moment costs a warning and a retry at the
+    next write, never the sweep: the tables can always be rebuilt from the
+    checkpoints (python -m ndot.results collect).
     """
 
     def __init__(self, min_interval_s: float = 10.0) -> None:
@@ -82,7 +83,7 @@ class TablesCallback(tune.Callback):
             return
         for trial_id, (fs, path, relative) in list(self._unread.items()):
             try:
-                self._saved[trial_id] = results.read_history(fs, path), relative
+                self._saved[trial_id] = checkpoint.read_history(fs, path), relative
             except (OSError, ValueError) as e:
                 log.warning("ndot: could not read the history of %s (%s); trying again at the next write", path, e)
                 continue

@@ -27,7 +27,7 @@ METRIC, MODE = "best_test_acc", "max"
 # Restarts of a trial from its checkpoint after its worker died (e.g. a spot node was reclaimed).
 MAX_FAILURES = 3
 # The newest checkpoint and the one before it: reading a trial's results falls back on that one
-# when the newest upload was cut short (ndot.results.newest_checkpoint).
+# when the newest upload was cut short (ndot.checkpoint.newest).
 CHECKPOINTS_KEPT = 2
 REDUCTION_FACTOR = 3
 

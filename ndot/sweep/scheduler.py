@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from ndot import results
+from ndot import checkpoint
 from ndot.sweep.space import STRATUM_KEY
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class StratifiedASHA(FIFOScheduler):
     def _replay(tune_controller: "TuneController", asha: AsyncHyperBandScheduler, trial: Trial) -> None:
         """Feed a restored trial's epochs to `asha` in the order Tune fed them the first time."""
         try:
-            history = results.read_history(trial.checkpoint.filesystem, trial.checkpoint.path)
+            history = checkpoint.read_history(trial.checkpoint.filesystem, trial.checkpoint.path)
         except (OSError, ValueError) as e:
             # Without its past the trial is judged like a new one; the resume itself goes on.
             log.warning("ASHA cannot replay trial %s from %s: %s", trial.trial_id, trial.checkpoint.path, e)

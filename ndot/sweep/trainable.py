@@ -36,7 +36,7 @@ def run_trial(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             resume = checkpoint.load(Path(d, checkpoint.TRIAL))
-            history = results.read_history(pafs.LocalFileSystem(), d)
+            history = checkpoint.read_history(pafs.LocalFileSystem(), d)
             best = checkpoint.load(Path(d, checkpoint.BEST)) if Path(d, checkpoint.BEST).is_file() else None
         if checkpoint.is_best(resume["metrics"]):
             best = checkpoint.best_of(resume)
