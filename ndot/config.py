@@ -86,7 +86,7 @@ class TrainConfig:
             bad(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             bad(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:
             bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.epochs, int) or self.epochs <= 0:
             bad(f"epochs must be a positive integer, got {self.epochs!r}")
@@ -102,6 +102,11 @@ class TrainConfig:
             bad(f"v_th must be > 0, got {self.v_th!r}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            # numpy's global generator, which the trainer seeds too, takes no other seed.
+            bad(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            bad(f"workers must be an integer >= 0, got {self.workers!r}")
         if self.precision not in PRECISIONS:
             bad(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.loader not in LOADERS:
@@ -147,3 +152,42 @@ def parse_field(name: str, text: str) -> Any:
         return {"int": int, "float": float}[kind](text)
     except ValueError:
         raise ConfigError(f"{name} is a number ({kind}), got {text!r}") from None
+
+
+# What each TrainConfig field means, for the command line's --help (the comments in the class say why).
+FIELD_HELP = {
+    "dataset": "dataset",
+    "arch": "network",
+    "rule": "learning rule",
+    "mode": "O steps the optimiser after every time step, A once per batch, accumulating over T",
+    "T": "time steps per input",
+    "lr": "SGD learning rate, cosine to zero over the epochs",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "epochs": "epochs to train; more than a checkpoint's extends it on --resume",
+    "batch_size": "batch size",
+    "loss_alpha": "alpha in the loss ((1 - alpha) CE + alpha MSE) / T per step",
+    "surrogate_alpha": "slope of the sigmoid surrogate for dH/du",
+    "tau": "membrane time constant; lambda = 1 - 1/tau",
+    "v_th": "firing threshold",
+    "dropout": "dropout probability",
+    "signed_factor": "NDOT on a zero denominator: lambda * sign(A[t]) instead of lambda",
+    "detach_reset": "bptt only: no gradient through the soft reset",
+    "readout_trace": "online rules: the readout's weight gradient reads the last layer's trace, not its spikes",
+    "seed": "seed of the weights, shuffles and augmentations",
+    "device": "where to train: auto (the GPU where there is one), cpu or cuda[:N]",
+    "precision": "compute precision (bf16: autocast)",
+    "channels_last": "fast path: NHWC layout",
+    "fused_neuron": "fast path: the neuron's step compiled into one kernel",
+    "cuda_graph": "fast path: each batch replayed as a CUDA graph (CUDA only)",
+    "data_root": "data folder (default: $NDOT_DATA, else ~/data)",
+    "download": "fetch a missing dataset",
+    "loader": "input pipeline: device (batches built on the training device), cpu (torchvision on CPU workers); "
+              "auto is device",
+    "workers": "CPU loader processes (loader cpu, DVS conversion)",
+    "crop": "augmentation: random crop, padding 4",
+    "flip": "augmentation: horizontal flip",
+    "autoaugment": "augmentation: AutoAugment, CIFAR-10 policy",
+    "cutout": "augmentation: Cutout 16x16",
+    "dvs_encoding": "CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding",
+}

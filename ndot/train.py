@@ -22,14 +22,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ndot import checkpoint, data
+from ndot import checkpoint, data, files
 from ndot.cli import Parser
-from ndot.config import ConfigError, TrainConfig
+from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
+from ndot.evaluate import load as load_state
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
-from ndot.models import from_config
+from ndot.models import ARCHS, from_config
 from ndot.step import train_batch
 
 OnEpoch = Callable[[Metrics, dict[str, Any]], None]
@@ -74,6 +75,29 @@ _RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "fused_neuron", "cuda
                       "data_root", "download", "loader", "workers"}
 
 
+def runnable_device(cfg: TrainConfig) -> torch.device:
+    """The device `cfg` trains on here; ConfigError or data.DataError when it cannot run on this machine.
+
+    Every check of a config is here, so that the command line refuses, before it touches the run
+    folder, what train() would refuse after.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
+    data.check(cfg)
+    return device
+
+
+def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate of `epoch` (1 to `epochs`): a cosine from base_lr towards zero, stepped per epoch.
+
+    A closed form rather than a scheduler's saved state, so that a run extended on resume
+    follows the cosine over its new length from the epoch it resumes at.
+    """
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+
+
 def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
     """Raise ConfigError when `resume` is a checkpoint of a different run than `cfg`."""
     saved = resume["config"]
@@ -94,13 +118,9 @@ def train(
     `state` is the checkpoint payload; passing it back as `resume` continues
     with the next epoch exactly as the uninterrupted run would have.
     """
-    cfg.validate()
+    device = runnable_device(cfg)
     if resume is not None:
         check_resume(cfg, resume)
-    data.check(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.cuda_graph and device.type != "cuda":
-        raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
     # A run has a handful of conv shapes: let cuDNN time its algorithms once per shape.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -113,7 +133,6 @@ def train(
     model = accelerate(from_config(cfg, info.in_channels, info.num_classes).to(device),
                        channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=0.0)
     step = functools.partial(train_batch, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
                              loss_alpha=cfg.loss_alpha, precision=cfg.precision)
     run_batch = GraphedStep(step, model, opt) if cfg.cuda_graph else functools.partial(step, model, opt)
@@ -122,7 +141,6 @@ def train(
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
         _set_rng_state(resume["rng"])
         start, best = resume["epoch"] + 1, resume["best_test_acc"]
         if resume.get("status") == "diverged":
@@ -134,7 +152,9 @@ def train(
         reset_peak_mem(device)
         model.train()
         train_loader.set_epoch(epoch)
-        lr = opt.param_groups[0]["lr"]
+        lr = epoch_lr(cfg.lr, epoch, cfg.epochs)
+        for group in opt.param_groups:
+            group["lr"] = lr
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -146,7 +166,6 @@ def train(
                 on_batch(epoch, i, len(train_loader))
         train_loss = float(loss_sum) / train_loader.num_samples  # syncs the device
         seconds = time.perf_counter() - t0
-        sched.step()
 
         metrics = {
             "epoch": epoch,
@@ -158,16 +177,16 @@ def train(
         }
         if not math.isfinite(train_loss):
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
-            _call(on_epoch, metrics, model, opt, sched, epoch, best, cfg)
+            _call(on_epoch, metrics, model, opt, epoch, best, cfg)
             return TrainResult("diverged", epoch, metrics, best)
         metrics.update(evaluate(model, test_loader, cfg, info.num_classes))
         best = max(best, metrics["test_acc"])
         metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
-        _call(on_epoch, metrics, model, opt, sched, epoch, best, cfg)
+        _call(on_epoch, metrics, model, opt, epoch, best, cfg)
     return TrainResult("completed", cfg.epochs, metrics, best)
 
 
-def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: int, best: float, cfg: TrainConfig) -> None:
+def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:
     if on_epoch is None:
         return
     state = {
@@ -177,7 +196,6 @@ def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: 
         "best_test_acc": best,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
         "rng": _rng_state(),
         "config": cfg.to_dict(),
     }
@@ -186,52 +204,89 @@ def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, sched, epoch: 
 
 # ----- command line -----
 
+# The run folder when --out is not given; the names are TrainConfig's fields.
+DEFAULT_OUT = "runs/{dataset}-{arch}-{rule}_{mode}-T{T}-seed{seed}"
+LOG = "metrics.jsonl"
+# What a run leaves in its folder; a fresh run refuses a folder holding any of them.
+_RUN_FILES = (checkpoint.LAST, checkpoint.BEST, LOG)
+
+_CHOICES = {"dataset": sorted(data.DATASETS), "arch": sorted(ARCHS), "rule": RULES, "mode": MODES,
+            "precision": PRECISIONS, "loader": LOADERS, "dvs_encoding": DVS_ENCODINGS}
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = FIELD_HELP.get(f.name, f.name)
+    if f.name in _CHOICES:
+        text += f"; one of {', '.join(_CHOICES[f.name])}"
+    return text if f.default is None else f"{text} (default: {f.default})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m ndot.train", description="Train one spiking network online.")
+    # No defaults in the namespace: it holds the flags given, which are all that override a checkpoint's config.
+    p = Parser(prog="python -m ndot.train", argument_default=argparse.SUPPRESS,
+               description="Train one spiking network online. Each setting is a field of ndot.config.TrainConfig; "
+                           "--batch_size and --batch-size are the same flag.")
     for f in dataclasses.fields(TrainConfig):
-        # --batch_size as the field is named, --batch-size as the sweep scripts spell it.
-        flags = dict.fromkeys(["--" + f.name, "--" + f.name.replace("_", "-")])
+        flags = ["--" + f.name]
         if f.type in ("bool", bool):
-            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, help=_help(f))
         elif f.name == "data_root":
-            p.add_argument(*flags, default=None)
+            p.add_argument(*flags, help=_help(f))
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(*flags, type=kind, default=f.default)
-    p.add_argument("--out", type=Path, default=None, help="folder for metrics.jsonl, checkpoint.pt (the last epoch) and best.pt (the best epoch's weights)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+            p.add_argument(*flags, type=kind, help=_help(f))
+    p.add_argument("--out", type=Path, help=f"run folder: {LOG} (a line per epoch), {checkpoint.LAST} (the last "
+                                            f"epoch) and {checkpoint.BEST} (the best epoch's weights) "
+                                            f"(default: {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the run in OUT from its {checkpoint.LAST}, with the configuration saved there; "
+                        "the flags given override it where a run may change (e.g. --epochs to extend it)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
-    out, resume = args.pop("out"), args.pop("resume")
-    cfg = TrainConfig(**args)
+def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfig, torch.device, dict[str, Any] | None]:
+    """The run's config, device and checkpoint to resume, or ConfigError (data.DataError) before the run writes anything."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    state = None
+    if resume:
+        ckpt_path = out / checkpoint.LAST
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume given but {ckpt_path} does not exist")
+        state = load_state(str(ckpt_path))
+        cfg = TrainConfig.from_dict({**state["config"], **given})
+        try:
+            device = runnable_device(cfg)
+            check_resume(cfg, state)
+        except ConfigError as e:
+            # Most of the config came from the checkpoint, not from the command line: say so.
+            raise ConfigError(f"{e} (resuming {ckpt_path})") from None
+    else:
+        cfg = TrainConfig(**given)
+        device = runnable_device(cfg)
+        held = [name for name in _RUN_FILES if (out / name).exists()]
+        if held:
+            # A fresh run would overwrite them: that run's results are not this one's to discard.
+            then = "--resume to continue it" if checkpoint.LAST in held else "remove them to start afresh"
+            raise ConfigError(f"{out} holds a run already ({', '.join(held)}): {then}, or another --out")
     try:
-        cfg.validate()
-        device = resolve_device(cfg.device)
-        data.check(cfg)
+        files.check_writable(str(out))
+    except OSError as e:
+        raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
+    return cfg, device, state
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = vars(_parser().parse_args(argv))
+    out, resume = given.pop("out", None), given.pop("resume", False)
+    # With --resume the config is in the folder: its name can only come from the flags given.
+    out = out or Path(DEFAULT_OUT.format(**{**TrainConfig().to_dict(), **given}))
+    try:
+        cfg, device, state = _prepare(given, out, resume)
     except (ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = out or Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.rule}_{cfg.mode}-T{cfg.T}-seed{cfg.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / "metrics.jsonl"
-    state = None
-    if resume:
-        if not ckpt_path.exists():
-            print(f"error: --resume given but {ckpt_path} does not exist", file=sys.stderr)
-            return 2
-        state = checkpoint.load(ckpt_path)
-        try:
-            check_resume(cfg, state)
-        except ConfigError as e:
-            print(f"error: {e} ({ckpt_path})", file=sys.stderr)
-            return 2
-    else:
-        # A fresh run in a used folder: nothing of the old run may pass for this one's.
-        log_path.unlink(missing_ok=True)
-        best_path.unlink(missing_ok=True)
+    ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
         # best.pt before checkpoint.pt: a run killed between the two redoes this epoch and rewrites both.

@@ -1,5 +1,6 @@
 """The trainer on the offline dataset: metrics, checkpoint/resume, divergence, the CLI."""
 import json
+import math
 import random
 import subprocess
 import sys
@@ -76,6 +77,16 @@ def test_resume_refuses_another_runs_checkpoint_but_may_extend_it():
     with pytest.raises(ConfigError, match="T 2 -> 4"):
         train(TrainConfig(**{**FAST, "epochs": 2, "T": 4}), resume=states[-1])
     assert train(TrainConfig(**{**FAST, "epochs": 2}), resume=states[-1]).epochs_run == 2
+
+
+def test_a_run_extended_on_resume_follows_the_cosine_over_its_new_length():
+    cheap = {**FAST, "T": 1, "batch_size": 128}
+    states, extended = [], []
+    train(TrainConfig(**cheap), lambda m, s: states.append(s))
+    train(TrainConfig(**{**cheap, "epochs": 4}), lambda m, s: extended.append(m), resume=states[-1])
+    assert [m["epoch"] for m in extended] == [4]
+    # Epoch e of E: lr * (1 + cos(pi (e - 1) / E)) / 2; the 3-epoch cosine would have ended at zero.
+    assert extended[0]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 3 / 4)) / 2) and extended[0]["lr"] > 0.01
 
 
 def test_random_states_round_trip_exactly():

@@ -1,0 +1,113 @@
+"""python -m ndot.train: bad input refused in one line before the run folder is touched, resume, --help."""
+import dataclasses
+
+import pytest
+import torch
+
+from ndot import checkpoint, data
+from ndot.config import RULES, ConfigError, TrainConfig
+from ndot.models import ARCHS
+from ndot.train import DEFAULT_OUT, main, train
+
+RUN = ["--dataset", "digits", "--arch", "small_cnn", "--T", "1", "--epochs", "1", "--batch_size", "64",
+       "--seed", "3", "--device", "cpu"]
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl")
+
+
+def refused(capsys, argv: list[str], words: str) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    return err
+
+
+def contents(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_cuda_graph_on_a_cpu_machine_is_refused_before_the_folder_is_touched(tmp_path, capsys, no_cuda):
+    # --device auto resolves to the CPU here: only the resolved device tells that cuda_graph cannot run.
+    argv = [*RUN, "--device", "auto", "--cuda_graph"]
+    refused(capsys, [*argv, "--out", str(tmp_path / "new")], "cuda_graph needs a CUDA device")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match="cuda_graph needs a CUDA device"):
+        train(TrainConfig(dataset="digits", cuda_graph=True))
+
+    for name in RUN_FILES:
+        (tmp_path / name).write_bytes(b"an earlier run's " + name.encode())
+    before = contents(tmp_path)
+    refused(capsys, [*argv, "--out", str(tmp_path)], "cuda_graph")
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("held,then", [(RUN_FILES, "--resume to continue it"),
+                                       (("best.pt",), "remove them"), (("metrics.jsonl",), "remove them")])
+def test_a_fresh_run_refuses_a_folder_holding_a_run_and_keeps_it(tmp_path, capsys, held, then):
+    for name in held:
+        (tmp_path / name).write_bytes(b"an earlier run's " + name.encode())
+    before = contents(tmp_path)
+    err = refused(capsys, [*RUN, "--out", str(tmp_path)], f"{tmp_path} holds a run already ({', '.join(held)})")
+    assert then in err
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("out,words", [("file", "is a file, not a folder"), ("file/run", "cannot write in --out"),
+                                       ("/proc/nope", "cannot write in --out")])
+def test_an_out_that_cannot_be_a_folder_is_refused(tmp_path, capsys, out, words):
+    (tmp_path / "file").write_text("")
+    refused(capsys, [*RUN, "--out", str(tmp_path / out)], words)
+
+
+def test_resume_takes_the_config_from_the_checkpoint_and_only_the_flags_given(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run's")
+    assert main([*RUN, "--out", str(tmp_path)]) == 0  # batch 64, T 1, seed 3: none the default
+    assert {p.name for p in tmp_path.iterdir()} == {"notes.txt", *RUN_FILES}
+    assert main(["--out", str(tmp_path), "--resume", "--epochs", "2", "--workers", "0"]) == 0
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert saved["epoch"] == 2
+    assert {k: saved["config"][k] for k in ("batch_size", "T", "seed", "device", "epochs", "workers")} == \
+        {"batch_size": 64, "T": 1, "seed": 3, "device": "cpu", "epochs": 2, "workers": 0}
+    # A flag given is a change even where it names the default.
+    refused(capsys, ["--out", str(tmp_path), "--resume", "--epochs", "3", "--batch_size", "128"],
+            "batch_size 64 -> 128")
+
+
+def test_resume_with_nothing_to_resume_creates_nothing(tmp_path, capsys):
+    refused(capsys, [*RUN, "--out", str(tmp_path / "new"), "--resume"], "does not exist")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    refused(capsys, ["--out", str(tmp_path), "--resume"], "not a readable checkpoint")
+
+
+@pytest.mark.parametrize("args,words", [(["--workers", "-1"], "workers must be"), (["--seed", "-1"], "seed must be"),
+                                        (["--weight_decay", "nan"], "weight_decay must be")])
+def test_out_of_range_numbers_are_refused(tmp_path, capsys, args, words):
+    refused(capsys, [*RUN, *args, "--out", str(tmp_path / "run")], words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_gives_every_option_its_default_and_valid_values(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no help text wrapped, at a hyphen or elsewhere
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    # An option's entry: its flags, then its help, on that line or the next; by the option's name.
+    entries = {e.split()[0].strip("-,"): " ".join(e.split()) for e in capsys.readouterr().out.split("\n  -")}
+    for f in dataclasses.fields(TrainConfig):
+        default = "$NDOT_DATA, else ~/data" if f.default is None else f.default
+        assert f"(default: {default})" in entries[f.name], f.name
+    assert ", ".join(RULES) in entries["rule"]
+    assert ", ".join(sorted(ARCHS)) in entries["arch"]
+    assert ", ".join(sorted(data.DATASETS)) in entries["dataset"]
+    assert f"(default: {DEFAULT_OUT})" in entries["out"]
+
+
+def test_the_default_out_folder_is_named_after_the_flags_given(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, [*RUN, "--resume"], "runs/digits-small_cnn-ndot_A-T1-seed3/checkpoint.pt does not exist")
