@@ -169,6 +169,8 @@ def read_run(path: str) -> list[Row]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(lines) and rows:
+                break  # a run killed while writing its last row (a device's time limit)
             raise ConfigError(f"--table {path} line {n} is not JSON ({e.msg})") from None
         if not isinstance(row, dict) or row.get("kind") not in KINDS:
             raise ConfigError(f"--table {path} line {n} is not a row of python -m ndot.bench "
