@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_close, batch, grads, make_model
-from ndot.bench.cli import main as bench_main
+from ndot.bench.cli import main as bench_main, read_run
 from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate, fused_neuron_step
 from ndot.graphs import GraphedStep
@@ -172,7 +172,8 @@ def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys
     ("", "holds no rows"),
     ('{"epoch": 1, "train_loss": 0.5, "test_acc": 0.9}\n', "line 1 is not a row of python -m ndot.bench"),
     ('{"kind": "env", "device": "cpu"}\n[1, 2]\n', "line 2 is not a row of python -m ndot.bench"),
-    ('{"kind": "env", "device": "cpu"}\n\nnot json\n', "line 3 is not JSON"),
+    ('{"kind": "env", "device": "cpu"}\n\nnot json\n{"kind": "env", "device": "cpu"}\n', "line 3 is not JSON"),
+    ('not json\n', "line 1 is not JSON"),
 ])
 def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says, tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
@@ -181,6 +182,13 @@ def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says,
     assert bench_exit_status(["--table", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
+
+
+def test_bench_table_reads_a_run_whose_last_row_was_cut_off(tmp_path):
+    # A run killed mid-write (a device's time limit) keeps every row but its last, half-written one.
+    path = tmp_path / "bench.jsonl"
+    path.write_text('{"kind": "env", "device": "cpu"}\n{"kind": "ann", "arch')
+    assert read_run(str(path)) == [{"kind": "env", "device": "cpu"}]
 
 
 def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
