@@ -65,7 +65,10 @@ def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[
     when the driver died after the trial wrote it; a checkpoint whose upload
     was cut short is skipped for the one before it.
     """
-    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    except FileNotFoundError:  # allow_not_found still raises when Tune creates the folder as it is listed
+        return None, []
     found = sorted(
         ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := _TRIAL_CHECKPOINT.search(i.path))),
         reverse=True,
