@@ -218,19 +218,20 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     assert len(epochs) == 4 * 6
 
 
-def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished(cluster, tmp_path):
-    cmd = _sweep_cmd(tmp_path, "ctrl-c", cluster.address, "--T", "1", "--rules", "ndot_A,ottt_A", "--epochs", "8")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished(cluster, tmp_path, stop):
+    cmd = _sweep_cmd(tmp_path, "stopped", cluster.address, "--T", "1", "--rules", "ndot_A,ottt_A", "--epochs", "8")
     with open(tmp_path / "stderr", "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            _wait_for_epoch(tmp_path / "ctrl-c", proc, 1, 7)
-            proc.send_signal(signal.SIGINT)
+            _wait_for_epoch(tmp_path / "stopped", proc, 1, 7)
+            proc.send_signal(stop)
             proc.wait(timeout=WAIT_S)
         finally:
             proc.kill()
     last = (tmp_path / "stderr").read_text().splitlines()[-1]
-    assert proc.returncode == 130 and "interrupted" in last and "--resume --name ctrl-c" in last, last
-    status = results.load(str(tmp_path / "ctrl-c"), results.TRIALS_TABLE)["status"]
+    assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, last
+    status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE)["status"]
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import time
 from typing import Any, Sequence
@@ -251,6 +252,9 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
             print(f"error: no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
                   f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial", file=sys.stderr)
             return 2
+        # SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
+        # state and stops the trials. SIGUSR1 is Tune's other signal for that.
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
     finally:
         ray.shutdown()
