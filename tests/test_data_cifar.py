@@ -1,14 +1,18 @@
 """CIFAR-10/100: torchvision's files written by the test, read through the real loaders; both pipelines."""
 from __future__ import annotations
 
+import http.server
 import shutil
 import socket
+import tarfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from scipy.stats import chi2
 from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -240,6 +244,52 @@ def test_failed_download_is_one_error(tmp_path, monkeypatch):
     message = one_line(err)
     assert f"downloading cifar10 into {tmp_path} failed" in message and "refused" in message
     assert "unpack it into" in message
+
+
+def test_concurrent_downloads_into_one_folder_fetch_once(root, tmp_path, monkeypatch):
+    # The trials of a sweep that start together on a node each check their data with --download.
+    archive = tmp_path / "served" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / CIFAR10.base_folder, arcname=CIFAR10.base_folder)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, directory=str(archive.parent), **kw)
+
+        def do_GET(self):
+            time.sleep(0.3)  # long enough for every caller to arrive while the first downloads
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    downloads = []
+    real = torchvision.datasets.cifar.download_and_extract_archive
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive",
+                        lambda *a, **kw: (downloads.append(a), real(*a, **kw)))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_address[1]}/{archive.name}")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", fixtures._md5(archive))
+    errors = []
+
+    def check():
+        try:
+            cifar.check(config(tmp_path / "data", download=True))
+        except Exception as e:  # noqa: BLE001 (reported below, with the thread's)
+            errors.append(e)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    server.shutdown()
+    assert not errors, errors
+    assert len(downloads) == 1, "each trial downloaded the dataset again"
+    assert cifar.read(config(tmp_path / "data"), train=False)[1].shape == (N_TEST,)
 
 
 def test_stalled_download_times_out(tmp_path, monkeypatch):

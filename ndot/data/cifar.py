@@ -79,7 +79,7 @@ def check(cfg: "TrainConfig") -> None:
     root = storage.data_root(cfg)
     storage.download(
         lambda: cls(root=str(root), train=False, download=True),
-        what=cfg.dataset, folder=root,
+        what=cfg.dataset, folder=root, present=lambda: _problem(cfg.dataset, cfg) is None,
         manual=f"download {cls.url} on a machine with network access and unpack it into {root}",
     )
     problem = _problem(cfg.dataset, cfg)

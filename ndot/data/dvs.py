@@ -96,7 +96,7 @@ def check(cfg: "TrainConfig") -> None:
         root = storage.data_root(cfg)
         storage.download(
             lambda: CIFAR10DVS(save_to=str(root)),
-            what="cifar10dvs", folder=folder,
+            what="cifar10dvs", folder=folder, present=lambda: _problem(folder) is None,
             manual=f"download {CIFAR10DVS.url} ({CIFAR10DVS.filename}) on a machine with network access, "
                    f"put it in {folder} and pass --download again to unpack it",
         )

@@ -59,12 +59,20 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: str) -> None:
-    """Run `fetch` (a library's download) with a socket timeout; any failure becomes one DataError line."""
+def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: str, present: Callable[[], bool]) -> None:
+    """Run `fetch` (a library's download) with a socket timeout, unless `present()`; any failure becomes one DataError line.
+
+    One caller at a time per folder: the trials of a sweep that start together on a
+    node would otherwise each download into the same files. The others wait, then
+    find the data present.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            fetch()
+        with file_lock(folder / f".{what}-download.lock"):
+            if present():
+                return
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                fetch()
     except (OSError, RuntimeError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
         raise DataError(f"downloading {what} into {folder} failed: {_reason(exc)}; {manual}") from exc
 
