@@ -52,6 +52,11 @@ def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
 _TRIAL_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
 
 
+def write_history(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Store the epoch rows of a sweep trial in a local checkpoint folder (HISTORY), for read_history."""
+    Path(folder, HISTORY).write_text(json.dumps(rows))
+
+
 def read_history(fs: pafs.FileSystem, folder: str) -> list[dict[str, Any]]:
     """The epoch rows a sweep trial's checkpoint folder holds (HISTORY)."""
     with fs.open_input_stream(f"{folder}/{HISTORY}") as f:

@@ -62,10 +62,6 @@ def epoch_row(trial_id: str, config: dict[str, Any], metrics: dict[str, Any], no
     return row
 
 
-def dumps_history(history: Sequence[Row]) -> bytes:
-    return json.dumps(list(history)).encode()
-
-
 # ----- trial records -----
 
 @dataclass

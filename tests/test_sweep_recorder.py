@@ -30,7 +30,7 @@ def _checkpoint(trial: Trial, epoch: int, write_history: bool = True) -> SimpleN
         metrics = [{"epoch": e, "status": "ok", "train_loss": 1.0 / e, "test_acc": 0.5 + e / 10, "epoch_seconds": 1.0,
                     "peak_mem_mb": 10.0, "image_steps_per_s": 100.0} for e in range(1, epoch + 1)]
         rows = [results.epoch_row(trial.trial_id, trial.config, m, {"node_ip": "1.2.3.4"}, 1000.0 + m["epoch"]) for m in metrics]
-        (path / checkpoint.HISTORY).write_bytes(results.dumps_history(rows))
+        checkpoint.write_history(path, rows)
     return SimpleNamespace(filesystem=trial.storage.storage_filesystem, path=str(path))
 
 

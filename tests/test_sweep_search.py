@@ -9,7 +9,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
-from ndot import checkpoint, results
+from ndot import checkpoint
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedSearch
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
@@ -124,7 +124,7 @@ def test_asha_rungs_survive_a_resume(tmp_path):
     live.on_trial_complete(None, done, rows[-1])
 
     # The same trial as Tuner.restore hands it over: finished, its history in its newest checkpoint.
-    (tmp_path / checkpoint.HISTORY).write_bytes(results.dumps_history(rows))
+    checkpoint.write_history(tmp_path, rows)
     restored_done = _trial("done", "T=1")
     restored_done.run_metadata.checkpoint_manager.register_checkpoint(
         _TrainingResult(checkpoint=Checkpoint.from_directory(str(tmp_path)), metrics=rows[-1]))

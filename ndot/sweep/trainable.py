@@ -52,7 +52,7 @@ def run_trial(config: dict[str, Any]) -> None:
             # this epoch: Tune keeps only the newest checkpoints (ndot.sweep.runner).
             if best is not None and best["epoch"] != state["epoch"]:
                 checkpoint.save(Path(d, checkpoint.BEST), best)
-            Path(d, checkpoint.HISTORY).write_bytes(results.dumps_history(history))
+            checkpoint.write_history(d, history)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     train(cfg, on_epoch=on_epoch, resume=resume)
