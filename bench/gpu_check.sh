@@ -22,7 +22,7 @@ status=0
 { nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
 
 # Each stage has its own limit (180 + 280 + 45 s), so that a hang in one still leaves the others' results.
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_augment.py -k "cuda or imports" 2>&1 \
+timeout 180 $PY -m pytest -rs -p no:cacheprovider tests/test_fast_path.py tests/test_augment.py -k "cuda or imports" 2>&1 \
   | tee "$OUT/tests.log" || status=1
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
 timeout 280 $PY -m ndot.bench --profile ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >"$OUT/bench.log" 2>&1 || status=1
