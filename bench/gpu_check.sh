@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on a GPU, in one call of the device tool (at most 8.5 minutes: run it with timeout_s 540):
+# The GPU half of the fast path's checks, in one call of at most 8.5 minutes (give it a 540 s limit):
 #   1. the fast path's gradients on CUDA equal the plain path's (fp32 <= 1e-5 per parameter,
 #      TF32 off; float64 too), bf16 stays close, CUDA-graph replay trains exactly like the
 #      eager step, the trainer runs two epochs with every lever on (bf16, channels_last, fused

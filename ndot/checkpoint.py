@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow.fs as pafs
 import torch
+
+from ndot import files
 
 # File names of saved states. A run folder of python -m ndot.train holds LAST (the state after the
 # last epoch, for --resume) and BEST (the weights of the best epoch); a sweep trial's Tune
@@ -30,18 +31,7 @@ def best_of(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_local(path, lambda f: torch.save(state, f))
 
 
 def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:

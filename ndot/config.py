@@ -119,10 +119,6 @@ class TrainConfig:
             bad("cuda_graph replays CUDA graphs: it needs device 'cuda' (or 'auto' on a machine with a GPU)")
         return self
 
-    @property
-    def lam(self) -> float:
-        return 1.0 - 1.0 / self.tau
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -134,6 +130,19 @@ class TrainConfig:
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def method(rule: str, mode: str) -> str:
+    """The paper's name for a rule run in a mode, e.g. ndot_O."""
+    return f"{rule}_{mode}"
+
+
+def parse_method(name: str) -> dict[str, str]:
+    """"ndot_O" -> {"rule": "ndot", "mode": "O"}; validity is TrainConfig's to judge."""
+    rule, sep, mode = name.rpartition("_")
+    if not sep or not rule:
+        raise ValueError(f"rule {name!r} must be written RULE_MODE, e.g. ndot_O or bptt_A")
+    return {"rule": rule, "mode": mode}
 
 
 def parse_field(name: str, text: str) -> Any:

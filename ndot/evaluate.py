@@ -24,6 +24,7 @@ import torch
 from ndot import checkpoint, data, files
 from ndot.cli import Parser
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
+from ndot.data.loader import Loader
 from ndot.device import resolve_device
 from ndot.layers import firing_rate, layer_firing_rates
 from ndot.models import from_config
@@ -36,7 +37,7 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return (logits.topk(k, dim=-1).indices == y[..., None]).any(dim=-1).sum(dim=-1)
 
 
-def evaluate(model: torch.nn.Module, loader, cfg: TrainConfig, num_classes: int, detail: bool = False) -> Metrics:
+def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_classes: int, detail: bool = False) -> Metrics:
     """Test loss, top-1 (top-5 with more than 10 classes) and mean firing rate of `model` over `loader`, T = cfg.T.
 
     `detail` adds `acc_by_step` (top-1 of the logits summed up to each step) and
@@ -84,7 +85,7 @@ def weights_file(path: str | os.PathLike) -> str:
             folder = f"{folder}/{newest.rpartition('/')[2]}"
         names = [checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL]
         if files.kind(f"{folder}/{checkpoint.HISTORY}") == pafs.FileType.File:
-            last = json.loads(files.read_bytes(f"{folder}/{checkpoint.HISTORY}"))[-1]
+            last = checkpoint.read_history(*files.filesystem(folder))[-1]
             names = [checkpoint.TRIAL] if checkpoint.is_best(last) else [checkpoint.BEST, checkpoint.TRIAL]
         for name in names:
             if files.kind(f"{folder}/{name}") == pafs.FileType.File:

@@ -1,8 +1,12 @@
-"""Whole files at a local path or a URI (s3://bucket/key, gs://...), through pyarrow's filesystems."""
+"""Whole files at a local path or a URI (s3://bucket/key, gs://...), through pyarrow's filesystems,
+and local files written atomically."""
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable
 
 import pyarrow.fs as pafs
 
@@ -41,3 +45,23 @@ def check_writable(folder: str) -> None:
     write_bytes(probe, b"")
     fs, path = filesystem(probe)
     fs.delete_file(path)
+
+
+def write_local(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` into a temporary file beside `path`, synced to disk, then renamed over it.
+
+    A reader, or a run killed at any moment, sees the old file or the whole new one, never half
+    of one; the sync makes that hold after a machine crash too, which a rename alone does not.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

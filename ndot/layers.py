@@ -79,22 +79,22 @@ class LIF(nn.Module):
             # The membrane integrates in fp32 at least, also when autocast hands it a bf16 current:
             # spikes near threshold and NDOT's ratio A[t] / A[t-1] need the precision.
             zeros = torch.zeros_like(current, dtype=torch.promote_types(current.dtype, torch.float32))
-            st = {"v": zeros, "q": zeros, "a": None, "e": None}
+            st = {"A": zeros, "q": zeros, "a": None, "e": None}
         else:
             st = self.state
         if first and self.training and self.dropout > 0:
             # In the state's dtype: a bf16 mask would round 1/(1-p) (1.109375 for p = 0.1).
-            keep = torch.empty_like(st["v"]).bernoulli_(1 - self.dropout)
+            keep = torch.empty_like(st["A"]).bernoulli_(1 - self.dropout)
             st["mask"] = keep / (1 - self.dropout)
         online = self.rule != "bptt"
         trace = online and self.training and self.emit_trace
-        s, v, q, a, e = self.step_fn(
-            current, st["v"], st.get("q"), st.get("a"), st.get("e"),
+        s, A, q, a, e = self.step_fn(
+            current, st["A"], st.get("q"), st.get("a"), st.get("e"),
             rule=self.rule, lam=self.lam, v_th=self.v_th, alpha=self.alpha, signed=self.signed,
             detach_reset=self.detach_reset, through_time=not online and self.training, trace=trace,
             out_scale=self.out_scale,
         )
-        self.state = {"v": v, "mask": st.get("mask")}
+        self.state = {"A": A, "mask": st.get("mask")}
         if trace:
             self.state.update(q=q, a=a, e=e)
 

@@ -33,9 +33,9 @@ def spike(x: Tensor, alpha: float) -> Tensor:
     return SpikeFn.apply(x, alpha)
 
 
-def lif_step(v: Tensor, current: Tensor, lam: float, v_th: float, alpha: float) -> tuple[Tensor, Tensor]:
-    """One LIF update from the post-reset potential v = A[t-1]; returns (s[t], u[t])."""
-    u = lam * v + current
+def lif_step(A_prev: Tensor, current: Tensor, lam: float, v_th: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """One LIF update from the post-reset potential A[t-1] = u[t-1] - Vth s[t-1]; returns (s[t], u[t])."""
+    u = lam * A_prev + current
     return spike(u - v_th, alpha), u
 
 
@@ -89,7 +89,7 @@ Step = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
 
 def neuron_step(
     current: Tensor,
-    v: Tensor,
+    A_prev: Tensor,
     q_prev: Tensor | None,
     a: Tensor | None,
     e_prev: Tensor | None,
@@ -113,9 +113,9 @@ def neuron_step(
     out_scale: c, the constant the network multiplies spikes by before the next
     layer; the step emits c·s[t] and, every trace being linear in s, the trace of
     c·s, which is c·â[t]. The reset and the NDOT factor read s itself.
-    Returns (c·s[t], new v, q[t], c·â[t], e[t]); the last three are None without a trace.
+    Returns (c·s[t], A[t], q[t], c·â[t], e[t]); the last three are None without a trace.
     """
-    s, u = lif_step(v, current, lam, v_th, alpha)
+    s, u = lif_step(A_prev, current, lam, v_th, alpha)
     out = s * out_scale if out_scale != 1.0 else s
     if through_time:
         reset = s.detach() if detach_reset else s

@@ -30,7 +30,7 @@ class TracedConv2d(torch.autograd.Function):
         return F.conv2d(s, w, b, stride, padding)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None, None]:
         a, w = ctx.saved_tensors
         stride, padding, has_b = ctx.conf
         need_s, _, need_w, need_b = ctx.needs_input_grad[:4]

@@ -27,9 +27,9 @@ import pyarrow.fs as pafs
 
 from ndot import checkpoint
 from ndot.cli import Parser
-from ndot.config import TrainConfig
+from ndot.config import TrainConfig, method
 from ndot.files import filesystem, write_bytes
-from ndot.sweep.space import STRATUM_KEY, method
+from ndot.sweep.space import STRATUM_KEY
 
 EPOCHS_TABLE = "epochs"
 TRIALS_TABLE = "trials"

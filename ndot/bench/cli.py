@@ -43,7 +43,7 @@ from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_snn, env_row
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
 from ndot.cli import Parser, listed
-from ndot.config import PRECISIONS, ConfigError, TrainConfig
+from ndot.config import PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 
 # Every kind of row a run prints; --table refuses a file with any other line.
@@ -51,10 +51,11 @@ KINDS = ("env", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
 
 
 def _rule_mode(text: str) -> tuple[str, str]:
-    rule, _, mode = text.rpartition("_")
-    if not rule or mode not in ("A", "O"):
-        raise argparse.ArgumentTypeError(f"expected RULE_MODE such as ndot_A, got {text!r}")
-    return rule, mode
+    try:
+        m = parse_method(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return m["rule"], m["mode"]
 
 
 def _parser() -> argparse.ArgumentParser:

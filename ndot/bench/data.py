@@ -22,15 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ndot.bench.measure import sync
 from ndot.cli import Parser
 from ndot.config import ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _images_per_s(loader, device: torch.device) -> float:
@@ -38,7 +34,7 @@ def _images_per_s(loader, device: torch.device) -> float:
     t0 = time.perf_counter()
     for _ in loader:
         pass
-    _sync(device)
+    sync(device)
     return loader.num_samples / (time.perf_counter() - t0)
 
 

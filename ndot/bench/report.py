@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
+
 from ndot.bench.measure import Levers, Row
 
 # The throughput targets for one H200: NDOT_A in bf16 against the ANN ceiling,
@@ -10,6 +12,8 @@ from ndot.bench.measure import Levers, Row
 A_BF16_OVER_CEILING = 0.8
 O_OVER_A_BF16 = 0.85
 A_FP32_IMAGE_STEPS_PER_S = 14_000
+# What one memory-over-T series shares: every field of a case but T.
+SERIES = ("arch", "batch", "rule", "mode", "precision", *Levers.__dataclass_fields__)
 
 
 def memory_checks(rows: list[Row], tolerance: float = 0.05) -> list[Row]:
@@ -17,7 +21,7 @@ def memory_checks(rows: list[Row], tolerance: float = 0.05) -> list[Row]:
     series: dict[tuple, list[Row]] = {}
     for r in rows:
         if r["kind"] == "snn":
-            key = tuple(r[k] for k in ("arch", "batch", "rule", "mode", "precision", *Levers.__dataclass_fields__))
+            key = tuple(r[k] for k in SERIES)
             series.setdefault(key, []).append(r)
     out = []
     for rs in series.values():
@@ -26,24 +30,16 @@ def memory_checks(rows: list[Row], tolerance: float = 0.05) -> list[Row]:
         rs = sorted(rs, key=lambda r: r["T"])
         metric = "peak_mem_mb" if rs[0]["peak_mem_mb"] is not None else "saved_mb"
         Ts, mem = [r["T"] for r in rs], [r[metric] for r in rs]
-        check = {k: rs[0][k] for k in ("arch", "batch", "rule", "mode", "precision", *Levers.__dataclass_fields__)}
+        check = {k: rs[0][k] for k in SERIES}
         check.update(kind="memory_vs_T", metric=metric, T=Ts, mb=mem, growth=mem[-1] / mem[0] - 1)
         if rs[0]["rule"] == "bptt":
-            slope, r2 = _line_fit(Ts, mem)
+            slope = float(np.polyfit(Ts, mem, 1)[0])
+            r2 = float(np.corrcoef(Ts, mem)[0, 1] ** 2) if np.ptp(mem) else 1.0  # R² of the least-squares line
             check.update(mb_per_step=slope, r2=r2, ok=slope > 0 and r2 >= 0.99)
         else:
             check.update(ok=max(mem) <= (1 + tolerance) * min(mem))
         out.append(check)
     return out
-
-
-def _line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    ss_res = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
-    ss_tot = sum((y - my) ** 2 for y in ys)
-    return slope, 1.0 - ss_res / ss_tot if ss_tot else 1.0
 
 
 def targets(rows: list[Row], T: int = 4) -> Row:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
+    from ndot.data.loader import Loader
 
 
 class DataError(RuntimeError):
@@ -60,7 +61,7 @@ def check(cfg: "TrainConfig") -> None:
     _module(cfg.dataset).check(cfg)
 
 
-def loaders(cfg: "TrainConfig", device: torch.device) -> tuple[Any, Any]:
+def loaders(cfg: "TrainConfig", device: torch.device) -> tuple[Loader, Loader]:
     """(train, test) loaders of cfg's dataset, sized for cfg's architecture where the data has no native size."""
     from ndot.models import ARCHS
 

@@ -87,7 +87,9 @@ class Cutout:
 
 
 def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """uint8 -> float in [0, 1] -> (x - mean) / std per channel; the same arithmetic as ToTensor + Normalize."""
+    """uint8 -> float in [0, 1] -> (x - mean) / std per channel; the same arithmetic as ToTensor + Normalize.
+
+    Not TF.normalize: it checks `(std == 0).any()` on every call, a device sync per batch on a GPU."""
     shape = (-1, 1, 1)
     return x.float().div(255).sub_(mean.view(shape)).div_(std.view(shape))
 

@@ -49,6 +49,7 @@ import torchvision.transforms.functional as TF
 from tonic.datasets import CIFAR10DVS
 from torch.utils.data import DataLoader, Subset
 
+from ndot import files
 from ndot.config import DVS_ENCODINGS
 from ndot.data import DataError, DatasetInfo, augment, storage
 from ndot.data.loader import DeviceLoader
@@ -234,7 +235,7 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
         train_x, train_y = _convert(dataset, train, workers)
         test_x, test_y = _convert(dataset, test, workers)
         built = Frames(train_x, train_y, test_x, test_y, *_channel_stats(train_x))
-        storage.atomic_write(path, lambda tmp: torch.save({"key": key, "frames": vars(built)}, tmp))
+        files.write_local(path, lambda f: torch.save({"key": key, "frames": vars(built)}, f))
         return built
 
 

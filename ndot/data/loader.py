@@ -163,3 +163,7 @@ class WorkerLoader:
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# What a dataset's `loaders` return: both iterate (x, y) batches and know their num_samples.
+Loader = DeviceLoader | WorkerLoader

@@ -19,11 +19,11 @@ from ray.tune.experiment import Trial
 
 from ndot import data, files, results
 from ndot.cli import Parser, listed
-from ndot.config import ConfigError, TrainConfig, parse_field
+from ndot.config import ConfigError, TrainConfig, parse_field, parse_method
 from ndot.sweep import resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
-from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
+from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
 
 DEFAULT_STORAGE = "runs/sweeps"
 DEFAULT_PRESET = "smoke"

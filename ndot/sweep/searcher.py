@@ -76,10 +76,6 @@ class StratifiedSearch(Searcher):
             return
         self._studies[self._stratum_of[trial_id]].on_trial_complete(trial_id, result)
 
-    def study(self, label: str) -> optuna.Study:
-        """The Optuna study of one stratum, for inspection."""
-        return self._studies[[s.label for s in self._strata].index(label)]._ot_study
-
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)

@@ -10,6 +10,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from ndot.config import parse_method
+
 # The trial-config key that names a trial's stratum; the scheduler and the
 # result tables group by it.
 STRATUM_KEY = "stratum"
@@ -21,19 +23,6 @@ class Stratum:
 
     values: Mapping[str, Any]
     label: str
-
-
-def method(rule: str, mode: str) -> str:
-    """The paper's name for a rule run in a mode, e.g. ndot_O."""
-    return f"{rule}_{mode}"
-
-
-def parse_method(name: str) -> dict[str, str]:
-    """"ndot_O" -> {"rule": "ndot", "mode": "O"}; validity is TrainConfig's to judge."""
-    rule, sep, mode = name.rpartition("_")
-    if not sep or not rule:
-        raise ValueError(f"rule {name!r} must be written RULE_MODE, e.g. ndot_O or bptt_A")
-    return {"rule": rule, "mode": mode}
 
 
 def _label_part(axis: str, value: Any) -> str:
@@ -70,7 +59,7 @@ class SearchSpace:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         fixed: dict[str, Any] = {}
-        for name, (low, high) in (("lr", self.lr), ("momentum", self.momentum), ("loss_alpha", self.loss_alpha)):
+        for name, (low, high) in self._ranges.items():
             if low == high:
                 fixed[name] = low
             else:
@@ -83,7 +72,7 @@ class SearchSpace:
 
     def first_point(self) -> dict[str, Any]:
         """The searched parameters of `first`, when all of them lie in their ranges ({} otherwise)."""
-        bounds = {"lr": self.lr, "momentum": self.momentum, "loss_alpha": self.loss_alpha}
+        bounds = self._ranges
         point = {k: v for k, v in self.first.items() if k in self.tuned}
         inside = all(
             v in self.batch_size if k == "batch_size" else bounds[k][0] <= v <= bounds[k][1] for k, v in point.items()
@@ -91,9 +80,12 @@ class SearchSpace:
         return point if inside else {}
 
     @property
+    def _ranges(self) -> dict[str, tuple[float, float]]:
+        return {"lr": self.lr, "momentum": self.momentum, "loss_alpha": self.loss_alpha}
+
+    @property
     def tuned(self) -> list[str]:
-        ranges = {"lr": self.lr, "momentum": self.momentum, "loss_alpha": self.loss_alpha}
-        names = [n for n, (low, high) in ranges.items() if low != high]
+        names = [n for n, (low, high) in self._ranges.items() if low != high]
         return names + (["batch_size"] if len(self.batch_size) > 1 else [])
 
     def corners(self) -> list[dict[str, Any]]:
