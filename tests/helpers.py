@@ -1,6 +1,8 @@
 """Small shared pieces for the core tests."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ndot.layers import configure
@@ -14,7 +16,6 @@ class RecordingSGD(torch.optim.SGD):
     def __init__(self, params):
         params = list(params)
         super().__init__(params, lr=0.0)
-        self.names = None
         self.records: list[list[torch.Tensor]] = []
 
     @torch.no_grad()
@@ -54,3 +55,11 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float, name: str = "") 
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
     err = (a - b).abs().max().item() / scale
     assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:.0e}"
+
+
+def exit_status(main: Callable[..., int], *args) -> int:
+    """What a command line's main(*args) exits with, argparse's own refusals (SystemExit) included."""
+    try:
+        return main(*args)
+    except SystemExit as e:
+        return e.code

@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.stats import chi2 as chi2_dist
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
-from data_fixtures import one_torch_thread  # noqa: F401 (requested by pytestmark)
+from data_fixtures import crop_offsets, uniform_enough
 from ndot.data import augment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -16,24 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def uniform_enough(counts: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Chi-square goodness of fit at p = 0.001: seeds are fixed, so a pass is stable, and a wrong
-    distribution (a missing offset, a biased coin) fails by a wide margin."""
-    statistic = float(((counts - expected) ** 2 / expected).sum())
-    return statistic < chi2_dist.ppf(0.999, len(counts) - 1)
-
-
-def crop_offsets(out: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top, left) offsets of crops of an all-ones image, read off the zero padding they show."""
-    def offset(lines_lit: torch.Tensor) -> torch.Tensor:
-        dark = (~lines_lit).int()
-        leading = dark.cumprod(1).sum(1)
-        trailing = dark.flip(1).cumprod(1).sum(1)
-        return trailing - leading + padding
-
-    return offset(out.amax(-1) > 0), offset(out.amax(-2) > 0)
 
 
 def test_crop_at_is_pad_then_slice_with_one_offset_for_all_frames():

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from helpers import exit_status
 from ndot.bench import data
 
 
@@ -39,10 +40,7 @@ def test_cifar_part_runs_without_the_event_libraries():
     (["--threads", "-2"], "--threads must be >= 1, got -2"),
 ])
 def test_bad_input_is_one_line_before_measuring(argv, says, capsys):
-    try:
-        status = data.main(["--small", *argv])
-    except SystemExit as e:  # argparse's errors leave through sys.exit
-        status = e.code
+    status = exit_status(data.main, ["--small", *argv])
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     assert captured.err.count("\n") == 1 and says in captured.err

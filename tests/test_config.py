@@ -13,7 +13,7 @@ from ndot.config import ConfigError, TrainConfig
         ({"T": 0}, "T must be a positive integer"),
         ({"T": -3}, "T must be a positive integer"),
         ({"rule": "stdp"}, "unknown rule 'stdp'; valid rules: ndot, ndot_ref, ottt, sltt, bptt"),
-        ({"arch": "vgg99"}, "unknown architecture 'vgg99'; valid architectures:"),
+        ({"arch": "vgg99"}, "unknown architecture 'vgg99'; valid architectures: resnet_ws, small_cnn, vgg11_ws"),
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"lr": -0.1}, "lr must be > 0"),
@@ -28,11 +28,6 @@ def test_bad_config_raises_one_line(kw, words):
         TrainConfig(**kw).validate()
     msg = str(e.value)
     assert words in msg and "\n" not in msg
-
-
-def test_arch_error_lists_valid_names():
-    with pytest.raises(ConfigError, match="resnet_ws, small_cnn, vgg11_ws"):
-        TrainConfig(arch="nope").validate()
 
 
 def test_default_config_is_valid_and_round_trips():

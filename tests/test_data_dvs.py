@@ -9,7 +9,7 @@ import pytest
 import tonic
 import torch
 
-from data_fixtures import closed_port, one_line, one_torch_thread  # noqa: F401 (one_torch_thread: pytestmark)
+from data_fixtures import closed_port, one_line
 from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures
 from ndot.train import train

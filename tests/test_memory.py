@@ -3,14 +3,12 @@ import pytest
 import torch
 
 from helpers import RecordingSGD, batch, make_model
-from ndot.layers import configure
 from ndot.memory import SavedTensorMeter
 from ndot.step import train_batch
 
 
 def peak_saved_bytes(rule: str, mode: str, T: int) -> int:
     model = make_model(rule=rule, dtype=torch.float32)
-    configure(model, rule)
     x, y = batch(dtype=torch.float32)
     with SavedTensorMeter() as m:
         train_batch(model, RecordingSGD(model.parameters()), x, y, rule=rule, mode=mode, T=T, loss_alpha=0.05)

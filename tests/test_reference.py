@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import RecordingSGD, assert_close, batch, make_model
-from ndot.layers import configure, neurons
+from helpers import assert_close, batch, grads, make_model
+from ndot.layers import neurons
 from ndot.step import train_batch
 
 LAM, V_TH, ALPHA, C, EPS, LOSS_ALPHA = 0.5, 1.0, 4.0, 2.74, 1e-4, 0.05
@@ -121,10 +121,7 @@ def leaves(model):
 
 
 def summed_grads(model, rule, x, y, T, **kw):
-    configure(model, rule, kw.get("signed", False), kw.get("detach_reset", False))
-    opt = RecordingSGD(model.parameters())
-    train_batch(model, opt, x, y, rule=rule, mode="A", T=T, loss_alpha=LOSS_ALPHA)
-    return {n: sum(r[i] for r in opt.records) for i, (n, _) in enumerate(model.named_parameters())}
+    return grads(model, rule, "A", x, y, T, signed=kw.get("signed", False), detach_reset=kw.get("detach_reset", False))
 
 
 VARIANTS = [

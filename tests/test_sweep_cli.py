@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from data_fixtures import closed_port
+from helpers import exit_status
 from ndot.sweep import cli, resources
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
@@ -56,7 +57,7 @@ def storage(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
-    rc = _exit_code(TIMESTEPS, [*argv, *storage])
+    rc = exit_status(cli.main, TIMESTEPS, [*argv, *storage])
     err = capsys.readouterr().err
     assert rc != 0
     assert err.count("\n") == 1 and says in err, err
@@ -70,13 +71,6 @@ def test_set_fixes_any_other_field_for_every_trial(tmp_path):
     assert (base["precision"], base["fused_neuron"], base["dropout"]) == ("bf16", True, 0.1)
 
 
-def _exit_code(sweep, argv: list[str]) -> int:
-    try:
-        return cli.main(sweep, argv)
-    except SystemExit as e:  # argparse refuses a malformed value itself
-        return e.code
-
-
 @pytest.mark.parametrize("sweep", [TIMESTEPS, ARCHITECTURES, LEARNING_RATES], ids=lambda s: s.name)
 def test_every_preset_is_a_valid_plan(sweep):
     for preset in sweep.presets:
@@ -85,7 +79,7 @@ def test_every_preset_is_a_valid_plan(sweep):
 
 
 def test_missing_dataset_is_refused(tmp_path, capsys):
-    rc = _exit_code(TIMESTEPS, ["--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path)])
+    rc = exit_status(cli.main, TIMESTEPS, ["--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "cifar10" in err
 
@@ -93,13 +87,13 @@ def test_missing_dataset_is_refused(tmp_path, capsys):
 def test_unwritable_storage_is_refused(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    rc = _exit_code(TIMESTEPS, ["--storage", str(blocker / "runs")])
+    rc = exit_status(cli.main, TIMESTEPS, ["--storage", str(blocker / "runs")])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "not writable" in err
 
 
 def test_an_architecture_sweep_checks_its_strata_too(tmp_path, capsys):
-    rc = _exit_code(ARCHITECTURES, ["--archs", "small_cnn,nope", "--storage", str(tmp_path)])
+    rc = exit_status(cli.main, ARCHITECTURES, ["--archs", "small_cnn,nope", "--storage", str(tmp_path)])
     assert rc != 0 and "unknown architecture 'nope'" in capsys.readouterr().err
 
 
@@ -117,7 +111,7 @@ def test_script_exits_nonzero_without_starting_ray(tmp_path):
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "127.0.0.1:notaport"])
 def test_an_address_nothing_answers_at_is_refused_before_ray_starts(storage, capsys, address):
     before = _sessions()
-    rc = _exit_code(TIMESTEPS, ["--address", address.format(port=closed_port()), *storage])
+    rc = exit_status(cli.main, TIMESTEPS, ["--address", address.format(port=closed_port()), *storage])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "127.0.0.1" in err
     assert _sessions() == before, "a Ray session was started"
@@ -133,7 +127,7 @@ def test_trial_resources_must_fit_some_node_now_or_launchable():
 
 def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys):
     # This machine has no GPU and Ray starts here with none: a GPU per trial would wait forever.
-    rc = _exit_code(TIMESTEPS, ["--gpus-per-trial", "1", *storage])
+    rc = exit_status(cli.main, TIMESTEPS, ["--gpus-per-trial", "1", *storage])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no node of this cluster" in err
     assert not ray.is_initialized()

@@ -31,7 +31,7 @@ def _checkpoint(trial: Trial, epoch: int, write_history: bool = True) -> SimpleN
                     "peak_mem_mb": 10.0, "image_steps_per_s": 100.0} for e in range(1, epoch + 1)]
         rows = [results.epoch_row(trial.trial_id, trial.config, m, {"node_ip": "1.2.3.4"}, 1000.0 + m["epoch"]) for m in metrics]
         checkpoint.write_history(path, rows)
-    return SimpleNamespace(filesystem=trial.storage.storage_filesystem, path=str(path))
+    return Checkpoint.from_directory(str(path))
 
 
 def _step(callback: TablesCallback, trials: list[Trial], checkpoint_of: dict[str, SimpleNamespace] | None = None) -> None:

@@ -12,14 +12,15 @@ from ray.tune.search import Searcher
 from ndot import checkpoint
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedSearch
-from ndot.sweep.space import STRATUM_KEY, SearchSpace, parse_method, strata
+from ndot.config import parse_method
+from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
 
 METRIC = "best_test_acc"
 
 
-def _search(n_strata: int = 3, budget: int = 4, **space) -> StratifiedSearch:
+def _search(n_strata: int = 3, budget: int = 4) -> StratifiedSearch:
     cells = strata({"T": tuple(range(1, n_strata + 1)), "method": ("ndot_A",)})
-    return StratifiedSearch(cells, SearchSpace(lr=(1e-3, 1.0), **space), budget, METRIC, "max", seed=0)
+    return StratifiedSearch(cells, SearchSpace(lr=(1e-3, 1.0)), budget, METRIC, "max", seed=0)
 
 
 def _result(acc: float, epoch: int = 1) -> dict:
@@ -88,7 +89,8 @@ def test_errored_trial_resumed_after_restore_still_informs_its_study(tmp_path):
     restored.on_trial_result("t0", _result(0.6, 2))
     restored.on_trial_complete("t0", _result(0.6, 2))
 
-    done = [t for t in restored.study(config[STRATUM_KEY]).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    (study,) = [s._ot_study for s in restored._studies]  # the one stratum's Optuna study
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert [(t.params["lr"], t.value) for t in done] == [(config["lr"], 0.6)]
 
 

@@ -17,7 +17,7 @@ def run_lif(currents: np.ndarray, rule: str, signed: bool = False) -> tuple[np.n
     for I in torch.tensor(currents, dtype=torch.float64):
         s, a = lif(I)
         s_.append(s.numpy())
-        A_.append(lif.state["v"].numpy())
+        A_.append(lif.state["A"].numpy())
         a_.append(a.numpy())
     return np.array(s_), np.array(A_), np.array(a_)
 
@@ -150,7 +150,7 @@ def test_out_scale_scales_what_the_neuron_emits_not_its_dynamics(rule):
             s, a = lif(I)
             outs.append(s)
             traces.append(a)
-            potentials.append(lif.state["v"].detach())
+            potentials.append(lif.state["A"].detach())
         grad, = torch.autograd.grad(sum((s * torch.arange(64.0)).sum() for s in outs), currents)
         runs.append((torch.stack(outs).detach(), traces, torch.stack(potentials), grad))
     (s1, a1, v1, g1), (sc, ac, vc, gc) = runs
