@@ -28,11 +28,13 @@ import pyarrow.fs as pafs
 from ndot import checkpoint
 from ndot.cli import Parser
 from ndot.config import TrainConfig, method
-from ndot.files import filesystem, write_bytes
+from ndot.files import filesystem, kind, write_bytes
 from ndot.sweep.space import STRATUM_KEY
 
 EPOCHS_TABLE = "epochs"
 TRIALS_TABLE = "trials"
+# The sweep's plan, written before its first trial (ndot.sweep.runner): the mark of an experiment folder.
+PLAN_FILE = "sweep.json"
 
 # Per-trial outcomes; unfinished trials keep Tune's state in lower case (pending, running, paused).
 COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED = "completed", "stopped_early", "diverged", "errored"
@@ -145,8 +147,9 @@ def record(trial: Any) -> TrialRecord:
 
 def epochs_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     df = pd.DataFrame([row for r in records for row in r.history])
-    if not df.empty:
-        df["timestamp"] = pd.to_datetime(df["timestamp"], unit="s", utc=True)
+    for col in ("started_at", "timestamp"):
+        if col in df:
+            df[col] = pd.to_datetime(df[col], unit="s", utc=True)
     return df
 
 
@@ -158,7 +161,9 @@ def _trial_row(r: TrialRecord) -> Row:
         return row
     h = pd.DataFrame(r.history)
     tested = h.dropna(subset=["test_acc"]) if "test_acc" in h else h.iloc[:0]
-    started = h["timestamp"].iloc[0] - h["epoch_seconds"].iloc[0]
+    # When the trial's first process began it (data, model, then epoch 1); histories written before
+    # rows carried it give the first epoch's start instead.
+    started = h["started_at"].iloc[0] if "started_at" in h else h["timestamp"].iloc[0] - h["epoch_seconds"].iloc[0]
     row.update(
         final_test_acc=last.get("test_acc", math.nan),
         best_test_acc=float(tested["test_acc"].max()) if len(tested) else math.nan,
@@ -255,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir")
     sub.add_parser("summary", help="print each stratum's best trial from the tables in DIR").add_argument("dir")
     args = p.parse_args(argv)
+    if args.dir.endswith(".parquet"):
+        print(f"error: {args.dir} is a table; give the experiment folder that holds it", file=sys.stderr)
+        return 2
     try:
         if args.command == "collect":
             records = collect(args.dir)
@@ -267,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(summary_text(load(args.dir, TRIALS_TABLE)))
     except FileNotFoundError as e:
+        if args.command != "collect" and kind(f"{args.dir.rstrip('/')}/{PLAN_FILE}") == pafs.FileType.File:
+            print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
+            return 1
         print(f"error: {args.dir} is not a sweep's experiment folder (not found: {e})".splitlines()[0], file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:

@@ -237,7 +237,7 @@ def test_unreadable_cache_is_rebuilt(dataset_root, private_cache, monkeypatch):
 
 def test_failed_cache_write_leaves_nothing(dataset_root, private_cache, monkeypatch):
     def failing_save(obj, f):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)

@@ -1,11 +1,11 @@
-"""The per-stratum summary of a sweep's trials table."""
+"""The results side of a sweep: the trials table's measures, the per-stratum summary, the figures, the command line."""
 from __future__ import annotations
 
 import math
 
 import pandas as pd
 
-from ndot import results
+from ndot import plots, results
 
 
 def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
@@ -35,3 +35,62 @@ def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):
     assert results.main(["summary", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "experiment folder" in err
+
+
+def test_summary_and_plot_refuse_a_table_file_in_one_line(tmp_path, capsys):
+    for command in ("summary", "plot"):
+        assert results.main([command, str(tmp_path / "epochs.parquet")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "give the experiment folder" in err
+
+
+def test_a_sweep_with_no_finished_epoch_says_so(tmp_path, capsys):
+    (tmp_path / results.PLAN_FILE).write_text("{}")
+    assert results.main(["summary", str(tmp_path)]) == 1
+    assert "no tables yet" in capsys.readouterr().err
+
+
+def _history(epochs: int, started_at: float) -> list[dict]:
+    config = {"dataset": "digits", "arch": "small_cnn", "T": 2, "epochs": epochs}
+    metrics = [{"epoch": e, "train_loss": 1.0 / e, "test_acc": 0.5 + 0.1 * e, "best_test_acc": 0.5 + 0.1 * e,
+                "epoch_seconds": 10.0, "peak_mem_mb": 1.0, "image_steps_per_s": 100.0, "status": "ok"}
+               for e in range(1, epochs + 1)]
+    return [results.epoch_row("t0", config, m, {"started_at": started_at}, started_at + 30.0 + 12.0 * m["epoch"])
+            for m in metrics]
+
+
+def test_a_trials_wall_time_runs_from_its_measured_start():
+    # The first epoch ended 42 s after the trial started: 30 s of setup, 10 of training, 2 of testing.
+    history = _history(3, started_at=1000.0)
+    record = results.TrialRecord("t0", history[0], "TERMINATED", 0, history, "t0/checkpoint_000002")
+    row = results.trials_frame([record]).iloc[0]
+    assert row["started_at"] == pd.Timestamp(1000.0, unit="s", tz="UTC")
+    assert row["wall_time_s"] == 30.0 + 12.0 * 3 and row["train_time_s"] == 30.0
+    assert row["status"] == "completed" and row["best_epoch"] == 3
+    assert results.epochs_frame([record])["started_at"].iloc[0] == row["started_at"]
+
+
+def _trials(archs: list[str], Ts: list[int]) -> pd.DataFrame:
+    rows = [{"dataset": "digits", "arch": arch, "method": m, "T": T, "lr": 0.1 * T, "best_test_acc": 0.9,
+             "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1}
+            for arch in archs for m in ("ndot_A", "ottt_A") for T in Ts]
+    return pd.DataFrame(rows)
+
+
+def test_figures_draw_a_line_per_rule_and_architecture():
+    one = plots.accuracy_vs_T(_trials(["small_cnn"], [1, 4]))
+    assert [line.get_label() for line in one.axes[0].get_lines()] == ["ndot_A", "ottt_A"]
+    assert "small_cnn" in one.axes[0].get_title()
+    two = plots.accuracy_vs_T(_trials(["small_cnn", "resnet_ws"], [1, 4]))
+    assert sorted(line.get_label() for line in two.axes[0].get_lines()) == [
+        "ndot_A, resnet_ws", "ndot_A, small_cnn", "ottt_A, resnet_ws", "ottt_A, small_cnn"]
+    for ax in plots.cost_vs_T(_trials(["small_cnn", "resnet_ws"], [1, 4])).axes:
+        assert len(ax.get_lines()) == 4
+
+
+def test_learning_rate_figure_keeps_time_steps_apart():
+    fig = plots.accuracy_vs_lr(_trials(["small_cnn"], [1, 4, 6]))
+    ax = fig.axes[0]
+    assert len(ax.collections) == 2 * 3  # a scatter per (rule, T)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ndot_A", "ottt_A", "T=1", "T=4", "T=6"]
+    assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == set(plots.FIGURES)

@@ -92,6 +92,10 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     assert isinstance(epochs["timestamp"].dtype, pd.DatetimeTZDtype)
     assert epochs[["lr", "epoch_lr", "peak_mem_mb", "image_steps_per_s", "node_ip", "hostname"]].notna().all().all()
     assert epochs["test_acc"].between(0, 1).all()
+    # A trial's start is measured before its setup, so its wall time holds more than its epochs' training.
+    first = epochs[epochs["epoch"] == 1].set_index("trial_id")
+    assert (first["started_at"] < first["timestamp"] - pd.to_timedelta(first["epoch_seconds"], unit="s")).all()
+    assert (trials["wall_time_s"] > trials["train_time_s"]).all()
     # Re-collected from the experiment directory: the same tables as written live.
     assert results.main(["collect", str(experiment)]) == 0
     by = ["trial_id", "epoch"]

@@ -57,16 +57,15 @@ class Plan:
         return len(self.strata) * self.trials_per_stratum
 
 
-PLAN_FILE = "sweep.json"
 
 
 def save_plan(plan: Plan) -> None:
     """Store the plan in the experiment, readable, so that a resume runs what was started."""
-    files.write_bytes(f"{plan.experiment}/{PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
+    files.write_bytes(f"{plan.experiment}/{results.PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
 
 
 def load_plan(experiment: str) -> Plan:
-    d = json.loads(files.read_bytes(f"{experiment}/{PLAN_FILE}"))
+    d = json.loads(files.read_bytes(f"{experiment}/{results.PLAN_FILE}"))
     d["strata"] = tuple(Stratum(**s) for s in d["strata"])
     # JSON turned the space's tuples into lists.
     d["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["space"].items()})

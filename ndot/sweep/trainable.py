@@ -30,7 +30,9 @@ def _node() -> dict[str, Any]:
 def run_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config)
     trial_id = tune.get_context().get_trial_id()
-    node = _node()
+    # started_at: when this process began the trial, before data and model; a trial's first row
+    # keeps its first start through restarts, so the trials table measures wall time from there.
+    node = {**_node(), "started_at": time.time()}
     resume, history, best = None, [], None
     restored = tune.get_checkpoint()
     if restored is not None:
