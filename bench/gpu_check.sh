@@ -19,12 +19,16 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 
-{ nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
+# g++: torch.compile's fused neuron also emits a small C++ kernel (the scale it saves for backward is a CPU scalar).
+{ nvidia-smi; g++ --version | head -1
+  $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
 
 # Each stage has its own limit (180 + 280 + 45 s), so that a hang in one still leaves the others' results.
 timeout 180 $PY -m pytest -rs -p no:cacheprovider tests/test_fast_path.py tests/test_augment.py -k "cuda or imports" 2>&1 \
   | tee "$OUT/tests.log" || status=1
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
+# (--out appends: a second check into the same $OUT starts the file afresh, not mixed with the first.)
+rm -f "$OUT/bench.jsonl"
 timeout 280 $PY -m ndot.bench --profile ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >"$OUT/bench.log" 2>&1 || status=1
 $PY -m ndot.bench --table "$OUT/bench.jsonl" | tee "$OUT/bench.md"
 timeout 45 $PY -m ndot.bench.data --only cifar --workers "$(nproc)" ${BENCH_DATA_ARGS:-} 2>&1 | tee "$OUT/bench_data.jsonl" \

@@ -13,8 +13,10 @@ from ndot.bench.measure import LOSS_ALPHA, Levers, Row, Setup, fresh_model, sync
 from ndot.layers import configure, neurons
 from ndot.step import train_batch
 
-# Autograd nodes of the neuron's backward: the surrogate gradient, eager or compiled.
-_NEURON_BACKWARD = ("SpikeFnBackward", "CompiledFunctionBackward")
+# Autograd nodes of the neuron's backward: compiled, one node; eager, the surrogate and the LIF's
+# add (u), subtraction (threshold) and scale (x2.74). The loss and weight standardisation add a few
+# nodes of those names too, on tensors far smaller than a layer's activations.
+_NEURON_BACKWARD = ("CompiledFunctionBackward", "SpikeFnBackward", "AddBackward0", "SubBackward0", "MulBackward0")
 _EVALUATE = "autograd::engine::evaluate_function: "
 
 

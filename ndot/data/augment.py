@@ -89,9 +89,11 @@ class Cutout:
 def normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 -> float in [0, 1] -> (x - mean) / std per channel; the same arithmetic as ToTensor + Normalize.
 
-    Not TF.normalize: it checks `(std == 0).any()` on every call, a device sync per batch on a GPU."""
+    Not TF.normalize: it checks `(std == 0).any()` on every call, a device sync per batch on a GPU.
+    255 is a tensor on x's device: CUDA divides by a Python scalar as x * (1/255), one bit off
+    true division for about half the uint8 values, and the device pipeline must equal the CPU's."""
     shape = (-1, 1, 1)
-    return x.float().div(255).sub_(mean.view(shape)).div_(std.view(shape))
+    return x.float().div_(torch.full((), 255.0, device=x.device)).sub_(mean.view(shape)).div_(std.view(shape))
 
 
 def _blurred(x: Tensor) -> Tensor:
