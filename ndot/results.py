@@ -211,7 +211,8 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
         })
     rank = {label: i for i, label in enumerate(order)}
     rows.sort(key=lambda r: rank.get(r["stratum"], len(rank)))
-    return pd.DataFrame(rows).set_index("stratum")
+    # Int64: a stratum with no scored trial yet must not turn every best_epoch into a float (1.0).
+    return pd.DataFrame(rows).astype({"best_epoch": "Int64"}).set_index("stratum")
 
 
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:

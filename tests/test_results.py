@@ -24,6 +24,7 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
         2, 0.95, 0.93, 0.03, 2, "b/checkpoint_000001"]
     assert list(results.summary(trials, order=["T=2,ndot_A", "T=1,ndot_A"]).index) == ["T=2,ndot_A", "T=1,ndot_A"]
     assert table.loc["T=2,ndot_A", "best_test_acc"] == 0.5 and "1 errored" in table.loc["T=2,ndot_A", "outcomes"]
+    assert table["best_epoch"].dtype == "Int64"
 
     trials.to_parquet(tmp_path / "trials.parquet")
     assert results.main(["summary", str(tmp_path)]) == 0
