@@ -9,6 +9,7 @@ A line is a rule (method), and a rule on one architecture when the table holds s
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,7 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from pandas.api.typing import DataFrameGroupBy  # noqa: E402
+
+if TYPE_CHECKING:
+    from pandas.api.typing import DataFrameGroupBy  # pandas >= 2.1; annotations only
 
 
 def _curves(trials: pd.DataFrame) -> pd.Series:
