@@ -24,7 +24,7 @@ status=0
   $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"; } >"$OUT/env.txt" 2>&1
 
 # Each stage has its own limit (180 + 280 + 45 s), so that a hang in one still leaves the others' results.
-timeout 180 $PY -m pytest -rs -p no:cacheprovider tests/test_fast_path.py tests/test_augment.py -k "cuda or imports" 2>&1 \
+timeout 180 $PY -m pytest -rs --durations=12 -p no:cacheprovider tests/test_augment.py tests/test_fast_path.py -k "cuda or imports" 2>&1 \
   | tee "$OUT/tests.log" || status=1
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
 # (--out appends: a second check into the same $OUT starts the file afresh, not mixed with the first.)

@@ -47,6 +47,42 @@ def on(device, dtype, **fast):
     return model, x.to(device), y.to(device)
 
 
+# The CUDA-only tests come first: should gpu_check.sh's time limit cut the run, the
+# paths that have no CPU stand-in have run.
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
+@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
+def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, exact_cudnn):
+    models = [make_model(rule=rule, dtype=torch.float32).cuda() for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    step = partial(train_batch, rule=rule, mode=mode, T=3, loss_alpha=0.05)
+    graphed = GraphedStep(step, models[1], opts[1])
+    # Two batches, a new lr (a new capture), and a smaller last batch (a graph of its own).
+    for i, (n, lr) in enumerate([(4, 0.1), (4, 0.1), (4, 0.05), (3, 0.05)]):
+        x, y = (t.cuda() for t in batch(seed=10 + i, n=n, size=16, dtype=torch.float32))
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        eager = step(models[0], opts[0], x, y)
+        replay = graphed(x, y)
+        for a, b in zip(eager, replay):
+            assert_close(b, a, 1e-5, f"batch {i} output")
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert_close(q.detach(), p.detach(), 1e-5, f"batch {i} {name}")
+    assert len(graphed.graphs) == 2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu_check.sh runs this)")
+def test_trainer_on_cuda_with_every_lever():
+    # The product's GPU path end to end: data on the device, bf16, channels_last, the fused neuron,
+    # and a CUDA graph captured again when the second epoch's lr changes.
+    cfg = TrainConfig(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=2, seed=3, device="cuda",
+                      precision="bf16", channels_last=True, fused_neuron=True, cuda_graph=True)
+    seen = []
+    result = train(cfg, lambda m, s: seen.append(m))
+    assert result.status == "completed" and [m["epoch"] for m in seen] == [1, 2]
+    assert seen[-1]["test_acc"] > 0.5 and seen[-1]["peak_mem_mb"] > 0
+
+
 @pytest.mark.parametrize("device,dtype", PLACES)
 @pytest.mark.parametrize("rule,mode", CASES)
 def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_cudnn):
@@ -207,37 +243,3 @@ def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
     code = ("import sys, ndot, ndot.bench.cli, ndot.bench.data, ndot.train; "
             "bad = {'ray', 'optuna', 'tonic', 'faery'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
-@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
-def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, exact_cudnn):
-    models = [make_model(rule=rule, dtype=torch.float32).cuda() for _ in range(2)]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
-    step = partial(train_batch, rule=rule, mode=mode, T=3, loss_alpha=0.05)
-    graphed = GraphedStep(step, models[1], opts[1])
-    # Two batches, a new lr (a new capture), and a smaller last batch (a graph of its own).
-    for i, (n, lr) in enumerate([(4, 0.1), (4, 0.1), (4, 0.05), (3, 0.05)]):
-        x, y = (t.cuda() for t in batch(seed=10 + i, n=n, size=16, dtype=torch.float32))
-        for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = lr
-        eager = step(models[0], opts[0], x, y)
-        replay = graphed(x, y)
-        for a, b in zip(eager, replay):
-            assert_close(b, a, 1e-5, f"batch {i} output")
-        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
-            assert_close(q.detach(), p.detach(), 1e-5, f"batch {i} {name}")
-    assert len(graphed.graphs) == 2
-
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu_check.sh runs this)")
-def test_trainer_on_cuda_with_every_lever():
-    # The product's GPU path end to end: data on the device, bf16, channels_last, the fused neuron,
-    # and a CUDA graph captured again when the second epoch's lr changes.
-    cfg = TrainConfig(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=2, seed=3, device="cuda",
-                      precision="bf16", channels_last=True, fused_neuron=True, cuda_graph=True)
-    seen = []
-    result = train(cfg, lambda m, s: seen.append(m))
-    assert result.status == "completed" and [m["epoch"] for m in seen] == [1, 2]
-    assert seen[-1]["test_acc"] > 0.5 and seen[-1]["peak_mem_mb"] > 0
