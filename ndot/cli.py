@@ -22,14 +22,14 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args([self._spelled_as_declared(a) for a in args], namespace)
 
     def _spelled_as_declared(self, token: str) -> str:
-        # --batch_size for --batch-size and the other way round, also in the --flag=value form.
+        # --batch_size for --batch-size and the other way round, also in the --flag=value form and in
+        # the off switches argparse declares with both characters (--no-readout_trace).
         name, eq, value = token.partition("=")
         if not name.startswith("--") or name in self._option_string_actions:
             return token
-        for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
-            if other in self._option_string_actions:
-                return other + eq + value
-        return token
+        declared = {k.replace("_", "-"): k for k in self._option_string_actions if k.startswith("--")}
+        match = declared.get(name.replace("_", "-"))
+        return match + eq + value if match else token
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, not argparse's usage block: bad input is reported like every other error.

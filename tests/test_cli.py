@@ -1,0 +1,40 @@
+"""What every command line shares (ndot.cli.Parser): `-` and `_` alike inside a flag, no abbreviations."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ndot.cli import Parser
+
+
+def parser() -> Parser:
+    p = Parser(prog="test")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--readout_trace", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--tau", type=float, default=2.0)
+    return p
+
+
+@pytest.mark.parametrize("argv, batch_size, readout_trace", [
+    (["--batch_size", "8"], 8, None),
+    (["--batch-size", "8"], 8, None),
+    (["--batch-size=8"], 8, None),
+    (["--readout-trace"], 1, True),
+    (["--readout_trace"], 1, True),
+    # argparse declares the off switch as --no-readout_trace: every spelling of it is the same flag.
+    (["--no-readout-trace"], 1, False),
+    (["--no_readout_trace"], 1, False),
+    (["--no-readout_trace"], 1, False),
+])
+def test_dash_and_underscore_are_the_same_in_every_flag(argv, batch_size, readout_trace):
+    args = parser().parse_args(argv)
+    assert (args.batch_size, args.readout_trace) == (batch_size, readout_trace)
+
+
+@pytest.mark.parametrize("argv", [["--t", "4"], ["--batch", "8"], ["--no-readout"]])
+def test_abbreviations_are_refused_in_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments" in err
