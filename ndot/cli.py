@@ -36,6 +36,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def refuse(message: object) -> int:
+    """Report bad input as one line on stderr (the message's first) and return the exit status 2."""
+    print(f"error: {str(message).splitlines()[0]}", file=sys.stderr)
+    return 2
+
+
 def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
     """An argparse type: a comma-separated list of `kind`, repeats dropped, order kept."""
     def parse(text: str) -> tuple:

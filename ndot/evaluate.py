@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser
+from ndot.cli import Parser, refuse
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
@@ -150,11 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise ConfigError(f"cannot write the result to {out}: {str(e).splitlines()[0]}") from None
     except (ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     except (OSError, ValueError) as e:  # storage that cannot be reached or read (credentials, network, scheme)
-        print(f"error: {args.path}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return refuse(f"{args.path}: {e}")
     trained = TrainConfig.from_dict(state["config"])
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
     print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from ndot import checkpoint
-from ndot.cli import Parser
+from ndot.cli import Parser, refuse
 from ndot.config import TrainConfig, method
 from ndot.files import filesystem, kind, write_bytes
 from ndot.sweep.space import STRATUM_KEY
@@ -262,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("summary", help="print each stratum's best trial from the tables in DIR").add_argument("dir")
     args = p.parse_args(argv)
     if args.dir.endswith(".parquet"):
-        print(f"error: {args.dir} is a table; give the experiment folder that holds it", file=sys.stderr)
-        return 2
+        return refuse(f"{args.dir} is a table; give the experiment folder that holds it")
     try:
         if args.command == "collect":
             records = collect(args.dir)
@@ -279,11 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "collect" and kind(f"{args.dir.rstrip('/')}/{PLAN_FILE}") == pafs.FileType.File:
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
             return 1
-        print(f"error: {args.dir} is not a sweep's experiment folder (not found: {e})".splitlines()[0], file=sys.stderr)
-        return 2
+        return refuse(f"{args.dir} is not a sweep's experiment folder (not found: {e})")
     except (OSError, ValueError) as e:
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
-        return 2
+        return refuse(e)
     return 0
 
 

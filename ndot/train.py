@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser
+from ndot.cli import Parser, refuse
 from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, device, state = _prepare(given, out, resume)
     except (ConfigError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:

@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -42,7 +41,7 @@ import torch
 from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_snn, env_row
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
-from ndot.cli import Parser, listed
+from ndot.cli import Parser, listed, refuse
 from ndot.config import PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 
@@ -210,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         # Opened before anything is measured, so that a path that cannot be written costs no run.
         opened = _open_out(args.out)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     if p["threads"] is not None:
         torch.set_num_threads(p["threads"])
     # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike.

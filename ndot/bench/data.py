@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot.bench.measure import sync
-from ndot.cli import Parser
+from ndot.cli import Parser, refuse
 from ndot.config import ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.only in (None, "cifar"):

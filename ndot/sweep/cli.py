@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import data, files, results
-from ndot.cli import Parser, listed
+from ndot.cli import Parser, listed, refuse
 from ndot.config import ConfigError, TrainConfig, parse_field, parse_method
 from ndot.sweep import resources, runner
 from ndot.sweep.definitions import Sweep
@@ -230,8 +230,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         check(plan, args.resume)
         runner.check_address(args.address)
     except (InputError, ConfigError, data.DataError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
 
     action = "resuming" if args.resume else "starting"
     ignored = _ignored_on_resume(args) if args.resume else []
@@ -245,13 +244,11 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     try:
         runner.connect(args.address)
     except ConnectionError as e:  # "auto" on a node that belongs to no cluster
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     try:
         if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes()):
-            print(f"error: no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
-                  f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial", file=sys.stderr)
-            return 2
+            return refuse(f"no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
+                          f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial")
         # SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
         # state and stops the trials. SIGUSR1 is Tune's other signal for that.
         signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
