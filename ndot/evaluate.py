@@ -82,10 +82,10 @@ def weights_file(path: str | os.PathLike) -> str:
         fs, fs_folder = files.filesystem(folder)
         newest, _ = checkpoint.newest(fs, fs_folder)
         if newest is not None:  # a sweep trial's folder: its newest checkpoint
-            folder = f"{folder}/{newest.rpartition('/')[2]}"
+            folder, fs_folder = f"{folder}/{newest.rpartition('/')[2]}", newest
         names = [checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL]
         if files.kind(f"{folder}/{checkpoint.HISTORY}") == pafs.FileType.File:
-            last = checkpoint.read_history(*files.filesystem(folder))[-1]
+            last = checkpoint.read_history(fs, fs_folder)[-1]
             names = [checkpoint.TRIAL] if checkpoint.is_best(last) else [checkpoint.BEST, checkpoint.TRIAL]
         for name in names:
             if files.kind(f"{folder}/{name}") == pafs.FileType.File:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ndot.layers import LIF, WSConv2d, neurons, reset_state
-from ndot.models import ARCHS, build
+from ndot.config import TrainConfig
+from ndot.models import ARCHS, build, from_config
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -87,3 +88,11 @@ def test_last_neuron_emits_no_trace():
     m = build("small_cnn", 1, 10)
     flags = [n.emit_trace for n in neurons(m)]
     assert flags[-1] is False and all(flags[:-1])
+
+
+@pytest.mark.parametrize("rule,signed,detach", [("ndot", True, False), ("ndot_ref", False, True), ("bptt", False, True)])
+def test_the_config_reaches_every_neuron(rule, signed, detach):
+    cfg = TrainConfig(rule=rule, signed_factor=signed, detach_reset=detach, tau=4.0, v_th=0.5, surrogate_alpha=2.0)
+    lifs = list(neurons(from_config(cfg, 1, 10)))
+    assert lifs and all((n.rule, n.signed, n.detach_reset) == (rule, signed, detach) for n in lifs)
+    assert all((n.lam, n.v_th, n.alpha) == (0.75, 0.5, 2.0) for n in lifs)

@@ -56,19 +56,6 @@ def test_mode_o_steps_T_times_mode_a_once(rule):
         assert len(opt.records) == expect
 
 
-def test_modes_identical_at_t1():
-    x, y = batch()
-    params = []
-    for mode in "OA":
-        model = make_model(rule="ndot")
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(2):
-            train_batch(model, opt, x, y, rule="ndot", mode=mode, T=1, loss_alpha=0.05)
-        params.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*params):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_state_does_not_leak_between_batches():
     model = make_model(rule="ndot")
     x, y = batch()
