@@ -31,6 +31,7 @@ from ndot.evaluate import load as load_state
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.models import ARCHS, from_config
+from ndot.neuron import ONLINE_RULES
 from ndot.step import train_batch
 
 OnEpoch = Callable[[Metrics, dict[str, Any]], None]
@@ -105,6 +106,9 @@ def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
                if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != v]
     if changed:
         raise ConfigError(f"the checkpoint is of another run: {', '.join(changed)}")
+    if cfg.epochs < resume["epoch"]:
+        # The cosine schedule is over `epochs`: a shorter run is another run, not this one cut short.
+        raise ConfigError(f"the checkpoint has run {resume['epoch']} epochs, more than epochs {cfg.epochs}")
 
 
 def train(
@@ -244,6 +248,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Flags that change only some rules: given for another, they would change nothing, silently.
+_RULE_FLAGS = {"signed_factor": ("ndot",), "detach_reset": ("bptt",), "readout_trace": ONLINE_RULES}
+
+
+def _check_rule_flags(cfg: TrainConfig, given: dict[str, Any]) -> None:
+    for name, rules in _RULE_FLAGS.items():
+        if name in given and given[name] and cfg.rule not in rules:
+            raise ConfigError(f"--{name} applies to rule {' or '.join(rules)} only, not {cfg.rule}")
+
+
 def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfig, torch.device, dict[str, Any] | None]:
     """The run's config, device and checkpoint to resume, or ConfigError (data.DataError) before the run writes anything."""
     if out.exists() and not out.is_dir():
@@ -256,13 +270,17 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         state = load_state(str(ckpt_path))
         cfg = TrainConfig.from_dict({**state["config"], **given})
         try:
+            # Another run's flags are named as such before its data is looked for.
+            check_resume(cfg.validate(), state)
             device = runnable_device(cfg)
-            check_resume(cfg, state)
         except ConfigError as e:
             # Most of the config came from the checkpoint, not from the command line: say so.
             raise ConfigError(f"{e} (resuming {ckpt_path})") from None
+        if state["epoch"] == cfg.epochs and state.get("status") != "diverged":
+            raise ConfigError(f"the run in {out} has done its {cfg.epochs} epochs: --epochs N (more) extends it")
     else:
         cfg = TrainConfig(**given)
+        _check_rule_flags(cfg.validate(), given)
         device = runnable_device(cfg)
         held = [name for name in _RUN_FILES if (out / name).exists()]
         if held:

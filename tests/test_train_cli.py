@@ -111,3 +111,19 @@ def test_help_gives_every_option_its_default_and_valid_values(capsys, monkeypatc
 def test_the_default_out_folder_is_named_after_the_flags_given(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     refused(capsys, [*RUN, "--resume"], "runs/digits-small_cnn-ndot_A-T1-seed3/checkpoint.pt does not exist")
+
+
+@pytest.mark.parametrize("flag,rule", [("--signed_factor", "ottt"), ("--detach_reset", "ndot"), ("--readout_trace", "bptt")])
+def test_a_flag_that_cannot_change_the_rule_is_refused(tmp_path, capsys, flag, rule):
+    refused(capsys, [*RUN, "--rule", rule, flag, "--out", str(tmp_path / "run")], f"{flag} applies to rule")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_fewer_epochs_a_finished_run_and_names_another_run_before_its_data(tmp_path, capsys):
+    assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    before = contents(tmp_path)
+    refused(capsys, ["--out", str(tmp_path), "--resume", "--epochs", "1"], "has run 2 epochs, more than epochs 1")
+    refused(capsys, ["--out", str(tmp_path), "--resume"], "has done its 2 epochs: --epochs N (more) extends it")
+    # cifar10 is not on this machine: that the checkpoint is another run's is what to say.
+    refused(capsys, ["--out", str(tmp_path), "--resume", "--dataset", "cifar10"], "another run: dataset 'digits' -> 'cifar10'")
+    assert contents(tmp_path) == before
