@@ -6,7 +6,9 @@ removes a worker node runs last.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -237,6 +239,29 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
     assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, last
     status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE)["status"]
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
+
+
+def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_loses_nothing(tmp_path):
+    # `timeout` and batch schedulers signal every process of the job: the Ray this driver started too.
+    cmd = [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--storage", str(tmp_path), "--name", "group",
+           "--T", "1", "--rules", "ndot_A,ottt_A", "--epochs", "4"]
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            _wait_for_epoch(tmp_path / "group", proc, 1, 3)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=WAIT_S)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    last = (tmp_path / "stderr").read_text().splitlines()[-1]
+    assert proc.returncode == 130 and f"continue with python {cmd[1]} --resume --name group" in last, last
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = results.load(str(tmp_path / "group"), results.TRIALS_TABLE)
+    assert len(trials) == 2 and (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 4).all()
+    _assert_epochs_complete(results.load(str(tmp_path / "group")), trials)
 
 
 def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):

@@ -10,8 +10,9 @@ import dataclasses
 import os
 import signal
 import sys
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 from ray import tune
@@ -129,6 +130,13 @@ def _settings(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _name(name: str | None) -> str | None:
+    # The experiment is one folder of --storage: a path would put it elsewhere.
+    if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
+        raise InputError(f"--name {name!r} must be a folder name, without '/'")
+    return name
+
+
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The run the command line asks for; raises InputError or ConfigError on bad input."""
     preset = sweep.presets[args.preset or DEFAULT_PRESET]
@@ -157,6 +165,10 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     trials = _given(args.trials, preset.trials)
     if trials < 1:
         raise InputError(f"--trials must be at least 1, got {trials}")
+    if trials > 1 and not space.tuned:
+        # Every trial of a stratum shares the seed too: they would be one run repeated.
+        raise InputError(f"--trials {trials} with nothing searched (one lr, momentum, loss alpha and batch size) "
+                         "repeats one run: give --trials 1, or a range such as --lr 0.03,0.3")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
@@ -164,7 +176,7 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         for corner in space.corners():
             TrainConfig(**{**base, **cell.values, **corner}).validate()
     return Plan(
-        name=args.name or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
+        name=_name(args.name) or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
         cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=args.max_concurrent,
         grace_period=preset.grace_period, seed=seed,
@@ -175,7 +187,7 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
     """The plan an experiment was started with; only the resources per trial may change on resume."""
     if not args.name:
         raise InputError("--resume needs the --name of the experiment to continue")
-    experiment = f"{_storage(args).rstrip('/')}/{args.name}"
+    experiment = f"{_storage(args).rstrip('/')}/{_name(args.name)}"
     if not tune.Tuner.can_restore(experiment):
         raise InputError(f"no experiment to resume at {experiment}")
     plan = runner.load_plan(experiment)
@@ -223,6 +235,31 @@ class Progress(tune.Callback):
         print(f"[{done}/{self._total}] {trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}: {outcome} ({progress})", flush=True)
 
 
+def _on_sigterm(head: str | None, ended: threading.Event, again: str) -> Callable[..., None]:
+    """SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
+    state and stops the trials (SIGUSR1 is Tune's other signal for that)."""
+    watch = threading.Thread(target=_exit_if_ray_ends, args=(head, ended, again), daemon=True)
+
+    def handler(*_: Any) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        if head is not None and watch.ident is None:
+            watch.start()
+
+    return handler
+
+
+def _exit_if_ray_ends(head: str, ended: threading.Event, again: str) -> None:
+    # A SIGTERM to the whole process group (`timeout`, a batch scheduler) also ends the local Ray this
+    # driver started, on which Tune would wait a minute and then die with status 1. What the trials
+    # finished is on disk already: end as an interrupted sweep does.
+    while not ended.wait(1.0):
+        try:
+            runner.check_address(head, timeout_s=1.0)
+        except ConnectionError:
+            print(f"interrupted, Ray with it: continue with {again}", file=sys.stderr, flush=True)
+            os._exit(130)
+
+
 def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     args = parser(sweep).parse_args(argv)
     try:
@@ -241,19 +278,20 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     start = time.monotonic()
+    again = f"{'python ' + sys.argv[0] if sys.argv[0] else 'the sweep'} --resume --name {plan.name} --storage {plan.storage}"
     try:
         runner.connect(args.address)
     except ConnectionError as e:  # "auto" on a node that belongs to no cluster
         return refuse(e)
+    ended = threading.Event()
     try:
         if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes()):
             return refuse(f"no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
                           f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial")
-        # SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
-        # state and stops the trials. SIGUSR1 is Tune's other signal for that.
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
+        signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again))
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
     finally:
+        ended.set()
         ray.shutdown()
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     counts = trials["status"].value_counts().to_dict()
@@ -262,7 +300,6 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     print(f"tables: {results.table_uri(plan.experiment, results.EPOCHS_TABLE)}, {results.table_uri(plan.experiment, results.TRIALS_TABLE)}")
     print(f"figures: {', '.join(figures)}")
     unfinished = plan.num_trials - sum(counts.get(s, 0) for s in results.FINAL)
-    again = f"{os.path.basename(sys.argv[0]) or 'the sweep'} --resume --name {plan.name} --storage {plan.storage}"
     if unfinished:
         print(f"interrupted with {unfinished} of {plan.num_trials} trials unfinished: continue with {again}", file=sys.stderr)
         return 130

@@ -109,6 +109,13 @@ def connect(address: str | None) -> None:
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
 
 
+def head_address(address: str | None) -> str | None:
+    """HOST:PORT of the connected cluster's GCS; None through a ray:// client, which does not reach it."""
+    if address is not None and address.startswith("ray://"):
+        return None
+    return ray.get_runtime_context().gcs_address
+
+
 def _trainable(plan: Plan) -> Any:
     return tune.with_resources(run_trial, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
