@@ -4,18 +4,20 @@ PYTHON ?= python3
 DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
 VENV ?= $(HOME)/.cache/ndot/venv-$(DEPS_HASH)
 PY := $(VENV)/bin/python
-# The checkout itself comes first on the path: the venv is shared by every checkout
-# (and clone) of the same dependency list, so its editable install may point at another one.
+# The checkout itself is on the path: the shared venv holds no ndot of its own.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup smoke train test bench
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The dependencies only: the environment is shared by every checkout, and an install
+# of the project in it would have a bare `python` in any of them run the one that built it.
+$(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q '.[test]'
+	$(PY) -m pip uninstall -q -y ndot
 	touch $@
 
 smoke: setup
