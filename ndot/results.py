@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from ndot import checkpoint
 from ndot.cli import Parser, refuse
 from ndot.config import TrainConfig, method
-from ndot.files import filesystem, kind, write_bytes
+from ndot.files import filesystem, kind, read_bytes, write_bytes
 from ndot.sweep.space import STRATUM_KEY
 
 EPOCHS_TABLE = "epochs"
@@ -215,6 +215,14 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     return pd.DataFrame(rows).astype({"best_epoch": "Int64"}).set_index("stratum")
 
 
+def plan_order(experiment: str) -> list[str]:
+    """The strata as the sweep's plan (PLAN_FILE) lists them, the order its own summary uses; [] without a plan."""
+    uri = f"{experiment.rstrip('/')}/{PLAN_FILE}"
+    if kind(uri) != pafs.FileType.File:
+        return []
+    return [s["label"] for s in json.loads(read_bytes(uri)).get("strata", [])]
+
+
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
     acc = "{:.4f}".format
     return summary(trials, order).to_string(formatters={"best_test_acc": acc, "final_test_acc": acc, "lr": "{:.3g}".format})
@@ -265,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(f"{args.dir} is a table; give the experiment folder that holds it")
     try:
         if args.command == "collect":
+            if kind(f"{args.dir.rstrip('/')}/{PLAN_FILE}") != pafs.FileType.File:
+                return refuse(f"{args.dir} is not a sweep's experiment folder (it holds no {PLAN_FILE})")
             records = collect(args.dir)
             write_tables(args.dir, records)
             rows = sum(len(r.history) for r in records)
@@ -273,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             for uri in write_plots(args.dir):
                 print(uri)
         else:
-            print(summary_text(load(args.dir, TRIALS_TABLE)))
+            print(summary_text(load(args.dir, TRIALS_TABLE), order=plan_order(args.dir)))
     except FileNotFoundError as e:
         if args.command != "collect" and kind(f"{args.dir.rstrip('/')}/{PLAN_FILE}") == pafs.FileType.File:
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The results side of a sweep: the trials table's measures, the per-stratum summary, the figures, the command line."""
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -30,6 +31,17 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
     assert results.main(["summary", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "0.9500" in printed and "T=2,ndot_A" in printed
+    # As the sweep printed it: in the plan's order, not the table's.
+    (tmp_path / results.PLAN_FILE).write_text(json.dumps({"strata": [{"label": "T=2,ndot_A"}, {"label": "T=1,ndot_A"}]}))
+    assert results.main(["summary", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("T=2,ndot_A") < printed.index("T=1,ndot_A")
+
+
+def test_collect_refuses_a_folder_that_is_no_sweep_in_one_line(tmp_path, capsys):
+    assert results.main(["collect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a sweep's experiment folder" in err
 
 
 def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):

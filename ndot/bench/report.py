@@ -77,6 +77,11 @@ def _levers_name(r: Row) -> str:
     return "+".join(k for k in Levers.__dataclass_fields__ if r[k]) or "plain"
 
 
+def _ratio(v: float | None) -> str | None:
+    # Two decimals in every row, so that a column of ratios reads down (0.78, not 0.778 above 0.78).
+    return None if v is None else f"{v:.2f}"
+
+
 def table(rows: list[Row]) -> str:
     """Markdown tables of a run: the ceiling, training throughput, memory over T, profiles, targets, errors."""
     out: list[str] = []
@@ -95,7 +100,7 @@ def table(rows: list[Row]) -> str:
              for r in rows if r["kind"] == "ann"))
     section("Training", ["arch", "rule", "T", "batch", "precision", "levers", "image-steps/s", "x ceiling", "peak MB", "saved MB"],
             ([r["arch"], f"{r['rule']}_{r['mode']}", r["T"], r["batch"], r["precision"], _levers_name(r),
-              r["image_steps_per_s"], r["ratio_to_ceiling"], r["peak_mem_mb"], r["saved_mb"]]
+              r["image_steps_per_s"], _ratio(r["ratio_to_ceiling"]), r["peak_mem_mb"], r["saved_mb"]]
              for r in rows if r["kind"] == "snn"))
     section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MB", "judged", "ok"],
             ([f"{r['rule']}_{r['mode']}", r["precision"], _levers_name(r), r["metric"], r["T"],
@@ -104,7 +109,7 @@ def table(rows: list[Row]) -> str:
     section("Profile (fraction of the batch)", ["rule", "T", "precision", "levers", "batch ms", "conv fwd", "conv bwd",
                                                 "neuron fwd", "neuron bwd", "other", "neuron / conv"],
             ([f"{r['rule']}_{r['mode']}", r["T"], r["precision"], _levers_name(r), r["batch_ms"],
-              *r["fraction"].values(), r["neuron_over_conv"]] for r in rows if r["kind"] == "profile"))
+              *map(_ratio, r["fraction"].values()), _ratio(r["neuron_over_conv"])] for r in rows if r["kind"] == "profile"))
     section("Targets", ["target", "value"], ([k, v] for r in rows if r["kind"] == "targets" for k, v in r.items() if k != "kind"))
     section("Errors", ["case", "args", "error"], ([r["case"], r["args"], r["error"]] for r in rows if r["kind"] == "error"))
     return "\n".join(out)

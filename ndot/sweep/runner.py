@@ -57,8 +57,6 @@ class Plan:
         return len(self.strata) * self.trials_per_stratum
 
 
-
-
 def save_plan(plan: Plan) -> None:
     """Store the plan in the experiment, readable, so that a resume runs what was started."""
     files.write_bytes(f"{plan.experiment}/{results.PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
