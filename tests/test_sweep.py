@@ -235,8 +235,10 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
             proc.wait(timeout=WAIT_S)
         finally:
             proc.kill()
-    last = (tmp_path / "stderr").read_text().splitlines()[-1]
+    err = (tmp_path / "stderr").read_text()
+    last = err.splitlines()[-1]
     assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, last
+    assert "Tuner.restore" not in err, "Tune's own resume hint, which this command line does not take"
     status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE)["status"]
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
 

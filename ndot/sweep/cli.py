@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -235,6 +236,11 @@ class Progress(tune.Callback):
         print(f"[{done}/{self._total}] {trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}: {outcome} ({progress})", flush=True)
 
 
+def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:
+    # Tune's hint names Tuner.restore; the sweep prints the command line that resumes it instead.
+    return not record.getMessage().startswith("Experiment has been interrupted")
+
+
 def _on_sigterm(head: str | None, ended: threading.Event, again: str) -> Callable[..., None]:
     """SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
     state and stops the trials (SIGUSR1 is Tune's other signal for that)."""
@@ -289,6 +295,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
             return refuse(f"no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
                           f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial")
         signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again))
+        logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
     finally:
         ended.set()
