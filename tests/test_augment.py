@@ -150,8 +150,8 @@ def test_device_ops_on_cuda_equal_the_cpu_ones():
     cy, cx = torch.randint(0, 32, (2, len(x)), generator=gen(12))
     mean, std = torch.tensor((0.1, 0.2, 0.3)), torch.tensor((0.5, 0.6, 0.7))
 
-    def pipeline(x, e, top, left, cy, cx, mean, std):
-        return augment.cutout_at(augment.normalise(augment.crop_at(aa.apply(x, e), 4, top, left), mean, std), 16, cy, cx)
+    def pipeline(x, e, top, left, cy, cx, mean, std):  # the recipe's order (spec §5), flip aside
+        return augment.normalise(augment.cutout_at(aa.apply(augment.crop_at(x, 4, top, left), e), 16, cy, cx), mean, std)
 
     args = (x, e, top, left, cy, cx, mean, std)
     on_cuda = pipeline(*(a.cuda() for a in args))

@@ -82,6 +82,12 @@ def test_loaders_read_the_files_with_labels_and_normalisation(root, written, nam
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
 
 
+def test_normalisation_is_the_recipes():
+    # Spec §5; the other tests read the constants from the module, so they would not notice a change.
+    assert cifar.NORMALISATION == {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                                   "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
+
+
 def test_both_pipelines_give_identical_test_inputs(root):
     out = [torch.cat([x for x, _ in batches(cifar.loaders(config(root, loader=p), CPU, 32)[1], 1)]) for p in PIPELINES]
     assert torch.equal(*out)
@@ -163,6 +169,8 @@ def test_flip_half_the_images(pipeline):
 def test_cutout_one_clipped_16px_hole_with_uniform_centre(pipeline):
     out = augmented(white(N_STAT), pipeline, crop=False, flip=False, autoaugment=False)
     hole = out.amax(1) < 127
+    # Cutout zeroes pixels before Normalize; after it, a hole would be the mean colour (125, 123, 114).
+    assert out.permute(0, 2, 3, 1)[hole].abs().max() < 1e-3
     rows, cols = hole.any(2), hole.any(1)
     area = hole.sum((1, 2))
     assert torch.equal(area, rows.sum(1) * cols.sum(1)), "the hole is one rectangle"

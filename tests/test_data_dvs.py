@@ -267,6 +267,8 @@ def test_authors_encoding_end_to_end(dataset_root):
     mean, std = (torch.tensor(v).view(2, 1, 1) for v in dvs.AUTHORS_NORMALISATION)
     raw = x * std + mean
     assert raw.min() > -1e-4 and raw.max() < 1 + 1e-4, "their encoding lies in [0, 1] before normalisation"
+    # Spec §5, per polarity channel; read from the module above, so pinned here.
+    assert dvs.AUTHORS_NORMALISATION == ((0.2728, 0.1295), (0.2225, 0.1290))
 
 
 # --- errors ------------------------------------------------------------------------------------------------
