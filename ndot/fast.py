@@ -29,6 +29,10 @@ _RECOMPILE_LIMIT = 64
 def fused_neuron_step() -> Callable[..., Step]:
     """`neuron_step` compiled once per process; shapes are symbolic so every layer shares one graph."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    # λ, Vth, α and the output scale are constants of a run: baked in, rather than wrapped at every
+    # call into 0-d CPU tensors that the graph reads back (and that make Inductor build a host C++
+    # kernel beside the GPU ones).
+    torch._dynamo.config.specialize_float = True
     return torch.compile(neuron_step, fullgraph=True, dynamic=True)
 
 

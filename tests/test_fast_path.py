@@ -31,13 +31,15 @@ PLACES = [("cpu", torch.float32)] + ([("cuda", torch.float32), ("cuda", torch.fl
 def exact_cudnn():
     """Plain float32 convolutions on CUDA, where cuDNN would otherwise use TF32 for both paths, and
     deterministic ones: a weight-gradient kernel summing with atomics differs by rounding from run to
-    run, enough to flip a spike that sits at the threshold and fail a 1e-5 comparison by chance."""
+    run, enough to flip a spike that sits at the threshold and fail a 1e-5 comparison by chance.
+    No autotuning either (the trainer turns it on for the process): timing may pick FFT or Winograd
+    kernels, whose rounding is further from the plain path's."""
     b = torch.backends
-    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic
-    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
+    saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = b.cudnn.benchmark = False
     b.cudnn.deterministic = True
     yield
-    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic = saved
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
 
 
 def on(device, dtype, **fast):

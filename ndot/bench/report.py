@@ -61,7 +61,7 @@ def targets(rows: list[Row], T: int = 4) -> Row:
             f"NDOT_O >= {O_OVER_A_BF16} x NDOT_A (bf16), NDOT_A fp32 >= {A_FP32_IMAGE_STEPS_PER_S:,} image-steps/s; "
             "on other hardware read the ratios, not the ok fields")
     out: Row = {"kind": "targets", "T": T, "note": note}
-    if a16:
+    if a16 and a16["ratio_to_ceiling"] is not None:  # None: every ANN case failed (its error rows say why)
         out.update(ndot_A_bf16_ratio_to_ceiling=a16["ratio_to_ceiling"], ndot_A_bf16_levers={k: a16[k] for k in lever_keys},
                    ndot_A_bf16_ok=a16["ratio_to_ceiling"] >= A_BF16_OVER_CEILING)
     if a16 and o16:
