@@ -13,11 +13,13 @@ setup: $(VENV)/.installed
 
 # The dependencies only: the environment is shared by every checkout, and an install
 # of the project in it would have a bare `python` in any of them run the one that built it.
+# (Without PYTHONPATH: through it pip would find this checkout's ndot.egg-info and keep the install.)
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '.[test]'
-	$(PY) -m pip uninstall -q -y ndot
+	env -u PYTHONPATH $(PY) -m pip uninstall -q -y ndot
+	cd / && ! env -u PYTHONPATH $(PY) -c 'import ndot' 2>/dev/null
 	touch $@
 
 smoke: setup
