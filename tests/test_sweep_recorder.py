@@ -85,6 +85,26 @@ def test_tables_that_cannot_be_written_cost_a_warning_and_a_retry(tmp_path, capl
     assert trials["status"].tolist() == [results.COMPLETED] and trials["best_epoch"].tolist() == [3]
 
 
+def test_checkpoints_that_cannot_be_read_at_the_start_cost_a_warning_and_a_retry(tmp_path, caplog, monkeypatch):
+    # The first step of a sweep, or of a resume, reads every trial's checkpoints from storage.
+    trial = _trial(tmp_path / "exp")
+    _checkpoint(trial, 2)
+    record = results.record
+
+    def storage_down(t):
+        raise OSError("When listing objects under key 'exp/t0': connection reset (simulated)")
+
+    monkeypatch.setattr(results, "record", storage_down)
+    callback = TablesCallback(min_interval_s=0)
+    with caplog.at_level(logging.WARNING):
+        _step(callback, [trial])  # must not raise: Tune would end the sweep
+    assert "could not read the trials' checkpoints" in caplog.text
+
+    monkeypatch.setattr(results, "record", record)
+    callback.on_trial_complete(0, [trial], trial)
+    _step(callback, [trial])
+    assert results.load(str(tmp_path / "exp"), results.TRIALS_TABLE)["epochs_run"].tolist() == [2]
+
 
 def test_a_finished_trial_whose_recorded_checkpoint_was_deleted_keeps_its_newest_one(tmp_path):
     # Retention deleted the checkpoint the saved experiment state names, and then the driver died:

@@ -39,16 +39,21 @@ class TablesCallback(tune.Callback):
         # Trials Tune ended (completed, stopped or errored), in this run or before a resume.
         self._ended: set[str] = set()
         self._changed = self._trial_ended = False
-        self._last_write = 0.0
+        self._last_write = self._next_read = 0.0
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if self._experiment is not None or not trials:
+        if self._experiment is not None or not trials or time.monotonic() < self._next_read:
             return
-        self._experiment = results.experiment_of(trials[0])
         self._ended |= {t.trial_id for t in trials if t.status == Trial.TERMINATED}
         # A restored experiment: start from what its trials' checkpoints already hold. (Not from
         # Tune's experiment state, which the driver may be writing at this moment.)
-        self._saved = {r.trial_id: (r.history, r.checkpoint) for r in map(results.record, trials)}
+        try:
+            self._saved = {r.trial_id: (r.history, r.checkpoint) for r in map(results.record, trials)}
+        except OSError as e:  # Tune does not catch a callback's error: it would end the sweep
+            log.warning("ndot: could not read the trials' checkpoints (%s); trying again in %.0f s", e, self._min_interval_s)
+            self._next_read = time.monotonic() + self._min_interval_s
+            return
+        self._experiment = results.experiment_of(trials[0])
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         self._unread[trial.trial_id] = checkpoint.filesystem, checkpoint.path, results.relative_checkpoint(trial, checkpoint.path)
