@@ -13,6 +13,7 @@ from ndot import checkpoint
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedSearch
 from ndot.config import parse_method
+from ndot.sweep.definitions import LEARNING_RATES, RECIPE
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
 
 METRIC = "best_test_acc"
@@ -65,6 +66,15 @@ def test_first_point_is_each_stratums_first_trial():
     assert firsts == [0.1, 0.1]
     assert search.suggest("t2")["lr"] != 0.1
     assert SearchSpace(lr=(0.2, 1.0), first={"lr": 0.1}).first_point() == {}
+    # Each value on its own: one outside its range leaves the others (lr 0.1 here) to be tried first.
+    wide = SearchSpace(lr=(0.01, 1.0), momentum=(0.5, 0.8), loss_alpha=(0.0, 0.2), first=RECIPE)
+    assert wide.first_point() == {"lr": 0.1, "loss_alpha": 0.05}
+
+
+def test_the_learning_rate_sweeps_first_trial_is_the_whole_recipe():
+    preset = LEARNING_RATES.presets["paper"]
+    space = SearchSpace(lr=preset.lr, momentum=preset.momentum, loss_alpha=preset.loss_alpha, first=preset.first)
+    assert space.first_point() == {"lr": 0.1, "momentum": 0.9, "loss_alpha": 0.05}
 
 
 def test_space_fixes_single_values_and_searches_ranges():

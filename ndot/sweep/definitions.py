@@ -45,11 +45,14 @@ class Sweep:
     presets: Mapping[str, Preset]
 
 
+# Spec §5's optimiser and loss: the point every stratum tries first, of what a sweep searches.
+RECIPE = {"lr": 0.1, "momentum": 0.9, "loss_alpha": 0.05, "batch_size": 128}
+
 # Batch 32: digits has 1,437 training images, and at batch 128 two epochs are
 # too few SGD steps for any rule to leave chance.
 SMOKE = Preset(
     dataset="digits", arch=("small_cnn",), method=BASELINES, T=(1, 2, 4, 6),
-    epochs=3, trials=1, lr=(0.02, 0.5), first={"lr": 0.1}, batch_size=(32,),
+    epochs=3, trials=1, lr=(0.02, 0.5), first=RECIPE, batch_size=(32,),
 )
 
 # Spec §5: SGD lr 0.1, momentum 0.9, no weight decay, cosine over 300 epochs,
@@ -57,7 +60,7 @@ SMOKE = Preset(
 # recipe's 0.1, which every stratum runs first.
 PAPER = Preset(
     dataset="cifar10", arch=("vgg11_ws",), method=BASELINES, T=(1, 2, 4, 6),
-    epochs=300, trials=4, lr=(0.03, 0.3), first={"lr": 0.1},
+    epochs=300, trials=4, lr=(0.03, 0.3), first=RECIPE,
     cpus_per_trial=2.0, gpus_per_trial=0.25, grace_period=30,
     # Loader workers match the trial's CPUs, so four trials share a node's cores.
     config={"weight_decay": 0.0, "workers": 2},

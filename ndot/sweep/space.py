@@ -71,13 +71,10 @@ class SearchSpace:
         return fixed
 
     def first_point(self) -> dict[str, Any]:
-        """The searched parameters of `first`, when all of them lie in their ranges ({} otherwise)."""
+        """The values of `first` that are searched and lie in their ranges; Optuna draws the others."""
         bounds = self._ranges
-        point = {k: v for k, v in self.first.items() if k in self.tuned}
-        inside = all(
-            v in self.batch_size if k == "batch_size" else bounds[k][0] <= v <= bounds[k][1] for k, v in point.items()
-        )
-        return point if inside else {}
+        return {k: v for k, v in self.first.items() if k in self.tuned
+                and (v in self.batch_size if k == "batch_size" else bounds[k][0] <= v <= bounds[k][1])}
 
     @property
     def _ranges(self) -> dict[str, tuple[float, float]]:
