@@ -76,7 +76,8 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true",
         help="continue the experiment --name in --storage as it was started, errored trials included "
-        "(of the other flags only --cpus-per-trial and --gpus-per-trial apply)",
+        "(of the other flags only --cpus-per-trial and --gpus-per-trial apply, to each trial: the number of "
+        "trials at once stays as started)",
     )
     return p
 
