@@ -128,6 +128,18 @@ def test_trial_resources_must_fit_some_node_now_or_launchable():
     assert not resources.fits(4, 0, [cpu_node, {"CPU": 3.0, "GPU": 4.0}]), "no single node has 4 CPUs"
 
 
+def test_trials_at_once_are_counted_node_by_node_within_the_clusters_max_workers():
+    config = {"head_node_type": "head", "max_workers": 3, "available_node_types": {
+        "head": {"resources": {"CPU": 16}, "max_workers": 0},
+        "small": {"resources": {"CPU": 4, "GPU": 1}, "max_workers": 2},
+        "big": {"resources": {"CPU": 8, "GPU": 4}, "max_workers": 2}}}
+    # 2 CPU + 0.25 GPU: the head's CPUs hold none, a small node 2 (its CPUs), a big one 4; cluster-wide
+    # totals (40 CPUs, 10 GPUs) would say 20. Three workers at most: the two big ones and a small one.
+    assert [resources.node_slots(2, 0.25, t["resources"]) for t in config["available_node_types"].values()] == [0, 2, 4]
+    assert resources.grown_slots(2, 0.25, config) == 4 + 4 + 2
+    assert resources.grown_slots(2, 0, config) == 8 + 4 + 4 + 2  # without GPUs the head holds 8
+
+
 def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys):
     # This machine has no GPU and Ray starts here with none: a GPU per trial would wait forever.
     rc = exit_status(cli.main, TIMESTEPS, ["--gpus-per-trial", "1", *storage])

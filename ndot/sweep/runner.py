@@ -125,7 +125,7 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
         grace_period=plan.grace_period, reduction_factor=REDUCTION_FACTOR,
     )
-    slots = plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial, resources.capacity())
+    slots = plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial)
     return tune.Tuner(
         _trainable(plan),
         param_space=dict(plan.base),
