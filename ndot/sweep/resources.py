@@ -35,11 +35,6 @@ def node_shapes() -> list[dict[str, float]]:
     return _live_nodes() + [t.get("resources", {}) for t in _launcher_config().get("available_node_types", {}).values()]
 
 
-def fits(cpus_per_trial: float, gpus_per_trial: float, shapes: list[dict[str, float]]) -> bool:
-    """Whether some node can hold one trial: Tune would otherwise wait for one forever."""
-    return any(s.get("CPU", 0.0) + 1e-6 >= cpus_per_trial and s.get("GPU", 0.0) + 1e-6 >= gpus_per_trial for s in shapes)
-
-
 def node_slots(cpus_per_trial: float, gpus_per_trial: float, shape: Mapping[str, float]) -> int:
     """Trials one node of this shape holds at once."""
     # A little slack so that e.g. 1.0 / 0.25 counts as 4 despite rounding.
@@ -63,3 +58,8 @@ def slots(cpus_per_trial: float, gpus_per_trial: float) -> int:
     (at least one, so a sweep can always start)."""
     now = sum(node_slots(cpus_per_trial, gpus_per_trial, shape) for shape in _live_nodes())
     return max(1, now, grown_slots(cpus_per_trial, gpus_per_trial, _launcher_config()))
+
+
+def fits(cpus_per_trial: float, gpus_per_trial: float, shapes: list[dict[str, float]]) -> bool:
+    """Whether some node can hold one trial: Tune would otherwise wait for one forever."""
+    return any(node_slots(cpus_per_trial, gpus_per_trial, s) >= 1 for s in shapes)
