@@ -58,6 +58,18 @@ def test_concurrency_limit_counts_live_trials():
     assert search.suggest("c") is not None
 
 
+def test_a_restored_search_keeps_the_resuming_drivers_limit(tmp_path):
+    search = _search()
+    search.set_max_concurrency(1)
+    assert search.suggest("a") and search.suggest("b") is None
+    search.save(str(tmp_path / "searcher.pkl"))
+
+    restored = _search()
+    restored.set_max_concurrency(3)  # Tune sets the limit before it restores the searcher
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("b") and restored.suggest("c") and restored.suggest("d") is None
+
+
 def test_first_point_is_each_stratums_first_trial():
     space = SearchSpace(lr=(0.01, 1.0), first={"lr": 0.1})
     cells = strata({"T": (1, 2), "method": ("ndot_A",)})

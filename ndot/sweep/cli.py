@@ -76,8 +76,7 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true",
         help="continue the experiment --name in --storage as it was started, errored trials included "
-        "(of the other flags only --cpus-per-trial and --gpus-per-trial apply, to each trial: the number of "
-        "trials at once stays as started)",
+        "(of the other flags only --cpus-per-trial, --gpus-per-trial and --max-concurrent apply)",
     )
     return p
 
@@ -108,6 +107,12 @@ def _resources(cpus: float, gpus: float) -> tuple[float, float]:
     if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
         raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {gpus}")
     return cpus, gpus
+
+
+def _max_concurrent(n: int | None) -> int | None:
+    if n is not None and n < 1:
+        raise InputError(f"--max-concurrent must be at least 1, got {n}")
+    return n
 
 
 def _storage(args: argparse.Namespace) -> str:
@@ -171,8 +176,6 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         # Every trial of a stratum shares the seed too: they would be one run repeated.
         raise InputError(f"--trials {trials} with nothing searched (one lr, momentum, loss alpha and batch size) "
                          "repeats one run: give --trials 1, or a range such as --lr 0.03,0.3")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise InputError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
     for cell in cells:
         for corner in space.corners():
@@ -180,13 +183,13 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     return Plan(
         name=_name(args.name) or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
-        cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=args.max_concurrent,
+        cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=_max_concurrent(args.max_concurrent),
         grace_period=preset.grace_period, seed=seed,
     )
 
 
 def resumed_plan(args: argparse.Namespace) -> Plan:
-    """The plan an experiment was started with; only the resources per trial may change on resume."""
+    """The plan an experiment was started with; only the resources per trial and the trials at once may change on resume."""
     if not args.name:
         raise InputError("--resume needs the --name of the experiment to continue")
     experiment = f"{_storage(args).rstrip('/')}/{_name(args.name)}"
@@ -199,7 +202,9 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
         raise InputError(f"experiment {args.name} was started in {plan.storage}: resume it there "
                          f"(Ray Tune creates a resumed sweep's new trials where it started)")
     cpus, gpus = _resources(_given(args.cpus_per_trial, plan.cpus_per_trial), _given(args.gpus_per_trial, plan.gpus_per_trial))
-    return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus)
+    # A plan that counted the cluster's slots counts them again: it may have grown, or trials shrunk.
+    return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus,
+                               max_concurrent=_max_concurrent(_given(args.max_concurrent, plan.max_concurrent)))
 
 
 def check(plan: Plan, resume: bool) -> None:
@@ -319,7 +324,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
 
 # Flags that define what a sweep runs: a resume takes them from the experiment's sweep.json.
 _PLAN_FLAGS = ("preset", "dataset", "data_root", "download", "rules", "T", "archs", "lr", "momentum", "loss_alpha",
-               "batch_size", "trials", "epochs", "max_concurrent", "seed", "set")
+               "batch_size", "trials", "epochs", "seed", "set")
 
 
 def _ignored_on_resume(args: argparse.Namespace) -> list[str]:

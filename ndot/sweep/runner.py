@@ -118,6 +118,20 @@ def _trainable(plan: Plan) -> Any:
     return tune.with_resources(run_trial, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
+def _trials_at_once(plan: Plan) -> int:
+    return plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial)
+
+
+def _restored_tuner(plan: Plan) -> tune.Tuner:
+    tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True)
+    # Tune 2.60 restores the TuneConfig it pickled with the experiment, and Tuner.restore takes
+    # none: set the limit of this driver, which StratifiedSearch then keeps over its saved one.
+    # (Through ray:// the tuner lives in a remote actor, out of reach: the limit stays as started.)
+    if not tuner._is_ray_client:
+        tuner._local_tuner._tune_config.max_concurrent_trials = _trials_at_once(plan)
+    return tuner
+
+
 def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
     first = plan.space.first_point()
     search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.seed, first or None)
@@ -125,7 +139,6 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
         grace_period=plan.grace_period, reduction_factor=REDUCTION_FACTOR,
     )
-    slots = plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial)
     return tune.Tuner(
         _trainable(plan),
         param_space=dict(plan.base),
@@ -133,7 +146,7 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
             search_alg=search,
             scheduler=asha,
             num_samples=plan.num_trials,
-            max_concurrent_trials=slots,
+            max_concurrent_trials=_trials_at_once(plan),
             trial_dirname_creator=trial_dirname,
             # A new process per trial costs seconds of imports (torch, the data):
             # a third of the smoke sweep. The trainer resets its memory peak every
@@ -159,8 +172,8 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
 
     On resume, Tune restores the searcher and callbacks the experiment was
     started with, and a fresh scheduler rebuilds its rungs from the trials'
-    checkpoints (ndot.sweep.scheduler); only the resources per trial come from
-    `plan` (see `load_plan`), and `callbacks` are not used.
+    checkpoints (ndot.sweep.scheduler); only the resources per trial and the
+    trials at once come from `plan` (see `load_plan`), and `callbacks` are not used.
     """
     # Every epoch checkpoints, and Tune snapshots the experiment state whenever a
     # trial has checkpointed num_to_keep times: frequent snapshots are intended here.
@@ -169,7 +182,7 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     # classic one, verbose=0 is silent and the progress lines are the sweep's own (ndot.sweep.cli).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
-        tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True)
+        tuner = _restored_tuner(plan)
     else:
         save_plan(plan)
         tuner = _new_tuner(plan, callbacks)

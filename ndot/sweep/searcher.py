@@ -82,4 +82,8 @@ class StratifiedSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            state = pickle.load(f)
+        # The limit is the resuming driver's (Tune sets it before restoring): resources
+        # per trial and the cluster may have changed since the state was saved.
+        state.pop("_max_concurrent")
+        self.__dict__.update(state)
