@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tonic
 import torch
+import torchvision.transforms.functional as TF
 
 from data_fixtures import closed_port, one_line
 from ndot.config import TrainConfig
@@ -89,7 +90,9 @@ def test_authors_encoding_wraps_counts_and_zeroes_where_the_other_polarity_is_em
     counts = torch.zeros(1, 2, 128, 128)
     counts[0, 0, :, :64] = torch.tensor([1.0, 2.0, 3.0, 4.0]).repeat(16).view(1, 64)
     counts[0, 1, :, :32] = 1  # polarity 1 active on the left quarter only
-    frames = dvs.encode(counts, 64, "authors").float() * 255
+    frames = dvs.encode(counts, 64, "authors")
+    assert frames.dtype == torch.uint8, "stored as the image ToTensor reads, so that k/255 is exact"
+    frames = frames.float()
     # PIL halves each 2x2 block; polarity 0 there held counts (1, 2) or (3, 4): uint8 255, 254 | 253, 252.
     torch.testing.assert_close(frames[0, 0, 5, :16], torch.tensor([254.5, 252.5]).repeat(8), atol=1, rtol=0)
     # Output column 16 straddles input column 32, where polarity 1 stops.
@@ -261,12 +264,17 @@ def test_conversion_in_worker_processes_matches(dataset_root, private_cache):
     assert torch.equal(inline.train_x, workers.train_x) and torch.equal(inline.test_y, workers.test_y)
 
 
-def test_authors_encoding_end_to_end(dataset_root):
-    train, test = dvs.loaders(config(dataset_root, dvs_encoding="authors"), CPU, 48)
+def test_authors_encoding_end_to_end_is_their_torchvision_chain(dataset_root):
+    _, test = dvs.loaders(config(dataset_root, dvs_encoding="authors"), CPU, 48)
     x, _ = epoch(test)
-    mean, std = (torch.tensor(v).view(2, 1, 1) for v in dvs.AUTHORS_NORMALISATION)
-    raw = x * std + mean
-    assert raw.min() > -1e-4 and raw.max() < 1 + 1e-4, "their encoding lies in [0, 1] before normalisation"
+    recording = dataset_root / "CIFAR10DVS" / "cat" / "cifar10_cat_93.aedat4"
+    events = tonic.io.read_aedat4(str(recording))
+    events.dtype.names = ["t", "x", "y", "p"]
+    # Their transforms, per frame: ToPILImage, Resize(48), ToTensor, Normalize (spec §5).
+    mean, std = dvs.AUTHORS_NORMALISATION
+    expected = torch.stack([TF.normalize(TF.to_tensor(TF.resize(TF.to_pil_image(f), [48, 48])), mean, std)
+                            for f in dvs.count_frames(events, 2)])
+    assert torch.equal(x[3 * 10 + 3], expected)
     # Spec §5, per polarity channel; read from the module above, so pinned here.
     assert dvs.AUTHORS_NORMALISATION == ((0.2728, 0.1295), (0.2225, 0.1290))
 

@@ -20,6 +20,8 @@ resized to size x size. Encodings (cfg.dvs_encoding):
   ToPILImage on the counts (x255 into uint8, so counts wrap: 1 -> 255,
   2 -> 254, ...; two channels make an LA image), PIL resize (which zeroes L
   wherever A is 0), ToTensor; normalised with their constants (spec §5).
+  Stored as the uint8 image ToTensor reads, so its k/255 is exact (float16 is
+  off by up to 2.4e-4 there) in half the memory.
 
 Split: in each class, recordings in the natural order of the number in their
 file name, the first 90% train and the rest test (900 / 100 per class).
@@ -64,7 +66,9 @@ RECORDINGS_PER_CLASS = 1000
 TRAIN_FRACTION = 0.9
 PADDING = 4
 AUTHORS_NORMALISATION = ((0.2728, 0.1295), (0.2225, 0.1290))
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+# How each encoding stores its frames (module docstring).
+FRAME_DTYPES = {"counts": torch.float16, "authors": torch.uint8}
 
 
 def location(cfg: "TrainConfig") -> Path:
@@ -136,18 +140,16 @@ def count_frames(events: np.ndarray, T: int, sensor_size: tuple[int, int, int] =
 
 
 def encode(counts: torch.Tensor, size: int, encoding: str) -> torch.Tensor:
-    """Counts [T, 2, H, W] -> float16 frames [T, 2, size, size] in `encoding` (module docstring)."""
+    """Counts [T, 2, H, W] -> frames [T, 2, size, size] in `encoding`, as FRAME_DTYPES stores them (module docstring)."""
     if encoding == "counts":
-        frames = TF.resize(counts, [size, size], antialias=True)
-    elif encoding == "authors":
-        frames = torch.stack([TF.to_tensor(TF.resize(TF.to_pil_image(f), [size, size])) for f in counts])
-    else:
-        raise ValueError(f"unknown DVS encoding {encoding!r}; valid: {', '.join(DVS_ENCODINGS)}")
-    return frames.to(torch.float16)
+        return TF.resize(counts, [size, size], antialias=True).to(FRAME_DTYPES[encoding])
+    if encoding == "authors":
+        return torch.stack([TF.pil_to_tensor(TF.resize(TF.to_pil_image(f), [size, size])) for f in counts])
+    raise ValueError(f"unknown DVS encoding {encoding!r}; valid: {', '.join(DVS_ENCODINGS)}")
 
 
 class EventFrames:
-    """tonic transform: one recording's events -> float16 frames [T, 2, size, size]."""
+    """tonic transform: one recording's events -> frames [T, 2, size, size] (`encode`)."""
 
     def __init__(self, T: int, size: int, encoding: str) -> None:
         self.T, self.size, self.encoding = T, size, encoding
@@ -158,7 +160,7 @@ class EventFrames:
 
 @dataclass
 class Frames:
-    train_x: torch.Tensor  # float16 [N, T, 2, size, size]
+    train_x: torch.Tensor  # [N, T, 2, size, size], FRAME_DTYPES of the encoding
     train_y: torch.Tensor  # int64 [N]
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -167,8 +169,8 @@ class Frames:
 
 
 def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T, size = dataset.transform.T, dataset.transform.size
-    x = torch.empty(len(indices), T, 2, size, size, dtype=torch.float16)
+    t = dataset.transform
+    x = torch.empty(len(indices), t.T, 2, t.size, t.size, dtype=FRAME_DTYPES[t.encoding])
     y = torch.empty(len(indices), dtype=torch.long)
     done = 0
     for frames, labels in DataLoader(Subset(dataset, indices), batch_size=32, num_workers=workers):
@@ -179,10 +181,12 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[tor
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per polarity of frames as the model reads them (uint8 as k/255, like ToTensor)."""
+    unit = 255.0 if x.dtype == torch.uint8 else 1.0
     total = torch.zeros(2, dtype=torch.float64)
     squares = torch.zeros(2, dtype=torch.float64)
     for chunk in x.split(256):
-        c = chunk.double()
+        c = chunk.double() / unit
         total += c.sum((0, 1, 3, 4))
         squares += c.square().sum((0, 1, 3, 4))
     n = x.numel() // 2
@@ -246,17 +250,19 @@ def load_frames(cfg: "TrainConfig", size: int) -> Frames:
 
 
 class FrameRecipe:
-    """float16 frames [B, T, 2, S, S] -> float32, optionally pad-and-crop (one offset per sample), normalised."""
+    """Stored frames [B, T, 2, S, S] -> float32, optionally pad-and-crop (one offset per sample), normalised."""
 
     def __init__(self, crop: bool, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.crop = crop
         self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = x.float()
         if self.crop:
+            # Before conversion: zero padding is 0 in either stored form, and fewer bytes move.
             x = augment.random_crop(x, PADDING, generator)
-        return (x - self.mean) / self.std
+        if x.dtype == torch.uint8:
+            return augment.normalise(x, self.mean, self.std)  # ToTensor's k/255, then Normalize
+        return (x.float() - self.mean) / self.std
 
 
 def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[DeviceLoader, DeviceLoader]:
