@@ -1,6 +1,7 @@
 """Bad sweep input is refused before Ray starts: one line on stderr, a non-zero exit code."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -11,7 +12,7 @@ import ray
 
 from data_fixtures import closed_port
 from helpers import exit_status
-from ndot.sweep import cli, resources
+from ndot.sweep import cli, resources, runner
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,24 @@ def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
     assert rc != 0
     assert err.count("\n") == 1 and says in err, err
     assert not ray.is_initialized()
+
+
+def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest_as_started(tmp_path):
+    def parse(*flags: str):
+        return cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--name", "s", *flags])
+
+    plan = cli.build_plan(TIMESTEPS, parse("--max-concurrent", "1", "--T", "1,2"))
+    runner.save_plan(plan)
+    (Path(plan.experiment) / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    assert cli.resumed_plan(parse("--resume")) == plan
+    changed = cli.resumed_plan(parse("--resume", "--max-concurrent", "3", "--cpus-per-trial", "2", "--T", "4"))
+    assert changed == dataclasses.replace(plan, max_concurrent=3, cpus_per_trial=2)
+    with pytest.raises(cli.InputError, match="--max-concurrent must be at least 1, got 0"):
+        cli.resumed_plan(parse("--resume", "--max-concurrent", "0"))
+    assert cli._ignored_on_resume(parse("--resume", "--max-concurrent", "3", "--T", "4")) == ["--T"]
+    # Through ray:// the tuner runs in the cluster, out of the resume's reach.
+    client = parse("--resume", "--max-concurrent", "3", "--address", "ray://head:10001")
+    assert cli._ignored_on_resume(client) == ["--max-concurrent"]
 
 
 def test_set_fixes_any_other_field_for_every_trial(tmp_path):

@@ -272,7 +272,7 @@ def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[
         mean, std = (torch.tensor(v) for v in AUTHORS_NORMALISATION)
     else:
         mean, std = data.mean, data.std
-    # "cpu" keeps the frames in host memory (they take N*T*2*S*S*2 bytes) and moves each batch.
+    # "cpu" keeps the frames in host memory (N*T*2*S*S values, FRAME_DTYPES) and moves each batch.
     home = torch.device("cpu") if cfg.loader == "cpu" else device
     mean, std = mean.to(device), std.to(device)
 

@@ -76,7 +76,7 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true",
         help="continue the experiment --name in --storage as it was started, errored trials included "
-        "(of the other flags only --cpus-per-trial, --gpus-per-trial and --max-concurrent apply)",
+        "(of the other flags only --cpus-per-trial, --gpus-per-trial and, but through ray://, --max-concurrent apply)",
     )
     return p
 
@@ -328,4 +328,7 @@ _PLAN_FLAGS = ("preset", "dataset", "data_root", "download", "rules", "T", "arch
 
 
 def _ignored_on_resume(args: argparse.Namespace) -> list[str]:
-    return ["--" + name.replace("_", "-") for name in _PLAN_FLAGS if getattr(args, name) not in (None, False, [])]
+    # Through ray:// Tune's tuner runs in the cluster, where a resume cannot reset its limit (ndot.sweep.runner).
+    client = (args.address or "").startswith("ray://")
+    names = _PLAN_FLAGS + (("max_concurrent",) if client else ())
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) not in (None, False, [])]
