@@ -215,12 +215,20 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     return pd.DataFrame(rows).astype({"best_epoch": "Int64"}).set_index("stratum")
 
 
+def _plan_uri(experiment: str) -> str:
+    return f"{experiment.rstrip('/')}/{PLAN_FILE}"
+
+
+def is_experiment(folder: str) -> bool:
+    """Whether `folder` is a sweep's experiment folder: the one that holds its plan (PLAN_FILE)."""
+    return kind(_plan_uri(folder)) == pafs.FileType.File
+
+
 def plan_order(experiment: str) -> list[str]:
     """The strata as the sweep's plan (PLAN_FILE) lists them, the order its own summary uses; [] without a plan."""
-    uri = f"{experiment.rstrip('/')}/{PLAN_FILE}"
-    if kind(uri) != pafs.FileType.File:
+    if not is_experiment(experiment):
         return []
-    return [s["label"] for s in json.loads(read_bytes(uri)).get("strata", [])]
+    return [s["label"] for s in json.loads(read_bytes(_plan_uri(experiment))).get("strata", [])]
 
 
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
@@ -273,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(f"{args.dir} is a table; give the experiment folder that holds it")
     try:
         if args.command == "collect":
-            if kind(f"{args.dir.rstrip('/')}/{PLAN_FILE}") != pafs.FileType.File:
+            if not is_experiment(args.dir):
                 return refuse(f"{args.dir} is not a sweep's experiment folder (it holds no {PLAN_FILE})")
             records = collect(args.dir)
             write_tables(args.dir, records)
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(summary_text(load(args.dir, TRIALS_TABLE), order=plan_order(args.dir)))
     except FileNotFoundError as e:
-        if args.command != "collect" and kind(f"{args.dir.rstrip('/')}/{PLAN_FILE}") == pafs.FileType.File:
+        if args.command != "collect" and is_experiment(args.dir):
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
             return 1
         return refuse(f"{args.dir} is not a sweep's experiment folder (not found: {e})")

@@ -329,6 +329,5 @@ _PLAN_FLAGS = ("preset", "dataset", "data_root", "download", "rules", "T", "arch
 
 def _ignored_on_resume(args: argparse.Namespace) -> list[str]:
     # Through ray:// Tune's tuner runs in the cluster, where a resume cannot reset its limit (ndot.sweep.runner).
-    client = (args.address or "").startswith("ray://")
-    names = _PLAN_FLAGS + (("max_concurrent",) if client else ())
+    names = _PLAN_FLAGS + (("max_concurrent",) if runner.through_client(args.address) else ())
     return ["--" + name.replace("_", "-") for name in names if getattr(args, name) not in (None, False, [])]

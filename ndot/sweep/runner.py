@@ -85,7 +85,7 @@ def check_address(address: str | None, timeout_s: float = 10.0) -> None:
     """
     if address in (None, "auto", "local"):
         return
-    client = address.startswith("ray://")
+    client = through_client(address)
     try:
         where = urlsplit(address if client else f"//{address}")
         host, port = where.hostname, where.port or (CLIENT_PORT if client else GCS_PORT)
@@ -107,9 +107,14 @@ def connect(address: str | None) -> None:
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
 
 
+def through_client(address: str | None) -> bool:
+    """Whether `address` joins through the Ray Client server (ray://), from outside the cluster."""
+    return address is not None and address.startswith("ray://")
+
+
 def head_address(address: str | None) -> str | None:
     """HOST:PORT of the connected cluster's GCS; None through a ray:// client, which does not reach it."""
-    if address is not None and address.startswith("ray://"):
+    if through_client(address):
         return None
     return ray.get_runtime_context().gcs_address
 
