@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
@@ -232,6 +234,71 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     _assert_epochs_complete(epochs, trials)
     assert len(epochs) == 4 * 6
     assert _overlapping(epochs), "the resume kept the one trial at a time the sweep started with"
+
+
+# A driver's state is three files: Tune's list of trials, and the searcher's state in two.
+TRIALS_STATE, SEARCHER_STATE = ("experiment_state-*.json",), ("searcher-state-*.pkl", "search_gen_state-*.json")
+
+
+def _whole(path: Path, data: bytes) -> bool:
+    """Whether a state file read while the driver may be copying it is whole."""
+    try:
+        json.loads(data) if path.match(TRIALS_STATE[0]) else pickle.loads(data)  # Tune pickles search_gen_state-*.json
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        return False
+    return True
+
+
+def _state_naming(experiment: Path, proc: subprocess.Popen, n_trials: int) -> dict[Path, bytes]:
+    """The driver's state files, once the experiment has `n_trials` trials and both its states name all of them."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the sweep ended before its state could be taken"
+        ids = [p.name.split("_")[0].encode() for p in experiment.glob("*_T=*")]
+        state = {p: p.read_bytes() for pattern in TRIALS_STATE + SEARCHER_STATE for p in experiment.glob(pattern)}
+        naming = [b for p, b in state.items() if p.match(TRIALS_STATE[0]) or p.match(SEARCHER_STATE[0])]
+        if (len(ids) == n_trials and len(state) == 3 and all(_whole(p, b) for p, b in state.items())
+                and all(i in b for i in ids for b in naming)):
+            return state
+        time.sleep(0.1)
+    raise TimeoutError(f"no state naming {n_trials} trials in {experiment}")
+
+
+def _studies(experiment: Path) -> list[optuna.Study]:
+    """The per-stratum Optuna studies, as the searcher saved them last."""
+    with open(max(experiment.glob(SEARCHER_STATE[0])), "rb") as f:
+        return pickle.load(f)["_studies"]
+
+
+@pytest.mark.parametrize("behind", [SEARCHER_STATE, TRIALS_STATE], ids=["searcher-behind", "trials-behind"])
+def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, tmp_path, behind):
+    # Tune uploads a driver's state file by file: killed in between, the driver leaves the searcher a
+    # trial behind Tune's list of trials, or ahead of it (its newest trial never reached the list).
+    experiment = tmp_path / "upload"
+    cmd = _sweep_cmd(tmp_path, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "6", "--max-concurrent", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = _state_naming(experiment, proc, 1)
+        second = _state_naming(experiment, proc, 2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for path in second:
+        if any(path.match(pattern) for pattern in behind):
+            path.write_bytes(first[path])  # one driver session: the same file names
+    [second_id] = {p.name.split("_")[0] for p in experiment.glob("*_T=2,*")}
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = results.load(str(experiment), results.TRIALS_TABLE)
+    assert sorted(trials["stratum"]) == ["T=1,ndot_A", "T=2,ndot_A"]
+    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 6).all()
+    assert (second_id in set(trials["trial_id"])) == (behind == SEARCHER_STATE), "resumed the trial Tune listed, re-created the one it did not"
+    _assert_epochs_complete(results.load(str(experiment)), trials)
+    # TPE learnt each stratum's trial, once.
+    best = trials.set_index("stratum")["best_test_acc"]
+    told = [[t.value for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE] for s in _studies(experiment)]
+    assert told == [[best["T=1,ndot_A"]], [best["T=2,ndot_A"]]]
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

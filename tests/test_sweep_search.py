@@ -21,7 +21,7 @@ METRIC = "best_test_acc"
 
 def _search(n_strata: int = 3, budget: int = 4) -> StratifiedSearch:
     cells = strata({"T": tuple(range(1, n_strata + 1)), "method": ("ndot_A",)})
-    return StratifiedSearch(cells, SearchSpace(lr=(1e-3, 1.0)), budget, METRIC, "max", seed=0)
+    return StratifiedSearch(cells, SearchSpace(lr=(1e-3, 1.0)), budget, METRIC, "max", "unused", seed=0)
 
 
 def _result(acc: float, epoch: int = 1) -> dict:
@@ -73,7 +73,7 @@ def test_a_restored_search_keeps_the_resuming_drivers_limit(tmp_path):
 def test_first_point_is_each_stratums_first_trial():
     space = SearchSpace(lr=(0.01, 1.0), first={"lr": 0.1})
     cells = strata({"T": (1, 2), "method": ("ndot_A",)})
-    search = StratifiedSearch(cells, space, 2, METRIC, "max", first=space.first_point())
+    search = StratifiedSearch(cells, space, 2, METRIC, "max", "unused", first=space.first_point())
     firsts = [search.suggest(f"t{i}")["lr"] for i in range(2)]
     assert firsts == [0.1, 0.1]
     assert search.suggest("t2")["lr"] != 0.1
@@ -101,19 +101,79 @@ def test_space_fixes_single_values_and_searches_ranges():
 def test_errored_trial_resumed_after_restore_still_informs_its_study(tmp_path):
     search = _search(n_strata=1, budget=2)
     config = search.suggest("t0")
-    search.on_trial_result("t0", _result(0.3, 1))
     search.on_trial_complete("t0", error=True)  # e.g. out of retries when its node died
     search.save(str(tmp_path / "searcher.pkl"))
 
     # Tuner.restore(resume_errored=True): a fresh searcher from the saved state, the same trial id again.
     restored = _search(n_strata=1, budget=2)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    restored.on_trial_result("t0", _result(0.6, 2))
     restored.on_trial_complete("t0", _result(0.6, 2))
 
-    (study,) = [s._ot_study for s in restored._studies]  # the one stratum's Optuna study
+    (study,) = restored._studies  # the one stratum's Optuna study
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert [(t.params["lr"], t.value) for t in done] == [(config["lr"], 0.6)]
+
+
+def _listed(trial_id: str, config: dict, status: str, last_result: dict | None = None) -> Trial:
+    """A trial as Tune's experiment state lists it."""
+    trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True)
+    trial.set_status(status)
+    trial.run_metadata.last_result = last_result or {}
+    return trial
+
+
+def _search_from_the_recipe() -> StratifiedSearch:
+    space = SearchSpace(lr=(1e-3, 1.0), first={"lr": 0.1})
+    cells = strata({"T": (1, 2), "method": ("ndot_A",)})
+    return StratifiedSearch(cells, space, 2, METRIC, "max", "unused", first=space.first_point())
+
+
+def _states(study: optuna.Study) -> list[tuple[str, float | None, float]]:
+    return [(t.state.name, t.value, t.params["lr"]) for t in study.trials]
+
+
+def test_a_restored_search_behind_tunes_list_takes_over_the_trials_it_missed():
+    search = _search_from_the_recipe()
+    done = search.suggest("done")
+    # Tune's list was saved later: "done" has ended, "later" was issued and runs, "failed" errored.
+    later = {**done, "T": 2, STRATUM_KEY: "T=2,ndot_A"}
+    failed = {**done, "lr": 0.02, "T": 2, STRATUM_KEY: "T=2,ndot_A"}
+    search.agree_with([
+        _listed("done", done, Trial.TERMINATED, _result(0.4)),
+        _listed("later", later, Trial.RUNNING),
+        _listed("failed", failed, Trial.ERROR),
+    ])
+    first, second = search._studies
+    assert _states(first) == [("COMPLETE", 0.4, 0.1)]
+    assert _states(second) == [("RUNNING", None, 0.1), ("RUNNING", None, 0.02)]
+    search.on_trial_complete("later", _result(0.7))
+    assert _states(second)[0] == ("COMPLETE", 0.7, 0.1)
+    # Both strata have had their recipe trial; "failed" runs again and counts as live.
+    search.set_max_concurrency(2)
+    assert search.suggest("next")["lr"] != 0.1 and search.suggest("more") is None
+    search.on_trial_complete("next", _result(0.5))
+    assert search.suggest("last") == Searcher.FINISHED
+
+
+def test_a_restored_search_ahead_of_tunes_list_drops_the_trials_tune_will_replace():
+    search = _search_from_the_recipe()
+    search.set_max_concurrency(2)
+    kept, _ = search.suggest("kept"), search.suggest("dropped")
+    search.on_trial_complete("kept", _result(0.6))
+    # Tune's list was saved before "dropped" was issued and "kept" ended: it reruns "kept".
+    search.agree_with([_listed("kept", kept, Trial.RUNNING)])
+    first, second = search._studies
+    assert _states(second) == [("FAIL", None, 0.1)]
+    search.on_trial_complete("kept", _result(0.6))
+    assert _states(first) == [("COMPLETE", 0.6, 0.1)]
+    # The stratum's first trial again, with the recipe: and the budget of two trials each is whole.
+    issued = [search.suggest(i)[STRATUM_KEY] for i in ("a", "b")]
+    assert issued == ["T=2,ndot_A", "T=1,ndot_A"] and second.trials[-1].params["lr"] == 0.1
+    search.on_trial_complete("a", _result(0.1))
+    assert search.suggest("c")[STRATUM_KEY] == "T=2,ndot_A"
+    assert search.suggest("d") is None  # two live
+    search.on_trial_complete("b", _result(0.1))
+    assert search.suggest("d") == Searcher.FINISHED
 
 
 def _trial(trial_id: str, stratum: str) -> Trial:

@@ -139,7 +139,7 @@ def _restored_tuner(plan: Plan) -> tune.Tuner:
 
 def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
     first = plan.space.first_point()
-    search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.seed, first or None)
+    search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.experiment, plan.seed, first or None)
     asha = StratifiedASHA(
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
         grace_period=plan.grace_period, reduction_factor=REDUCTION_FACTOR,
@@ -150,7 +150,10 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
         tune_config=tune.TuneConfig(
             search_alg=search,
             scheduler=asha,
-            num_samples=plan.num_trials,
+            # The searcher ends the sweep when every stratum has its trials. Tune's own count of
+            # trials created is restored from the searcher's file, which a resume may find a step
+            # off Tune's list of trials (ndot.sweep.searcher): it must not end the sweep first.
+            num_samples=-1,
             max_concurrent_trials=_trials_at_once(plan),
             trial_dirname_creator=trial_dirname,
             # A new process per trial costs seconds of imports (torch, the data):

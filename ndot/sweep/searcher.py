@@ -4,16 +4,25 @@ A single study with the stratum as a categorical parameter would let TPE stop
 sampling the strata it rates poorly (a T sweep would lose its small T); here
 every stratum gets exactly `trials_per_stratum` trials, and TPE only chooses
 the tuned parameters inside a stratum, from that stratum's own results.
+
+Tune resumes its trials from the experiment's state on storage, and this
+searcher from a file of its own beside it. A driver killed while uploading
+them leaves the two a step apart; on restore, Tune's list of trials decides
+(`StratifiedSearch.restore_from_dir`).
 """
 from __future__ import annotations
 
+import json
 import pickle
 from typing import Any, Callable, Sequence
 
 import optuna
+from optuna.trial import TrialState
+from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+from ray.tune.experiment import Trial
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
+from ndot import files
 from ndot.sweep.space import STRATUM_KEY, Stratum
 
 
@@ -25,6 +34,7 @@ class StratifiedSearch(Searcher):
         trials_per_stratum: int,
         metric: str,
         mode: str,
+        experiment: str,
         seed: int = 0,
         first: dict[str, Any] | None = None,
     ) -> None:
@@ -32,15 +42,17 @@ class StratifiedSearch(Searcher):
         # One "study created" line per stratum is noise in a sweep's log.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._strata = list(strata)
+        self._space = space
         self._budget = trials_per_stratum
+        self._experiment = experiment
+        self._first = first or None
         # One seed for all: the strata draw the same random start-up points, so
         # their results compare like for like until TPE's own choices begin.
-        self._studies = [
-            OptunaSearch(space, metric=metric, mode=mode, seed=seed, points_to_evaluate=[first] if first else None)
-            for _ in self._strata
-        ]
-        self._issued = [0] * len(self._strata)
-        self._stratum_of: dict[str, int] = {}
+        direction = "maximize" if mode == "max" else "minimize"
+        self._studies = [optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
+                         for _ in self._strata]
+        self._stratum_of: dict[str, int] = {}  # every trial of the sweep so far
+        self._number: dict[str, int] = {}  # a trial's number in its stratum's study
         self._live: set[str] = set()
         self._max_concurrent = 0  # 0: no limit
 
@@ -50,31 +62,41 @@ class StratifiedSearch(Searcher):
         self._max_concurrent = max_concurrent
         return True
 
+    def _issued(self) -> list[int]:
+        issued = [0] * len(self._strata)
+        for i in self._stratum_of.values():
+            issued[i] += 1
+        return issued
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None
-        open_strata = [i for i, n in enumerate(self._issued) if n < self._budget]
+        issued = self._issued()
+        open_strata = [i for i, n in enumerate(issued) if n < self._budget]
         if not open_strata:
             return Searcher.FINISHED
-        i = min(open_strata, key=lambda j: (self._issued[j], j))
-        params = self._studies[i].suggest(trial_id)
-        self._issued[i] += 1
-        self._stratum_of[trial_id] = i
+        i = min(open_strata, key=lambda j: (issued[j], j))
+        study = self._studies[i]
+        if self._first and issued[i] == 0:
+            study.enqueue_trial(self._first)
+        trial = study.ask()
+        fixed = self._space(trial) or {}
+        self._stratum_of[trial_id], self._number[trial_id] = i, trial.number
         self._live.add(trial_id)
         stratum = self._strata[i]
-        return {**params, **stratum.values, STRATUM_KEY: stratum.label}
-
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        self._studies[self._stratum_of[trial_id]].on_trial_result(trial_id, result)
+        return {**trial.params, **fixed, **stratum.values, STRATUM_KEY: stratum.label}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         self._live.discard(trial_id)
         if error:
             # Leave the Optuna trial open: a restore with resume_errored runs
-            # this trial again under the same id, and OptunaSearch ignores every
-            # result of a trial it has already closed as failed.
+            # this trial again under the same id, and its results count then.
             return
-        self._studies[self._stratum_of[trial_id]].on_trial_complete(trial_id, result)
+        study, number = self._studies[self._stratum_of[trial_id]], self._number[trial_id]
+        if _finished(study, number):
+            return  # told before a resume that ran it again (it was still running in Tune's list)
+        value = result.get(self.metric) if result else None
+        study.tell(number, value, state=TrialState.PRUNED if value is None else TrialState.COMPLETE)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -87,3 +109,51 @@ class StratifiedSearch(Searcher):
         # per trial and the cluster may have changed since the state was saved.
         state.pop("_max_concurrent")
         self.__dict__.update(state)
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        super().restore_from_dir(checkpoint_dir)
+        self.agree_with(listed_trials(self._experiment))
+
+    def agree_with(self, trials: Sequence[Trial]) -> None:
+        """Take `trials`, the list Tune resumes, as the sweep's trials: the restored state may be a step off it."""
+        listed = {t.trial_id: t for t in trials}
+        for trial_id in set(self._stratum_of) - set(listed):
+            # Issued after the list was saved: Tune does not know it, and its stratum gets a new trial instead.
+            study, number = self._studies[self._stratum_of.pop(trial_id)], self._number.pop(trial_id)
+            self._live.discard(trial_id)
+            if not _finished(study, number):
+                study.tell(number, state=TrialState.FAIL)
+        for trial_id, trial in listed.items():
+            if trial_id not in self._stratum_of:
+                self._take_over(trial)
+            if trial.status == Trial.TERMINATED:
+                self.on_trial_complete(trial_id, trial.last_result)  # told here unless told before
+            else:
+                self._live.add(trial_id)  # Tune runs it (again), errored trials included
+
+    def _take_over(self, trial: Trial) -> None:
+        """Put a trial issued after this searcher's state was saved into its stratum's study, with its values."""
+        i = [s.label for s in self._strata].index(trial.config[STRATUM_KEY])
+        values = optuna.trial.FixedTrial(trial.config)
+        self._space(values)
+        study = self._studies[i]
+        study.add_trial(optuna.trial.create_trial(params=values.params, distributions=values.distributions, state=TrialState.RUNNING))
+        self._stratum_of[trial.trial_id], self._number[trial.trial_id] = i, len(study.get_trials(deepcopy=False)) - 1
+
+
+def _finished(study: optuna.Study, number: int) -> bool:
+    return study.get_trials(deepcopy=False)[number].state.is_finished()
+
+
+def listed_trials(experiment: str) -> list[Trial]:
+    """The trials in the experiment state Tune resumes from (the newest on storage), with their last results."""
+    fs, path = files.filesystem(experiment)
+    # Tune's own choice of file, so that this list is the one it resumes.
+    with fs.open_input_stream(_find_newest_experiment_checkpoint(path, fs=fs)) as f:
+        state = json.loads(f.readall())
+    trials = []
+    for trial_state, run_metadata in state["trial_data"]:
+        trial = Trial.from_json_state(trial_state, stub=True)
+        trial.restore_run_metadata(run_metadata)
+        trials.append(trial)
+    return trials
