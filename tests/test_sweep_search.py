@@ -152,6 +152,8 @@ def test_a_restored_search_behind_tunes_list_takes_over_the_trials_it_missed():
     search.set_max_concurrency(2)
     assert search.suggest("next")["lr"] != 0.1 and search.suggest("more") is None
     search.on_trial_complete("next", _result(0.5))
+    assert search.suggest("last") is None  # every trial issued, "failed" still runs
+    search.on_trial_complete("failed", _result(0.3))
     assert search.suggest("last") == Searcher.FINISHED
 
 
@@ -173,7 +175,20 @@ def test_a_restored_search_ahead_of_tunes_list_drops_the_trials_tune_will_replac
     assert search.suggest("c")[STRATUM_KEY] == "T=2,ndot_A"
     assert search.suggest("d") is None  # two live
     search.on_trial_complete("b", _result(0.1))
+    assert search.suggest("d") is None  # every trial issued, "c" still runs
+    search.on_trial_complete("c", _result(0.1))
     assert search.suggest("d") == Searcher.FINISHED
+
+
+def test_a_search_that_cannot_read_tunes_list_on_resume_fails_at_first_use(tmp_path):
+    search = _search_from_the_recipe()
+    search.suggest("a")
+    search.save_to_dir(str(tmp_path), "session")
+    # Raised in restore_from_dir, the error would make Tune start the experiment afresh.
+    restored = StratifiedSearch(search._strata, search._space, 2, METRIC, "max", str(tmp_path / "gone"))
+    restored.restore_from_dir(str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not be matched to its trials.*no experiment state in.*run --resume again"):
+        restored.suggest("b")
 
 
 def _trial(trial_id: str, stratum: str) -> Trial:

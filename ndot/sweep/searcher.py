@@ -55,6 +55,7 @@ class StratifiedSearch(Searcher):
         self._number: dict[str, int] = {}  # a trial's number in its stratum's study
         self._live: set[str] = set()
         self._max_concurrent = 0  # 0: no limit
+        self._unrestored: str | None = None  # why a resume could not restore this searcher
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         # Tune's ConcurrencyLimiter would drop completions of trials it no longer
@@ -71,10 +72,13 @@ class StratifiedSearch(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None
+        self._check_restored()
         issued = self._issued()
         open_strata = [i for i, n in enumerate(issued) if n < self._budget]
         if not open_strata:
-            return Searcher.FINISHED
+            # Not while trials run: Tune saves "finished" with the searcher's state and restores it
+            # after `restore_from_dir`, so a resume could not replace a trial `agree_with` drops.
+            return None if self._live else Searcher.FINISHED
         i = min(open_strata, key=lambda j: (issued[j], j))
         study = self._studies[i]
         if self._first and issued[i] == 0:
@@ -87,6 +91,7 @@ class StratifiedSearch(Searcher):
         return {**trial.params, **fixed, **stratum.values, STRATUM_KEY: stratum.label}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self._check_restored()
         self._live.discard(trial_id)
         if error:
             # Leave the Optuna trial open: a restore with resume_errored runs
@@ -112,7 +117,18 @@ class StratifiedSearch(Searcher):
 
     def restore_from_dir(self, checkpoint_dir: str) -> None:
         super().restore_from_dir(checkpoint_dir)
-        self.agree_with(listed_trials(self._experiment))
+        # Tune takes an error raised here for a failed resume and starts the experiment afresh in
+        # the same folder, whose newer state then hides every earlier trial: fail at first use instead.
+        try:
+            self.agree_with(listed_trials(self._experiment))
+            self._unrestored = None
+        except Exception as e:
+            self._unrestored = f"{type(e).__name__}: {e}"
+
+    def _check_restored(self) -> None:
+        if self._unrestored:
+            raise RuntimeError(f"the sweep's searcher could not be matched to its trials on resume ({self._unrestored}); "
+                               "nothing was lost: run --resume again")
 
     def agree_with(self, trials: Sequence[Trial]) -> None:
         """Take `trials`, the list Tune resumes, as the sweep's trials: the restored state may be a step off it."""
@@ -149,7 +165,10 @@ def listed_trials(experiment: str) -> list[Trial]:
     """The trials in the experiment state Tune resumes from (the newest on storage), with their last results."""
     fs, path = files.filesystem(experiment)
     # Tune's own choice of file, so that this list is the one it resumes.
-    with fs.open_input_stream(_find_newest_experiment_checkpoint(path, fs=fs)) as f:
+    newest = _find_newest_experiment_checkpoint(path, fs=fs)
+    if newest is None:
+        raise FileNotFoundError(f"no experiment state in {experiment}")
+    with fs.open_input_stream(newest) as f:
         state = json.loads(f.readall())
     trials = []
     for trial_state, run_metadata in state["trial_data"]:
