@@ -1,6 +1,8 @@
 """The sweep's search and early stopping, without Ray running: equal budgets, per-stratum ASHA, resumed trials."""
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 from ray.train._internal.session import _TrainingResult
@@ -11,7 +13,7 @@ from ray.tune.search import Searcher
 
 from ndot import checkpoint
 from ndot.sweep.scheduler import StratifiedASHA
-from ndot.sweep.searcher import StratifiedSearch
+from ndot.sweep.searcher import StratifiedSearch, listed_trials
 from ndot.config import parse_method
 from ndot.sweep.definitions import LEARNING_RATES, RECIPE
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
@@ -117,15 +119,16 @@ def test_errored_trial_resumed_after_restore_still_informs_its_study(tmp_path):
 def _listed(trial_id: str, config: dict, status: str, last_result: dict | None = None) -> Trial:
     """A trial as Tune's experiment state lists it."""
     trial = Trial("run_trial", config=config, trial_id=trial_id, stub=True)
+    trial.create_placement_group_factory()  # as Tune's add_trial does
     trial.set_status(status)
     trial.run_metadata.last_result = last_result or {}
     return trial
 
 
-def _search_from_the_recipe() -> StratifiedSearch:
+def _search_from_the_recipe(experiment: str = "unused") -> StratifiedSearch:
     space = SearchSpace(lr=(1e-3, 1.0), first={"lr": 0.1})
     cells = strata({"T": (1, 2), "method": ("ndot_A",)})
-    return StratifiedSearch(cells, space, 2, METRIC, "max", "unused", first=space.first_point())
+    return StratifiedSearch(cells, space, 2, METRIC, "max", experiment, first=space.first_point())
 
 
 def _states(study: optuna.Study) -> list[tuple[str, float | None, float]]:
@@ -180,15 +183,28 @@ def test_a_restored_search_ahead_of_tunes_list_drops_the_trials_tune_will_replac
     assert search.suggest("d") == Searcher.FINISHED
 
 
-def test_a_search_that_cannot_read_tunes_list_on_resume_fails_at_first_use(tmp_path):
-    search = _search_from_the_recipe()
-    search.suggest("a")
-    search.save_to_dir(str(tmp_path), "session")
+def test_a_search_that_cannot_read_tunes_list_on_resume_fails_at_first_use_until_it_can(tmp_path):
+    experiment = tmp_path / "sweep"
+    search = _search_from_the_recipe(str(experiment))
+    config = search.suggest("a")
+    search.save_to_dir(str(tmp_path), "1")
+
     # Raised in restore_from_dir, the error would make Tune start the experiment afresh.
-    restored = StratifiedSearch(search._strata, search._space, 2, METRIC, "max", str(tmp_path / "gone"))
+    restored = _search_from_the_recipe(str(experiment))
     restored.restore_from_dir(str(tmp_path))
     with pytest.raises(RuntimeError, match="could not be matched to its trials.*no experiment state in.*run --resume again"):
         restored.suggest("b")
+    restored.save_to_dir(str(tmp_path), "2")  # Tune saves the state of the run that stopped
+
+    # Tune's list, written as Tune writes it, readable at the next resume.
+    experiment.mkdir()
+    listed = _listed("a", config, Trial.TERMINATED, _result(0.5))
+    (experiment / "experiment_state-x.json").write_text(json.dumps({"trial_data": [listed.get_json_state()]}))
+    again = _search_from_the_recipe(str(experiment))
+    again.restore_from_dir(str(tmp_path))
+    assert [t.trial_id for t in listed_trials(str(experiment))] == ["a"]
+    assert again.suggest("b")[STRATUM_KEY] == "T=2,ndot_A"
+    assert _states(again._studies[0]) == [("COMPLETE", 0.5, 0.1)]
 
 
 def _trial(trial_id: str, stratum: str) -> Trial:

@@ -119,9 +119,9 @@ class StratifiedSearch(Searcher):
         super().restore_from_dir(checkpoint_dir)
         # Tune takes an error raised here for a failed resume and starts the experiment afresh in
         # the same folder, whose newer state then hides every earlier trial: fail at first use instead.
+        self._unrestored = None  # as saved by a run that stopped for it
         try:
             self.agree_with(listed_trials(self._experiment))
-            self._unrestored = None
         except Exception as e:
             self._unrestored = f"{type(e).__name__}: {e}"
 
