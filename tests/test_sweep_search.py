@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import optuna
 import pytest
 from ray.train._internal.session import _TrainingResult
 from ray.tune import Checkpoint
-from ray.tune.experiment import Trial
+from ray.tune.experiment import Experiment, Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from ndot import checkpoint
 from ndot.sweep.scheduler import StratifiedASHA
-from ndot.sweep.searcher import StratifiedSearch, listed_trials
+from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_trials
 from ndot.config import parse_method
 from ndot.sweep.definitions import LEARNING_RATES, RECIPE
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
@@ -155,8 +156,6 @@ def test_a_restored_search_behind_tunes_list_takes_over_the_trials_it_missed():
     search.set_max_concurrency(2)
     assert search.suggest("next")["lr"] != 0.1 and search.suggest("more") is None
     search.on_trial_complete("next", _result(0.5))
-    assert search.suggest("last") is None  # every trial issued, "failed" still runs
-    search.on_trial_complete("failed", _result(0.3))
     assert search.suggest("last") == Searcher.FINISHED
 
 
@@ -178,9 +177,38 @@ def test_a_restored_search_ahead_of_tunes_list_drops_the_trials_tune_will_replac
     assert search.suggest("c")[STRATUM_KEY] == "T=2,ndot_A"
     assert search.suggest("d") is None  # two live
     search.on_trial_complete("b", _result(0.1))
-    assert search.suggest("d") is None  # every trial issued, "c" still runs
-    search.on_trial_complete("c", _result(0.1))
     assert search.suggest("d") == Searcher.FINISHED
+
+
+def _noop(config: dict) -> None:
+    pass
+
+
+def _sweep(tmp_path) -> Experiment:
+    # num_samples=-1 as tune.run passes it on.
+    return Experiment("sweep", _noop, num_samples=sys.maxsize, storage_path=str(tmp_path))
+
+
+def test_a_resume_replaces_a_dropped_last_trial_though_the_search_had_finished(tmp_path):
+    experiment = tmp_path / "sweep"
+    generator = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=8)
+    generator.add_configurations(_sweep(tmp_path))
+    trials = [generator.next_trial() for _ in range(4)]
+    assert generator.next_trial() is None and generator.is_finished()
+    for trial in trials:
+        trial.create_placement_group_factory()  # as Tune's add_trial does
+    generator.save_to_dir(str(tmp_path), "1")
+    # Tune's list was saved before the last trial was created.
+    state = {"trial_data": [t.get_json_state() for t in trials[:3]]}
+    (experiment / "experiment_state-x.json").write_text(json.dumps(state))
+
+    resumed = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=8)
+    resumed.add_configurations(_sweep(tmp_path))
+    resumed.restore_from_dir(str(tmp_path))
+    assert not resumed.is_finished()
+    replacement = resumed.next_trial()
+    assert replacement.config[STRATUM_KEY] == trials[3].config[STRATUM_KEY]
+    assert resumed.next_trial() is None and resumed.is_finished()
 
 
 def test_a_search_that_cannot_read_tunes_list_on_resume_fails_at_first_use_until_it_can(tmp_path):

@@ -16,7 +16,7 @@ from ndot import files, results
 from ndot.sweep import resources
 from ndot.sweep.recorder import TablesCallback
 from ndot.sweep.scheduler import StratifiedASHA
-from ndot.sweep.searcher import StratifiedSearch
+from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
 from ndot.sweep.trainable import run_trial
 
@@ -133,13 +133,14 @@ def _restored_tuner(plan: Plan) -> tune.Tuner:
     # none: set the limit of this driver, which StratifiedSearch then keeps over its saved one.
     # (Through ray:// the tuner lives in a remote actor, out of reach: the limit stays as started.)
     if not tuner._is_ray_client:
-        tuner._local_tuner._tune_config.max_concurrent_trials = _trials_at_once(plan)
+        tuner._local_tuner._tune_config.search_alg.set_max_concurrency(_trials_at_once(plan))
     return tuner
 
 
 def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
     first = plan.space.first_point()
     search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.experiment, plan.seed, first or None)
+    search_alg = StratifiedGenerator(search, _trials_at_once(plan))
     asha = StratifiedASHA(
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
         grace_period=plan.grace_period, reduction_factor=REDUCTION_FACTOR,
@@ -148,13 +149,12 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
         _trainable(plan),
         param_space=dict(plan.base),
         tune_config=tune.TuneConfig(
-            search_alg=search,
+            search_alg=search_alg,
             scheduler=asha,
             # The searcher ends the sweep when every stratum has its trials. Tune's own count of
             # trials created is restored from the searcher's file, which a resume may find a step
             # off Tune's list of trials (ndot.sweep.searcher): it must not end the sweep first.
             num_samples=-1,
-            max_concurrent_trials=_trials_at_once(plan),
             trial_dirname_creator=trial_dirname,
             # A new process per trial costs seconds of imports (torch, the data):
             # a third of the smoke sweep. The trainer resets its memory peak every

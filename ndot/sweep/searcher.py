@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 from ray.tune.experiment import Trial
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from ndot import files
 from ndot.sweep.space import STRATUM_KEY, Stratum
@@ -76,9 +76,7 @@ class StratifiedSearch(Searcher):
         issued = self._issued()
         open_strata = [i for i, n in enumerate(issued) if n < self._budget]
         if not open_strata:
-            # Not while trials run: Tune saves "finished" with the searcher's state and restores it
-            # after `restore_from_dir`, so a resume could not replace a trial `agree_with` drops.
-            return None if self._live else Searcher.FINISHED
+            return Searcher.FINISHED
         i = min(open_strata, key=lambda j: (issued[j], j))
         study = self._studies[i]
         if self._first and issued[i] == 0:
@@ -155,6 +153,29 @@ class StratifiedSearch(Searcher):
         study = self._studies[i]
         study.add_trial(optuna.trial.create_trial(params=values.params, distributions=values.distributions, state=TrialState.RUNNING))
         self._stratum_of[trial.trial_id], self._number[trial.trial_id] = i, len(study.get_trials(deepcopy=False)) - 1
+
+
+class StratifiedGenerator(SearchGenerator):
+    """Tune's driver of a StratifiedSearch, limited to `max_concurrent` trials at once.
+
+    SearchGenerator restores its "finished" flag after the searcher, from the
+    searcher's file: a sweep whose last trial `agree_with` dropped would then
+    never ask for its replacement. Here the searcher says again when it is done.
+    """
+
+    def __init__(self, search: StratifiedSearch, max_concurrent: int) -> None:
+        # The limiter lets the searcher count (set_max_concurrency); Tune reads its
+        # limit for how many trials may wait for resources at once.
+        super().__init__(ConcurrencyLimiter(search, max_concurrent))
+
+    def set_max_concurrency(self, max_concurrent: int) -> None:
+        limiter = self.searcher
+        limiter.max_concurrent = max_concurrent
+        limiter.searcher.set_max_concurrency(max_concurrent)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._finished = False
 
 
 def _finished(study: optuna.Study, number: int) -> bool:
