@@ -202,9 +202,10 @@ def test_a_resume_replaces_a_dropped_last_trial_though_the_search_had_finished(t
     state = {"trial_data": [t.get_json_state() for t in trials[:3]]}
     (experiment / "experiment_state-x.json").write_text(json.dumps(state))
 
-    resumed = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=8)
+    resumed = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=6)
     resumed.add_configurations(_sweep(tmp_path))
     resumed.restore_from_dir(str(tmp_path))
+    assert resumed.searcher.max_concurrent == 6, "the limit saved at the start, not the resuming driver's"
     assert not resumed.is_finished()
     replacement = resumed.next_trial()
     assert replacement.config[STRATUM_KEY] == trials[3].config[STRATUM_KEY]
@@ -219,6 +220,7 @@ def test_a_search_that_cannot_read_tunes_list_on_resume_fails_at_first_use_until
 
     # Raised in restore_from_dir, the error would make Tune start the experiment afresh.
     restored = _search_from_the_recipe(str(experiment))
+    restored.set_max_concurrency(1)  # "a", still live as saved, fills it
     restored.restore_from_dir(str(tmp_path))
     with pytest.raises(RuntimeError, match="could not be matched to its trials.*no experiment state in.*run --resume again"):
         restored.suggest("b")
@@ -233,6 +235,24 @@ def test_a_search_that_cannot_read_tunes_list_on_resume_fails_at_first_use_until
     assert [t.trial_id for t in listed_trials(str(experiment))] == ["a"]
     assert again.suggest("b")[STRATUM_KEY] == "T=2,ndot_A"
     assert _states(again._studies[0]) == [("COMPLETE", 0.5, 0.1)]
+
+
+def test_a_resume_without_the_searchers_files_rebuilds_it_from_tunes_list(tmp_path):
+    experiment, staging = tmp_path / "sweep", tmp_path / "staging"
+    started = _search_from_the_recipe(str(experiment))
+    listed = [_listed("a", started.suggest("a"), Trial.TERMINATED, _result(0.5)), _listed("b", started.suggest("b"), Trial.RUNNING)]
+    experiment.mkdir()
+    staging.mkdir()
+    (experiment / "experiment_state-x.json").write_text(json.dumps({"trial_data": [t.get_json_state() for t in listed]}))
+
+    # The driver died before its searcher's files first reached storage: Tune's list alone.
+    resumed = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=2)
+    assert resumed.has_checkpoint(str(staging))
+    resumed.restore_from_dir(str(staging))
+    search = resumed.searcher.searcher
+    assert _states(search._studies[0]) == [("COMPLETE", 0.5, 0.1)]
+    assert _states(search._studies[1]) == [("RUNNING", None, 0.1)]
+    assert search.suggest("c")[STRATUM_KEY] == "T=1,ndot_A" and search.suggest("d") is None
 
 
 def _trial(trial_id: str, stratum: str) -> Trial:

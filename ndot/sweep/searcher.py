@@ -13,6 +13,7 @@ them leaves the two a step apart; on restore, Tune's list of trials decides
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from typing import Any, Callable, Sequence
 
@@ -24,6 +25,8 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from ndot import files
 from ndot.sweep.space import STRATUM_KEY, Stratum
+
+log = logging.getLogger(__name__)
 
 
 class StratifiedSearch(Searcher):
@@ -70,9 +73,9 @@ class StratifiedSearch(Searcher):
         return issued
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self._check_restored()
         if self._max_concurrent and len(self._live) >= self._max_concurrent:
             return None
-        self._check_restored()
         issued = self._issued()
         open_strata = [i for i, n in enumerate(issued) if n < self._budget]
         if not open_strata:
@@ -114,9 +117,13 @@ class StratifiedSearch(Searcher):
         self.__dict__.update(state)
 
     def restore_from_dir(self, checkpoint_dir: str) -> None:
-        super().restore_from_dir(checkpoint_dir)
         # Tune takes an error raised here for a failed resume and starts the experiment afresh in
-        # the same folder, whose newer state then hides every earlier trial: fail at first use instead.
+        # the same folder, whose newer state then hides every earlier trial: this searcher rebuilds
+        # itself from Tune's list without its own file, and fails at first use without the list.
+        try:
+            super().restore_from_dir(checkpoint_dir)
+        except Exception as e:
+            log.warning("ndot: the searcher's saved state is unreadable (%s); rebuilding it from Tune's trials", e)
         self._unrestored = None  # as saved by a run that stopped for it
         try:
             self.agree_with(listed_trials(self._experiment))
@@ -158,14 +165,15 @@ class StratifiedSearch(Searcher):
 class StratifiedGenerator(SearchGenerator):
     """Tune's driver of a StratifiedSearch, limited to `max_concurrent` trials at once.
 
-    SearchGenerator restores its "finished" flag after the searcher, from the
-    searcher's file: a sweep whose last trial `agree_with` dropped would then
-    never ask for its replacement. Here the searcher says again when it is done.
+    A resume restores the searcher, which matches itself to Tune's list of trials,
+    even when its files never reached storage. Then the searcher, not the
+    "finished" flag SearchGenerator restores from those files, says whether the
+    sweep is done: a last trial `agree_with` dropped gets its replacement.
     """
 
     def __init__(self, search: StratifiedSearch, max_concurrent: int) -> None:
-        # The limiter lets the searcher count (set_max_concurrency); Tune reads its
-        # limit for how many trials may wait for resources at once.
+        # The limiter lets the searcher count (set_max_concurrency); a starting Tune reads
+        # its limit for how many trials may wait for resources at once.
         super().__init__(ConcurrencyLimiter(search, max_concurrent))
 
     def set_max_concurrency(self, max_concurrent: int) -> None:
@@ -173,8 +181,16 @@ class StratifiedGenerator(SearchGenerator):
         limiter.max_concurrent = max_concurrent
         limiter.searcher.set_max_concurrency(max_concurrent)
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
+    def has_checkpoint(self, dirpath: str) -> bool:
+        return True  # a restore without its files, cut off before their first upload, rebuilds the searcher
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        limit = self.searcher.max_concurrent  # the resuming driver's, not the saved one
+        if super().has_checkpoint(dirpath):
+            super().restore_from_dir(dirpath)
+        else:
+            self.searcher.searcher.restore_from_dir(dirpath)
+        self.searcher.max_concurrent = limit
         self._finished = False
 
 
