@@ -138,8 +138,8 @@ def _restored_tuner(plan: Plan) -> tune.Tuner:
 
 
 def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
-    first = plan.space.first_point()
-    search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.experiment, plan.seed, first or None)
+    search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.experiment, plan.seed,
+                              plan.space.first_point())
     search_alg = StratifiedGenerator(search, _trials_at_once(plan))
     asha = StratifiedASHA(
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
