@@ -1,9 +1,14 @@
-"""What autograd holds for backward: the memory that separates online rules (flat in T) from BPTT (linear in T).
+"""Memory of a training batch, measured the same way on every device.
 
-Measured through saved-tensor hooks, so it is exact and device-independent:
-the figure the benchmark reports on a CPU, where no allocator keeps a peak.
+- SavedTensorMeter: what autograd holds for backward, through saved-tensor hooks:
+  exact and device-independent, the figure that separates online rules (flat in T) from BPTT.
+- AllocationMeter: the most memory a block allocates at any one time, the neuron state
+  and every temporary included: CUDA's allocator statistics on a GPU, the profiler's
+  record of each allocation and free on a CPU, which keeps no statistics of its own.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -33,3 +38,45 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc) -> None:
         self.hooks.__exit__(*exc)
+
+
+class AllocationMeter:
+    """Context manager: `peak` is the most bytes allocated at any one time inside the block, over what was
+    allocated when it began.
+
+    CUDA: max_memory_allocated over memory_allocated at entry. CPU: the running sum of the profiler's
+    allocation and free events; memory allocated before the block and freed inside it is not seen there,
+    so run the block from a state that frees nothing it did not allocate (ndot.layers.reset_state first)
+    and the two devices measure the same thing.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> "AllocationMeter":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            # Kineto, under the profiler, writes two lines to stderr per block at its default level (read
+            # at its first use in a process), which would bury a benchmark's own output; a level the
+            # user set stands.
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+            self.prof = torch.autograd.profiler.profile(profile_memory=True)
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            return
+        self.prof.__exit__(*exc)
+        events = [e for e in self.prof.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        live = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            self.peak = max(self.peak, live)

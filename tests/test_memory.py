@@ -1,10 +1,20 @@
-"""What autograd keeps for backward: flat in T for online rules, linear in T for BPTT (spec §6 memory claim)."""
+"""Memory of a training batch against T: flat for online rules, linear for BPTT (spec §6 memory claim).
+
+Two measures (ndot.memory): the bytes autograd saves for backward, and the most memory a
+batch allocates at once, which also sees the neuron state and every temporary.
+"""
+import functools
+
 import pytest
 import torch
 
 from helpers import RecordingSGD, batch, make_model
-from ndot.memory import SavedTensorMeter
+from ndot.layers import reset_state
+from ndot.memory import AllocationMeter, SavedTensorMeter
+from ndot.neuron import ONLINE_RULES
 from ndot.step import train_batch
+
+ONLINE = [(r, m) for r in ONLINE_RULES for m in "OA"]
 
 
 def peak_saved_bytes(rule: str, mode: str, T: int) -> int:
@@ -16,7 +26,19 @@ def peak_saved_bytes(rule: str, mode: str, T: int) -> int:
     return m.peak
 
 
-@pytest.mark.parametrize("rule,mode", [(r, m) for r in ("ndot", "ndot_ref", "ottt", "sltt") for m in "OA"])
+def peak_allocated_bytes(rule: str, mode: str, T: int) -> int:
+    model = make_model(rule=rule, dtype=torch.float32)
+    x, y = batch(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    run = functools.partial(train_batch, model, opt, x, y, rule=rule, mode=mode, T=T, loss_alpha=0.05)
+    run()  # the momentum buffers exist before the measured batch, as in training
+    reset_state(model)
+    with AllocationMeter(torch.device("cpu")) as m:
+        run()
+    return m.peak
+
+
+@pytest.mark.parametrize("rule,mode", ONLINE)
 def test_online_rules_save_the_same_bytes_for_any_T(rule, mode):
     peaks = {T: peak_saved_bytes(rule, mode, T) for T in (1, 4, 16)}
     assert peaks[1] > 0
@@ -29,3 +51,18 @@ def test_bptt_saved_bytes_grow_linearly_in_T():
     assert per_step > 0
     assert p[16] - p[4] == 12 * per_step, p
     assert p[16] > 4 * p[1]
+
+
+def test_bptt_allocation_grows_linearly_in_T():
+    p = {T: peak_allocated_bytes("bptt", "A", T) for T in (1, 4, 16)}
+    early, late = (p[4] - p[1]) / 3, (p[16] - p[4]) / 12
+    assert early > 0 and 0.8 <= late / early <= 1.25, p
+
+
+def test_allocation_meter_counts_the_most_held_at_once():
+    with AllocationMeter(torch.device("cpu")) as m:
+        a = torch.empty(1 << 20)
+        b = torch.empty(1 << 20)
+        del a
+        c = torch.empty(1 << 19)
+    assert m.peak == 8 << 20 and b.numel() + c.numel() > 0
