@@ -45,11 +45,14 @@ class WSConv2d(nn.Conv2d):
 
 
 class LIF(nn.Module):
-    """LIF neurons with soft reset; keeps u, the trace and the NDOT factor between steps.
+    """LIF neurons with soft reset; keeps A, the trace and the NDOT factor between steps.
 
     The state is dropped by `reset_state` at the first step of every batch.
     `rule` picks the gradient rule: an online rule detaches the state and, in
     training, emits the trace; "bptt" keeps the graph through time.
+    An online rule updates its trace in place, so each step's backward must run
+    before the next step (as ndot.step does); autograd refuses a backward through
+    a trace that a later step has overwritten.
     """
 
     def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0, out_scale: float = 1.0):
@@ -75,28 +78,24 @@ class LIF(nn.Module):
 
     def forward(self, current: Tensor, a_in: Tensor | None = None) -> Pair:
         first = self.state is None
-        if first:
-            # The membrane integrates in fp32 at least, also when autocast hands it a bf16 current:
-            # spikes near threshold and NDOT's ratio A[t] / A[t-1] need the precision.
-            zeros = torch.zeros_like(current, dtype=torch.promote_types(current.dtype, torch.float32))
-            st = {"A": zeros, "q": zeros, "a": None, "e": None}
-        else:
-            st = self.state
+        # At t = 1 there is no state: A[0] = 0 and no trace yet (neuron_step takes None for each).
+        st = {} if first else self.state
         if first and self.training and self.dropout > 0:
-            # In the state's dtype: a bf16 mask would round 1/(1-p) (1.109375 for p = 0.1).
-            keep = torch.empty_like(st["A"]).bernoulli_(1 - self.dropout)
-            st["mask"] = keep / (1 - self.dropout)
+            # In the state's dtype (fp32 at least): a bf16 mask would round 1/(1-p) (1.109375 for p = 0.1).
+            keep = torch.empty_like(current, dtype=torch.promote_types(current.dtype, torch.float32))
+            st["mask"] = keep.bernoulli_(1 - self.dropout) / (1 - self.dropout)
         online = self.rule != "bptt"
         trace = online and self.training and self.emit_trace
-        s, A, q, a, e = self.step_fn(
-            current, st["A"], st.get("q"), st.get("a"), st.get("e"),
+        s, A, fired, a, e = self.step_fn(
+            current, st.get("A"), st.get("fired"), st.get("a"), st.get("e"),
             rule=self.rule, lam=self.lam, v_th=self.v_th, alpha=self.alpha, signed=self.signed,
             detach_reset=self.detach_reset, through_time=not online and self.training, trace=trace,
             out_scale=self.out_scale,
         )
         self.state = {"A": A, "mask": st.get("mask")}
         if trace:
-            self.state.update(q=q, a=a, e=e)
+            # SLTT's trace is s itself: the next step reads nothing of it.
+            self.state.update(fired=fired, a=None if self.rule == "sltt" else a, e=e)
 
         if not self.training:
             self.spikes = self.spikes.to(s.device) + torch.count_nonzero(s.detach())

@@ -53,6 +53,15 @@ def test_bptt_saved_bytes_grow_linearly_in_T():
     assert p[16] > 4 * p[1]
 
 
+@pytest.mark.parametrize("rule,mode", ONLINE)
+def test_online_rules_allocate_no_more_at_any_T_than_at_T_1(rule, mode):
+    """The state never holds two steps at once (trace and factor are updated in place), so neither it
+    nor the temporaries around it grow with T: every step after the first allocates as the one before."""
+    peaks = {T: peak_allocated_bytes(rule, mode, T) for T in (1, 2, 16)}
+    assert peaks[2] == peaks[16], peaks
+    assert peaks[16] <= 1.05 * peaks[1], peaks
+
+
 def test_bptt_allocation_grows_linearly_in_T():
     p = {T: peak_allocated_bytes("bptt", "A", T) for T in (1, 4, 16)}
     early, late = (p[4] - p[1]) / 3, (p[16] - p[4]) / 12

@@ -13,10 +13,12 @@ from ndot.bench.measure import LOSS_ALPHA, Levers, Row, Setup, fresh_model, sync
 from ndot.layers import configure, neurons
 from ndot.step import train_batch
 
-# Autograd nodes of the neuron's backward: compiled, one node; eager, the surrogate and the LIF's
-# add (u), subtraction (threshold) and scale (x2.74). The loss and weight standardisation add a few
-# nodes of those names too, on tensors far smaller than a layer's activations.
-_NEURON_BACKWARD = ("CompiledFunctionBackward", "SpikeFnBackward", "AddBackward0", "SubBackward0", "MulBackward0")
+# Autograd nodes of the neuron's backward: compiled, one node; eager, the surrogate (the x2.74 scale
+# inside it for online rules) and the LIF's add (u), and for BPTT its subtraction (reset) and scale.
+# The loss and weight standardisation add a few nodes of those names too, on tensors far smaller
+# than a layer's activations.
+_NEURON_BACKWARD = ("CompiledFunctionBackward", "OnlineSpikeFnBackward", "SpikeFnBackward", "AddBackward0",
+                    "SubBackward0", "MulBackward0")
 _EVALUATE = "autograd::engine::evaluate_function: "
 
 
