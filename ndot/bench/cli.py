@@ -13,19 +13,20 @@ Synthetic data, created on the device once. One JSON object per line on stdout (
   per-time-step ceiling.
 - "snn": image-steps/s of `train_batch` per arch x rule x mode x T x batch x
   precision x levers, with the ceiling and the ratio to it.
-- "memory_vs_T": one per series over T: online rules should be flat, BPTT linear.
+- "memory_vs_T": one per series over T: online rules should be flat from T = 1, BPTT linear.
 - "targets": the throughput targets for one H200 (NDOT_A bf16 against the
   ceiling, NDOT_O against NDOT_A, NDOT_A fp32 image-steps/s), read off this run's rows.
 - "profile" (--profile): where the time of an NDOT_A batch goes: convolutions,
   neuron forward (LIF, factor, trace) and its backward, everything else.
 - "error": a case that raised; the run goes on.
 
-Memory: `peak_mem_mb` is torch.cuda.max_memory_allocated over the timed batches,
-less what earlier cases left allocated (so: model, optimiser state, input and
-activations of this case), CUDA only. `saved_mb` is the peak
-of the tensors autograd holds for backward during one batch (ndot.memory), on
-every device; it is the figure the memory check uses on a CPU, which keeps no
-allocator peak.
+Memory (ndot.memory): `peak_mem_mb` is torch.cuda.max_memory_allocated over the timed
+batches, less what earlier cases left allocated (so: model, optimiser state, input and
+activations of this case), CUDA only and not under graph replay. `batch_peak_mb` is the
+most that one batch allocates at once over what is allocated when it starts (neuron
+state, saved tensors, gradients, temporaries), on every device: the figure the memory
+check uses where there is no `peak_mem_mb`. `saved_mb` is the peak of the tensors
+autograd holds for backward during that batch.
 """
 from __future__ import annotations
 

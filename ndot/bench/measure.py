@@ -17,8 +17,8 @@ from torch import Tensor
 
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
-from ndot.layers import LIF, Both, configure
-from ndot.memory import SavedTensorMeter
+from ndot.layers import LIF, Both, configure, reset_state
+from ndot.memory import AllocationMeter, SavedTensorMeter
 from ndot.models import ARCHS, build
 from ndot.step import step_loss, train_batch
 
@@ -152,12 +152,16 @@ def bench_snn(s: Setup, rule: str, mode: str, T: int, precision: str, levers: Le
     step = functools.partial(train_batch, rule=rule, mode=mode, T=T, loss_alpha=LOSS_ALPHA, precision=precision)
     x, y = synthetic_batch(s)
     seconds, peak = timed(_runner(step, model, opt, x, y, levers.cuda_graph), s.device, s.warmup, s.min_seconds, base)
-    # One more batch, eager, to count what autograd saves (after timing, so nothing compiles under the hooks).
-    with SavedTensorMeter() as meter:
+    # One more batch, not replayed, for what it holds: the tensors autograd saves and everything it
+    # allocates (after timing, so nothing compiles under the hooks), from no neuron state, so that it
+    # frees nothing it did not allocate.
+    reset_state(model)
+    with SavedTensorMeter() as saved, AllocationMeter(s.device) as alloc:
         step(model, opt, x, y)
     return {"kind": "snn", "arch": s.arch, "rule": rule, "mode": mode, "T": T, "batch": s.batch,
             "precision": precision, **dataclasses.asdict(levers), "image_steps_per_s": s.batch * T / seconds,
-            "batch_ms": 1e3 * seconds, "peak_mem_mb": _unless_graph(peak, levers), "saved_mb": meter.peak / 2**20}
+            "batch_ms": 1e3 * seconds, "peak_mem_mb": _unless_graph(peak, levers),
+            "batch_peak_mb": alloc.peak / 2**20, "saved_mb": saved.peak / 2**20}
 
 
 def env_row(device: torch.device) -> Row:
