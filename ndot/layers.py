@@ -45,7 +45,7 @@ class WSConv2d(nn.Conv2d):
 
 
 class LIF(nn.Module):
-    """LIF neurons with soft reset; keeps A, the trace and the NDOT factor between steps.
+    """LIF neurons with soft reset; keeps the membrane (v: u, or A for BPTT), the trace and the NDOT factor between steps.
 
     The state is dropped by `reset_state` at the first step of every batch.
     `rule` picks the gradient rule: an online rule detaches the state and, in
@@ -86,16 +86,16 @@ class LIF(nn.Module):
             st["mask"] = keep.bernoulli_(1 - self.dropout) / (1 - self.dropout)
         online = self.rule != "bptt"
         trace = online and self.training and self.emit_trace
-        s, A, fired, a, e = self.step_fn(
-            current, st.get("A"), st.get("fired"), st.get("a"), st.get("e"),
+        s, v, a, e = self.step_fn(
+            current, st.get("v"), st.get("a"), st.get("e"),
             rule=self.rule, lam=self.lam, v_th=self.v_th, alpha=self.alpha, signed=self.signed,
             detach_reset=self.detach_reset, through_time=not online and self.training, trace=trace,
             out_scale=self.out_scale,
         )
-        self.state = {"A": A, "mask": st.get("mask")}
+        self.state = {"v": v, "mask": st.get("mask")}
         if trace:
             # SLTT's trace is s itself: the next step reads nothing of it.
-            self.state.update(fired=fired, a=None if self.rule == "sltt" else a, e=e)
+            self.state.update(a=None if self.rule == "sltt" else a, e=e)
 
         if not self.training:
             self.spikes = self.spikes.to(s.device) + torch.count_nonzero(s.detach())
@@ -171,17 +171,24 @@ def standardised_weights(model: nn.Module) -> Iterator[None]:
     Within one optimiser step W does not change, so Ŵ is the same at every time
     step: the block's backward passes accumulate the gradient w.r.t. Ŵ in a
     detached leaf, and the exit pushes the sum through the standardisation once.
+    The exit rebuilds each Ŵ's graph, one layer at a time, rather than keep them
+    all through the block: their intermediates are two copies of the weights,
+    which would be held while every step runs.
     """
     convs = [m for m in model.modules() if isinstance(m, WSConv2d)]
-    w_hats = [m.standardise() for m in convs]
     grad_on = torch.is_grad_enabled()
-    for m, w in zip(convs, w_hats):
-        m.w_hat = w.detach().requires_grad_(grad_on)
+    with torch.no_grad():
+        for m in convs:
+            m.w_hat = m.standardise().requires_grad_(grad_on)
     try:
         yield
-        pairs = [(w, m.w_hat.grad) for m, w in zip(convs, w_hats) if m.w_hat.grad is not None]
-        if pairs:
-            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+        pending = [(m, m.w_hat.grad) for m in convs if m.w_hat.grad is not None]
+        for m in convs:
+            m.w_hat = None  # before the rebuild, which would hold a second Ŵ beside it
+        with torch.enable_grad():
+            while pending:
+                m, g = pending.pop()
+                m.standardise().backward(g)
     finally:
         for m in convs:
             m.w_hat = None

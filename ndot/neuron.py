@@ -16,54 +16,45 @@ ONLINE_RULES = ("ndot", "ndot_ref", "ottt", "sltt")
 
 
 class SpikeFn(torch.autograd.Function):
-    """Heaviside with H(0) = 1 forward; sigmoid surrogate α·sig(αx)(1 - sig(αx)) backward."""
+    """c·H(u - Vth) with H(0) = 1 forward; sigmoid surrogate c·α·sig(αx)(1 - sig(αx)), x = u - Vth, backward.
 
-    @staticmethod
-    def forward(ctx, x: Tensor, alpha: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.alpha = alpha
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (x,) = ctx.saved_tensors
-        sg = torch.sigmoid(ctx.alpha * x)
-        return grad * (ctx.alpha * sg * (1 - sg)), None
-
-
-def spike(x: Tensor, alpha: float) -> Tensor:
-    return SpikeFn.apply(x, alpha)
-
-
-class OnlineSpikeFn(torch.autograd.Function):
-    """c·s[t] with s[t] = H(u - Vth), and the state A[t] = u - Vth s[t] (no gradient), for a step whose state is detached.
-
-    The surrogate needs x = u - Vth, which A and s give back exactly: x = A where s = 1 and
-    x = A - Vth where s = 0 (Vth·s is exact for s in {0, 1}). The neuron keeps A as its state
-    anyway, so backward holds one byte per neuron (s) instead of x in fp32.
+    It saves u, not x: the neuron keeps u anyway (its state for online rules, a node of the
+    graph for BPTT), and x = u - Vth is recomputed exactly. c, the constant the network
+    multiplies spikes by, is folded in, so that the scaled spikes are one tensor, not two.
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v_th: float, alpha: float, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        # H(u - Vth) without the difference: fl(u - Vth) >= 0 exactly when u >= Vth.
-        fired = u >= v_th
-        s = fired.to(u.dtype)
-        A = torch.sub(u, s, alpha=v_th)
-        ctx.mark_non_differentiable(A, fired)
-        ctx.save_for_backward(A, fired)
+    def forward(ctx, u: Tensor, v_th: float, alpha: float, scale: float) -> Tensor:
+        ctx.save_for_backward(u)
         ctx.v_th, ctx.alpha, ctx.scale = v_th, alpha, scale
-        return (s.mul_(scale) if scale != 1.0 else s), A, fired
+        # H(u - Vth) without the difference: fl(u - Vth) >= 0 exactly when u >= Vth.
+        s = (u >= v_th).to(u.dtype)
+        return s.mul_(scale) if scale != 1.0 else s
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _A: None, _fired: None) -> tuple[Tensor, None, None, None]:
-        A, fired = ctx.saved_tensors
-        # In place where the arithmetic allows, in SpikeFn's order: the widest layer's backward
-        # is where a batch peaks, and each temporary there is a layer of activations.
-        x = A - ctx.v_th
-        sg = torch.where(fired, A, x, out=x).mul_(ctx.alpha).sigmoid_()
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        (u,) = ctx.saved_tensors
+        # In place where the arithmetic allows, in the formula's order: the widest layer's backward
+        # is where a batch can peak, and each temporary there is a layer of activations.
+        sg = (u - ctx.v_th).mul_(ctx.alpha).sigmoid_()
         one_minus = torch.rsub(sg, 1)  # before sg becomes α·sg below
         surrogate = sg.mul_(ctx.alpha).mul_(one_minus)
         return surrogate.mul_(grad * ctx.scale if ctx.scale != 1.0 else grad), None, None, None
+
+
+def spike(u: Tensor, v_th: float, alpha: float, scale: float = 1.0) -> Tensor:
+    return SpikeFn.apply(u, v_th, alpha, scale)
+
+
+def after_reset(u: Tensor, v_th: float, out: Tensor | None = None) -> Tensor:
+    """A = u - Vth·H(u - Vth), the potential left after firing, from u alone (into `out` when given, not u).
+
+    Bit for bit u - Vth s: Vth·s is exact for s in {0, 1}, and fl(u - Vth) >= 0 exactly when
+    u >= Vth, so an online neuron keeps u as its state and gets A[t-1] back at the next step.
+    """
+    # Not u + (-Vth)·mask: a CPU widens the bool mask to a float copy first, one more layer of memory.
+    A = torch.sub(u, v_th, out=out)
+    return torch.where(A >= 0, A, u, out=A)
 
 
 def membrane(current: Tensor, A_prev: Tensor | None, lam: float) -> Tensor:
@@ -78,17 +69,18 @@ def membrane(current: Tensor, A_prev: Tensor | None, lam: float) -> Tensor:
 
 
 def factor(num: Tensor, den: Tensor | None, lam: float, signed: bool = False, out: Tensor | None = None) -> Tensor:
-    """NDOT's e = num / den clamped to [-λ, λ], written into `out` when given (the previous step's e).
+    """NDOT's e = num / den clamped to [-λ, λ], written into `out` when given (num itself may be it).
 
     Where the ratio is undefined (zero denominator, which is always the case at
     the first transition, den None, or a non-finite value) the paper only says "check the
     sign, then clamp": the default is λ, the signed reading is λ·sign(num).
     """
+    fill = lam * torch.sign(num) if signed else None  # before the division may overwrite num
     if den is None:
-        return lam * torch.sign(num) if signed else torch.full_like(num, lam)
+        return torch.full_like(num, lam) if fill is None else fill
     r = torch.div(num, den, out=out)
-    if signed:
-        return torch.where(torch.isfinite(r), r.clamp_(-lam, lam), lam * torch.sign(num), out=r)
+    if fill is not None:
+        return torch.where(torch.isfinite(r), r.clamp_(-lam, lam), fill, out=r)
     # λ for nan and ±inf, then the clamp leaves λ as it is: the default reading, in place.
     return r.nan_to_num_(lam, lam, lam).clamp_(-lam, lam)
 
@@ -98,48 +90,59 @@ def trace_step(
     rule: str,
     a: Tensor | None,
     s: Tensor,
-    q: Tensor,
-    q_prev: Tensor | None,
+    u: Tensor,
+    u_prev: Tensor | None,
+    A_prev: Tensor | None,
     e_prev: Tensor | None,
     lam: float,
+    v_th: float,
     signed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Advance the presynaptic trace â of one layer by one step.
 
-    a: â[t-1] (None at t = 1, where â[1] = s[1] for every rule).
-    q, q_prev: the quantity whose ratio gives the NDOT factor, at t and t-1:
-      A[t] for "ndot", A[t] - Vth s[t] for "ndot_ref" (the authors' code);
-      q_prev is None at t = 1 (q[0] = 0).
+    a: â[t-1] (None at t = 1, where â[1] = s[1] for every rule); s: the spikes it traces.
+    u, u_prev: the membrane at t and t-1 (None at t = 1); A_prev = after_reset(u_prev), which
+      the membrane update computed. NDOT's factor is the ratio of A at t and t-1, the authors'
+      (rule "ndot_ref") that of q = A - Vth s.
     e_prev: "ndot" only, the factor e[t-1] computed at the previous step.
-    Returns (â[t], e to keep for the next step, or None). â[t] and e[t] are written into
-    the buffers of â[t-1] and e[t-1] (e_ref[t] into q[t-1]'s): an online step's backward has
-    run before the next step, so nothing reads them any more, and the state never holds two
-    steps at once.
-    A trace that is not s itself gets its own buffer at t = 1, so that the spikes a step
-    emitted are never overwritten.
+    Returns (â[t], e to keep for the next step, or None).
+
+    â[t] is written into â[t-1]'s buffer and e[t] into e[t-1]'s, after â[t] has read it: an
+    online step's backward has run before the next step, so nothing reads them any more, and
+    the state never holds two steps at once. (The authors' e_ref[t] is used at once; it takes
+    A[t-1]'s, a temporary of this step.) A trace that is not s itself gets its own buffer at
+    t = 1, so that the spikes a step emitted are never overwritten.
     """
     if rule not in ONLINE_RULES:
         raise ValueError(f"no trace for rule {rule!r}; online rules: {', '.join(ONLINE_RULES)}")
     if rule == "sltt":
         return s, None
-    if a is None:
-        return s.clone(), (factor(q, None, lam, signed) if rule == "ndot" else None)
     if rule == "ottt":
-        return a.mul_(lam).add_(s), None
+        return (s.clone() if a is None else a.mul_(lam).add_(s)), None
     if rule == "ndot":
+        if a is None:
+            # e[1] = A[1] / A[0], A[0] = 0: the fill everywhere, which reads A[1] only for its sign.
+            return s.clone(), factor(after_reset(u, v_th) if signed else u, None, lam, signed)
         a.mul_(e_prev).add_(s)
-        return a, factor(q, q_prev, lam, signed, out=e_prev)
-    # ndot_ref: e_ref[t] is used at once; it takes the buffer of q[t-1], which nothing reads after it.
+        return a, factor(after_reset(u, v_th, out=e_prev), A_prev, lam, signed, out=e_prev)
+    if a is None:
+        return s.clone(), None
+    q, q_prev = _authors_q(u, v_th), _authors_q(u_prev, v_th, out=A_prev)
     return a.mul_(factor(q, q_prev, lam, out=q_prev)).add_(s), None
 
 
-Step = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+def _authors_q(u: Tensor, v_th: float, out: Tensor | None = None) -> Tensor:
+    # The authors' q = A - Vth s: their reset subtracted twice, in two roundings (into `out`, not u).
+    q = torch.sub(u, v_th, out=out).sub_(v_th)
+    return torch.where(u >= v_th, q, u, out=q)
+
+
+Step = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 
 
 def neuron_step(
     current: Tensor,
-    A_prev: Tensor | None,
-    fired_prev: Tensor | None,
+    v_prev: Tensor | None,
     a: Tensor | None,
     e_prev: Tensor | None,
     *,
@@ -157,31 +160,27 @@ def neuron_step(
 
     This is the whole elementwise work of a layer per step, in one function so
     that the fast path can compile it into one kernel (ndot.fast).
-    A_prev, fired_prev, a, e_prev: the state the previous step returned, None at t = 1.
-    through_time: keep the graph across steps (BPTT in training); otherwise the
-    new state is detached. trace: advance â (online rule, training, read downstream);
-    â and e are then updated in place (trace_step).
+    v_prev, a, e_prev: the state the previous step returned, None at t = 1. v is what the
+    neuron keeps of its membrane: A[t] with its graph through time (BPTT in training), u[t]
+    otherwise, detached; A[t] follows from u[t] exactly (after_reset), and the surrogate
+    needs nothing else.
+    through_time: keep the graph across steps. trace: advance â (online rule, training,
+    read downstream); â and e are then updated in place (trace_step).
     out_scale: c, the constant the network multiplies spikes by before the next
     layer; the step emits c·s[t] and, every trace being linear in s, the trace of
     c·s, which is c·â[t]. The reset and the NDOT factor read s itself.
-    Returns (c·s[t], A[t], s[t] as bool for "ndot_ref", c·â[t], e[t] for "ndot");
-    the last three are None without a trace.
+    Returns (c·s[t], v[t], c·â[t], e[t] for "ndot"); the last two are None without a trace.
     """
-    u = membrane(current, A_prev, lam)
     if through_time:
-        s = spike(u - v_th, alpha)
+        u = membrane(current, v_prev, lam)
+        s = spike(u, v_th, alpha)
         reset = s.detach() if detach_reset else s
-        return (s * out_scale if out_scale != 1.0 else s), u - v_th * reset, None, None, None
-    out, A, fired = OnlineSpikeFn.apply(u, v_th, alpha, out_scale)
+        return (s * out_scale if out_scale != 1.0 else s), u - v_th * reset, None, None
+    A_prev = None if v_prev is None else after_reset(v_prev, v_th)
+    u = membrane(current, A_prev, lam)
+    out = spike(u, v_th, alpha, out_scale)
+    u = u.detach()
     if not trace:
-        return out, A, None, None, None
-    if rule == "ndot_ref":
-        # The authors' ratio reads q = A - Vth s at t and t-1: from A and s kept as one byte per
-        # neuron, rather than q as a state of its own. A + (-Vth)·s rounds as A - Vth s does (-Vth s
-        # is exact) and needs no float copy of s. (A[t-1] itself stays: the surrogate saved it.)
-        q = A.add(fired, alpha=-v_th)
-        q_prev = None if A_prev is None else A_prev.add(fired_prev, alpha=-v_th)
-    else:
-        q, q_prev = A, A_prev
-    a, e = trace_step(rule, a, out.detach(), q, q_prev, e_prev, lam, signed)
-    return out, A, (fired if rule == "ndot_ref" else None), a, e
+        return out, u, None, None
+    a, e = trace_step(rule, a, out.detach(), u, v_prev, A_prev, e_prev, lam, v_th, signed)
+    return out, u, a, e

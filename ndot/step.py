@@ -61,12 +61,14 @@ def train_batch(
     if rule == "bptt":
         with standardised_weights(model):
             sum(forward(t) for t in range(T)).backward()
+            reset_state(model)  # read by nothing now: freed before Ŵ's backward and the SGD step
         opt.step()
         opt.zero_grad(set_to_none=True)
     elif mode == "A":
         with standardised_weights(model):
             for t in range(T):
                 forward(t).backward()
+            reset_state(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
     else:

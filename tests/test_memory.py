@@ -46,11 +46,12 @@ def test_online_rules_save_the_same_bytes_for_any_T(rule, mode):
 
 
 def test_bptt_saved_bytes_grow_linearly_in_T():
-    p = {T: peak_saved_bytes("bptt", "A", T) for T in (1, 4, 16)}
-    per_step = (p[4] - p[1]) / 3
+    # From T = 2: at T = 1 the most saved at once can be Ŵ's graph, rebuilt after the steps.
+    p = {T: peak_saved_bytes("bptt", "A", T) for T in (2, 4, 16)}
+    per_step = (p[4] - p[2]) / 2
     assert per_step > 0
     assert p[16] - p[4] == 12 * per_step, p
-    assert p[16] > 4 * p[1]
+    assert p[16] > 4 * p[2]
 
 
 @pytest.mark.parametrize("rule,mode", ONLINE)
@@ -63,8 +64,9 @@ def test_online_rules_allocate_no_more_at_any_T_than_at_T_1(rule, mode):
 
 
 def test_bptt_allocation_grows_linearly_in_T():
-    p = {T: peak_allocated_bytes("bptt", "A", T) for T in (1, 4, 16)}
-    early, late = (p[4] - p[1]) / 3, (p[16] - p[4]) / 12
+    # From T = 4: with few steps the most allocated at once is Ŵ's backward, after the steps.
+    p = {T: peak_allocated_bytes("bptt", "A", T) for T in (4, 8, 16)}
+    early, late = (p[8] - p[4]) / 4, (p[16] - p[8]) / 8
     assert early > 0 and 0.8 <= late / early <= 1.25, p
 
 

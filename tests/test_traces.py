@@ -16,9 +16,10 @@ def run_lif(currents: np.ndarray, rule: str, signed: bool = False) -> tuple[np.n
     s_, A_, a_ = [], [], []
     for I in torch.tensor(currents, dtype=torch.float64):
         s, a = lif(I)
-        # Copies: the next step writes its trace into this one's buffer.
+        # Copies: the next step writes its trace into this one's buffer. The neuron keeps u; A is u after the reset.
+        u = lif.state["v"].numpy()
         s_.append(s.numpy().copy())
-        A_.append(lif.state["A"].numpy().copy())
+        A_.append(u - VTH * (u >= VTH))
         a_.append(a.numpy().copy())
     return np.array(s_), np.array(A_), np.array(a_)
 
@@ -151,7 +152,7 @@ def test_out_scale_scales_what_the_neuron_emits_not_its_dynamics(rule):
             s, a = lif(I)
             outs.append(s)
             traces.append(a if a is None else a.clone())  # the next step writes its trace into a
-            potentials.append(lif.state["A"].detach())
+            potentials.append(lif.state["v"].detach())
         grad, = torch.autograd.grad(sum((s * torch.arange(64.0)).sum() for s in outs), currents)
         runs.append((torch.stack(outs).detach(), traces, torch.stack(potentials), grad))
     (s1, a1, v1, g1), (sc, ac, vc, gc) = runs

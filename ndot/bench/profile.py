@@ -17,8 +17,7 @@ from ndot.step import train_batch
 # inside it for online rules) and the LIF's add (u), and for BPTT its subtraction (reset) and scale.
 # The loss and weight standardisation add a few nodes of those names too, on tensors far smaller
 # than a layer's activations.
-_NEURON_BACKWARD = ("CompiledFunctionBackward", "OnlineSpikeFnBackward", "SpikeFnBackward", "AddBackward0",
-                    "SubBackward0", "MulBackward0")
+_NEURON_BACKWARD = ("CompiledFunctionBackward", "SpikeFnBackward", "AddBackward0", "SubBackward0", "MulBackward0")
 _EVALUATE = "autograd::engine::evaluate_function: "
 
 
