@@ -170,8 +170,15 @@ def test_dropout_gradients_equal_the_reference(rule):
     x, y = batch(size=16)
     model = make_model(rule=rule, dropout=0.3)
     p = leaves(model)
+    drawn = {}  # each neuron's mask, drawn at its first step and kept for the sequence
+
+    def keep_mask(n, inputs, output):
+        drawn.setdefault(n, n.state["mask"])
+
+    for n in neurons(model):
+        n.register_forward_hook(keep_mask)
     got = summed_grads(model, rule, x, y, T=4)
-    masks = [n.state["mask"] for n in neurons(model)]
+    masks = [drawn[n] for n in neurons(model)]
     assert sorted(torch.cat([m.flatten() for m in masks]).unique().tolist()) == pytest.approx([0.0, 1 / 0.7])
     for step_loss in reference_losses(p, LAYOUT["small_cnn"], x, y, 4, rule, masks=masks):
         step_loss.backward()
