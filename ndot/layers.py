@@ -45,7 +45,7 @@ class WSConv2d(nn.Conv2d):
 
 
 class LIF(nn.Module):
-    """LIF neurons with soft reset; keeps the membrane (v: u, or A for BPTT), the trace and the NDOT factor between steps.
+    """LIF neurons with soft reset; keeps the membrane (v: u, or A for BPTT), the trace and the NDOT factor (e; q for ndot_ref) between steps.
 
     The state is dropped by `reset_state` at the first step of every batch.
     `rule` picks the gradient rule: an online rule detaches the state and, in

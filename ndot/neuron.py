@@ -91,7 +91,6 @@ def trace_step(
     a: Tensor | None,
     s: Tensor,
     u: Tensor,
-    u_prev: Tensor | None,
     A_prev: Tensor | None,
     e_prev: Tensor | None,
     lam: float,
@@ -101,17 +100,18 @@ def trace_step(
     """Advance the presynaptic trace â of one layer by one step.
 
     a: â[t-1] (None at t = 1, where â[1] = s[1] for every rule); s: the spikes it traces.
-    u, u_prev: the membrane at t and t-1 (None at t = 1); A_prev = after_reset(u_prev), which
-      the membrane update computed. NDOT's factor is the ratio of A at t and t-1, the authors'
-      (rule "ndot_ref") that of q = A - Vth s.
-    e_prev: "ndot" only, the factor e[t-1] computed at the previous step.
-    Returns (â[t], e to keep for the next step, or None).
+    u: the membrane at t; A_prev = after_reset(u[t-1]), which the membrane update computed
+      (None at t = 1). NDOT's factor is the ratio of A at t and t-1, the authors' (rule
+      "ndot_ref") that of q = A - Vth s.
+    e_prev: what the previous step kept: the factor e[t-1] ("ndot") or q[t-1] ("ndot_ref").
+    Returns (â[t], what to keep for the next step: e[t], q[t], or None).
 
     â[t] is written into â[t-1]'s buffer and e[t] into e[t-1]'s, after â[t] has read it: an
     online step's backward has run before the next step, so nothing reads them any more, and
-    the state never holds two steps at once. (The authors' e_ref[t] is used at once; it takes
-    A[t-1]'s, a temporary of this step.) A trace that is not s itself gets its own buffer at
-    t = 1, so that the spikes a step emitted are never overwritten.
+    the state never holds two steps at once. The authors' e_ref[t] = q[t] / q[t-1] is used at
+    once, in q[t-1]'s buffer, and q[t] takes A[t-1]'s, a temporary of this step. A trace that
+    is not s itself gets its own buffer at t = 1, so that the spikes a step emitted are never
+    overwritten.
     """
     if rule not in ONLINE_RULES:
         raise ValueError(f"no trace for rule {rule!r}; online rules: {', '.join(ONLINE_RULES)}")
@@ -126,9 +126,9 @@ def trace_step(
         a.mul_(e_prev).add_(s)
         return a, factor(after_reset(u, v_th, out=e_prev), A_prev, lam, signed, out=e_prev)
     if a is None:
-        return s.clone(), None
-    q, q_prev = _authors_q(u, v_th), _authors_q(u_prev, v_th, out=A_prev)
-    return a.mul_(factor(q, q_prev, lam, out=q_prev)).add_(s), None
+        return s.clone(), _authors_q(u, v_th)
+    q = _authors_q(u, v_th, out=A_prev)
+    return a.mul_(factor(q, e_prev, lam, out=e_prev)).add_(s), q
 
 
 def _authors_q(u: Tensor, v_th: float, out: Tensor | None = None) -> Tensor:
@@ -169,7 +169,7 @@ def neuron_step(
     out_scale: c, the constant the network multiplies spikes by before the next
     layer; the step emits c·s[t] and, every trace being linear in s, the trace of
     c·s, which is c·â[t]. The reset and the NDOT factor read s itself.
-    Returns (c·s[t], v[t], c·â[t], e[t] for "ndot"); the last two are None without a trace.
+    Returns (c·s[t], v[t], c·â[t], what trace_step keeps); the last two are None without a trace.
     """
     if through_time:
         u = membrane(current, v_prev, lam)
@@ -182,5 +182,5 @@ def neuron_step(
     u = u.detach()
     if not trace:
         return out, u, None, None
-    a, e = trace_step(rule, a, out.detach(), u, v_prev, A_prev, e_prev, lam, v_th, signed)
+    a, e = trace_step(rule, a, out.detach(), u, A_prev, e_prev, lam, v_th, signed)
     return out, u, a, e
