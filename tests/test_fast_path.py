@@ -197,7 +197,7 @@ def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
     checks = [r for r in rows if r["kind"] == "memory_vs_T"]
     assert {c["rule"] for c in checks} == {"ndot", "ottt", "sltt", "bptt"}
     assert all(c["ok"] and c["metric"] == "batch_peak_mb" for c in checks), [c for c in checks if not c["ok"]]
-    assert all(c["growth"] > 0.5 for c in checks if c["rule"] == "bptt")
+    assert all(c["growth"] > 1 for c in checks if c["rule"] == "bptt")
     # What autograd saves is the same to the byte at every T.
     saved: dict[tuple, set] = {}
     for r in snn:
