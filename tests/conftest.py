@@ -1,10 +1,20 @@
 """Fixtures pytest hands to any test module that asks for them."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# Installed here for the sweeps and the event data, absent from the GPU machine's image
+# (/work/.library/device/KINDS.md lists what it holds).
+NOT_ON_THE_GPU_MACHINE = ("ray", "optuna", "tonic", "faery", "aedat", "expelliarmus", "importRosbag",
+                          "jsonschema", "moto", "boto3")
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +25,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def gpu_check_dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """bench/gpu_check.sh run once on this CPU, both benchmarks --small, as on the GPU machine: the
+    packages it lacks cannot be imported. Its finished process and the folder of its results."""
+    out, absent = tmp_path_factory.mktemp("gpu-check"), tmp_path_factory.mktemp("absent")
+    for name in NOT_ON_THE_GPU_MACHINE:
+        # Ahead of site-packages on the path, so that importing the installed package fails as it would there.
+        (absent / f"{name}.py").write_text(f"raise ModuleNotFoundError('{name} is not on the GPU machine', name={name!r})\n")
+    path = os.pathsep.join(filter(None, [str(absent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "PYTHONPATH": path,
+           "BENCH_ARGS": "--small", "BENCH_DATA_ARGS": "--small --threads 1"}
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return done, out

@@ -176,13 +176,10 @@ def test_cuda_graph_is_refused_without_cuda():
         TrainConfig(cuda_graph=True, device="cpu").validate()
 
 
-def test_bench_small_prints_the_expected_json_lines(capsys, tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        assert bench_main(["--small"]) == 0
-    finally:
-        torch.set_num_threads(threads)  # --small runs on one thread; later tests should not
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, tmp_path):
+    # The dry run of bench/gpu_check.sh ran python -m ndot.bench --profile --small (test_gpu_check.py).
+    _, out = gpu_check_dry_run
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
     assert kinds[0] == "env" and kinds[-1] == "targets" and "error" not in kinds
     levers = {"channels_last", "fused_neuron", "cuda_graph"}
