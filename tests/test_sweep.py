@@ -203,11 +203,11 @@ def _overlapping(epochs: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
-    flags = ("--T", "1,2", "--rules", "ndot_A,ottt_A", "--epochs", "6")
+    flags = ("--T", "1,2", "--rules", "ndot_A,ottt_A", "--epochs", "4")
     cmd = _sweep_cmd(tmp_path, "driver", cluster.address, *flags)
     proc = subprocess.Popen([*cmd, "--max-concurrent", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_epoch(tmp_path / "driver", proc, 2, 6)
+        _wait_for_epoch(tmp_path / "driver", proc, 2, 4)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -228,11 +228,11 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     epochs = results.load(str(tmp_path / "driver"))
     trials = results.load(str(tmp_path / "driver"), results.TRIALS_TABLE)
     assert sorted(trials["stratum"]) == sorted(s.label for s in strata({"T": (1, 2), "method": ("ndot_A", "ottt_A")}))
-    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 6).all()
+    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 4).all()
     assert before <= set(trials["trial_id"]), "a trial running when the driver died was re-created, not resumed"
     _assert_checkpoints_hold_best_weights(tmp_path / "driver", trials)
     _assert_epochs_complete(epochs, trials)
-    assert len(epochs) == 4 * 6
+    assert len(epochs) == 4 * 4
     assert _overlapping(epochs), "the resume kept the one trial at a time the sweep started with"
 
 
@@ -275,7 +275,7 @@ def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, t
     # Tune uploads a driver's state file by file: killed in between, the driver leaves the searcher a
     # trial behind Tune's list of trials, or ahead of it (its newest trial never reached the list).
     experiment = tmp_path / "upload"
-    cmd = _sweep_cmd(tmp_path, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "6", "--max-concurrent", "1")
+    cmd = _sweep_cmd(tmp_path, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "3", "--max-concurrent", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         first = _state_naming(experiment, proc, 1)
@@ -292,7 +292,7 @@ def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, t
     assert done.returncode == 0, done.stderr[-2000:]
     trials = results.load(str(experiment), results.TRIALS_TABLE)
     assert sorted(trials["stratum"]) == ["T=1,ndot_A", "T=2,ndot_A"]
-    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 6).all()
+    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 3).all()
     assert (second_id in set(trials["trial_id"])) == (behind == SEARCHER_STATE), "resumed the trial Tune listed, re-created the one it did not"
     _assert_epochs_complete(results.load(str(experiment)), trials)
     # TPE learnt each stratum's trial, once.
@@ -345,10 +345,10 @@ def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_lose
 
 def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):
     workers = {n.node_id: n for n in cluster.worker_nodes}
-    flags = ("--T", "2", "--rules", "ndot_A,ottt_A,sltt_A,bptt_A", "--epochs", "8", "--gpus-per-trial", "0.5")
+    flags = ("--T", "2", "--rules", "ndot_A,ottt_A,sltt_A,bptt_A", "--epochs", "5", "--gpus-per-trial", "0.5")
     proc = subprocess.Popen(_sweep_cmd(tmp_path, "nodes", cluster.address, *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        victim = _wait_for_epoch(tmp_path / "nodes", proc, 2, 6)["node_id"]
+        victim = _wait_for_epoch(tmp_path / "nodes", proc, 2, 4)["node_id"]
         cluster.remove_node(workers[victim], allow_graceful=False)
         out, _ = proc.communicate(timeout=WAIT_S)
     finally:
@@ -359,7 +359,7 @@ def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):
     epochs = results.load(str(tmp_path / "nodes"))
     trials = results.load(str(tmp_path / "nodes"), results.TRIALS_TABLE)
     assert set(epochs["node_id"]) == set(workers), "trials did not spread over both worker nodes"
-    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 8).all()
+    assert (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 5).all()
     _assert_epochs_complete(epochs, trials)
     # The interrupted trial kept the epochs it ran on the dead node and continued
     # on the other one from its checkpoint, rather than starting again.
