@@ -183,12 +183,10 @@ def standardised_weights(model: nn.Module) -> Iterator[None]:
     try:
         yield
         pending = [(m, m.w_hat.grad) for m in convs if m.w_hat.grad is not None]
-        for m in convs:
-            m.w_hat = None  # before the rebuild, which would hold a second Ŵ beside it
-        with torch.enable_grad():
-            while pending:
-                m, g = pending.pop()
-                m.standardise().backward(g)
     finally:
         for m in convs:
-            m.w_hat = None
+            m.w_hat = None  # also before the rebuild, which would otherwise hold a second Ŵ beside it
+    with torch.enable_grad():
+        while pending:
+            m, g = pending.pop()
+            m.standardise().backward(g)
