@@ -15,25 +15,76 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from ndot.layers import neurons
 from ndot.neuron import Step, neuron_step
 
-# Distinct graphs of `neuron_step`: rule x first/later step x training/eval x
-# dtype x layout. Dynamo's default of 8 per function would silently send the
-# rest back to eager.
+# Distinct graphs of `neuron_step`: rule x first/later step x training/eval x dtype. Dynamo's
+# default of 8 per function would silently send the rest back to eager.
 _RECOMPILE_LIMIT = 64
+
+
+# A 1-D tensor on the input's storage that autograd does not count as a view of it (reshape's own
+# building block). Not a view: Dynamo guards the layout of a view's base, which would bring the
+# layout back into the graph's guards.
+_unsafe_view = torch.ops.aten._unsafe_view.default
+
+
+@functools.cache
+def _layout(shape: torch.Size, stride: tuple[int, ...]) -> tuple[list[int], list[int], list[int]] | None:
+    """(perm, its sizes, its inverse): the order of the dims in memory (NCHW: identity, NHWC: 0,2,3,1);
+    None where the tensor does not cover its memory densely and has no flat view."""
+    perm = sorted(range(len(shape)), key=lambda d: -stride[d])
+    dense = 1
+    for d in reversed(perm):
+        if shape[d] != 1 and stride[d] != dense:
+            return None
+        dense *= shape[d]
+    return perm, [shape[d] for d in perm], sorted(range(len(perm)), key=perm.__getitem__)
 
 
 @functools.cache
 def fused_neuron_step() -> Callable[..., Step]:
-    """`neuron_step` compiled once per process; shapes are symbolic so every layer shares one graph."""
+    """`neuron_step` compiled once per process, called on its tensors flat, in memory order.
+
+    Elementwise work reads no shape or layout, only that every tensor has the same one:
+    flat, an NCHW layer, an NHWC one and a 2-D one share a graph, where the tensors as
+    they are would compile one each (most of a CPU benchmark's time, and a GPU run's
+    minutes). The size is symbolic, so that every layer shares it too.
+    """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     # λ, Vth, α and the output scale are constants of a run: baked in, rather than wrapped at every
     # call into 0-d CPU tensors that the graph reads back (and that make Inductor build a host C++
     # kernel beside the GPU ones).
     torch._dynamo.config.specialize_float = True
-    return torch.compile(neuron_step, fullgraph=True, dynamic=True)
+    compiled = torch.compile(neuron_step, fullgraph=True, dynamic=True)
+
+    def step(current: Tensor, *state: Tensor | None, **constants) -> Step:
+        shape, stride = current.shape, current.stride()
+        layout = _layout(shape, stride)
+        if layout is None or any(t is not None and t.stride() != stride for t in state):
+            return compiled(current, *state, **constants)  # a layout of its own: a graph of its own, still exact
+        perm, dims, back = layout
+
+        # The state is views that earlier calls returned, of flat tensors: flat bases, as Dynamo needs.
+        # Views of them, not _unsafe_view: the trace is updated in place, and autograd must see it.
+        # as_strided is the cheapest view, but its backward writes a buffer the size of the storage:
+        # only where there is no gradient.
+        def flat(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.permute(perm).view(-1) if t.requires_grad else t.as_strided((t.numel(),), (1,))
+
+        def unflat(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            return t.view(dims).permute(back) if t.requires_grad else t.as_strided(shape, stride)
+
+        out = compiled(_unsafe_view(current.permute(perm), (-1,)), *map(flat, state), **constants)
+        return tuple(map(unflat, out))
+
+    return step
 
 
 def accelerate(model: nn.Module, *, channels_last: bool = False, fused_neuron: bool = False) -> nn.Module:

@@ -18,6 +18,7 @@ from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate, fused_neuron_step
 from ndot.graphs import GraphedStep
 from ndot.layers import neurons
+from ndot.neuron import neuron_step
 from ndot.step import train_batch
 from ndot.train import train
 
@@ -104,6 +105,34 @@ def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_c
     for name in plain:
         assert plain[name].abs().sum() > 0, name
         assert_close(fast[name], plain[name], 1e-5 if dtype == torch.float32 else 1e-10, name)
+
+
+def test_the_fused_step_is_one_graph_for_every_layout_and_keeps_each_layout():
+    # float64 on the CPU with OTTT: graphs no other test here compiles, so the count starts from none.
+    kw = dict(rule="ottt", lam=0.5, v_th=1.0, alpha=4.0, signed=False, detach_reset=False, through_time=False,
+              trace=True, out_scale=2.74)
+    g = torch.Generator().manual_seed(0)
+    nchw = 2 * torch.randn(2, 6, 3, 5, dtype=torch.float64, generator=g)
+    layouts = [nchw, nchw.to(memory_format=torch.channels_last), 2 * torch.randn(4, 7, dtype=torch.float64, generator=g)]
+    graphs = []
+    for x in layouts:
+        results = []
+        for step in (neuron_step, fused_neuron_step()):
+            current = x.clone().requires_grad_()  # clone keeps the layout
+            state, outputs = (None, None, None), []
+            for _ in range(2):  # the first step and a later one: a graph each
+                s, v, a, e = step(current, *state, **kw)
+                s.backward(torch.ones_like(s))
+                state = (v, a, e)
+                outputs += [s, v, a]
+            results.append((outputs, current.grad))
+        (eager, eager_grad), (fused, fused_grad) = results
+        for want, got in zip(eager, fused):
+            assert got.shape == want.shape and got.stride() == want.stride()
+            assert_close(got.detach(), want.detach(), 1e-12)
+        assert_close(fused_grad, eager_grad, 1e-12)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"graphs compiled after each layout: {graphs}"
 
 
 @pytest.mark.parametrize("rule", ["ndot", "ndot_ref", "ottt", "sltt", "bptt"])

@@ -1,7 +1,7 @@
 """Throughput and memory of online training, against an ANN step of the same network as the ceiling.
 
     python -m ndot.bench              # real size (GPU): vgg11_ws, batch 128, 3x32x32, T in {1,2,4,6,20}
-    python -m ndot.bench --small      # small_cnn, batch 8: a CPU smoke run, 1-1.5 min on 2 cores, most of it torch.compile
+    python -m ndot.bench --small      # small_cnn, batch 8: a CPU smoke run, about a minute on 2 cores, half of it torch.compile
     python -m ndot.bench --table FILE # the JSON lines of a run as Markdown tables (for the README)
 
 Synthetic data, created on the device once. One JSON object per line on stdout (and in --out):
