@@ -107,32 +107,46 @@ def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_c
         assert_close(fast[name], plain[name], 1e-5 if dtype == torch.float32 else 1e-10, name)
 
 
+# float64 on the CPU with OTTT: graphs no other test here compiles, so that their count starts from none.
+OTTT_STEP = dict(rule="ottt", lam=0.5, v_th=1.0, alpha=4.0, signed=False, detach_reset=False, through_time=False,
+                 trace=True, out_scale=2.74)
+
+
+def _eager_and_fused(*currents: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(eager, fused) pairs of s, v and â at each of the successive `currents`, a backward after each, and of their gradients."""
+    runs = []
+    for step in (neuron_step, fused_neuron_step()):
+        state, outputs, grads = (None, None, None), [], []
+        for c in currents:
+            current = c.detach().requires_grad_()  # keeps the layout, gaps included, where clone would close them
+            s, v, a, e = step(current, *state, **OTTT_STEP)
+            s.backward(torch.ones_like(s))
+            state = (v, a, e)
+            outputs += [s, v, a]  # OTTT keeps no e
+            grads.append(current.grad)
+        runs.append(outputs + grads)
+    return list(zip(*runs))
+
+
 def test_the_fused_step_is_one_graph_for_every_layout_and_keeps_each_layout():
-    # float64 on the CPU with OTTT: graphs no other test here compiles, so the count starts from none.
-    kw = dict(rule="ottt", lam=0.5, v_th=1.0, alpha=4.0, signed=False, detach_reset=False, through_time=False,
-              trace=True, out_scale=2.74)
     g = torch.Generator().manual_seed(0)
     nchw = 2 * torch.randn(2, 6, 3, 5, dtype=torch.float64, generator=g)
-    layouts = [nchw, nchw.to(memory_format=torch.channels_last), 2 * torch.randn(4, 7, dtype=torch.float64, generator=g)]
     graphs = []
-    for x in layouts:
-        results = []
-        for step in (neuron_step, fused_neuron_step()):
-            current = x.clone().requires_grad_()  # clone keeps the layout
-            state, outputs = (None, None, None), []
-            for _ in range(2):  # the first step and a later one: a graph each
-                s, v, a, e = step(current, *state, **kw)
-                s.backward(torch.ones_like(s))
-                state = (v, a, e)
-                outputs += [s, v, a]
-            results.append((outputs, current.grad))
-        (eager, eager_grad), (fused, fused_grad) = results
-        for want, got in zip(eager, fused):
-            assert got.shape == want.shape and got.stride() == want.stride()
-            assert_close(got.detach(), want.detach(), 1e-12)
-        assert_close(fused_grad, eager_grad, 1e-12)
+    for x in [nchw, nchw.to(memory_format=torch.channels_last), 2 * torch.randn(4, 7, dtype=torch.float64, generator=g)]:
+        for eager, fused in _eager_and_fused(x, x):  # the first step and a later one: a graph each
+            assert fused.shape == eager.shape and fused.stride() == eager.stride()
+            assert_close(fused.detach(), eager.detach(), 1e-12)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"graphs compiled after each layout: {graphs}"
+
+
+def test_the_fused_step_without_a_flat_view_is_still_exact():
+    # A current with gaps in memory, and a layout that changes between steps: the step takes the
+    # tensors as they are. (The flat graphs of the test above serve the first steps here.)
+    x = 2 * torch.randn(2, 12, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for currents in [(x[:, ::2],), (x.to(memory_format=torch.channels_last), x)]:
+        for eager, fused in _eager_and_fused(*currents):
+            assert_close(fused.detach(), eager.detach(), 1e-12)
 
 
 @pytest.mark.parametrize("rule", ["ndot", "ndot_ref", "ottt", "sltt", "bptt"])
