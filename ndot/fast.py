@@ -64,7 +64,10 @@ def fused_neuron_step() -> Callable[..., Step]:
         shape, stride = current.shape, current.stride()
         layout = _layout(shape, stride)
         if layout is None or any(t is not None and t.stride() != stride for t in state):
-            return compiled(current, *state, **constants)  # a layout of its own: a graph of its own, still exact
+            # No flat view (gaps in memory, or the layout changed between steps): the eager step. Compiled,
+            # the tensors as they are would each need a graph, and torch 2.11's Dynamo refuses writes
+            # into non-contiguous ones (out=).
+            return neuron_step(current, *state, **constants)
         perm, dims, back = layout
 
         # The state is views that earlier calls returned, of flat tensors: flat bases, as Dynamo needs.

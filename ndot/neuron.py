@@ -29,7 +29,11 @@ class SpikeFn(torch.autograd.Function):
         ctx.v_th, ctx.alpha, ctx.scale = v_th, alpha, scale
         # H(u - Vth) without the difference: fl(u - Vth) >= 0 exactly when u >= Vth.
         s = (u >= v_th).to(u.dtype)
-        return s.mul_(scale) if scale != 1.0 else s
+        if scale == 1.0:
+            return s
+        # Compiled, out of place: torch 2.11 (the GPU machine's) returns zero gradients from a compiled
+        # Function whose forward writes into its output; Inductor fuses the product either way.
+        return s * scale if torch.compiler.is_compiling() else s.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:

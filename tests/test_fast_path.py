@@ -141,8 +141,8 @@ def test_the_fused_step_is_one_graph_for_every_layout_and_keeps_each_layout():
 
 
 def test_the_fused_step_without_a_flat_view_is_still_exact():
-    # A current with gaps in memory, and a layout that changes between steps: the step takes the
-    # tensors as they are. (The flat graphs of the test above serve the first steps here.)
+    # A current with gaps in memory, and a layout that changes between steps: no flat view, so the
+    # eager step takes the tensors as they are. (The flat graphs of the test above serve the NHWC step.)
     x = 2 * torch.randn(2, 12, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for currents in [(x[:, ::2],), (x.to(memory_format=torch.channels_last), x)]:
         for eager, fused in _eager_and_fused(*currents):
