@@ -49,11 +49,28 @@ def _sweep_cmd(storage: Path, name: str, address: str, *flags: str) -> list[str]
     return [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--storage", str(storage), "--name", name, "--address", address, *flags]
 
 
+def _start(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """A sweep's process, its stderr in `log`: where it ends too soon, the test's failure says why."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kwargs)
+    proc.log = log
+    return proc
+
+
+def _stderr(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()
+
+
+def _running(proc: subprocess.Popen, before: str) -> None:
+    if proc.poll() is not None:
+        raise AssertionError(f"the sweep ended (exit {proc.returncode}) before {before}; its stderr ends:\n{_stderr(proc)[-3000:]}")
+
+
 def _wait_for_epoch(experiment: Path, proc: subprocess.Popen, min_epoch: int, max_epoch: int) -> results.Row:
     """The last row of the first trial found between min_epoch and max_epoch (exclusive), polling its checkpoints."""
     fs, deadline = pafs.LocalFileSystem(), time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        _running(proc, "it could be interrupted")
         for trial_dir in experiment.glob("*_T=*"):
             _, history = checkpoint.newest(fs, str(trial_dir))
             if history and min_epoch <= history[-1]["epoch"] < max_epoch:
@@ -205,7 +222,7 @@ def _overlapping(epochs: pd.DataFrame) -> list[tuple[str, str]]:
 def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     flags = ("--T", "1,2", "--rules", "ndot_A,ottt_A", "--epochs", "4")
     cmd = _sweep_cmd(tmp_path, "driver", cluster.address, *flags)
-    proc = subprocess.Popen([*cmd, "--max-concurrent", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start([*cmd, "--max-concurrent", "1"], tmp_path / "stderr")
     try:
         _wait_for_epoch(tmp_path / "driver", proc, 2, 4)
     finally:
@@ -253,7 +270,7 @@ def _state_naming(experiment: Path, proc: subprocess.Popen, n_trials: int) -> di
     """The driver's state files, once the experiment has `n_trials` trials and both its states name all of them."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "the sweep ended before its state could be taken"
+        _running(proc, "its state could be taken")
         ids = [p.name.split("_")[0].encode() for p in experiment.glob("*_T=*")]
         state = {p: p.read_bytes() for pattern in TRIALS_STATE + SEARCHER_STATE for p in experiment.glob(pattern)}
         naming = [b for p, b in state.items() if p.match(TRIALS_STATE[0]) or p.match(SEARCHER_STATE[0])]
@@ -276,7 +293,7 @@ def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, t
     # trial behind Tune's list of trials, or ahead of it (its newest trial never reached the list).
     experiment = tmp_path / "upload"
     cmd = _sweep_cmd(tmp_path, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "3", "--max-concurrent", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start(cmd, tmp_path / "stderr")
     try:
         first = _state_naming(experiment, proc, 1)
         second = _state_naming(experiment, proc, 2)
@@ -304,15 +321,14 @@ def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, t
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished(cluster, tmp_path, stop):
     cmd = _sweep_cmd(tmp_path, "stopped", cluster.address, "--T", "1", "--rules", "ndot_A,ottt_A", "--epochs", "8")
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            _wait_for_epoch(tmp_path / "stopped", proc, 1, 7)
-            proc.send_signal(stop)
-            proc.wait(timeout=WAIT_S)
-        finally:
-            proc.kill()
-    err = (tmp_path / "stderr").read_text()
+    proc = _start(cmd, tmp_path / "stderr")
+    try:
+        _wait_for_epoch(tmp_path / "stopped", proc, 1, 7)
+        proc.send_signal(stop)
+        proc.wait(timeout=WAIT_S)
+    finally:
+        proc.kill()
+    err = _stderr(proc)
     last = err.splitlines()[-1]
     assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, last
     assert "Tuner.restore" not in err, "Tune's own resume hint, which this command line does not take"
@@ -324,16 +340,15 @@ def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_lose
     # `timeout` and batch schedulers signal every process of the job: the Ray this driver started too.
     cmd = [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--storage", str(tmp_path), "--name", "group",
            "--T", "1", "--rules", "ndot_A,ottt_A", "--epochs", "4"]
-    with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        try:
-            _wait_for_epoch(tmp_path / "group", proc, 1, 3)
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=WAIT_S)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-    last = (tmp_path / "stderr").read_text().splitlines()[-1]
+    proc = _start(cmd, tmp_path / "stderr", start_new_session=True)
+    try:
+        _wait_for_epoch(tmp_path / "group", proc, 1, 3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=WAIT_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = _stderr(proc).splitlines()[-1]
     assert proc.returncode == 130 and f"continue with python {cmd[1]} --resume --name group" in last, last
 
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
@@ -346,15 +361,15 @@ def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_lose
 def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):
     workers = {n.node_id: n for n in cluster.worker_nodes}
     flags = ("--T", "2", "--rules", "ndot_A,ottt_A,sltt_A,bptt_A", "--epochs", "5", "--gpus-per-trial", "0.5")
-    proc = subprocess.Popen(_sweep_cmd(tmp_path, "nodes", cluster.address, *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start(_sweep_cmd(tmp_path, "nodes", cluster.address, *flags), tmp_path / "stderr")
     try:
         victim = _wait_for_epoch(tmp_path / "nodes", proc, 2, 4)["node_id"]
         cluster.remove_node(workers[victim], allow_graceful=False)
-        out, _ = proc.communicate(timeout=WAIT_S)
+        proc.wait(timeout=WAIT_S)
     finally:
         proc.kill()
         cluster.add_node(num_cpus=1, num_gpus=1)
-    assert proc.returncode == 0, out[-2000:]
+    assert proc.returncode == 0, _stderr(proc)[-2000:]
 
     epochs = results.load(str(tmp_path / "nodes"))
     trials = results.load(str(tmp_path / "nodes"), results.TRIALS_TABLE)
