@@ -287,10 +287,12 @@ def _studies(experiment: Path) -> list[optuna.Study]:
         return pickle.load(f)["_studies"]
 
 
-@pytest.mark.parametrize("behind", [SEARCHER_STATE, TRIALS_STATE], ids=["searcher-behind", "trials-behind"])
-def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, tmp_path, behind):
+@pytest.mark.parametrize("behind, cut", [(SEARCHER_STATE, ()), (TRIALS_STATE, ()), (TRIALS_STATE, SEARCHER_STATE)],
+                         ids=["searcher-behind", "trials-behind", "trials-behind-searcher-cut-short"])
+def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, tmp_path, behind, cut):
     # Tune uploads a driver's state file by file: killed in between, the driver leaves the searcher a
     # trial behind Tune's list of trials, or ahead of it (its newest trial never reached the list).
+    # Each upload is a plain copy: killed during one, the driver leaves files cut short (empty, here).
     experiment = tmp_path / "upload"
     cmd = _sweep_cmd(tmp_path, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "3", "--max-concurrent", "1")
     proc = _start(cmd, tmp_path / "stderr")
@@ -301,7 +303,9 @@ def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, t
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     for path in second:
-        if any(path.match(pattern) for pattern in behind):
+        if any(path.match(pattern) for pattern in cut):
+            path.write_bytes(b"")
+        elif any(path.match(pattern) for pattern in behind):
             path.write_bytes(first[path])  # one driver session: the same file names
     [second_id] = {p.name.split("_")[0] for p in experiment.glob("*_T=2,*")}
 

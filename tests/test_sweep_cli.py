@@ -86,6 +86,24 @@ def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest
     assert cli._ignored_on_resume(client) == ["--max-concurrent"]
 
 
+def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_ray_starts(tmp_path, capsys):
+    # Tune would start the experiment afresh in its folder, and its earlier trials would drop out of the sweep.
+    flags = ["--storage", str(tmp_path), "--name", "s"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(flags))
+    runner.save_plan(plan)
+    experiment = Path(plan.experiment)
+    (experiment / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')  # a copy cut off
+    rc = exit_status(cli.main, TIMESTEPS, [*flags, "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "experiment_state-2026-01-01_00-00-00.json, is unreadable" in err and "no earlier one" in err
+    (experiment / "experiment_state-2025-12-31_00-00-00.json").write_text('{"trial_data": []}')
+    assert exit_status(cli.main, TIMESTEPS, [*flags, "--resume"]) == 2
+    assert "move it aside to resume from the one before it, experiment_state-2025-12-31_00-00-00.json" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_set_fixes_any_other_field_for_every_trial(tmp_path):
     args = cli.parser(TIMESTEPS).parse_args(
         ["--set", "precision=bf16", "--set", "fused_neuron=true", "--set", "dropout=0.1", "--storage", str(tmp_path)])

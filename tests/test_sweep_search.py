@@ -202,8 +202,8 @@ def test_a_resume_replaces_a_dropped_last_trial_though_the_search_had_finished(t
     state = {"trial_data": [t.get_json_state() for t in trials[:3]]}
     (experiment / "experiment_state-x.json").write_text(json.dumps(state))
 
+    # As Tune resumes: the generator as pickled at the start, restored, no add_configurations.
     resumed = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=6)
-    resumed.add_configurations(_sweep(tmp_path))
     resumed.restore_from_dir(str(tmp_path))
     assert resumed.searcher.max_concurrent == 6, "the limit saved at the start, not the resuming driver's"
     assert not resumed.is_finished()
@@ -253,6 +253,37 @@ def test_a_resume_without_the_searchers_files_rebuilds_it_from_tunes_list(tmp_pa
     assert _states(search._studies[0]) == [("COMPLETE", 0.5, 0.1)]
     assert _states(search._studies[1]) == [("RUNNING", None, 0.1)]
     assert search.suggest("c")[STRATUM_KEY] == "T=1,ndot_A" and search.suggest("d") is None
+
+
+@pytest.mark.parametrize("files", ["cut-short", "absent"])
+def test_a_resume_whose_search_files_are_cut_short_or_absent_creates_the_remaining_trials(tmp_path, files):
+    experiment, staging = tmp_path / "sweep", tmp_path / "staging"
+    started = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=8)
+    started.add_configurations(Experiment("sweep", _noop, config={"epochs": 3}, num_samples=sys.maxsize, storage_path=str(tmp_path)))
+    first = started.next_trial()
+    first.create_placement_group_factory()
+    staging.mkdir()
+    if files == "cut-short":
+        # A driver killed while Tune copied its state to storage: Tune's upload is no atomic write.
+        started.save_to_dir(str(staging), "1")
+        for f in staging.iterdir():
+            f.write_bytes(b"")
+    (experiment / "experiment_state-x.json").write_text(json.dumps({"trial_data": [first.get_json_state()]}))
+
+    resumed = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=8)
+    resumed.restore_from_dir(str(staging))  # raised here, the error would have Tune start the sweep afresh
+    rest = [resumed.next_trial() for _ in range(3)]
+    assert resumed.next_trial() is None and resumed.is_finished()
+    assert sorted(t.config[STRATUM_KEY] for t in [first, *rest]) == ["T=1,ndot_A"] * 2 + ["T=2,ndot_A"] * 2
+    assert all(t.config["epochs"] == 3 for t in rest), "a trial without the sweep's fixed values"
+
+    # Without the sweep's own copy either, the resume stops when it needs a trial: nothing is lost.
+    (experiment / "search_spec.pkl").unlink()
+    again = StratifiedGenerator(_search_from_the_recipe(str(experiment)), max_concurrent=8)
+    again.restore_from_dir(str(staging))
+    assert not again.is_finished(), "Tune would end the sweep short of its trials, and never ask why"
+    with pytest.raises(RuntimeError, match="cannot create its remaining trials.*search_spec.pkl"):
+        again.next_trial()
 
 
 def _trial(trial_id: str, stratum: str) -> Trial:

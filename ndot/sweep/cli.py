@@ -201,6 +201,9 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
         # where the experiment was started: they would fail, or write beside the original.
         raise InputError(f"experiment {args.name} was started in {plan.storage}: resume it there "
                          f"(Ray Tune creates a resumed sweep's new trials where it started)")
+    problem = runner.unreadable_state(experiment)
+    if problem:
+        raise InputError(problem)
     cpus, gpus = _resources(_given(args.cpus_per_trial, plan.cpus_per_trial), _given(args.gpus_per_trial, plan.gpus_per_trial))
     # A plan that counted the cluster's slots counts them again: it may have grown, or trials shrunk.
     return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus,

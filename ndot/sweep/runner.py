@@ -1,6 +1,7 @@
 """One Tune experiment per sweep: build it, run it, resume it."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import socket
@@ -8,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
@@ -16,7 +18,7 @@ from ndot import files, results
 from ndot.sweep import resources
 from ndot.sweep.recorder import TablesCallback
 from ndot.sweep.scheduler import StratifiedASHA
-from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch
+from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_trials
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
 from ndot.sweep.trainable import run_trial
 
@@ -68,6 +70,29 @@ def load_plan(experiment: str) -> Plan:
     # JSON turned the space's tuples into lists.
     d["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["space"].items()})
     return Plan(**d)
+
+
+def unreadable_state(experiment: str) -> str | None:
+    """Why Tune cannot read the experiment state a resume would start from, in one line; None where it can.
+
+    Tune starts an experiment afresh, in its folder, when that state cannot be read, and the sweep's
+    earlier trials drop out of it. A driver killed while Tune copied the state to a filesystem leaves it
+    cut short (an upload to S3 lands whole or not at all). No state at all passes: nothing was listed.
+    """
+    try:
+        listed_trials(experiment)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        fs, path = files.filesystem(experiment)
+        states = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
+                        if fnmatch.fnmatch(i.base_name, "experiment_state-*.json"))
+        what = (f"move it aside to resume from the one before it, {states[-2]}" if len(states) > 1 else
+                f"there is no earlier one to resume from; the trials' checkpoints remain, and "
+                f"python -m ndot.results collect {experiment} rebuilds the tables from them")
+        return (f"the newest experiment state of {experiment}, {states[-1]}, is unreadable ({type(e).__name__}: {e}), "
+                f"most likely cut short by a driver killed while writing it: {what}")
+    return None
 
 
 def trial_dirname(trial: Trial) -> str:

@@ -7,8 +7,8 @@ the tuned parameters inside a stratum, from that stratum's own results.
 
 Tune resumes its trials from the experiment's state on storage, and this
 searcher from a file of its own beside it. A driver killed while uploading
-them leaves the two a step apart; on restore, Tune's list of trials decides
-(`StratifiedSearch.restore_from_dir`).
+them leaves the two a step apart, or the searcher's files cut short; on
+restore, Tune's list of trials decides (`StratifiedSearch.restore_from_dir`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.trial import TrialState
+from ray import cloudpickle
 from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
@@ -27,6 +28,11 @@ from ndot import files
 from ndot.sweep.space import STRATUM_KEY, Stratum
 
 log = logging.getLogger(__name__)
+
+# Tune's Experiment, which every trial is created from, kept beside the experiment by the sweep itself:
+# Tune restores it only from its own search file, which a driver killed while uploading it leaves cut
+# short (Tune's upload is a plain copy) or absent, and without it a resume can create no trial.
+SPEC_FILE = "search_spec.pkl"
 
 
 class StratifiedSearch(Searcher):
@@ -59,6 +65,15 @@ class StratifiedSearch(Searcher):
         self._live: set[str] = set()
         self._max_concurrent = 0  # 0: no limit
         self._unrestored: str | None = None  # why a resume could not restore this searcher
+
+    @property
+    def experiment(self) -> str:
+        return self._experiment
+
+    @property
+    def trial_ids(self) -> list[str]:
+        """Every trial of the sweep so far."""
+        return list(self._stratum_of)
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         # Tune's ConcurrencyLimiter would drop completions of trials it no longer
@@ -166,15 +181,32 @@ class StratifiedGenerator(SearchGenerator):
     """Tune's driver of a StratifiedSearch, limited to `max_concurrent` trials at once.
 
     A resume restores the searcher, which matches itself to Tune's list of trials,
-    even when its files never reached storage. Then the searcher, not the
-    "finished" flag SearchGenerator restores from those files, says whether the
-    sweep is done: a last trial `agree_with` dropped gets its replacement.
+    even when its files never reached storage or were cut short there; the Experiment
+    the trials are created from then comes from SPEC_FILE, written whole at the start.
+    The searcher, not the "finished" flag SearchGenerator restores from those files,
+    says whether the sweep is done: a last trial `agree_with` dropped gets its replacement.
     """
 
     def __init__(self, search: StratifiedSearch, max_concurrent: int) -> None:
         # The limiter lets the searcher count (set_max_concurrency); a starting Tune reads
         # its limit for how many trials may wait for resources at once.
         super().__init__(ConcurrencyLimiter(search, max_concurrent))
+
+    # Why a resume could not rebuild the Experiment. A class attribute: a generator that Tune
+    # unpickles from a sweep started before it existed has it too.
+    _unrestored: str | None = None
+
+    @property
+    def _search(self) -> StratifiedSearch:
+        return self.searcher.searcher
+
+    def _spec_uri(self) -> str:
+        return f"{self._search.experiment.rstrip('/')}/{SPEC_FILE}"
+
+    def add_configurations(self, experiments: Any) -> None:
+        super().add_configurations(experiments)
+        # Before Tune saves any state of its own: every experiment that can be resumed has it.
+        files.write_bytes(self._spec_uri(), cloudpickle.dumps(self._experiment))
 
     def set_max_concurrency(self, max_concurrent: int) -> None:
         limiter = self.searcher
@@ -185,13 +217,38 @@ class StratifiedGenerator(SearchGenerator):
         return True  # a restore without its files, cut off before their first upload, rebuilds the searcher
 
     def restore_from_dir(self, dirpath: str) -> None:
+        # Tune takes an error raised here for a failed resume and starts the experiment afresh in the
+        # same folder, hiding every earlier trial: an unreadable file of Tune's costs a rebuild instead.
         limit = self.searcher.max_concurrent  # the resuming driver's, not the saved one
-        if super().has_checkpoint(dirpath):
-            super().restore_from_dir(dirpath)
-        else:
-            self.searcher.searcher.restore_from_dir(dirpath)
+        try:
+            super().restore_from_dir(dirpath)  # it raises, if at all, reading its own file, before changing anything
+        except Exception as e:
+            log.warning("ndot: Tune's search state is absent or unreadable (%s: %s); rebuilding it from %s and Tune's trials",
+                        type(e).__name__, e, SPEC_FILE)
+            self._search.restore_from_dir(dirpath)
+            self._rebuild()
         self.searcher.max_concurrent = limit
         self._finished = False
+
+    def _rebuild(self) -> None:
+        try:
+            self._experiment = cloudpickle.loads(files.read_bytes(self._spec_uri()))
+        except Exception as e:
+            self._unrestored = f"{self._spec_uri()}: {type(e).__name__}: {e}"
+            return
+        self._total_samples = self._experiment.spec.get("num_samples", 1)
+        self._counter = len(self._search.trial_ids)  # Tune's list, which the searcher took
+
+    def is_finished(self) -> bool:
+        # Not finished without an Experiment to count its trials by: Tune asks for the next trial, which says why.
+        return not self._unrestored and super().is_finished()
+
+    def next_trial(self) -> Trial | None:
+        if self._unrestored:
+            # Raised here, not in restore_from_dir: the sweep stops with its state as it was.
+            raise RuntimeError(f"the sweep cannot create its remaining trials: Tune's search state is unreadable "
+                               f"and so is the sweep's own copy ({self._unrestored})")
+        return super().next_trial()
 
 
 def _finished(study: optuna.Study, number: int) -> bool:
