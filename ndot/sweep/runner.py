@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 import ray
 from ray import tune
+from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
 from ndot import files, results
@@ -86,7 +87,7 @@ def unreadable_state(experiment: str) -> str | None:
     except ValueError as e:
         fs, path = files.filesystem(experiment)
         states = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
-                        if fnmatch.fnmatch(i.base_name, "experiment_state-*.json"))
+                        if fnmatch.fnmatch(i.base_name, TuneController.CKPT_FILE_TMPL.format("*")))
         what = (f"move it aside to resume from the one before it, {states[-2]}" if len(states) > 1 else
                 f"there is no earlier one to resume from; the trials' checkpoints remain, and "
                 f"python -m ndot.results collect {experiment} rebuilds the tables from them")
