@@ -2,18 +2,126 @@
 and local files written atomically."""
 from __future__ import annotations
 
+import io
 import os
-import tempfile
+import shutil
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of a local path or a URI, and the path within it."""
     return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def uri_of(fs: pafs.FileSystem, path: str) -> str:
+    """The inverse of `filesystem`: a local path as it is, else `scheme://path`."""
+    local = isinstance(fs, pafs.LocalFileSystem) or isinstance(getattr(fs, "handler", None), WholeLocalFiles)
+    return path if local else f"{fs.type_name}://{path}"
+
+
+class _Landing(io.BufferedWriter):
+    """A file written under a temporary name beside its path, synced, and renamed over it once closed whole.
+
+    Leaving a `with` block by an exception discards it instead, leaving the old file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._tmp = str(PurePosixPath(path).with_name(f".{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp"))
+        # "x": a new file, created as any other (the umask decides its mode).
+        super().__init__(io.FileIO(self._tmp, "xb"))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.flush()
+        os.fsync(self.fileno())
+        super().close()
+        os.replace(self._tmp, self._path)
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.raw.close()
+            os.unlink(self._tmp)
+
+
+class WholeLocalFiles(pafs.FileSystemHandler):
+    """The local filesystem, through which every file written lands whole (`PyFileSystem(WholeLocalFiles())`).
+
+    Ray Tune uploads the driver's state and the trials' checkpoints to a filesystem with plain copies
+    (pyarrow's copy_files): a process killed during one leaves the file cut short, and a cut-short
+    experiment state is a sweep Tune cannot resume. Written through this handler, each file is
+    written to a temporary name, synced and renamed over its path: a kill leaves the old file or
+    none, and a stray `.NAME.*.tmp` beside it. Everything else is pyarrow's LocalFileSystem.
+    """
+
+    def __init__(self) -> None:
+        self._fs = pafs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WholeLocalFiles)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "ndot-whole-local"
+
+    def normalize_path(self, path: str) -> str:
+        return self._fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self._fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        self._fs.delete_root_dir_contents()
+
+    def delete_file(self, path: str) -> None:
+        self._fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with self._fs.open_input_stream(src) as f, _Landing(dest) as out:
+            shutil.copyfileobj(f, out)
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self._fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self._fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return pa.PythonFile(_Landing(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> pa.NativeFile:
+        return self._fs.open_append_stream(path)
+
+
+def tune_filesystem(storage: str) -> pafs.FileSystem | None:
+    """The filesystem Ray Tune should write `storage` through: a local path's lands every file whole;
+    None (Tune's own) for a URI, whose object stores land an upload whole or not at all."""
+    return None if "://" in storage else pafs.PyFileSystem(WholeLocalFiles())
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -53,15 +161,6 @@ def write_local(path: str | os.PathLike, write: Callable[[BinaryIO], object]) ->
     A reader, or a run killed at any moment, sees the old file or the whole new one, never half
     of one; the sync makes that hold after a machine crash too, which a rename alone does not.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with _Landing(os.fspath(path)) as f:
+        write(f)

@@ -1,0 +1,108 @@
+"""Files written through the filesystem the sweeps give Ray Tune: whole or not at all, even when the writer is killed."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from ndot import files
+
+# Tune's own upload (the driver's state, a trial's checkpoint), killed by SIGKILL once `at` bytes of
+# the new file are written: where a driver killed in mid-upload stops.
+KILLED_UPLOAD = textwrap.dedent("""
+    import os, signal, sys
+    from ray.train._internal.storage import _upload_to_fs_path
+    from ndot import files
+
+    source, destination, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    write = files._Landing.write
+
+    def write_then_die(self, b):
+        write(self, bytes(b)[:at])
+        self.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    files._Landing.write = write_then_die
+    _upload_to_fs_path(source, files.tune_filesystem(destination), destination)
+""")
+
+
+def _upload_killed(source: Path, destination: Path, at: int) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_UPLOAD, str(source), str(destination), str(at)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, f"the upload was not killed in mid-write (exit {proc.returncode}): {proc.stderr[-2000:]}"
+
+
+def test_an_upload_killed_in_mid_write_leaves_the_old_file_whole_and_a_finished_one_replaces_it(tmp_path):
+    old, new = b"o" * 3_000_000, os.urandom(3_000_000)
+    source, destination = tmp_path / "driver", tmp_path / "storage"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "experiment_state.json").write_bytes(new)
+    (destination / "sub").mkdir(parents=True)
+    (destination / "sub" / "experiment_state.json").write_bytes(old)
+
+    _upload_killed(source, destination, at=len(new) // 2)
+    assert (destination / "sub" / "experiment_state.json").read_bytes() == old
+    strays = list((destination / "sub").glob(".experiment_state.json.*.tmp"))
+    assert len(strays) == 1, "the kill came before the new file was being written"
+    partial = strays[0].read_bytes()
+    assert 0 < len(partial) < len(new) and new.startswith(partial)
+
+    from ray.train._internal.storage import _upload_to_fs_path
+    _upload_to_fs_path(str(source), files.tune_filesystem(str(destination)), str(destination))
+    assert (destination / "sub" / "experiment_state.json").read_bytes() == new
+    # A file that lands keeps the permissions any file written here gets.
+    (tmp_path / "plain").write_bytes(b"")
+    assert (destination / "sub" / "experiment_state.json").stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_a_file_never_written_before_is_absent_after_a_killed_upload_not_cut_short(tmp_path):
+    source, destination = tmp_path / "driver", tmp_path / "storage"
+    source.mkdir()
+    (source / "searcher-state.pkl").write_bytes(os.urandom(2_000_000))
+    _upload_killed(source, destination, at=1_000_000)
+    assert not (destination / "searcher-state.pkl").exists()
+
+
+def test_the_whole_file_filesystem_is_local_storage_for_tune_and_an_object_store_keeps_its_own(tmp_path):
+    fs = files.tune_filesystem(str(tmp_path))
+    assert isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, files.WholeLocalFiles)
+    # Tune pickles its storage into every trial.
+    assert pickle.loads(pickle.dumps(fs)) == fs
+    assert files.uri_of(fs, "/runs/sweep") == "/runs/sweep"
+    assert files.uri_of(pafs.LocalFileSystem(), "/runs/sweep") == "/runs/sweep"
+    assert files.tune_filesystem("s3://bucket/sweeps") is None
+
+    fs.create_dir(f"{tmp_path}/a/b", recursive=True)
+    with fs.open_output_stream(f"{tmp_path}/a/b/x.json") as f:
+        f.write(b"{}")
+    fs.copy_file(f"{tmp_path}/a/b/x.json", f"{tmp_path}/a/y.json")
+    fs.move(f"{tmp_path}/a/y.json", f"{tmp_path}/a/z.json")
+    listed = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(str(tmp_path / "a"), recursive=True)))
+    assert listed == [f"{tmp_path}/a/b", f"{tmp_path}/a/b/x.json", f"{tmp_path}/a/z.json"]
+    with fs.open_input_stream(f"{tmp_path}/a/z.json") as f:
+        assert f.readall() == b"{}"
+    fs.delete_dir(f"{tmp_path}/a")
+    assert fs.get_file_info(f"{tmp_path}/a").type == pafs.FileType.NotFound
+
+
+def test_a_local_write_that_raises_leaves_the_old_file_and_no_stray(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    files.write_local(path, lambda f: f.write(b"old"))
+
+    def half_then_fail(f):
+        f.write(b"new, half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        files.write_local(path, half_then_fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    files.write_local(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
