@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from ndot import checkpoint
 from ndot.cli import Parser, refuse
 from ndot.config import TrainConfig, method
-from ndot.files import filesystem, kind, read_bytes, write_bytes
+from ndot.files import filesystem, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
 
 EPOCHS_TABLE = "epochs"
@@ -86,10 +86,7 @@ class TrialRecord:
 
 def experiment_of(trial: Any) -> str:
     """The experiment folder a Tune trial belongs to, now: a local path or a URI (s3://bucket/prefix/name)."""
-    storage = trial.storage
-    path = storage.experiment_fs_path
-    fs = storage.storage_filesystem
-    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+    return uri_of(trial.storage.storage_filesystem, trial.storage.experiment_fs_path)
 
 
 def relative_checkpoint(trial: Any, checkpoint_path: str) -> str:

@@ -77,8 +77,9 @@ def unreadable_state(experiment: str) -> str | None:
     """Why Tune cannot read the experiment state a resume would start from, in one line; None where it can.
 
     Tune starts an experiment afresh, in its folder, when that state cannot be read, and the sweep's
-    earlier trials drop out of it. A driver killed while Tune copied the state to a filesystem leaves it
-    cut short (an upload to S3 lands whole or not at all). No state at all passes: nothing was listed.
+    earlier trials drop out of it. A driver killed while Tune copied the state to a filesystem left it
+    cut short before the sweeps wrote through ndot.files.WholeLocalFiles (an upload to S3 lands whole
+    or not at all), and a folder written by other means still can. No state at all passes.
     """
     try:
         listed_trials(experiment)
@@ -154,7 +155,8 @@ def _trials_at_once(plan: Plan) -> int:
 
 
 def _restored_tuner(plan: Plan) -> tune.Tuner:
-    tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True)
+    tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True,
+                               storage_filesystem=files.tune_filesystem(plan.storage))
     # Tune 2.60 restores the TuneConfig it pickled with the experiment, and Tuner.restore takes
     # none: set the limit of this driver, which StratifiedSearch then keeps over its saved one.
     # (Through ray:// the tuner lives in a remote actor, out of reach: the limit stays as started.)
@@ -190,6 +192,7 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=plan.storage,
+            storage_filesystem=files.tune_filesystem(plan.storage),
             callbacks=[TablesCallback(), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),

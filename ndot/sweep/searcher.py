@@ -7,8 +7,9 @@ the tuned parameters inside a stratum, from that stratum's own results.
 
 Tune resumes its trials from the experiment's state on storage, and this
 searcher from a file of its own beside it. A driver killed while uploading
-them leaves the two a step apart, or the searcher's files cut short; on
-restore, Tune's list of trials decides (`StratifiedSearch.restore_from_dir`).
+them leaves the two a step apart, or the searcher's files absent (cut short,
+where Tune copies them plainly: ndot.files.WholeLocalFiles); on restore, Tune's
+list of trials decides (`StratifiedSearch.restore_from_dir`).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from ndot.sweep.space import STRATUM_KEY, Stratum
 log = logging.getLogger(__name__)
 
 # Tune's Experiment, which every trial is created from, kept beside the experiment by the sweep itself:
-# Tune restores it only from its own search file, which a driver killed while uploading it leaves cut
-# short (Tune's upload is a plain copy) or absent, and without it a resume can create no trial.
+# Tune restores it only from its own search file, which a driver killed while uploading it leaves absent
+# (or cut short, where Tune's upload is a plain copy), and without it a resume can create no trial.
 SPEC_FILE = "search_spec.pkl"
 
 
