@@ -24,9 +24,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ndot import checkpoint, evaluate, results
+from ndot import checkpoint, evaluate, files, results
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import SMOKE, TIMESTEPS
+from ndot.sweep.searcher import listed_trials
 from ndot.sweep.space import SearchSpace, Stratum, strata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,6 +252,9 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     _assert_epochs_complete(epochs, trials)
     assert len(epochs) == 4 * 4
     assert _overlapping(epochs), "the resume kept the one trial at a time the sweep started with"
+    # Both drivers had Tune write through the filesystem that lands each file whole (ndot.files).
+    listed = listed_trials(str(tmp_path / "driver"))
+    assert len(listed) == 4 and all(isinstance(t.storage.storage_filesystem.handler, files.WholeLocalFiles) for t in listed)
 
 
 # A driver's state is three files: Tune's list of trials, and the searcher's state in two.
