@@ -58,7 +58,8 @@ def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[
 
     That checkpoint can be newer than the one Tune's experiment state names,
     when the driver died after the trial wrote it; a checkpoint whose upload
-    was cut short is skipped for the one before it.
+    was cut short (its history unreadable, or weights it names absent) is
+    skipped for the one before it.
     """
     try:
         infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
@@ -70,7 +71,16 @@ def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[
     )
     for _, path in found:
         try:
-            return path, read_history(fs, path)
+            history = read_history(fs, path)
         except (FileNotFoundError, json.JSONDecodeError):
             continue
+        # Tune uploads a checkpoint's files in parallel: one killed in mid-upload can lack its weights.
+        if all(fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File for name in {TRIAL, weights_of(history)}):
+            return path, history
     return None, []
+
+
+def weights_of(history: list[dict[str, Any]]) -> str:
+    """Which file of a sweep trial's checkpoint holds the best epoch's weights, by its history: TRIAL
+    when the best is the checkpoint's own epoch (or no epoch was, all diverged), else BEST."""
+    return BEST if any(map(is_best, history[:-1])) and not is_best(history[-1]) else TRIAL

@@ -70,9 +70,9 @@ def weights_file(path: str | os.PathLike) -> str:
 
     In a run folder that is best.pt. A sweep trial's folder stands for its
     newest checkpoint. In a sweep trial's checkpoint it is
-    state.pt when its epoch was the best so far (its history's last row says),
-    else best.pt: a best.pt left by an earlier attempt at the same checkpoint
-    (Tune writes a re-run epoch's checkpoint into the same folder) is then ignored.
+    the file its history names (checkpoint.weights_of): state.pt when its epoch
+    was the best so far, and then a best.pt left by an earlier attempt at the same
+    checkpoint (Tune writes a re-run epoch's checkpoint into the same folder) is ignored.
     `path` is local or a URI (s3://...).
     """
     path = str(path)
@@ -85,13 +85,12 @@ def weights_file(path: str | os.PathLike) -> str:
             folder, fs_folder = f"{folder}/{newest.rpartition('/')[2]}", newest
         names = [checkpoint.BEST, checkpoint.LAST, checkpoint.TRIAL]
         if files.kind(f"{folder}/{checkpoint.HISTORY}") == pafs.FileType.File:
-            last = checkpoint.read_history(fs, fs_folder)[-1]
-            names = [checkpoint.TRIAL] if checkpoint.is_best(last) else [checkpoint.BEST, checkpoint.TRIAL]
+            names = [checkpoint.weights_of(checkpoint.read_history(fs, fs_folder))]
         for name in names:
             if files.kind(f"{folder}/{name}") == pafs.FileType.File:
                 return f"{folder}/{name}"
-        raise ConfigError(f"{folder} holds none of {checkpoint.BEST}, {checkpoint.LAST}, {checkpoint.TRIAL}: "
-                          "name a run folder of python -m ndot.train, a sweep trial's folder or one of its checkpoints")
+        raise ConfigError(f"{folder} holds none of {', '.join(names)}: name a run folder of python -m ndot.train, "
+                          "a sweep trial's folder or one of its checkpoints")
     if kind != pafs.FileType.File:
         raise ConfigError(f"{path} does not exist")
     return path

@@ -1,6 +1,7 @@
 """Evaluation: accuracy after each step, the best epoch's weights, and python -m ndot.evaluate."""
 import json
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -65,28 +66,41 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
     assert len(json.loads((tmp_path / "eval-best-T4.json").read_text())["acc_by_step"]) == 4
 
 
-@pytest.mark.parametrize("last,files,picked", [
-    ({"status": "ok", "test_acc": 0.9, "best_test_acc": 0.9}, ["state.pt", "best.pt"], "state.pt"),
-    ({"status": "ok", "test_acc": 0.8, "best_test_acc": 0.9}, ["state.pt", "best.pt"], "best.pt"),
-    ({"status": "diverged", "test_acc": None, "best_test_acc": None}, ["state.pt"], "state.pt"),
+BEST_EPOCH = {"status": "ok", "test_acc": 0.9, "best_test_acc": 0.9}
+WORSE_EPOCH = {"status": "ok", "test_acc": 0.8, "best_test_acc": 0.9}
+DIVERGED_EPOCH = {"status": "diverged", "test_acc": None, "best_test_acc": None}
+
+
+@pytest.mark.parametrize("history,files,picked", [
+    ([WORSE_EPOCH, BEST_EPOCH], ["state.pt", "best.pt"], "state.pt"),
+    ([BEST_EPOCH, WORSE_EPOCH], ["state.pt", "best.pt"], "best.pt"),
+    ([DIVERGED_EPOCH], ["state.pt"], "state.pt"),
+    ([BEST_EPOCH, {**DIVERGED_EPOCH, "best_test_acc": 0.9}], ["state.pt", "best.pt"], "best.pt"),
 ])
-def test_a_sweep_checkpoint_yields_the_weights_its_history_names_best(tmp_path, last, files, picked):
+def test_a_sweep_checkpoint_yields_the_weights_its_history_names_best(tmp_path, history, files, picked):
     # A best.pt beside the best epoch's own state is left over from an earlier attempt at the
     # same checkpoint (Tune writes a re-run epoch into the same folder): it is not the best.
     for name in files:
         (tmp_path / name).write_bytes(b"")
-    (tmp_path / checkpoint.HISTORY).write_text(json.dumps([{"epoch": 1, **last}]))
+    (tmp_path / checkpoint.HISTORY).write_text(json.dumps([{"epoch": i + 1, **r} for i, r in enumerate(history)]))
     assert weights_file(tmp_path) == str(tmp_path / picked)
 
 
-def test_a_sweep_trials_folder_stands_for_its_newest_checkpoint(tmp_path):
-    for epoch in (1, 2):
+@pytest.mark.parametrize("lacks", [checkpoint.HISTORY, checkpoint.TRIAL, checkpoint.BEST])
+def test_a_sweep_trials_folder_stands_for_its_newest_whole_checkpoint(tmp_path, lacks):
+    # Epoch 2 was the best, so epoch 3's checkpoint holds it as best.pt beside its own state.
+    history = [WORSE_EPOCH, BEST_EPOCH, WORSE_EPOCH]
+    for epoch in (1, 2, 3):
         folder = tmp_path / f"checkpoint_{epoch - 1:06d}"
         folder.mkdir()
         (folder / checkpoint.TRIAL).write_bytes(b"")
-        (folder / checkpoint.HISTORY).write_text(json.dumps([{"epoch": epoch, "status": "ok", "test_acc": 1, "best_test_acc": 1}]))
-    (tmp_path / "checkpoint_000002").mkdir()  # an upload cut short: no history
+        (folder / checkpoint.HISTORY).write_text(json.dumps([{"epoch": i + 1, **r} for i, r in enumerate(history[:epoch])]))
+    (tmp_path / "checkpoint_000002" / checkpoint.BEST).write_bytes(b"")
+    assert weights_file(tmp_path) == str(tmp_path / "checkpoint_000002" / checkpoint.BEST)
+    # An upload killed in mid-copy (Tune copies a checkpoint's files in parallel) can lack any of them.
+    (tmp_path / "checkpoint_000002" / lacks).unlink()
     assert weights_file(tmp_path) == str(tmp_path / "checkpoint_000001" / checkpoint.TRIAL)
+    assert checkpoint.newest(pafs.LocalFileSystem(), str(tmp_path))[0] == str(tmp_path / "checkpoint_000001")
 
 
 @pytest.mark.parametrize("make,args,message", [
