@@ -294,6 +294,24 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
     return cfg, device, state
 
 
+def _mend_log(log_path: Path, state: dict[str, Any]) -> None:
+    """Make a resumed run's log hold each epoch up to its checkpoint's once, the checkpoint's last.
+
+    A run killed after an epoch's line but before its checkpoint redoes that epoch; one killed in
+    mid-line leaves half a line; the checkpoint's own metrics stand in for a line that is missing.
+    """
+    rows: dict[int, Metrics] = {}
+    for line in log_path.read_text().splitlines() if log_path.is_file() else ():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["epoch"] < state["epoch"]:
+            rows[row["epoch"]] = row
+    rows[state["epoch"]] = state["metrics"]
+    files.write_local(log_path, lambda f: f.write("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)).encode()))
+
+
 def main(argv: list[str] | None = None) -> int:
     given = vars(_parser().parse_args(argv))
     out, resume = given.pop("out", None), given.pop("resume", False)
@@ -305,13 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
 
+    if state is not None:
+        _mend_log(log_path, state)
+
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
-        # best.pt before checkpoint.pt: a run killed between the two redoes this epoch and rewrites both.
+        # The log and best.pt before checkpoint.pt: a run killed in between redoes this epoch,
+        # rewrites both, and the resume drops the log's line of it (_mend_log).
+        with open(log_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
         if checkpoint.is_best(m):
             checkpoint.save(best_path, checkpoint.best_of(st))
         checkpoint.save(ckpt_path, st)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
         top5 = f" top5 {m['test_top5']:.3f}" if "test_top5" in m else ""
         test = f"test {m['test_acc']:.4f}{top5} (best {m['best_test_acc']:.4f}) " if m["status"] == "ok" else "DIVERGED "
         print(

@@ -1,5 +1,7 @@
 """python -m ndot.train: bad input refused in one line before the run folder is touched, resume, --help."""
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -127,3 +129,24 @@ def test_resume_refuses_fewer_epochs_a_finished_run_and_names_another_run_before
     # cifar10 is not on this machine: that the checkpoint is another run's is what to say.
     refused(capsys, ["--out", str(tmp_path), "--resume", "--dataset", "cifar10"], "another run: dataset 'digits' -> 'cifar10'")
     assert contents(tmp_path) == before
+
+
+def test_a_resumed_run_logs_each_epoch_once_wherever_the_killed_one_stopped(tmp_path):
+    run = tmp_path / "run"
+    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    # What the log holds when the run of epoch 3 is killed after its line but before its checkpoint,
+    # in mid-line, and (as the order before this had it) after epoch 2's checkpoint but before its line.
+    killed = {
+        "after the line": [*lines, json.dumps({**json.loads(lines[-1]), "epoch": 3, "test_acc": -1.0})],
+        "in mid-line": [*lines, '{"epoch": 3, "train_lo'],
+        "before the line": lines[:1],
+    }
+    for where, log in killed.items():
+        out = tmp_path / where.replace(" ", "-")
+        shutil.copytree(run, out)
+        (out / "metrics.jsonl").write_text("\n".join(log) + ("" if where == "in mid-line" else "\n"))
+        assert main(["--out", str(out), "--resume", "--epochs", "3", "--workers", "0"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2, 3], where
+        assert rows[:2] == [json.loads(line) for line in lines] and rows[2]["test_acc"] >= 0, where
