@@ -27,29 +27,53 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
 class _Landing(io.BufferedWriter):
     """A file written under a temporary name beside its path, synced, and renamed over it once closed whole.
 
-    Leaving a `with` block by an exception discards it instead, leaving the old file.
+    Discarded instead, leaving the old file: when a write failed (a full disk), when it is dropped
+    unclosed (as pyarrow drops a stream whose copy failed), or when a `with` block on it raises.
     """
 
     def __init__(self, path: str) -> None:
         self._path = path
         self._tmp = str(PurePosixPath(path).with_name(f".{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp"))
+        self._failed = False
         # "x": a new file, created as any other (the umask decides its mode).
         super().__init__(io.FileIO(self._tmp, "xb"))
 
+    def write(self, b: Any) -> int:
+        try:
+            return super().write(b)
+        except BaseException:
+            self._failed = True
+            raise
+
     def close(self) -> None:
         if self.closed:
+            return
+        if self._failed:
+            self._discard()
             return
         self.flush()
         os.fsync(self.fileno())
         super().close()
         os.replace(self._tmp, self._path)
 
+    def _discard(self) -> None:
+        self.raw.close()
+        os.unlink(self._tmp)
+
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self.close()
         else:
-            self.raw.close()
-            os.unlink(self._tmp)
+            self._discard()
+
+    def __del__(self) -> None:
+        # IOBase's finaliser would close, and so publish, a file nobody finished.
+        try:
+            unfinished = not self.closed
+        except ValueError:  # the temporary file could not be created: nothing to discard
+            return
+        if unfinished:
+            self._discard()
 
 
 class WholeLocalFiles(pafs.FileSystemHandler):

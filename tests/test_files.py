@@ -106,3 +106,36 @@ def test_a_local_write_that_raises_leaves_the_old_file_and_no_stray(tmp_path):
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
     files.write_local(path, lambda f: f.write(b"new"))
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+# The same upload on a disk that fills up (a file-size limit makes its writes fail as ENOSPC would):
+# pyarrow gives up on the stream without closing it, and the collector must not publish it.
+FULL_DISK_UPLOAD = textwrap.dedent("""
+    import gc, resource, signal, sys
+    from ray.train._internal.storage import _upload_to_fs_path
+    from ndot import files
+
+    source, destination, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    try:
+        _upload_to_fs_path(source, files.tune_filesystem(destination), destination)
+    except OSError as e:
+        print(type(e).__name__)
+    gc.collect()
+""")
+
+
+def test_an_upload_whose_writes_fail_leaves_the_old_file_and_no_stray(tmp_path):
+    old, new = b"o" * 1000, os.urandom(2_000_000)
+    source, destination = tmp_path / "driver", tmp_path / "storage"
+    source.mkdir()
+    destination.mkdir()
+    (source / "state.pt").write_bytes(new)
+    (destination / "state.pt").write_bytes(old)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_UPLOAD, str(source), str(destination), "1000000"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Error" in proc.stdout, f"the upload's writes did not fail: {proc.stdout}{proc.stderr[-2000:]}"
+    assert (destination / "state.pt").read_bytes() == old
+    assert [p.name for p in destination.iterdir()] == ["state.pt"]
