@@ -259,7 +259,8 @@ def _check_rule_flags(cfg: TrainConfig, given: dict[str, Any]) -> None:
 
 
 def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfig, torch.device, dict[str, Any] | None]:
-    """The run's config, device and checkpoint to resume, or ConfigError (data.DataError) before the run writes anything."""
+    """The run's config, device and checkpoint to resume, or ConfigError (data.DataError) before the run
+    writes anything but what mends the folder of a killed run it resumes (_mend)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
     state = None
@@ -268,6 +269,11 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume given but {ckpt_path} does not exist")
         state = load_state(str(ckpt_path))
+        # Before any refusal: a run that stopped at its last epoch is only ever resumed to be refused.
+        try:
+            _mend(out, state)
+        except OSError as e:
+            raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
         cfg = TrainConfig.from_dict({**state["config"], **given})
         try:
             # Another run's flags are named as such before its data is looked for.
@@ -294,12 +300,16 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
     return cfg, device, state
 
 
-def _mend_log(log_path: Path, state: dict[str, Any]) -> None:
-    """Make a resumed run's log hold each epoch up to its checkpoint's once, the checkpoint's last.
+def _mend(out: Path, state: dict[str, Any]) -> None:
+    """Make the folder of a run killed at any moment agree with its checkpoint, before it resumes.
 
-    A run killed after an epoch's line but before its checkpoint redoes that epoch; one killed in
-    mid-line leaves half a line; the checkpoint's own metrics stand in for a line that is missing.
+    The log then holds each epoch up to the checkpoint's once, the checkpoint's last: a run killed
+    after an epoch's line but before its checkpoint redoes that epoch, one killed in mid-line left
+    half a line, and the checkpoint's own metrics stand in for a line that is missing. best.pt
+    holds the checkpoint's weights when its epoch is the best, as a run killed between the two
+    files did not get to write (and as a run already at its last epoch would never write again).
     """
+    log_path, best_path = out / LOG, out / checkpoint.BEST
     rows: dict[int, Metrics] = {}
     for line in log_path.read_text().splitlines() if log_path.is_file() else ():
         try:
@@ -309,7 +319,12 @@ def _mend_log(log_path: Path, state: dict[str, Any]) -> None:
         if row["epoch"] < state["epoch"]:
             rows[row["epoch"]] = row
     rows[state["epoch"]] = state["metrics"]
-    files.write_local(log_path, lambda f: f.write("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)).encode()))
+    text = "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows))
+    if not log_path.is_file() or log_path.read_text() != text:
+        files.write_local(log_path, lambda f: f.write(text.encode()))
+    if checkpoint.is_best(state["metrics"]) and not (
+            best_path.is_file() and load_state(str(best_path))["epoch"] == state["epoch"]):
+        checkpoint.save(best_path, checkpoint.best_of(state))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,17 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
 
-    if state is not None:
-        _mend_log(log_path, state)
-
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
-        # The log and best.pt before checkpoint.pt: a run killed in between redoes this epoch,
-        # rewrites both, and the resume drops the log's line of it (_mend_log).
+        # In the order _mend repairs from: a run killed after the log's line redoes the epoch, and
+        # one killed after checkpoint.pt has there the weights best.pt then lacks.
         with open(log_path, "a") as f:
             f.write(json.dumps(m) + "\n")
+        checkpoint.save(ckpt_path, st)
         if checkpoint.is_best(m):
             checkpoint.save(best_path, checkpoint.best_of(st))
-        checkpoint.save(ckpt_path, st)
         top5 = f" top5 {m['test_top5']:.3f}" if "test_top5" in m else ""
         test = f"test {m['test_acc']:.4f}{top5} (best {m['best_test_acc']:.4f}) " if m["status"] == "ok" else "DIVERGED "
         print(

@@ -150,3 +150,21 @@ def test_a_resumed_run_logs_each_epoch_once_wherever_the_killed_one_stopped(tmp_
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2, 3], where
         assert rows[:2] == [json.loads(line) for line in lines] and rows[2]["test_acc"] >= 0, where
+
+
+def test_a_run_killed_between_its_checkpoint_and_best_pt_gets_its_best_weights_back(tmp_path, capsys):
+    assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    # What a kill between the two files leaves when epoch 2 is the best: best.pt of an earlier epoch.
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    state["metrics"].update(test_acc=1.0, best_test_acc=1.0)
+    checkpoint.save(tmp_path / "checkpoint.pt", state)
+    stale = {**checkpoint.best_of(state), "epoch": 1}
+    stale["model"] = {k: torch.zeros_like(v) for k, v in stale["model"].items()}
+    checkpoint.save(tmp_path / "best.pt", stale)
+    # The run is at its last epoch: a resume is refused, and mends the folder all the same.
+    refused(capsys, ["--out", str(tmp_path), "--resume"], "has done its 2 epochs")
+    best = checkpoint.load(tmp_path / "best.pt")
+    assert best["epoch"] == 2 and all(torch.equal(best["model"][k], state["model"][k]) for k in state["model"])
+    before = contents(tmp_path)
+    refused(capsys, ["--out", str(tmp_path), "--resume"], "has done its 2 epochs")
+    assert contents(tmp_path) == before, "a folder that agrees with its checkpoint is left as it is"
