@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import assert_close, batch, exit_status, grads, make_model
+from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
 from ndot.bench.report import memory_checks
 from ndot.config import ConfigError, TrainConfig
@@ -298,6 +299,10 @@ def test_bench_table_reads_a_run_whose_last_row_was_cut_off(tmp_path):
     path = tmp_path / "bench.jsonl"
     path.write_text('{"kind": "env", "device": "cpu"}\n{"kind": "ann", "arch')
     assert read_run(str(path)) == [{"kind": "env", "device": "cpu"}]
+    # A run appended to it after that starts on a line of its own: the half row is cut off.
+    with bench_cli._open_out(str(path)) as out:
+        out.write('{"kind": "env", "device": "cuda"}\n')
+    assert read_run(str(path)) == [{"kind": "env", "device": "cpu"}, {"kind": "env", "device": "cuda"}]
 
 
 def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():

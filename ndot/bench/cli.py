@@ -192,8 +192,16 @@ def print_table(rows: list[Row]) -> None:
 
 
 def _open_out(path: str | None) -> contextlib.AbstractContextManager:
+    """--out for appending; the half row a killed run left at its end is cut off, or this run's first row would join it."""
+    if not path:
+        return contextlib.nullcontext()
     try:
-        return open(path, "a") if path else contextlib.nullcontext()
+        with open(path, "a+b") as f:
+            f.seek(0)
+            kept = f.read()
+            if kept and not kept.endswith(b"\n"):
+                f.truncate(kept.rfind(b"\n") + 1)
+        return open(path, "a")
     except OSError as e:
         raise ConfigError(f"cannot open --out {path}: {e.strerror}") from None
 
