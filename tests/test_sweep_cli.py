@@ -12,6 +12,7 @@ import ray
 
 from data_fixtures import closed_port
 from helpers import exit_status
+from ndot import files
 from ndot.sweep import cli, resources, runner
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
@@ -102,6 +103,15 @@ def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_r
     assert exit_status(cli.main, TIMESTEPS, [*flags, "--resume"]) == 2
     assert "move it aside to resume from the one before it, experiment_state-2025-12-31_00-00-00.json" in capsys.readouterr().err
     assert not ray.is_initialized()
+
+
+def test_local_storage_is_a_plain_absolute_path_which_tune_writes_whole(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for given, storage in [("runs", str(tmp_path / "runs")), (f"file://{tmp_path}/runs", str(tmp_path / "runs")),
+                           ("s3://bucket/sweeps", "s3://bucket/sweeps")]:
+        plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", given]))
+        assert plan.storage == storage
+        assert (files.tune_filesystem(plan.storage) is None) == storage.startswith("s3://")
 
 
 def test_set_fixes_any_other_field_for_every_trial(tmp_path):

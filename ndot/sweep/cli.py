@@ -116,7 +116,9 @@ def _max_concurrent(n: int | None) -> int | None:
 
 
 def _storage(args: argparse.Namespace) -> str:
-    return args.storage if "://" in args.storage else os.path.abspath(args.storage)
+    # file:// is a local path, kept plain: Tune then writes it through ndot.files.WholeLocalFiles.
+    storage = args.storage.removeprefix("file://")
+    return storage if "://" in storage else os.path.abspath(storage)
 
 
 # TrainConfig fields that have flags of their own (--set refuses them).
