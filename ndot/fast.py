@@ -11,6 +11,7 @@ live in ndot.step and ndot.layers; CUDA-graph replay of a whole batch is in ndot
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -44,6 +45,21 @@ def _layout(shape: torch.Size, stride: tuple[int, ...]) -> tuple[list[int], list
     return perm, [shape[d] for d in perm], sorted(range(len(perm)), key=perm.__getitem__)
 
 
+# Dynamo's config is per thread, and Ray Tune runs each trial of a reused worker in a new thread:
+# set once per thread, not once per process, or a later trial compiles without it (bptt's graph
+# then fails inside Dynamo, and the other rules fall back to eager after 8 graphs).
+_configured = threading.local()
+
+
+def _configure_dynamo() -> None:
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    # λ, Vth, α and the output scale are constants of a run: baked in, rather than wrapped at every
+    # call into 0-d CPU tensors that the graph reads back (and that make Inductor build a host C++
+    # kernel beside the GPU ones).
+    torch._dynamo.config.specialize_float = True
+    _configured.dynamo = True
+
+
 @functools.cache
 def fused_neuron_step() -> Callable[..., Step]:
     """`neuron_step` compiled once per process, called on its tensors flat, in memory order.
@@ -53,14 +69,11 @@ def fused_neuron_step() -> Callable[..., Step]:
     they are would compile one each (most of a CPU benchmark's time, and a GPU run's
     minutes). The size is symbolic, so that every layer shares it too.
     """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-    # λ, Vth, α and the output scale are constants of a run: baked in, rather than wrapped at every
-    # call into 0-d CPU tensors that the graph reads back (and that make Inductor build a host C++
-    # kernel beside the GPU ones).
-    torch._dynamo.config.specialize_float = True
     compiled = torch.compile(neuron_step, fullgraph=True, dynamic=True)
 
     def step(current: Tensor, *state: Tensor | None, **constants) -> Step:
+        if not getattr(_configured, "dynamo", False):
+            _configure_dynamo()
         shape, stride = current.shape, current.stride()
         layout = _layout(shape, stride)
         if layout is None or any(t is not None and t.stride() != stride for t in state):

@@ -4,9 +4,12 @@ On a machine with CUDA the same tests also run there, where channels_last picks
 cuDNN's NHWC kernels and the fused neuron is a Triton kernel; bench/gpu_check.sh runs them.
 """
 import json
+import os
 import subprocess
 import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +142,43 @@ def test_the_fused_step_is_one_graph_for_every_layout_and_keeps_each_layout():
             assert_close(fused.detach(), eager.detach(), 1e-12)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"graphs compiled after each layout: {graphs}"
+
+
+# Ray Tune runs each trial of a reused worker process in a thread of its own, and Dynamo's config is
+# per thread: a fresh process, so that the second trial's graphs are new to it.
+TRIALS_IN_THREADS = textwrap.dedent("""
+    import threading, torch
+    from ndot.fast import fused_neuron_step
+    from ndot.neuron import neuron_step
+
+    def trial(rule, through_time, results):
+        kw = dict(rule=rule, lam=0.5, v_th=1.0, alpha=4.0, signed=False, detach_reset=False,
+                  through_time=through_time, trace=not through_time, out_scale=2.74)
+        x = 2 * torch.randn(2, 6, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for step in (neuron_step, fused_neuron_step()):
+                current = x.clone().requires_grad_()
+                s, v, a, e = step(current, None, None, None, **kw)
+                s2 = step(current, v, a, e, **kw)[0]
+                (s + s2).sum().backward()
+                results.append((s2.detach(), current.grad))
+
+    for rule, through_time in (("ndot", False), ("bptt", True)):
+        results = []
+        thread = threading.Thread(target=trial, args=(rule, through_time, results))
+        thread.start()
+        thread.join()
+        (s_eager, g_eager), (s_fused, g_fused) = results
+        torch.testing.assert_close(s_fused, s_eager, rtol=0, atol=1e-12)
+        torch.testing.assert_close(g_fused, g_eager, rtol=0, atol=1e-12)
+        print(rule, "exact")
+""")
+
+
+def test_the_fused_step_compiles_alike_in_every_thread_as_the_trials_of_a_reused_tune_worker():
+    proc = subprocess.run([sys.executable, "-c", TRIALS_IN_THREADS], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0 and proc.stdout.split() == ["ndot", "exact", "bptt", "exact"], proc.stderr[-3000:]
 
 
 def test_the_fused_step_without_a_flat_view_is_still_exact():
