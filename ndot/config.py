@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,10 @@ class TrainConfig:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
+                bad(f"{f.name} must be a finite number, got {value!r}")
         if not isinstance(self.T, int) or isinstance(self.T, bool) or self.T <= 0:
             bad(f"T must be a positive integer, got {self.T!r}")
         if self.rule not in RULES:

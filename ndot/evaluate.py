@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         data.check(cfg)
         folder, _, name = path.rpartition("/")
         out = args.out or f"{folder or '.'}/eval-{name.removesuffix('.pt')}-T{cfg.T}.json"
+        if files.kind(out) == pafs.FileType.Directory:
+            raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
         try:
             files.check_writable(out.rpartition("/")[0] or ".")
         except OSError as e:

@@ -218,6 +218,13 @@ _CHOICES = {"dataset": sorted(data.DATASETS), "arch": sorted(ARCHS), "rule": RUL
             "precision": PRECISIONS, "loader": LOADERS, "dvs_encoding": DVS_ENCODINGS}
 
 
+def _folder(text: str) -> Path:
+    if not text.strip():
+        # Path("") is ".": an empty --out (an unset shell variable) would put the run where it was typed.
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return Path(text)
+
+
 def _help(f: dataclasses.Field) -> str:
     text = FIELD_HELP.get(f.name, f.name)
     if f.name in _CHOICES:
@@ -239,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(*flags, type=kind, help=_help(f))
-    p.add_argument("--out", type=Path, help=f"run folder: {LOG} (a line per epoch), {checkpoint.LAST} (the last "
+    p.add_argument("--out", type=_folder, help=f"run folder: {LOG} (a line per epoch), {checkpoint.LAST} (the last "
                                             f"epoch) and {checkpoint.BEST} (the best epoch's weights) "
                                             f"(default: {DEFAULT_OUT})")
     p.add_argument("--resume", action="store_true",

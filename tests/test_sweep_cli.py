@@ -57,6 +57,13 @@ def storage(tmp_path):
         (["--set", "dropout=lots"], "dropout is a number"),
         (["--set", "precision=fp16"], "unknown precision 'fp16'"),
         (["--set", "device=cuda"], "needs --gpus-per-trial > 0"),
+        (["--set", "cuda_graph=true"], "cuda_graph"),
+        (["--lr", "inf"], "lr must be a finite number"),
+        (["--lr", "0.1,inf"], "lr must be a finite number"),
+        (["--set", "tau=inf"], "tau must be a finite number"),
+        (["--gpus-per-trial", "nan"], "--gpus-per-trial must be"),
+        (["--gpus-per-trial", "inf"], "--gpus-per-trial must be"),
+        (["--cpus-per-trial", "inf"], "--cpus-per-trial must be a finite number > 0"),
         (["--T", "1,,2"], "comma-separated list of int"),
         (["--storag", "x"], "unrecognized arguments: --storag"),
     ],
@@ -102,6 +109,26 @@ def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_r
     (experiment / "experiment_state-2025-12-31_00-00-00.json").write_text('{"trial_data": []}')
     assert exit_status(cli.main, TIMESTEPS, [*flags, "--resume"]) == 2
     assert "move it aside to resume from the one before it, experiment_state-2025-12-31_00-00-00.json" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("storage, says", [("", "--storage must name a folder or a URI"),
+                                           ("foo://x", "storage foo://x is not writable")])
+def test_storage_that_names_nothing_writable_is_refused_in_one_line(storage, says, capsys):
+    assert exit_status(cli.main, TIMESTEPS, ["--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+    assert not ray.is_initialized()
+
+
+def test_a_resume_whose_plan_is_not_readable_is_refused_in_one_line(tmp_path, capsys):
+    flags = ["--storage", str(tmp_path), "--name", "s"]
+    runner.save_plan(cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(flags)))
+    (tmp_path / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    (tmp_path / "s" / "sweep.json").write_text('{"name": "s", ')
+    assert exit_status(cli.main, TIMESTEPS, [*flags, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep.json is not a readable sweep plan" in err, err
     assert not ray.is_initialized()
 
 

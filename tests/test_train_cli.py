@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from helpers import exit_status
 from ndot import checkpoint, data
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
@@ -64,6 +65,13 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_keeps_it(tmp_path, capsy
 def test_an_out_that_cannot_be_a_folder_is_refused(tmp_path, capsys, out, words):
     (tmp_path / "file").write_text("")
     refused(capsys, [*RUN, "--out", str(tmp_path / out)], words)
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert exit_status(main, [*RUN, "--out", ""]) == 2
+    assert "argument --out: must name a folder, got an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_takes_the_config_from_the_checkpoint_and_only_the_flags_given(tmp_path, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -102,9 +103,9 @@ def _given(value: Any, default: Any) -> Any:
 
 def _resources(cpus: float, gpus: float) -> tuple[float, float]:
     # Trials need a CPU so that none lands on a head node that advertises none.
-    if not cpus > 0:
-        raise InputError(f"--cpus-per-trial must be > 0, got {cpus}")
-    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+    if not (cpus > 0 and math.isfinite(cpus)):
+        raise InputError(f"--cpus-per-trial must be a finite number > 0, got {cpus}")
+    if not math.isfinite(gpus) or gpus < 0 or (gpus > 1 and gpus != int(gpus)):
         raise InputError(f"--gpus-per-trial must be a fraction in [0, 1] or a whole number, got {gpus}")
     return cpus, gpus
 
@@ -116,6 +117,8 @@ def _max_concurrent(n: int | None) -> int | None:
 
 
 def _storage(args: argparse.Namespace) -> str:
+    if not args.storage.strip():
+        raise InputError("--storage must name a folder or a URI, got an empty string")
     # file:// is a local path, kept plain: Tune then writes it through ndot.files.WholeLocalFiles.
     storage = args.storage.removeprefix("file://")
     return storage if "://" in storage else os.path.abspath(storage)
@@ -197,7 +200,11 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
     experiment = f"{_storage(args).rstrip('/')}/{_name(args.name)}"
     if not tune.Tuner.can_restore(experiment):
         raise InputError(f"no experiment to resume at {experiment}")
-    plan = runner.load_plan(experiment)
+    try:
+        plan = runner.load_plan(experiment)
+    except (ValueError, TypeError, KeyError) as e:  # JSON that is not a plan (json's errors are ValueErrors)
+        raise InputError(f"{experiment}/{results.PLAN_FILE} is not a readable sweep plan ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if plan.storage.rstrip("/") != _storage(args).rstrip("/"):
         # Tune 2.60 restores the trials it has at the new place but creates the later ones
         # where the experiment was started: they would fail, or write beside the original.
@@ -216,11 +223,12 @@ def check(plan: Plan, resume: bool) -> None:
     """What can be checked before Ray starts: the data, the device, the storage, and that a new experiment is new."""
     cfg = TrainConfig(**{**plan.base, **plan.strata[0].values})
     data.check(cfg)
-    if cfg.device.startswith("cuda") and plan.gpus_per_trial == 0:
-        raise InputError(f"device {cfg.device} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
+    if (cfg.device.startswith("cuda") or cfg.cuda_graph) and plan.gpus_per_trial == 0:
+        what = f"device {cfg.device}" if cfg.device.startswith("cuda") else "cuda_graph"
+        raise InputError(f"{what} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
     try:
         files.check_writable(plan.storage)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (a ValueError) for a scheme it does not know
         raise InputError(f"storage {plan.storage} is not writable: {str(e).splitlines()[0]}") from None
     if not resume and tune.Tuner.can_restore(plan.experiment):
         raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
