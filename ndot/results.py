@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
             return 1
         return refuse(f"{args.dir} is not a sweep's experiment folder (not found: {e})")
+    except KeyError as e:
+        return refuse(f"{args.dir}: a table lacks the column {e}: not the tables of a sweep "
+                      f"(python -m ndot.results collect {args.dir} rebuilds them)")
     except (OSError, ValueError) as e:
         return refuse(e)
     return 0

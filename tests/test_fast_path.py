@@ -319,6 +319,7 @@ def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys
 
 @pytest.mark.parametrize("content, says", [
     (None, "cannot read --table"),
+    ("no path", "cannot read --table"),
     ("", "holds no rows"),
     ('{"epoch": 1, "train_loss": 0.5, "test_acc": 0.9}\n', "line 1 is not a row of python -m ndot.bench"),
     ('{"kind": "env", "device": "cpu"}\n[1, 2]\n', "line 2 is not a row of python -m ndot.bench"),
@@ -327,9 +328,9 @@ def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys
 ])
 def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says, tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
-    if content is not None:
+    if content not in (None, "no path"):
         path.write_text(content)
-    assert exit_status(bench_main, ["--table", str(path)]) == 2
+    assert exit_status(bench_main, ["--table", "" if content == "no path" else str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
 

@@ -57,6 +57,15 @@ def test_summary_and_plot_refuse_a_table_file_in_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and "give the experiment folder" in err
 
 
+def test_tables_of_something_else_are_refused_in_one_line(tmp_path, capsys):
+    for table in (results.TRIALS_TABLE, results.EPOCHS_TABLE):
+        pd.DataFrame({"x": [1, 2]}).to_parquet(results.table_uri(str(tmp_path), table))
+    for command in ("summary", "plot"):
+        assert results.main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "lacks the column" in err, err
+
+
 def test_a_sweep_with_no_finished_epoch_says_so(tmp_path, capsys):
     (tmp_path / results.PLAN_FILE).write_text("{}")
     assert results.main(["summary", str(tmp_path)]) == 1

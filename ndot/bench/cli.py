@@ -209,7 +209,7 @@ def _open_out(path: str | None) -> contextlib.AbstractContextManager:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.table:
+        if args.table is not None:  # an empty path too: it must not start the full-size benchmark
             print_table(read_run(args.table))
             return 0
         device = resolve_device(args.device)
