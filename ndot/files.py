@@ -150,6 +150,9 @@ def tune_filesystem(storage: str) -> pafs.FileSystem | None:
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically (temporary file, then move): a reader sees the old or the new file."""
+    if "://" not in uri:
+        write_local(uri, lambda f: f.write(data))
+        return
     fs, path = filesystem(uri)
     parent = PurePosixPath(path).parent
     fs.create_dir(str(parent), recursive=True)

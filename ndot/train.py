@@ -317,8 +317,9 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
     files did not get to write (and as a run already at its last epoch would never write again).
     """
     log_path, best_path = out / LOG, out / checkpoint.BEST
+    logged = log_path.read_text() if log_path.is_file() else ""
     rows: dict[int, Metrics] = {}
-    for line in log_path.read_text().splitlines() if log_path.is_file() else ():
+    for line in logged.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -327,7 +328,7 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
             rows[row["epoch"]] = row
     rows[state["epoch"]] = state["metrics"]
     text = "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows))
-    if not log_path.is_file() or log_path.read_text() != text:
+    if logged != text:
         files.write_local(log_path, lambda f: f.write(text.encode()))
     if checkpoint.is_best(state["metrics"]) and not (
             best_path.is_file() and load_state(str(best_path))["epoch"] == state["epoch"]):
