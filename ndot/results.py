@@ -39,6 +39,10 @@ PLAN_FILE = "sweep.json"
 # Per-trial outcomes; unfinished trials keep Tune's state in lower case (pending, running, paused).
 COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED = "completed", "stopped_early", "diverged", "errored"
 FINAL = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)
+# The Tune state of a trial read from its folder alone, the experiment state that held it being lost.
+UNKNOWN = "UNKNOWN"
+# What Tune writes in a trial's folder when the trial starts: its config.
+_PARAMS = "params.json"
 
 Row = dict[str, Any]
 
@@ -70,9 +74,9 @@ def epoch_row(trial_id: str, config: dict[str, Any], metrics: dict[str, Any], no
 class TrialRecord:
     trial_id: str
     config: dict[str, Any]
-    # Tune's trial state: PENDING, RUNNING, PAUSED, TERMINATED or ERROR.
+    # Tune's trial state: PENDING, RUNNING, PAUSED, TERMINATED or ERROR (UNKNOWN: see from_folders).
     tune_status: str
-    num_failures: int
+    num_failures: int | None
     history: list[Row]
     # The checkpoint the history was read from, relative to the experiment folder; it holds the best
     # epoch's weights too (see ndot.sweep.trainable). None before the trial's first epoch.
@@ -113,13 +117,41 @@ def collect(experiment: str) -> list[TrialRecord]:
     An unfinished trial's rows come from its newest checkpoint on storage,
     which is newer than the state when the driver died. Trial folders the
     state does not list (created after the last state save of a driver that
-    then died) are left out: resuming re-creates those trials.
+    then died) are left out: resuming re-creates those trials. Where there is
+    no readable state (a driver killed before its first save, or while writing
+    one), every trial folder is read instead (from_folders).
     """
     # Imported here so that load() and plotting work without Ray.
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
+    try:
+        analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
+    except ValueError:  # no state, or one cut short (json's errors are ValueErrors)
+        return from_folders(experiment)
     return [record(t) for t in analysis.trials]
+
+
+def from_folders(experiment: str) -> list[TrialRecord]:
+    """Every trial folder's record, from its config and its newest readable checkpoint, without Tune's state.
+
+    What only that state held is lost: a trial short of its epochs may have
+    errored, been stopped early or still be running, so its Tune status is
+    UNKNOWN, and its number of failures None.
+    """
+    fs, path = filesystem(experiment)
+    out = []
+    for folder in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory):
+        try:
+            with fs.open_input_stream(f"{folder}/{_PARAMS}") as f:
+                config = json.loads(f.readall())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue  # not a trial's folder, or one whose start was cut short: it has no epoch either
+        # The inverse of ndot.sweep.runner.trial_dirname.
+        trial_id = PurePosixPath(folder).name.removesuffix(f"_{config.get(STRATUM_KEY, '')}")
+        ckpt, history = checkpoint.newest(fs, folder)
+        relative = str(PurePosixPath(ckpt).relative_to(path)) if ckpt else None
+        out.append(TrialRecord(trial_id, config, UNKNOWN, None, history, relative))
+    return out
 
 
 def record(trial: Any) -> TrialRecord:
@@ -182,8 +214,9 @@ def _trial_row(r: TrialRecord) -> Row:
 
 def trials_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     df = pd.DataFrame([_trial_row(r) for r in records])
-    if "best_epoch" in df:
-        df["best_epoch"] = df["best_epoch"].astype("Int64")
+    for col in ("best_epoch", "num_failures"):
+        if col in df:
+            df[col] = df[col].astype("Int64")
     for col in ("started_at", "ended_at"):
         if col in df:
             df[col] = pd.to_datetime(df[col], unit="s", utc=True)
@@ -283,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             records = collect(args.dir)
             write_tables(args.dir, records)
             rows = sum(len(r.history) for r in records)
+            if any(r.tune_status == UNKNOWN for r in records):
+                print(f"{args.dir} has no readable experiment state: its trials were read from their folders, and one "
+                      f"short of its epochs is {UNKNOWN.lower()} (errored, stopped early or unfinished)", file=sys.stderr)
             print(f"{len(records)} trials, {rows} epochs -> {table_uri(args.dir, EPOCHS_TABLE)}, {table_uri(args.dir, TRIALS_TABLE)}")
         elif args.command == "plot":
             for uri in write_plots(args.dir):

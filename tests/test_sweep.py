@@ -126,7 +126,21 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     recollected = results.load(str(experiment), results.TRIALS_TABLE)
     by = ["trial_id"]
     pd.testing.assert_frame_equal(recollected.sort_values(by, ignore_index=True), trials.sort_values(by, ignore_index=True))
-    printed = capsys.readouterr().out
+    # Without Tune's experiment state, the trials' folders give the same tables, less what only that state held.
+    stateless = tmp_path / "stateless"
+    shutil.copytree(experiment, stateless)
+    for state in stateless.glob(TRIALS_STATE[0]):
+        state.unlink()
+    assert results.main(["collect", str(stateless)]) == 0
+    captured = capsys.readouterr()
+    assert "no readable experiment state" in captured.err
+    pd.testing.assert_frame_equal(results.load(str(stateless)).sort_values(["trial_id", "epoch"], ignore_index=True),
+                                  epochs.sort_values(["trial_id", "epoch"], ignore_index=True))
+    from_folders = results.load(str(stateless), results.TRIALS_TABLE).sort_values(by, ignore_index=True)
+    assert from_folders["num_failures"].isna().all()
+    pd.testing.assert_frame_equal(from_folders.drop(columns="num_failures"),
+                                  trials.sort_values(by, ignore_index=True).drop(columns="num_failures"))
+    printed = captured.out + capsys.readouterr().out
     assert "best_test_acc" in printed and all(label in printed for label in expected), "no per-stratum summary"
     for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
@@ -238,6 +252,14 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     refused = subprocess.run([*_sweep_cmd(copy, "driver", cluster.address, *flags), "--resume"],
                              capture_output=True, text=True, timeout=WAIT_S)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "resume it there" in refused.stderr
+    # Its experiment state cut short, the trial is read from its folder; only its Tune status is lost.
+    for state in (copy / "driver").glob(TRIALS_STATE[0]):
+        state.write_bytes(b"")
+    [alone] = results.collect(str(copy / "driver"))
+    assert {alone.trial_id} == before and alone.tune_status == results.UNKNOWN and len(alone.history) >= 2
+    # (Its worker may have ended its last epoch as the driver died.)
+    short = len(alone.history) < 4
+    assert results.trials_frame([alone])["status"].item() == ("unknown" if short else results.COMPLETED)
 
     # The resume may run more trials at once than the start did (the cluster grew, say).
     done = subprocess.run([*cmd, "--resume", "--max-concurrent", "2"], capture_output=True, text=True, timeout=WAIT_S)
