@@ -11,6 +11,9 @@ MODES = ("O", "A")
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("auto", "device", "cpu")
 DVS_ENCODINGS = ("counts", "authors")
+# Far past any experiment (the paper's longest is T = 10, 300 epochs): a count beyond is a slip, an extra
+# digit or 1e12, that would run for years, or overflow torch's int64 in the loss, instead of being refused.
+MAX_T, MAX_EPOCHS = 10_000, 100_000
 
 
 class ConfigError(ValueError):
@@ -75,8 +78,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
                 bad(f"{f.name} must be a finite number, got {value!r}")
-        if not isinstance(self.T, int) or isinstance(self.T, bool) or self.T <= 0:
-            bad(f"T must be a positive integer, got {self.T!r}")
+        if not isinstance(self.T, int) or isinstance(self.T, bool) or not 0 < self.T <= MAX_T:
+            bad(f"T must be an integer in [1, {MAX_T}], got {self.T!r}")
         if self.rule not in RULES:
             bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}")
         if self.mode not in MODES:
@@ -93,8 +96,8 @@ class TrainConfig:
             bad(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not self.weight_decay >= 0:
             bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.epochs, int) or self.epochs <= 0:
-            bad(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or not 0 < self.epochs <= MAX_EPOCHS:
+            bad(f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not 0 <= self.loss_alpha <= 1:
@@ -174,11 +177,11 @@ FIELD_HELP = {
     "arch": "network",
     "rule": "learning rule",
     "mode": "O steps the optimiser after every time step, A once per batch, accumulating over T",
-    "T": "time steps per input",
+    "T": f"time steps per input, at most {MAX_T}",
     "lr": "SGD learning rate, cosine to zero over the epochs",
     "momentum": "SGD momentum",
     "weight_decay": "SGD weight decay",
-    "epochs": "epochs to train; more than a checkpoint's extends it on --resume",
+    "epochs": f"epochs to train, at most {MAX_EPOCHS}; more than a checkpoint's extends it on --resume",
     "batch_size": "batch size",
     "loss_alpha": "alpha in the loss ((1 - alpha) CE + alpha MSE) / T per step",
     "surrogate_alpha": "slope of the sigmoid surrogate for dH/du",

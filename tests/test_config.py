@@ -10,8 +10,11 @@ from ndot.config import ConfigError, TrainConfig
 @pytest.mark.parametrize(
     "kw,words",
     [
-        ({"T": 0}, "T must be a positive integer"),
-        ({"T": -3}, "T must be a positive integer"),
+        ({"T": 0}, "T must be an integer in [1, 10000]"),
+        ({"T": -3}, "T must be an integer in [1, 10000]"),
+        ({"T": 10**20}, "T must be an integer in [1, 10000]"),
+        ({"epochs": 0}, "epochs must be an integer in [1, 100000]"),
+        ({"epochs": 10**12}, "epochs must be an integer in [1, 100000]"),
         ({"rule": "stdp"}, "unknown rule 'stdp'; valid rules: ndot, ndot_ref, ottt, sltt, bptt"),
         ({"arch": "vgg99"}, "unknown architecture 'vgg99'; valid architectures: resnet_ws, small_cnn, vgg11_ws"),
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
@@ -37,7 +40,8 @@ def test_default_config_is_valid_and_round_trips():
 
 @pytest.mark.parametrize("args,words", [(["--T", "0"], "T must be"), (["--rule", "bptt", "--mode", "O"], "bptt"),
                                         (["--arch", "x"], "unknown architecture"), (["--T", "two"], "--T"),
-                                        (["--device", "cuda:7"], "cuda:7")])
+                                        (["--device", "cuda:7"], "cuda:7"),
+                                        (["--T", str(10**20)], "T must be an integer in [1, 10000]")])
 def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(args, words, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ndot.train", "--out", str(tmp_path), *args],
                        capture_output=True, text=True, timeout=120)

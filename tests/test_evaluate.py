@@ -110,7 +110,7 @@ def test_a_sweep_trials_folder_stands_for_its_newest_whole_checkpoint(tmp_path, 
     ("run", ["--out", "/tmp"], "--out /tmp is a folder: name the JSON file to write"),
     ("garbage", [], "not a readable checkpoint"),
     ("tensor", [], "no model weights and configuration"),
-    ("run", ["--T", "0"], "T must be a positive integer"),
+    ("run", ["--T", "0"], "T must be an integer in [1, 10000]"),
     ("run", ["--device", "cuda:7"], "CUDA device"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):

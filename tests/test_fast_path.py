@@ -298,7 +298,7 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
 
 @pytest.mark.parametrize("argv, says", [
     (["--arch", "nope"], "unknown architecture 'nope'"),
-    (["--T", "0"], "T must be a positive integer"),
+    (["--T", "0"], "T must be an integer in [1, 10000]"),
     (["--precisions", "fp16"], "unknown precision 'fp16'"),
     (["--rules", "bptt_O"], "bptt"),
     (["--batch", "0"], "batch_size must be a positive integer"),

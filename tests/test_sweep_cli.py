@@ -32,8 +32,8 @@ def storage(tmp_path):
 @pytest.mark.parametrize(
     "argv, says",
     [
-        (["--T", "0"], "T must be a positive integer"),
-        (["--T", "2,-1"], "T must be a positive integer"),
+        (["--T", "0"], "T must be an integer in [1, 10000]"),
+        (["--T", "2,-1"], "T must be an integer in [1, 10000]"),
         (["--T", "two"], "--T"),
         (["--rules", "ndot_O,magic_A"], "unknown rule 'magic'"),
         (["--rules", "ndot"], "RULE_MODE"),
@@ -181,7 +181,7 @@ def test_script_exits_nonzero_without_starting_ray(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode != 0
-    assert done.stderr.count("\n") == 1 and "T must be a positive integer" in done.stderr
+    assert done.stderr.count("\n") == 1 and "T must be an integer in [1, 10000]" in done.stderr
     assert _sessions() == before, "a Ray session was started"
 
 
