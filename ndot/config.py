@@ -4,9 +4,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
-RULES = ("ndot", "ndot_ref", "ottt", "sltt", "bptt")
+ONLINE_RULES = ("ndot", "ndot_ref", "ottt", "sltt")
+RULES = (*ONLINE_RULES, "bptt")
+# Fields that change only some rules: turned on for another, they would change nothing, silently.
+RULE_FLAGS = {"signed_factor": ("ndot",), "detach_reset": ("bptt",), "readout_trace": ONLINE_RULES}
 MODES = ("O", "A")
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("auto", "device", "cpu")
@@ -135,6 +138,13 @@ class TrainConfig:
         """Build from a dict that may carry extra keys (e.g. a Tune config); unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], spelled: Callable[[str], str]) -> None:
+    """ConfigError when a setting of RULE_FLAGS is on and changes none of `rules` (`spelled` names it as given)."""
+    for name, applies in RULE_FLAGS.items():
+        if settings.get(name) and not set(rules) & set(applies):
+            raise ConfigError(f"{spelled(name)} applies to rule {' or '.join(applies)} only, not {', '.join(rules)}")
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ONLINE_RULES = ("ndot", "ndot_ref", "ottt", "sltt")
+from ndot.config import ONLINE_RULES
 
 
 class SpikeFn(torch.autograd.Function):

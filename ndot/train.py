@@ -24,14 +24,13 @@ import torch
 
 from ndot import checkpoint, data, files
 from ndot.cli import Parser, refuse
-from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig
+from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, check_rule_flags
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.evaluate import load as load_state
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.models import ARCHS, from_config
-from ndot.neuron import ONLINE_RULES
 from ndot.step import train_batch
 
 OnEpoch = Callable[[Metrics, dict[str, Any]], None]
@@ -255,16 +254,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Flags that change only some rules: given for another, they would change nothing, silently.
-_RULE_FLAGS = {"signed_factor": ("ndot",), "detach_reset": ("bptt",), "readout_trace": ONLINE_RULES}
-
-
-def _check_rule_flags(cfg: TrainConfig, given: dict[str, Any]) -> None:
-    for name, rules in _RULE_FLAGS.items():
-        if name in given and given[name] and cfg.rule not in rules:
-            raise ConfigError(f"--{name} applies to rule {' or '.join(rules)} only, not {cfg.rule}")
-
-
 def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfig, torch.device, dict[str, Any] | None]:
     """The run's config, device and checkpoint to resume, or ConfigError (data.DataError) before the run
     writes anything but what mends the folder of a killed run it resumes (_mend)."""
@@ -293,7 +282,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
             raise ConfigError(f"the run in {out} has done its {cfg.epochs} epochs: --epochs N (more) extends it")
     else:
         cfg = TrainConfig(**given)
-        _check_rule_flags(cfg.validate(), given)
+        check_rule_flags(given, [cfg.validate().rule], lambda name: f"--{name}")
         device = runnable_device(cfg)
         held = [name for name in _RUN_FILES if (out / name).exists()]
         if held:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import RecordingSGD, batch, make_model
+from ndot.config import ONLINE_RULES
 from ndot.layers import reset_state
 from ndot.memory import AllocationMeter, SavedTensorMeter
-from ndot.neuron import ONLINE_RULES
 from ndot.step import train_batch
 
 ONLINE = [(r, m) for r in ONLINE_RULES for m in "OA"]

@@ -58,6 +58,10 @@ def storage(tmp_path):
         (["--set", "precision=fp16"], "unknown precision 'fp16'"),
         (["--set", "device=cuda"], "needs --gpus-per-trial > 0"),
         (["--set", "cuda_graph=true"], "cuda_graph"),
+        (["--set", "readout_trace=true", "--rules", "bptt_A"], "--set readout_trace applies to rule ndot or"),
+        (["--set", "detach_reset=yes", "--rules", "ndot_O,ottt_A"], "--set detach_reset applies to rule bptt only, not ndot, ottt"),
+        (["--T", "20000"], "T must be an integer in [1, 10000]"),
+        (["--epochs", "1000000"], "epochs must be an integer in [1, 100000]"),
         (["--lr", "inf"], "lr must be a finite number"),
         (["--lr", "0.1,inf"], "lr must be a finite number"),
         (["--set", "tau=inf"], "tau must be a finite number"),
@@ -83,12 +87,14 @@ def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest
     plan = cli.build_plan(TIMESTEPS, parse("--max-concurrent", "1", "--T", "1,2"))
     runner.save_plan(plan)
     (Path(plan.experiment) / "tuner.pkl").touch()  # what Tuner.can_restore looks for
-    assert cli.resumed_plan(parse("--resume")) == plan
-    changed = cli.resumed_plan(parse("--resume", "--max-concurrent", "3", "--cpus-per-trial", "2", "--T", "4"))
+    assert cli.resumed_plan(TIMESTEPS, parse("--resume")) == plan
+    changed = cli.resumed_plan(TIMESTEPS, parse("--resume", "--max-concurrent", "3", "--cpus-per-trial", "2", "--T", "4"))
     assert changed == dataclasses.replace(plan, max_concurrent=3, cpus_per_trial=2)
     with pytest.raises(cli.InputError, match="--max-concurrent must be at least 1, got 0"):
-        cli.resumed_plan(parse("--resume", "--max-concurrent", "0"))
+        cli.resumed_plan(TIMESTEPS, parse("--resume", "--max-concurrent", "0"))
     assert cli._ignored_on_resume(parse("--resume", "--max-concurrent", "3", "--T", "4")) == ["--T"]
+    with pytest.raises(cli.InputError, match="experiment s is a timesteps sweep: resume it with sweeps/timesteps.py"):
+        cli.resumed_plan(ARCHITECTURES, parse("--resume"))
     # Through ray:// the tuner runs in the cluster, out of the resume's reach.
     client = parse("--resume", "--max-concurrent", "3", "--address", "ray://head:10001")
     assert cli._ignored_on_resume(client) == ["--max-concurrent"]

@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 
 from ndot import data, files, results
 from ndot.cli import Parser, listed, refuse
-from ndot.config import ConfigError, TrainConfig, parse_field, parse_method
+from ndot.config import ConfigError, TrainConfig, check_rule_flags, parse_field, parse_method
 from ndot.sweep import resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
@@ -185,15 +185,17 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     for cell in cells:
         for corner in space.corners():
             TrainConfig(**{**base, **cell.values, **corner}).validate()
+    rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
+    check_rule_flags(base, rules, lambda name: f"--set {name}")
     return Plan(
         name=_name(args.name) or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
         cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=_max_concurrent(args.max_concurrent),
-        grace_period=preset.grace_period, seed=seed,
+        grace_period=preset.grace_period, seed=seed, sweep=sweep.name,
     )
 
 
-def resumed_plan(args: argparse.Namespace) -> Plan:
+def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The plan an experiment was started with; only the resources per trial and the trials at once may change on resume."""
     if not args.name:
         raise InputError("--resume needs the --name of the experiment to continue")
@@ -205,6 +207,9 @@ def resumed_plan(args: argparse.Namespace) -> Plan:
     except (ValueError, TypeError, KeyError) as e:  # JSON that is not a plan (json's errors are ValueErrors)
         raise InputError(f"{experiment}/{results.PLAN_FILE} is not a readable sweep plan ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if plan.sweep and plan.sweep != sweep.name:
+        # It would run as started all the same, under the other script's name and help.
+        raise InputError(f"experiment {args.name} is a {plan.sweep} sweep: resume it with sweeps/{plan.sweep}.py")
     if plan.storage.rstrip("/") != _storage(args).rstrip("/"):
         # Tune 2.60 restores the trials it has at the new place but creates the later ones
         # where the experiment was started: they would fail, or write beside the original.
@@ -288,7 +293,7 @@ def _exit_if_ray_ends(head: str, ended: threading.Event, again: str) -> None:
 def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     args = parser(sweep).parse_args(argv)
     try:
-        plan = resumed_plan(args) if args.resume else build_plan(sweep, args)
+        plan = resumed_plan(sweep, args) if args.resume else build_plan(sweep, args)
         check(plan, args.resume)
         runner.check_address(args.address)
     except (InputError, ConfigError, data.DataError, ConnectionError) as e:

@@ -50,6 +50,7 @@ class Plan:
     max_concurrent: int | None = None  # None: as many trials as the cluster can hold
     grace_period: int = 1
     seed: int = 0
+    sweep: str = ""  # the Sweep's name, which a resume checks ("": a plan built outside a sweep's script)
 
     @property
     def experiment(self) -> str:
