@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from ray.train._internal.storage import StorageContext
+from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
 from ndot import checkpoint, evaluate, files, results
 from ndot.sweep import cli, runner
@@ -277,6 +279,38 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     # Both drivers had Tune write through the filesystem that lands each file whole (ndot.files).
     listed = listed_trials(str(tmp_path / "driver"))
     assert len(listed) == 4 and all(isinstance(t.storage.storage_filesystem.handler, files.WholeLocalFiles) for t in listed)
+
+
+class _SlowUploads(files.WholeLocalFiles):
+    """Storage whose every file takes a while to upload, as to S3."""
+
+    def open_output_stream(self, path, metadata):
+        time.sleep(0.3)
+        return super().open_output_stream(path, metadata)
+
+
+def test_each_save_of_the_experiment_state_waits_for_the_last_upload(cluster, tmp_path):
+    # Tune 2.60 saves into the folder it uploads while its last upload may still copy it: ndot.sweep.state_sync,
+    # installed by importing the sweep (its searcher), holds the save back.
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp",
+                             storage_filesystem=pafs.PyFileSystem(_SlowUploads()))
+    manager = _ExperimentCheckpointManager(storage=storage, checkpoint_period=0)
+    uploading = []
+
+    def save():
+        uploading.append(bool(storage.syncer._should_continue_existing_sync()))
+        staging = Path(storage.experiment_driver_staging_path)
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "experiment_state-x.json").write_text(json.dumps(len(uploading)))
+
+    runner.connect(cluster.address)  # where the driver's staging folder is
+    try:
+        for last in (False, False, False, True):
+            manager.sync_up_experiment_state(save_fn=save, force=True, wait=last)
+    finally:
+        ray.shutdown()
+    assert uploading == [False] * 4, "a save wrote into the folder while it was uploaded"
+    assert json.loads((tmp_path / "exp" / "experiment_state-x.json").read_text()) == 4
 
 
 # A driver's state is three files: Tune's list of trials, and the searcher's state in two.

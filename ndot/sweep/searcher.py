@@ -26,7 +26,11 @@ from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from ndot import files
+from ndot.sweep import state_sync
 from ndot.sweep.space import STRATUM_KEY, Stratum
+
+# Here, because every process that runs a sweep's Tune controller imports this module to unpickle its searcher.
+state_sync.install()
 
 log = logging.getLogger(__name__)
 
