@@ -38,8 +38,16 @@ def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# A sweep trial's folder holds one folder per kept Tune checkpoint, numbered by epoch - 1.
-_TRIAL_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
+# A sweep trial's folder holds one folder per kept Tune checkpoint, numbered by epoch - 1, and the
+# trial's config, which Tune writes there as the trial starts.
+TRIAL_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
+TRIAL_PARAMS = "params.json"
+
+
+def in_trial(folder: str) -> bool:
+    """Whether `folder` (a path or URI) is one of a sweep trial's checkpoints."""
+    parent, _, name = folder.rpartition("/")
+    return bool(TRIAL_CHECKPOINT.fullmatch(name)) and files.kind(f"{parent or '.'}/{TRIAL_PARAMS}") == pafs.FileType.File
 
 
 def write_history(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
@@ -66,7 +74,7 @@ def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[
     except FileNotFoundError:  # allow_not_found still raises when Tune creates the folder as it is listed
         return None, []
     found = sorted(
-        ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := _TRIAL_CHECKPOINT.search(i.path))),
+        ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := TRIAL_CHECKPOINT.search(i.path))),
         reverse=True,
     )
     for _, path in found:

@@ -8,7 +8,7 @@
 Besides top-1 (top-5 with more than 10 classes) the command reports the
 accuracy after each time step, argmax of Σ_{t' ≤ t} o[t'] (how early the
 network decides), and the firing rate of each spiking layer; it writes them as
-JSON beside the weights (or to --out).
+JSON beside the weights, a sweep trial's in the trial's folder (or to --out).
 """
 from __future__ import annotations
 
@@ -116,6 +116,17 @@ def evaluate_weights(state: dict[str, Any], cfg: TrainConfig, device: torch.devi
     return evaluate(model, test_loader, cfg, info.num_classes, detail=True)
 
 
+def default_out(weights: str, T: int) -> str:
+    """Where a result goes without --out: eval-<weights>-T<T>.json beside the weights, or, for weights in a
+    sweep trial's checkpoint, eval-<checkpoint>-<weights>-T<T>.json in the trial's folder, where Tune's
+    checkpoint retention, which deletes the checkpoint's folder two epochs on, leaves it."""
+    folder, _, name = weights.rpartition("/")
+    if checkpoint.in_trial(folder):
+        trial, _, ckpt = folder.rpartition("/")
+        return f"{trial or '.'}/eval-{ckpt}-{name.removesuffix('.pt')}-T{T}.json"
+    return f"{folder or '.'}/eval-{name.removesuffix('.pt')}-T{T}.json"
+
+
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
     p.add_argument("path", help="a saved state, or a folder to take the best epoch's weights from: a run folder, a "
@@ -126,7 +137,8 @@ def _parser() -> Parser:
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
-    p.add_argument("--out", default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights)")
+    p.add_argument("--out", default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
+                        "trial's checkpoint, eval-<checkpoint>-<weights>-T<T>.json in the trial's folder)")
     return p
 
 
@@ -142,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
         device = resolve_device(cfg.device)
         data.check(cfg)
-        folder, _, name = path.rpartition("/")
-        out = args.out or f"{folder or '.'}/eval-{name.removesuffix('.pt')}-T{cfg.T}.json"
+        out = args.out or default_out(path, cfg.T)
         if files.kind(out) == pafs.FileType.Directory:
             raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
         try:

@@ -41,8 +41,6 @@ COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED = "completed", "stopped_early", "div
 FINAL = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)
 # The Tune state of a trial read from its folder alone, the experiment state that held it being lost.
 UNKNOWN = "UNKNOWN"
-# What Tune writes in a trial's folder when the trial starts: its config.
-_PARAMS = "params.json"
 
 Row = dict[str, Any]
 
@@ -142,7 +140,7 @@ def from_folders(experiment: str) -> list[TrialRecord]:
     out = []
     for folder in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory):
         try:
-            with fs.open_input_stream(f"{folder}/{_PARAMS}") as f:
+            with fs.open_input_stream(f"{folder}/{checkpoint.TRIAL_PARAMS}") as f:
                 config = json.loads(f.readall())
         except (FileNotFoundError, json.JSONDecodeError):
             continue  # not a trial's folder, or one whose start was cut short: it has no epoch either

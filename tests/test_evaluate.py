@@ -7,7 +7,7 @@ import torch
 
 from ndot import checkpoint, data, train as train_module
 from ndot.config import TrainConfig
-from ndot.evaluate import evaluate, main as evaluate_main, weights_file
+from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
 from ndot.models import from_config
 from ndot.train import main as train_main
 
@@ -64,6 +64,20 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
     # Another T changes the run, not the weights.
     assert evaluate_main([str(tmp_path), "--T", "4"]) == 0
     assert len(json.loads((tmp_path / "eval-best-T4.json").read_text())["acc_by_step"]) == 4
+
+
+def test_the_result_of_a_sweep_trials_checkpoint_goes_to_the_trials_folder(tmp_path, monkeypatch):
+    # Tune deletes a checkpoint's folder two epochs on, and a result written there with it.
+    trial = tmp_path / "fd40def0_T=4,ndot_A"
+    (trial / "checkpoint_000002").mkdir(parents=True)
+    (trial / checkpoint.TRIAL_PARAMS).write_text("{}")
+    assert default_out(f"{trial}/checkpoint_000002/best.pt", 4) == f"{trial}/eval-checkpoint_000002-best-T4.json"
+    monkeypatch.chdir(trial)
+    assert default_out("checkpoint_000002/state.pt", 2) == "./eval-checkpoint_000002-state-T2.json"
+    # A run of python -m ndot.train that happens to be named so is no trial: its result stays beside its weights.
+    run = tmp_path / "runs" / "checkpoint_1"
+    run.mkdir(parents=True)
+    assert default_out(f"{run}/best.pt", 4) == f"{run}/eval-best-T4.json"
 
 
 BEST_EPOCH = {"status": "ok", "test_acc": 0.9, "best_test_acc": 0.9}

@@ -71,13 +71,15 @@ def test_sweep_stored_in_s3_is_read_back_resumed_and_evaluated_from_the_bucket(b
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(results.load(experiment)) == 4
 
-    # The best trial's weights, scored straight from the bucket; the JSON lands beside them.
+    # The best trial's weights, scored straight from the bucket; the JSON lands in the trial's folder, which
+    # Tune's checkpoint retention leaves alone.
     best = trials.loc[trials["best_test_acc"].idxmax()]
     weights = evaluate.weights_file(f"{experiment}/{best['checkpoint']}")
     assert weights.startswith(f"{experiment}/{best['checkpoint']}/")
     assert evaluate.main([f"{experiment}/{best['checkpoint']}"]) == 0
     name = PurePosixPath(weights).name.removesuffix(".pt")
-    scored = json.loads(files.read_bytes(f"{experiment}/{best['checkpoint']}/eval-{name}-T{best['T']}.json"))
+    trial, ckpt = best["checkpoint"].split("/")
+    scored = json.loads(files.read_bytes(f"{experiment}/{trial}/eval-{ckpt}-{name}-T{best['T']}.json"))
     assert scored["epoch"] == best["best_epoch"] and abs(scored["test_acc"] - best["best_test_acc"]) <= 0.01
 
 
