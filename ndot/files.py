@@ -55,6 +55,12 @@ class _Landing(io.BufferedWriter):
         os.fsync(self.fileno())
         super().close()
         os.replace(self._tmp, self._path)
+        # The rename is an entry of the folder: synced too, or a machine that loses power may forget it.
+        folder = os.open(os.path.dirname(self._path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def _discard(self) -> None:
         self.raw.close()
