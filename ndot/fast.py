@@ -60,6 +60,14 @@ def _configure_dynamo() -> None:
     _configured.dynamo = True
 
 
+# torch.compile traces under FakeTensorMode, which on a CUDA build without a GPU registers a no-op CUDA
+# device guard from the thread that compiles. In torch 2.11, a compile in another thread once that one
+# has ended (as Tune may run the trials of a reused worker) then segfaults (seen here with 2.11.0+cu130 on
+# a CPU; not with 2.14.1). Registered at import, from a thread that outlives the trials', it does not.
+if not torch.cuda.is_available() and hasattr(torch._C, "_ensureCUDADeviceGuardSet"):
+    torch._C._ensureCUDADeviceGuardSet()
+
+
 @functools.cache
 def fused_neuron_step() -> Callable[..., Step]:
     """`neuron_step` compiled once per process, called on its tensors flat, in memory order.
