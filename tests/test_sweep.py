@@ -25,10 +25,12 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.train._internal.storage import StorageContext
 from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+from ray.tune.experiment import Trial
 
 from ndot import checkpoint, evaluate, files, results
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import SMOKE, TIMESTEPS
+from ndot.sweep.recorder import TensorBoardCallback
 from ndot.sweep.searcher import listed_trials
 from ndot.sweep.space import SearchSpace, Stratum, strata
 
@@ -281,6 +283,21 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     assert len(listed) == 4 and all(isinstance(t.storage.storage_filesystem.handler, files.WholeLocalFiles) for t in listed)
 
 
+def test_tensorboards_files_of_unfinished_trials_are_closed_when_the_sweep_ends(cluster, tmp_path):
+    # Left open, tensorboardX closes them at exit, which Python 3.12 refuses (a traceback after the resume line).
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="exp", trial_dir_name="t0")
+    trial = Trial("run_trial", config={}, trial_id="t0", stub=True, storage=storage)
+    tensorboard = TensorBoardCallback()
+    runner.connect(cluster.address)  # where the driver's staging folder is
+    try:
+        tensorboard.log_trial_result(1, trial, {"training_iteration": 1, "test_acc": 0.5})
+        [events] = Path(trial.local_path).glob("events.out.tfevents.*")
+        tensorboard.on_experiment_end([trial])
+    finally:
+        ray.shutdown()
+    assert not tensorboard._trial_writer and events.stat().st_size > 0
+
+
 class _SlowUploads(files.WholeLocalFiles):
     """Storage whose every file takes a while to upload, as to S3."""
 
@@ -394,7 +411,7 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
         proc.kill()
     err = _stderr(proc)
     last = err.splitlines()[-1]
-    assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, last
+    assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, err[-6000:]
     assert "Tuner.restore" not in err, "Tune's own resume hint, which this command line does not take"
     status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE)["status"]
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()

@@ -1,4 +1,4 @@
-"""A Tune callback that keeps the sweep's Parquet tables current while it runs."""
+"""Tune callbacks that record a sweep while it runs: its Parquet tables, kept current, and TensorBoard's files."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.experiment import Trial
+from ray.tune.logger import TBXLoggerCallback
 
 from ndot import checkpoint, results
 
@@ -103,3 +104,17 @@ class TablesCallback(tune.Callback):
             self._changed, self._trial_ended = True, False
             return
         self._changed, self._trial_ended = bool(self._unread), False
+
+
+class TensorBoardCallback(TBXLoggerCallback):
+    """Tune's TensorBoard event files, a folder per trial, each closed when the sweep ends, finished or not.
+
+    Tune closes a trial's writer only when the trial ends, so an interrupted sweep left the writers of
+    its unfinished trials to tensorboardX's exit handler, which Python 3.12 does not let start a thread
+    at interpreter shutdown: a traceback after the sweep's last line, the one saying how to resume.
+    """
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for trial in list(self._trial_writer):
+            self._trial_writer.pop(trial).close()
+            self._trial_result.pop(trial, None)

@@ -17,7 +17,7 @@ from ray.tune.experiment import Trial
 
 from ndot import files, results
 from ndot.sweep import resources
-from ndot.sweep.recorder import TablesCallback
+from ndot.sweep.recorder import TablesCallback, TensorBoardCallback
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_trials
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
@@ -194,7 +194,7 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
             name=plan.name,
             storage_path=plan.storage,
             storage_filesystem=files.tune_filesystem(plan.storage),
-            callbacks=[TablesCallback(), *callbacks],
+            callbacks=[TablesCallback(), TensorBoardCallback(), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             verbose=0,
