@@ -45,4 +45,3 @@ def install() -> None:
     method: Any = _ExperimentCheckpointManager.sync_up_experiment_state
     if not getattr(method, "waits_for_the_last_upload", False):
         _ExperimentCheckpointManager.sync_up_experiment_state = _after_the_last_upload(method)
-
