@@ -39,15 +39,15 @@ def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
 
 
 # A sweep trial's folder holds one folder per kept Tune checkpoint, numbered by epoch - 1, and the
-# trial's config, which Tune writes there as the trial starts.
+# trial's config, which Tune uploads with its experiment state (so it can lag the checkpoints).
 TRIAL_CHECKPOINT = re.compile(r"checkpoint_(\d+)$")
 TRIAL_PARAMS = "params.json"
 
 
 def in_trial(folder: str) -> bool:
-    """Whether `folder` (a path or URI) is one of a sweep trial's checkpoints."""
-    parent, _, name = folder.rpartition("/")
-    return bool(TRIAL_CHECKPOINT.fullmatch(name)) and files.kind(f"{parent or '.'}/{TRIAL_PARAMS}") == pafs.FileType.File
+    """Whether `folder` (a path or URI) is one of a sweep trial's checkpoints: named so, and holding a HISTORY."""
+    name = folder.rpartition("/")[2]
+    return bool(TRIAL_CHECKPOINT.fullmatch(name)) and files.kind(f"{folder}/{HISTORY}") == pafs.FileType.File
 
 
 def write_history(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

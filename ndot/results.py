@@ -139,14 +139,19 @@ def from_folders(experiment: str) -> list[TrialRecord]:
     fs, path = filesystem(experiment)
     out = []
     for folder in sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory):
+        ckpt, history = checkpoint.newest(fs, folder)
         try:
             with fs.open_input_stream(f"{folder}/{checkpoint.TRIAL_PARAMS}") as f:
                 config = json.loads(f.readall())
         except (FileNotFoundError, json.JSONDecodeError):
-            continue  # not a trial's folder, or one whose start was cut short: it has no epoch either
+            if not history:
+                continue  # not a trial's folder, or a trial with no epoch and no config yet: nothing to record
+            # Tune uploads a trial's params.json with its experiment state, and the trial's checkpoints
+            # as they are taken: a driver that died between the two left checkpoints only. Their rows
+            # hold every config value.
+            config = {**TrainConfig.from_dict(history[-1]).to_dict(), STRATUM_KEY: history[-1]["stratum"]}
         # The inverse of ndot.sweep.runner.trial_dirname.
         trial_id = PurePosixPath(folder).name.removesuffix(f"_{config.get(STRATUM_KEY, '')}")
-        ckpt, history = checkpoint.newest(fs, folder)
         relative = str(PurePosixPath(ckpt).relative_to(path)) if ckpt else None
         out.append(TrialRecord(trial_id, config, UNKNOWN, None, history, relative))
     return out

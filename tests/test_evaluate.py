@@ -70,7 +70,7 @@ def test_the_result_of_a_sweep_trials_checkpoint_goes_to_the_trials_folder(tmp_p
     # Tune deletes a checkpoint's folder two epochs on, and a result written there with it.
     trial = tmp_path / "fd40def0_T=4,ndot_A"
     (trial / "checkpoint_000002").mkdir(parents=True)
-    (trial / checkpoint.TRIAL_PARAMS).write_text("{}")
+    checkpoint.write_history(trial / "checkpoint_000002", [])
     assert default_out(f"{trial}/checkpoint_000002/best.pt", 4) == f"{trial}/eval-checkpoint_000002-best-T4.json"
     monkeypatch.chdir(trial)
     assert default_out("checkpoint_000002/state.pt", 2) == "./eval-checkpoint_000002-state-T2.json"
