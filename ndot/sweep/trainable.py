@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import ray
+import torch
 from ray import tune
 
 from ndot import checkpoint, results
@@ -48,12 +49,14 @@ def run_trial(config: dict[str, Any]) -> None:
         if checkpoint.is_best(metrics):
             best = checkpoint.best_of(state)
         history.append(results.epoch_row(trial_id, config, metrics, node, time.time()))
+        # A scratch folder, written plainly: Tune's copy of it into storage is what lands whole and
+        # synced (ndot.files.WholeLocalFiles; an object store's upload), so syncing here too only cost time.
         with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(Path(d, checkpoint.TRIAL), state)
+            torch.save(state, Path(d, checkpoint.TRIAL))
             # Every checkpoint carries the best epoch's weights, as state.pt when that is
             # this epoch: Tune keeps only the newest checkpoints (ndot.sweep.runner).
             if best is not None and best["epoch"] != state["epoch"]:
-                checkpoint.save(Path(d, checkpoint.BEST), best)
+                torch.save(best, Path(d, checkpoint.BEST))
             checkpoint.write_history(d, history)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
