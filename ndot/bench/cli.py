@@ -134,7 +134,7 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
 
 def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:
     """Every case once, in the order that loses least if a device run is cut short:
-    the ceiling, the per-lever runs the targets are read from, the rule x T grid, the profiles."""
+    the ceiling, the per-lever runs the targets are read from, the profiles (a few batches each), the rule x T grid."""
     for arch in p["archs"]:
         s = Setup(device, arch, p["batch"], p["warmup"], p["min_seconds"])
         for precision in p["precisions"]:
@@ -144,14 +144,17 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
                     yield "ann", s, (precision, lv)
         snn = [(rule, mode, p["ablation_T"], precision, lv) for precision in p["precisions"]
                for rule, mode in [("ndot", "A"), ("ndot", "O")] for lv in p["ablation"] if p["ablation_T"]]
-        snn += [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
-                for rule, mode in p["rules"] for T in p["Ts"]]
         for case in dict.fromkeys(snn):
             yield "snn", s, case
         if p["profile"]:
             for precision in p["precisions"]:
                 for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
                     yield "profile", s, ("ndot", "A", lever_T(p), precision, lv)
+        grid = [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
+                for rule, mode in p["rules"] for T in p["Ts"]]
+        for case in dict.fromkeys(grid):
+            if case not in snn:
+                yield "snn", s, case
 
 
 def read_run(path: str) -> list[Row]:
