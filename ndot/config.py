@@ -56,6 +56,7 @@ class TrainConfig:
     # because none is free everywhere (a layout conversion, compile time, CUDA only).
     channels_last: bool = False
     fused_neuron: bool = False
+    fused_ws: bool = False
     cuda_graph: bool = False
     # Data.
     data_root: str | None = None
@@ -206,6 +207,7 @@ FIELD_HELP = {
     "precision": "compute precision (bf16: autocast)",
     "channels_last": "fast path: NHWC layout",
     "fused_neuron": "fast path: the neuron's step compiled into one kernel",
+    "fused_ws": "fast path: the weight standardisation and its backward compiled into a kernel or two per layer",
     "cuda_graph": "fast path: each batch replayed as a CUDA graph (CUDA only)",
     "data_root": "data folder (default: $NDOT_DATA, else ~/data)",
     "download": "fetch a missing dataset",

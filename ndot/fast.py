@@ -4,6 +4,10 @@
 - fused neuron: `neuron_step` (LIF update, NDOT factor, trace) compiled by
   torch.compile into one kernel per layer and step, and its surrogate backward
   into one more; the eager function stays the reference it is tested against.
+- fused ws: `standardise` (Ŵ from W and the gain) compiled the same way, a kernel or
+  two per layer for its forward and its backward where eager runs about thirty small
+  ones: mode O standardises at every time step, and on a GPU under graph replay those
+  kernels' fixed cost, not their bytes, is what they take.
 
 bf16 autocast (`precision`) and Ŵ once per optimiser step (`standardised_weights`)
 live in ndot.step and ndot.layers; CUDA-graph replay of a whole batch is in ndot.graphs.
@@ -18,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ndot.layers import neurons
+from ndot.layers import WSConv2d, neurons, standardise
 from ndot.neuron import Step, neuron_step
 
 # Distinct graphs of `neuron_step`: rule x first/later step x training/eval x dtype. Dynamo's
@@ -111,11 +115,30 @@ def fused_neuron_step() -> Callable[..., Step]:
     return step
 
 
-def accelerate(model: nn.Module, *, channels_last: bool = False, fused_neuron: bool = False) -> nn.Module:
-    """Apply the levers to `model` in place and return it; with both off the model is untouched."""
+@functools.cache
+def fused_standardise() -> Callable[[Tensor, Tensor, float], Tensor]:
+    """`standardise` compiled once per process: one graph for every layer's shape, per layout and grad mode."""
+    compiled = torch.compile(standardise, fullgraph=True, dynamic=True)
+
+    def fn(w: Tensor, gain: Tensor, eps: float) -> Tensor:
+        if not getattr(_configured, "dynamo", False):
+            _configure_dynamo()
+        # Dynamo holds a parameter's shape static, a graph per layer: the same tensors, not as parameters.
+        return compiled(_unsafe_view(w, w.shape), _unsafe_view(gain, gain.shape), eps)
+
+    return fn
+
+
+def accelerate(model: nn.Module, *, channels_last: bool = False, fused_neuron: bool = False,
+               fused_ws: bool = False) -> nn.Module:
+    """Apply the levers to `model` in place and return it; with all off the model is untouched."""
     if channels_last:
         model.to(memory_format=torch.channels_last)
     step = fused_neuron_step() if fused_neuron else neuron_step
     for n in neurons(model):
         n.step_fn = step
+    ws = fused_standardise() if fused_ws else standardise
+    for m in model.modules():
+        if isinstance(m, WSConv2d):
+            m.standardise_fn = ws
     return model

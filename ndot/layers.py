@@ -20,8 +20,16 @@ from ndot.ops import traced_conv2d
 Pair = tuple[Tensor, Tensor | None]
 
 
+def standardise(w: Tensor, gain: Tensor, eps: float) -> Tensor:
+    """Scaled weight standardisation: Ŵ = gain (W - mean) / sqrt(var · fan_in + eps), per output channel."""
+    fan_in = w[0].numel()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=True)
+    return gain * (w - mean) / torch.sqrt(var * fan_in + eps)
+
+
 class WSConv2d(nn.Conv2d):
-    """Conv with scaled weight standardisation: Ŵ = gain (W - mean) / sqrt(var · fan_in + eps)."""
+    """Conv with scaled weight standardisation (`standardise`)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1, eps: float = 1e-4):
         super().__init__(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=True)
@@ -29,13 +37,11 @@ class WSConv2d(nn.Conv2d):
         self.eps = eps
         # Set by `standardised_weights` so that Ŵ is computed once per optimiser step.
         self.w_hat: Tensor | None = None
+        # ndot.fast swaps in a compiled version of the same function.
+        self.standardise_fn: Callable[[Tensor, Tensor, float], Tensor] = standardise
 
     def standardise(self) -> Tensor:
-        w = self.weight
-        fan_in = w[0].numel()
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        var = w.var(dim=(1, 2, 3), keepdim=True, unbiased=True)
-        return self.gain * (w - mean) / torch.sqrt(var * fan_in + self.eps)
+        return self.standardise_fn(self.weight, self.gain, self.eps)
 
     def forward(self, x: Tensor, a: Tensor | None = None) -> Pair:  # type: ignore[override]
         w = self.w_hat if self.w_hat is not None else self.standardise()

@@ -71,7 +71,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # What a checkpoint's run must share with the run that continues it. The rest may change on
 # resume: epochs (to extend a run), where and how it runs (device, levers, loader), the data's place.
-_RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "fused_neuron", "cuda_graph",
+_RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "fused_neuron", "fused_ws", "cuda_graph",
                       "data_root", "download", "loader", "workers"}
 
 
@@ -134,7 +134,7 @@ def train(
     info = data.info(cfg.dataset)
     train_loader, test_loader = data.loaders(cfg, device)
     model = accelerate(from_config(cfg, info.in_channels, info.num_classes).to(device),
-                       channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron)
+                       channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron, fused_ws=cfg.fused_ws)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step = functools.partial(train_batch, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
                              loss_alpha=cfg.loss_alpha, precision=cfg.precision)

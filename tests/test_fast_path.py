@@ -19,9 +19,10 @@ from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
 from ndot.bench.report import memory_checks
 from ndot.config import ConfigError, TrainConfig
-from ndot.fast import accelerate, fused_neuron_step
+from ndot.fast import accelerate, fused_neuron_step, fused_standardise
 from ndot.graphs import GraphedStep
-from ndot.layers import neurons
+from ndot.layers import WSConv2d, neurons, standardise
+from ndot.models import build
 from ndot.neuron import neuron_step
 from ndot.step import train_batch
 from ndot.train import train
@@ -83,7 +84,7 @@ def test_trainer_on_cuda_with_every_lever():
     # The product's GPU path end to end: data on the device, bf16, channels_last, the fused neuron,
     # and a CUDA graph captured again when the second epoch's lr changes.
     cfg = TrainConfig(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=2, seed=3, device="cuda",
-                      precision="bf16", channels_last=True, fused_neuron=True, cuda_graph=True)
+                      precision="bf16", channels_last=True, fused_neuron=True, fused_ws=True, cuda_graph=True)
     seen = []
     result = train(cfg, lambda m, s: seen.append(m))
     assert result.status == "completed" and [m["epoch"] for m in seen] == [1, 2]
@@ -95,7 +96,7 @@ def test_trainer_on_cuda_with_every_lever():
 def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_cudnn):
     model, x, y = on(device, dtype)
     plain = grads(model(rule), rule, mode, x, y, T=3)
-    fast_model, x, y = on(device, dtype, channels_last=True, fused_neuron=True)
+    fast_model, x, y = on(device, dtype, channels_last=True, fused_neuron=True, fused_ws=True)
     m = fast_model(rule)
     last = list(neurons(m))[-1]
     layouts = []
@@ -104,6 +105,7 @@ def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_c
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         fast = grads(m, rule, mode, x, y, T=3)
     assert last.step_fn is fused_neuron_step()
+    assert all(c.standardise_fn is fused_standardise() for c in m.modules() if isinstance(c, WSConv2d))
     if dtype == torch.float32:  # cuDNN keeps float64 convolutions in NCHW
         assert layouts and all(layouts)
     for name in plain:
@@ -142,6 +144,32 @@ def test_the_fused_step_is_one_graph_for_every_layout_and_keeps_each_layout():
             assert_close(fused.detach(), eager.detach(), 1e-12)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0], f"graphs compiled after each layout: {graphs}"
+
+
+def test_the_fused_standardisation_is_exact_for_every_layer_of_vgg11_in_a_few_graphs():
+    convs = [m for m in build("vgg11_ws", 3, 10).double().modules() if isinstance(m, WSConv2d)]
+    g = torch.Generator().manual_seed(0)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        for c in convs:
+            w = c.weight.detach().to(memory_format=fmt)
+            gain = 1 + 0.1 * torch.randn(c.gain.shape, dtype=torch.float64, generator=g)
+            grad_out = torch.randn(w.shape, dtype=torch.float64, generator=g).to(memory_format=fmt)
+            with torch.no_grad():
+                assert fused_standardise()(w, gain, c.eps).stride() == w.stride()
+            runs = []
+            for fn in (standardise, fused_standardise()):
+                wi, gi = w.clone().requires_grad_(), gain.clone().requires_grad_()
+                w_hat = fn(wi, gi, c.eps)
+                w_hat.backward(grad_out)
+                runs.append((w_hat.detach(), wi.grad, gi.grad))
+            for eager, fused in zip(*runs):
+                assert_close(fused, eager, 1e-12, f"{tuple(w.shape)} {fmt}")
+    # Six distinct layer shapes x two layouts x two grad modes would be 24 graphs with a graph per shape;
+    # the shapes share them (6 under torch 2.14), split by a few guards: the first layer's 3 input
+    # channels equal the kernel's 3, and a fan-in above 4096 is reduced otherwise.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    assert graphs <= 8, f"{graphs} graphs for 32 layer, layout and grad-mode cases"
 
 
 # Ray Tune runs each trial of a reused worker process in a thread of its own, and Dynamo's config is
@@ -205,7 +233,7 @@ def test_channels_last_alone_is_exact_in_float64(rule):
 def test_bf16_fast_path_is_finite_and_close_to_fp32(mode, device):
     model, x, y = on(device, torch.float32)
     ref = grads(model("ndot"), "ndot", mode, x, y, T=3)
-    fast_model, x, y = on(device, torch.float32, channels_last=True, fused_neuron=True)
+    fast_model, x, y = on(device, torch.float32, channels_last=True, fused_neuron=True, fused_ws=True)
     low = grads(fast_model("ndot"), "ndot", mode, x, y, T=3, precision="bf16")
     for name in ref:
         assert torch.isfinite(low[name]).all(), name
@@ -218,7 +246,7 @@ def test_bf16_fast_path_is_finite_and_close_to_fp32(mode, device):
 def test_trainer_applies_the_levers_and_trains_alike():
     base = dict(dataset="digits", arch="small_cnn", T=1, batch_size=32, epochs=1, seed=3, device="cpu")
     runs = []
-    for levers in ({}, {"channels_last": True, "fused_neuron": True}):
+    for levers in ({}, {"channels_last": True, "fused_neuron": True, "fused_ws": True}):
         seen = []
         train(TrainConfig(**base, **levers), lambda m, s: seen.append((m, s)))
         runs.append(seen[-1])
@@ -230,7 +258,7 @@ def test_trainer_applies_the_levers_and_trains_alike():
 
 def _series(rule: str, mb: list[float], metric: str = "peak_mem_mb", cuda_graph: bool = False) -> list[dict]:
     case = {"kind": "snn", "arch": "vgg11_ws", "batch": 128, "rule": rule, "mode": "A", "precision": "bf16",
-            "channels_last": True, "fused_neuron": True, "cuda_graph": cuda_graph, "peak_mem_mb": None,
+            "channels_last": True, "fused_neuron": True, "fused_ws": True, "cuda_graph": cuda_graph, "peak_mem_mb": None,
             "batch_peak_mb": None, "saved_mb": 1.0}
     return [{**case, "T": T, metric: m} for T, m in zip([1, 2, 4, 6, 20], mb)]
 
@@ -266,7 +294,7 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
     rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
     assert kinds[0] == "env" and kinds[-1] == "targets" and "error" not in kinds
-    levers = {"channels_last", "fused_neuron", "cuda_graph"}
+    levers = {"channels_last", "fused_neuron", "fused_ws", "cuda_graph"}
     snn = [r for r in rows if r["kind"] == "snn"]
     assert {(r["rule"], r["mode"]) for r in snn} == {("ndot", "A"), ("ndot", "O"), ("ottt", "A"), ("sltt", "A"), ("bptt", "A")}
     for r in snn:

@@ -85,10 +85,13 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Fill the defaults of the chosen size; every case the run will measure follows from this."""
     small = args.small
     cuda = device.type == "cuda"
-    fast = Levers(channels_last=True, fused_neuron=True)
-    ablation = [Levers(), Levers(channels_last=True), Levers(fused_neuron=True), fast]
+    fast = Levers(channels_last=True, fused_neuron=True, fused_ws=True)
+    ablation = [Levers(), Levers(channels_last=True), Levers(fused_neuron=True), Levers(fused_ws=True), fast]
     if cuda:
-        ablation += [Levers(cuda_graph=True), Levers(True, True, True)]
+        # Graph replay with and without the compiled levers: it removes the launch cost they cut.
+        ablation += [Levers(channels_last=True, fused_neuron=True), Levers(cuda_graph=True),
+                     Levers(channels_last=True, fused_neuron=True, cuda_graph=True),
+                     dataclasses.replace(fast, cuda_graph=True)]
     return {
         "archs": args.arch or ["small_cnn" if small else "vgg11_ws"],
         "batch": args.batch if args.batch is not None else (8 if small else 128),

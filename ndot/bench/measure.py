@@ -31,6 +31,7 @@ CHANNELS, CLASSES = 3, 10
 class Levers:
     channels_last: bool = False
     fused_neuron: bool = False
+    fused_ws: bool = False
     cuda_graph: bool = False
 
     @classmethod
@@ -114,7 +115,7 @@ def synthetic_batch(s: Setup) -> tuple[Tensor, Tensor]:
 def fresh_model(s: Setup, levers: Levers) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = accelerate(build(s.arch, CHANNELS, CLASSES).to(s.device),
-                       channels_last=levers.channels_last, fused_neuron=levers.fused_neuron)
+                       channels_last=levers.channels_last, fused_neuron=levers.fused_neuron, fused_ws=levers.fused_ws)
     model.train()
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
