@@ -307,6 +307,12 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
     assert {c["rule"] for c in checks} == {"ndot", "ottt", "sltt", "bptt"}
     assert all(c["ok"] and c["metric"] == "batch_peak_mb" for c in checks), [c for c in checks if not c["ok"]]
     assert all(c["growth"] > 1 for c in checks if c["rule"] == "bptt")
+    # A profile names the ops that own the most of a batch: what its "other" holds.
+    for prof in (r for r in rows if r["kind"] == "profile"):
+        ops = prof["top_ops"]
+        assert ops and any(o["op"] == "aten::convolution_backward" for o in ops), ops
+        assert all(o["ms_per_batch"] > 0 and o["calls_per_batch"] > 0 for o in ops)
+        assert sum(o["ms_per_batch"] for o in ops) <= prof["batch_ms"]
     # What autograd saves is the same to the byte at every T.
     saved: dict[tuple, set] = {}
     for r in snn:

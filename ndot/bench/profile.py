@@ -19,6 +19,8 @@ from ndot.step import train_batch
 # than a layer's activations.
 _NEURON_BACKWARD = ("CompiledFunctionBackward", "SpikeFnBackward", "AddBackward0", "SubBackward0", "MulBackward0")
 _EVALUATE = "autograd::engine::evaluate_function: "
+# How many of the ops that own the most time a row names: what "other" holds is read off them.
+TOP_OPS = 12
 
 
 def _category(name: str) -> str | None:
@@ -37,7 +39,8 @@ def _labelled(fn: Callable) -> Callable:
 
 
 def profile_snn(s: Setup, rule: str, mode: str, T: int, precision: str, levers: Levers, batches: int = 3) -> Row:
-    """Time per batch by category: CPU op time on a CPU, CUDA kernel time on a GPU (no graph replay: it hides the ops)."""
+    """Time per batch by category: CPU op time on a CPU, CUDA kernel time on a GPU (no graph replay: it hides the ops);
+    with the ops that own the most of it and, on a GPU, the kernels (and copies) a batch launches."""
     cuda = s.device.type == "cuda"
     model, opt = fresh_model(s, levers)
     configure(model, rule)
@@ -65,8 +68,15 @@ def profile_snn(s: Setup, rule: str, mode: str, T: int, precision: str, levers: 
     total = sum(e.self_device_time_total for e in events) if cuda else wall_us
     us["other"] = total - sum(us.values())
     conv, neuron = us["conv_fwd"] + us["conv_bwd"], us["neuron_fwd"] + us["neuron_bwd"]
+    # Each op's own time (its kernels, not its children's): under graph replay a batch costs about
+    # the sum of its kernels, many of which are too short for anything but their launch to count.
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    top = [{"op": e.key, "ms_per_batch": own(e) / batches / 1e3, "calls_per_batch": e.count / batches}
+           for e in sorted(events, key=own, reverse=True)[:TOP_OPS] if own(e) > 0]
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / batches if cuda else None
     return {"kind": "profile", "arch": s.arch, "rule": rule, "mode": mode, "T": T, "batch": s.batch,
             "precision": precision, **dataclasses.asdict(levers),
             "basis": "CUDA kernel time" if cuda else "CPU op time (wall clock for the total)",
             "batch_ms": wall_us / batches / 1e3, "ms_per_batch": {k: v / batches / 1e3 for k, v in us.items()},
-            "fraction": {k: v / total for k, v in us.items()}, "neuron_over_conv": neuron / conv if conv else None}
+            "fraction": {k: v / total for k, v in us.items()}, "neuron_over_conv": neuron / conv if conv else None,
+            "kernels_per_batch": kernels, "top_ops": top}
