@@ -288,6 +288,17 @@ def test_cuda_graph_is_refused_without_cuda():
         TrainConfig(cuda_graph=True, device="cpu").validate()
 
 
+H200_RUN = Path(__file__).parents[1] / "bench" / "results" / "h200-3bfcb5a"
+
+
+def test_the_stored_h200_run_reads_back_into_the_tables_it_printed(capsys):
+    # The README's GPU figures: a run from before the fused_ws lever, which --table reads as off.
+    assert bench_main(["--table", str(H200_RUN / "bench.jsonl")]) == 0
+    assert capsys.readouterr().out == (H200_RUN / "bench.md").read_text()
+    target, = (r for r in read_run(str(H200_RUN / "bench.jsonl")) if r["kind"] == "targets")
+    assert target["ndot_A_bf16_ok"] and target["ndot_A_fp32_ok"] and not target["ndot_O_ok"]
+
+
 def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, tmp_path):
     # The dry run of bench/gpu_check.sh ran python -m ndot.bench --profile --small (test_gpu_check.py).
     _, out = gpu_check_dry_run
