@@ -5,8 +5,8 @@
   torch.compile into one kernel per layer and step, and its surrogate backward
   into one more; the eager function stays the reference it is tested against.
 - fused ws: `standardise` (Ŵ from W and the gain) compiled the same way, a kernel or
-  two per layer for its forward and its backward where eager runs about thirty small
-  ones: mode O standardises at every time step, and on a GPU under graph replay those
+  two per layer for its forward and its backward where eager runs some forty small ops:
+  mode O standardises at every time step, and on a GPU under graph replay those
   kernels' fixed cost, not their bytes, is what they take.
 
 bf16 autocast (`precision`) and Ŵ once per optimiser step (`standardised_weights`)
