@@ -48,7 +48,6 @@ from ndot.device import resolve_device
 
 # Every kind of row a run prints; --table refuses a file with any other line.
 KINDS = ("env", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
-LEVERS = [f.name for f in dataclasses.fields(Levers)]
 
 
 def _rule_mode(text: str) -> tuple[str, str]:
@@ -185,7 +184,7 @@ def read_run(path: str) -> list[Row]:
                               f"(a JSON object whose kind is one of {', '.join(KINDS)})")
         if row["kind"] not in ("env", "targets"):
             # A run from before a lever existed ran without it.
-            row = {**dict.fromkeys(LEVERS, False), **row}
+            row = {**dict.fromkeys(Levers.__dataclass_fields__, False), **row}
         rows.append(row)
     if not rows:
         raise ConfigError(f"--table {path} holds no rows")
