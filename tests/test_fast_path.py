@@ -314,12 +314,17 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
         assert r["image_steps_per_s"] > 0 and r["ceiling_images_per_s"] > 0 and r["batch_peak_mb"] > 0 and r["saved_mb"] > 0
     ann = [r for r in rows if r["kind"] == "ann"]
     assert {r["precision"] for r in ann} == {"fp32", "bf16"} and all(r["images_per_s"] > 0 for r in ann)
+    # The ceiling is the fastest ANN step under every lever that applies to one, the compiled standardisation too.
+    assert {(r["channels_last"], r["fused_ws"]) for r in ann} == {(False, False), (True, False), (True, True)}
+    assert {r["ceiling_images_per_s"] for r in snn} == {max(r["images_per_s"] for r in ann)}
     checks = [r for r in rows if r["kind"] == "memory_vs_T"]
     assert {c["rule"] for c in checks} == {"ndot", "ottt", "sltt", "bptt"}
     assert all(c["ok"] and c["metric"] == "batch_peak_mb" for c in checks), [c for c in checks if not c["ok"]]
     assert all(c["growth"] > 1 for c in checks if c["rule"] == "bptt")
     # A profile names the ops that own the most of a batch: what its "other" holds.
-    for prof in (r for r in rows if r["kind"] == "profile"):
+    profiles = [r for r in rows if r["kind"] == "profile"]
+    assert {(r["rule"], r["mode"], r["precision"]) for r in profiles} == {("ndot", m, p) for m in "AO" for p in ("fp32", "bf16")}
+    for prof in profiles:
         ops = prof["top_ops"]
         assert ops and any(o["op"] == "aten::convolution_backward" for o in ops), ops
         assert all(o["ms_per_batch"] > 0 and o["calls_per_batch"] > 0 for o in ops)

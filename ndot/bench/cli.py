@@ -8,16 +8,17 @@ Synthetic data, created on the device once. One JSON object per line on stdout (
 
 - "env": what was measured on.
 - "ann": images/s of one forward + backward + SGD step of the same convs and
-  weight standardisation with ReLU in place of LIF. One SNN time step does that
-  conv work plus the neuron math, so the fastest ANN figure of a run is the
+  weight standardisation with ReLU in place of LIF, under each lever that applies
+  to it (channels_last, fused_ws, cuda_graph). One SNN time step does that conv
+  work plus the neuron math, so the fastest ANN figure of a run is the
   per-time-step ceiling.
 - "snn": image-steps/s of `train_batch` per arch x rule x mode x T x batch x
   precision x levers, with the ceiling and the ratio to it.
 - "memory_vs_T": one per series over T: online rules should be flat from T = 1, BPTT linear.
 - "targets": the throughput targets for one H200 (NDOT_A bf16 against the
   ceiling, NDOT_O against NDOT_A, NDOT_A fp32 image-steps/s), read off this run's rows.
-- "profile" (--profile): where the time of an NDOT_A batch goes: convolutions,
-  neuron forward (LIF, factor, trace) and its backward, everything else.
+- "profile" (--profile): where the time of an NDOT_A and an NDOT_O batch goes: convolutions,
+  neuron forward (LIF, factor, trace) and its backward, everything else, and the ops that own the most of it.
 - "error": a case that raised; the run goes on.
 
 Memory (ndot.memory): `peak_mem_mb` is torch.cuda.max_memory_allocated over the timed
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--levers", type=Levers.parse, default=None,
                    help="levers of the rule x T grid: plain or e.g. channels_last+fused_neuron (default: those on CUDA, plain on CPU)")
     p.add_argument("--ablation-T", type=int, default=None, help="T of the per-lever runs of ndot_A and ndot_O (0: none)")
-    p.add_argument("--profile", action="store_true", help="also profile NDOT_A at the ablation T, plain and grid levers")
+    p.add_argument("--profile", action="store_true", help="also profile NDOT_A and NDOT_O at the ablation T, plain and grid levers")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--min-seconds", type=float, default=None, help="timed seconds per case, at least")
     p.add_argument("--threads", type=int, default=None,
@@ -102,7 +103,10 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "ablation": ablation,
         "profile": args.profile,
         "ablation_T": args.ablation_T if args.ablation_T is not None else (2 if small else 4),
-        "ann_levers": [Levers(channels_last=c, cuda_graph=g) for c in (False, True) for g in ((False, True) if cuda else (False,))],
+        # Every lever that applies to an ANN step, so that the ceiling is the fastest the same network
+        # trains, not one the SNN's own levers outrun (fused_ws compiles the ANN's standardisation too).
+        "ann_levers": [Levers(channels_last=c, fused_ws=w, cuda_graph=g) for c, w in ((False, False), (True, False), (True, True))
+                       for g in ((False, True) if cuda else (False,))],
         "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
         "min_seconds": args.min_seconds if args.min_seconds is not None else (0.05 if small else 0.5),
         # None keeps torch's number of threads.
@@ -151,8 +155,9 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
             yield "snn", s, case
         if p["profile"]:
             for precision in p["precisions"]:
-                for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
-                    yield "profile", s, ("ndot", "A", lever_T(p), precision, lv)
+                for mode in "AO":
+                    for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
+                        yield "profile", s, ("ndot", mode, lever_T(p), precision, lv)
         grid = [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
                 for rule, mode in p["rules"] for T in p["Ts"]]
         for case in dict.fromkeys(grid):

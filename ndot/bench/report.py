@@ -67,7 +67,8 @@ def targets(rows: list[Row], T: int = 4) -> Row:
         out.update(ndot_A_bf16_ratio_to_ceiling=a16["ratio_to_ceiling"], ndot_A_bf16_levers={k: a16[k] for k in lever_keys},
                    ndot_A_bf16_ok=a16["ratio_to_ceiling"] >= A_BF16_OVER_CEILING)
     if a16 and o16:
-        out.update(ndot_O_over_A_bf16=o16["image_steps_per_s"] / a16["image_steps_per_s"])
+        out.update(ndot_O_over_A_bf16=o16["image_steps_per_s"] / a16["image_steps_per_s"],
+                   ndot_O_bf16_levers={k: o16[k] for k in lever_keys})
         out["ndot_O_ok"] = out["ndot_O_over_A_bf16"] >= O_OVER_A_BF16
     if a32:
         out.update(ndot_A_fp32_image_steps_per_s=a32["image_steps_per_s"],
