@@ -4,7 +4,8 @@
 #      TF32 off; float64 too), bf16 stays close, CUDA-graph replay trains exactly like the
 #      eager step, the trainer runs two epochs with every lever on (bf16, channels_last, fused
 #      neuron and standardisation, CUDA graphs, data on the GPU), and nothing the benchmark imports needs Ray, Optuna or tonic;
-#   2. the benchmark at real size (vgg11_ws, batch 128, T 1,2,4,6,20, fp32 and bf16), with profiles;
+#   2. the benchmark at real size (vgg11_ws, batch 128, T 1,2,4,6,20, fp32 and bf16), with profiles and
+#      the device's matrix-product rate;
 #   3. the device data pipeline (crop, flip, AutoAugment, Cutout on the GPU) against the PIL one.
 #   The device pipeline's ops on CUDA are also checked pixel for pixel against the CPU in 1.
 # Run from the repository root:  bash bench/gpu_check.sh

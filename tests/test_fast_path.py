@@ -17,6 +17,7 @@ import torch
 from helpers import assert_close, batch, exit_status, grads, make_model
 from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
+from ndot.bench.measure import gflop_per_image_step
 from ndot.bench.report import memory_checks
 from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate, fused_neuron_step, fused_standardise
@@ -313,6 +314,11 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
                 "ceiling_images_per_s", "ratio_to_ceiling"} | levers <= set(r)
         assert r["image_steps_per_s"] > 0 and r["ceiling_images_per_s"] > 0 and r["batch_peak_mb"] > 0 and r["saved_mb"] > 0
     ann = [r for r in rows if r["kind"] == "ann"]
+    matmul = [r for r in rows if r["kind"] == "matmul"]
+    assert {r["precision"] for r in matmul} == {"fp32", "bf16"} and all(r["tflop_per_s"] > 0 for r in matmul)
+    gflop = gflop_per_image_step("small_cnn")
+    assert all(r["tflop_per_s"] == pytest.approx(gflop * r["images_per_s"] / 1e3) for r in ann)
+    assert all(r["tflop_per_s"] == pytest.approx(gflop * r["image_steps_per_s"] / 1e3) for r in snn)
     assert {r["precision"] for r in ann} == {"fp32", "bf16"} and all(r["images_per_s"] > 0 for r in ann)
     # The ceiling is the fastest ANN step under every lever that applies to one, the compiled standardisation too.
     assert {(r["channels_last"], r["fused_ws"]) for r in ann} == {(False, False), (True, False), (True, True)}
@@ -342,8 +348,16 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
         return capsys.readouterr().out
 
     whole = markdown(rows)
-    assert "Memory over T" in whole and "Targets" in whole
+    assert "Memory over T" in whole and "Targets" in whole and "Against the device" in whole
     assert markdown([r for r in rows if r["kind"] not in ("memory_vs_T", "targets")]) == whole
+
+
+def test_the_flop_count_is_vgg11s_convolutions_and_readout_forward_and_backward():
+    # The spec's VGG-11 on 3x32x32 (c_in, c_out, side), a pool after the 2nd, 4th and 6th conv; 512 -> 10 readout.
+    convs = [(3, 64, 32), (64, 128, 32), (128, 256, 16), (256, 256, 16), (256, 512, 8), (512, 512, 8), (512, 512, 4), (512, 512, 4)]
+    forward = [2 * side * side * c_out * c_in * 9 for c_in, c_out, side in convs] + [2 * 512 * 10]
+    # Backward: a weight gradient for every layer, an input gradient for all but the first (the image needs none).
+    assert gflop_per_image_step("vgg11_ws") * 1e9 == pytest.approx(3 * sum(forward) - forward[0], rel=1e-12)
 
 
 @pytest.mark.parametrize("argv, says", [

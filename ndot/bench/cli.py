@@ -7,6 +7,9 @@
 Synthetic data, created on the device once. One JSON object per line on stdout (and in --out):
 
 - "env": what was measured on.
+- "matmul": TFLOP/s of a large matrix product per precision, the device's own
+  arithmetic ceiling; every "ann" and "snn" row carries its TFLOP/s beside it
+  (the network's convolution FLOPs per image-step, counted by torch, times its rate).
 - "ann": images/s of one forward + backward + SGD step of the same convs and
   weight standardisation with ReLU in place of LIF, under each lever that applies
   to it (channels_last, fused_ws, cuda_graph). One SNN time step does that conv
@@ -40,7 +43,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_snn, env_row
+from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_matmul, bench_snn, env_row
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
 from ndot.cli import Parser, listed, refuse
@@ -48,7 +51,7 @@ from ndot.config import PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 
 # Every kind of row a run prints; --table refuses a file with any other line.
-KINDS = ("env", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
+KINDS = ("env", "matmul", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
 
 
 def _rule_mode(text: str) -> tuple[str, str]:
@@ -107,6 +110,8 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         # trains, not one the SNN's own levers outrun (fused_ws compiles the ANN's standardisation too).
         "ann_levers": [Levers(channels_last=c, fused_ws=w, cuda_graph=g) for c, w in ((False, False), (True, False), (True, True))
                        for g in ((False, True) if cuda else (False,))],
+        # Large enough to fill the device: an H200 reaches its rate near 8192; two CPU cores take seconds at 2048.
+        "matmul_n": 8192 if cuda else (512 if small else 2048),
         "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
         "min_seconds": args.min_seconds if args.min_seconds is not None else (0.05 if small else 0.5),
         # None keeps torch's number of threads.
@@ -140,10 +145,13 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
 
 
 def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:
-    """Every case once, in the order that loses least if a device run is cut short:
-    the ceiling, the per-lever runs the targets are read from, the profiles (a few batches each), the rule x T grid."""
-    for arch in p["archs"]:
+    """Every case once, in the order that loses least if a device run is cut short: the device's and the
+    network's ceilings, the per-lever runs the targets are read from, the profiles (a few batches each), the rule x T grid."""
+    for i, arch in enumerate(p["archs"]):
         s = Setup(device, arch, p["batch"], p["warmup"], p["min_seconds"])
+        if i == 0:
+            for precision in p["precisions"]:
+                yield "matmul", s, (precision, p["matmul_n"])
         for precision in p["precisions"]:
             for lv in p["ann_levers"]:
                 # Graph replay is measured where the spec's ceiling has it: bf16.
@@ -187,7 +195,7 @@ def read_run(path: str) -> list[Row]:
         if not isinstance(row, dict) or row.get("kind") not in KINDS:
             raise ConfigError(f"--table {path} line {n} is not a row of python -m ndot.bench "
                               f"(a JSON object whose kind is one of {', '.join(KINDS)})")
-        if row["kind"] not in ("env", "targets"):
+        if row["kind"] not in ("env", "matmul", "targets"):
             # A run from before a lever existed ran without it.
             row = {**dict.fromkeys(Levers.__dataclass_fields__, False), **row}
         rows.append(row)
@@ -259,7 +267,9 @@ def run_cases(p: dict[str, Any], device: torch.device, emit: Callable[[Row], Non
     ceiling: dict[tuple[str, int], float] = {}
     for kind, s, case in cases(p, device):
         try:
-            if kind == "ann":
+            if kind == "matmul":
+                row = bench_matmul(s, *case)
+            elif kind == "ann":
                 row = bench_ann(s, *case)
                 ceiling[(s.arch, s.batch)] = max(ceiling.get((s.arch, s.batch), 0.0), row["images_per_s"])
             elif kind == "profile":
@@ -269,8 +279,10 @@ def run_cases(p: dict[str, Any], device: torch.device, emit: Callable[[Row], Non
                 row["ceiling_images_per_s"] = ceiling.get((s.arch, s.batch))
                 row["ratio_to_ceiling"] = row["image_steps_per_s"] / row["ceiling_images_per_s"] if row["ceiling_images_per_s"] else None
         except Exception as e:  # one failing case (an OOM, a capture error) must not lose the rest of a device run
+            levers = [dataclasses.asdict(a) for a in case if isinstance(a, Levers)]
             row = {"kind": "error", "case": kind, "arch": s.arch, "batch": s.batch,
-                   "args": list(case[:-1]), **dataclasses.asdict(case[-1]), "error": f"{type(e).__name__}: {e}"}
+                   "args": [a for a in case if not isinstance(a, Levers)], **(levers[0] if levers else {}),
+                   "error": f"{type(e).__name__}: {e}"}
         rows.append(row)
         emit(row)
         if device.type == "cuda":

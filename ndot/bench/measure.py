@@ -1,4 +1,4 @@
-"""One benchmark case: an ANN step (the ceiling) or an SNN training batch, timed on synthetic data."""
+"""One benchmark case: a matrix product (the device's ceiling), an ANN step (the network's) or an SNN training batch, timed on synthetic data."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
@@ -134,6 +135,44 @@ def _unless_graph(peak: float | None, levers: Levers) -> float | None:
     return None if levers.cuda_graph else peak
 
 
+@functools.cache
+def gflop_per_image_step(arch: str) -> float:
+    """GFLOP of one image's forward and backward through the convolutions and readout of `arch`.
+
+    Counted by torch's FlopCounterMode on the ANN twin, on the meta device (no data, no time). One
+    SNN time step runs the same convolutions forward and backward under every rule (an online rule
+    takes the weight gradient from the trace instead of the input), and its elementwise work has
+    no matrix FLOPs: the figure serves the ANN step and each rule's image-step alike.
+    """
+    with torch.device("meta"):
+        model = ann_twin(build(arch, CHANNELS, CLASSES))
+        size = ARCHS[arch].input_size
+        x, y = torch.empty(1, CHANNELS, size, size), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as count:
+        step_loss(model(x), y, 1, LOSS_ALPHA).backward()
+    return count.get_total_flops() / 1e9
+
+
+def bench_matmul(s: Setup, precision: str, n: int) -> Row:
+    """TFLOP/s of an n x n x n matrix product on random data: the device's own arithmetic ceiling.
+
+    fp32 is timed in the math mode the convolutions use: TF32 where cuDNN has it on (PyTorch's
+    CUDA default), which plain matrix products do not get by default.
+    """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    g = torch.Generator(device=s.device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=s.device, generator=g).to(dtype) for _ in range(2))
+    tf32 = s.device.type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        seconds, _ = timed(lambda: torch.mm(a, b), s.device, s.warmup, s.min_seconds)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return {"kind": "matmul", "precision": precision, "math": "tf32" if tf32 else precision, "n": n,
+            "tflop_per_s": 2 * n**3 / seconds / 1e12}
+
+
 def bench_ann(s: Setup, precision: str, levers: Levers) -> Row:
     base = allocated(s.device)
     model, opt = fresh_model(s, levers)
@@ -142,7 +181,8 @@ def bench_ann(s: Setup, precision: str, levers: Levers) -> Row:
     run = _runner(step, ann_twin(model), opt, x, y, levers.cuda_graph)
     seconds, peak = timed(run, s.device, s.warmup, s.min_seconds, base)
     return {"kind": "ann", "arch": s.arch, "batch": s.batch, "precision": precision, **dataclasses.asdict(levers),
-            "images_per_s": s.batch / seconds, "step_ms": 1e3 * seconds, "peak_mem_mb": _unless_graph(peak, levers)}
+            "images_per_s": s.batch / seconds, "step_ms": 1e3 * seconds, "peak_mem_mb": _unless_graph(peak, levers),
+            "tflop_per_s": gflop_per_image_step(s.arch) * s.batch / seconds / 1e3}
 
 
 def bench_snn(s: Setup, rule: str, mode: str, T: int, precision: str, levers: Levers) -> Row:
@@ -161,6 +201,7 @@ def bench_snn(s: Setup, rule: str, mode: str, T: int, precision: str, levers: Le
         step(model, opt, x, y)
     return {"kind": "snn", "arch": s.arch, "rule": rule, "mode": mode, "T": T, "batch": s.batch,
             "precision": precision, **dataclasses.asdict(levers), "image_steps_per_s": s.batch * T / seconds,
+            "tflop_per_s": gflop_per_image_step(s.arch) * s.batch * T / seconds / 1e3,
             "batch_ms": 1e3 * seconds, "peak_mem_mb": _unless_graph(peak, levers),
             "batch_peak_mb": alloc.peak / 2**20, "saved_mb": saved.peak / 2**20}
 

@@ -85,8 +85,22 @@ def _ratio(v: float | None) -> str | None:
     return None if v is None else f"{v:.2f}"
 
 
+def _against_device(rows: list[Row], T: int) -> Iterable[list[Any]]:
+    """Per precision: the matrix product's TFLOP/s, then the fastest ANN step's and NDOT_A's and NDOT_O's at T, as fractions of it."""
+    for m in (r for r in rows if r["kind"] == "matmul"):
+        p = m["precision"]
+        yield [p, f"matrix product {m['n']}^3 ({m['math']})", "–", m["tflop_per_s"], "1.00"]
+        for name, keep in (("ANN step (the ceiling)", lambda r: r["kind"] == "ann"),
+                           (f"ndot_A T={T}", lambda r: r["kind"] == "snn" and (r["rule"], r["mode"], r["T"]) == ("ndot", "A", T)),
+                           (f"ndot_O T={T}", lambda r: r["kind"] == "snn" and (r["rule"], r["mode"], r["T"]) == ("ndot", "O", T))):
+            best = max((r for r in rows if keep(r) and r["precision"] == p and r.get("tflop_per_s")),
+                       key=lambda r: r["tflop_per_s"], default=None)
+            if best:
+                yield [p, name, _levers_name(best), best["tflop_per_s"], _ratio(best["tflop_per_s"] / m["tflop_per_s"])]
+
+
 def table(rows: list[Row]) -> str:
-    """Markdown tables of a run: the ceiling, training throughput, memory over T, profiles, targets, errors."""
+    """Markdown tables of a run: the ceiling, training throughput, against the device, memory over T, profiles, targets, errors."""
     out: list[str] = []
 
     def section(title: str, head: list[str], body: Iterable[list[Any]]) -> None:
@@ -106,6 +120,8 @@ def table(rows: list[Row]) -> str:
             ([r["arch"], f"{r['rule']}_{r['mode']}", r["T"], r["batch"], r["precision"], _levers_name(r),
               r["image_steps_per_s"], _ratio(r["ratio_to_ceiling"]), r["peak_mem_mb"], r.get("batch_peak_mb"), r["saved_mb"]]
              for r in rows if r["kind"] == "snn"))
+    section("Against the device (the convolutions' FLOPs per image-step x image-steps/s)",
+            ["precision", "case", "levers", "TFLOP/s", "x matrix product"], _against_device(rows, env.get("lever_T", 4)))
     section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MB", "judged", "ok"],
             ([f"{r['rule']}_{r['mode']}", r["precision"], _levers_name(r), r["metric"], r["T"],
               [round(m, 1) for m in r["mb"]], "linear" if r["rule"] == "bptt" else "flat", r["ok"]]
