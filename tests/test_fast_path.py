@@ -352,6 +352,23 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
     assert markdown([r for r in rows if r["kind"] not in ("memory_vs_T", "targets")]) == whole
 
 
+def test_bench_sweeps_batch_sizes_each_against_its_own_ceiling_and_reads_the_targets_at_the_first(capsys):
+    argv = ["--small", "--batch", "4,8", "--T", "1,4", "--rules", "ndot_A,ndot_O", "--precisions", "fp32",
+            "--ablation-T", "0", "--warmup", "0", "--min-seconds", "0.01"]
+    assert bench_main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0]["lever_batch"] == 4 and rows[0]["lever_arch"] == "small_cnn"
+    ceiling = {b: max(r["images_per_s"] for r in rows if r["kind"] == "ann" and r["batch"] == b) for b in (4, 8)}
+    snn = [r for r in rows if r["kind"] == "snn"]
+    assert sorted((r["batch"], r["mode"], r["T"]) for r in snn) == [(b, m, T) for b in (4, 8) for m in "AO" for T in (1, 4)]
+    assert all(r["ceiling_images_per_s"] == ceiling[r["batch"]] for r in snn)
+    assert sorted((c["batch"], c["mode"]) for c in rows if c["kind"] == "memory_vs_T") == [(4, "A"), (4, "O"), (8, "A"), (8, "O")]
+    target = rows[-1]
+    a4 = next(r for r in snn if (r["batch"], r["mode"], r["T"]) == (4, "A", 4))
+    assert (target["kind"], target["batch"], target["T"]) == ("targets", 4, 4)
+    assert target["ndot_A_fp32_image_steps_per_s"] == a4["image_steps_per_s"]
+
+
 def test_the_flop_count_is_vgg11s_convolutions_and_readout_forward_and_backward():
     # The spec's VGG-11 on 3x32x32 (c_in, c_out, side), a pool after the 2nd, 4th and 6th conv; 512 -> 10 readout.
     convs = [(3, 64, 32), (64, 128, 32), (128, 256, 16), (256, 256, 16), (256, 512, 8), (512, 512, 8), (512, 512, 4), (512, 512, 4)]
@@ -366,6 +383,7 @@ def test_the_flop_count_is_vgg11s_convolutions_and_readout_forward_and_backward(
     (["--precisions", "fp16"], "unknown precision 'fp16'"),
     (["--rules", "bptt_O"], "bptt"),
     (["--batch", "0"], "batch_size must be a positive integer"),
+    (["--batch", "8,0"], "batch_size must be a positive integer"),
     (["--ablation-T", "-1"], "--ablation-T"),
     (["--T", "1,,2"], "comma-separated list of int"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),

@@ -67,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="small_cnn, batch 8, T 1,2,4: a CPU smoke run")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", type=listed(str), default=None, help="comma-separated architectures")
-    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--batch", type=listed(int), default=None,
+                   help="comma-separated batch sizes; the per-lever runs, profiles and targets use the first")
     p.add_argument("--T", type=listed(int), default=None, help="comma-separated time steps")
     p.add_argument("--rules", type=listed(_rule_mode), default=None, help="comma-separated RULE_MODE, e.g. ndot_A,bptt_A")
     p.add_argument("--precisions", type=listed(str), default=PRECISIONS)
@@ -98,7 +99,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                      dataclasses.replace(fast, cuda_graph=True)]
     return {
         "archs": args.arch or ["small_cnn" if small else "vgg11_ws"],
-        "batch": args.batch if args.batch is not None else (8 if small else 128),
+        "batches": args.batch or [8 if small else 128],
         "Ts": args.T or ([1, 2, 4] if small else [1, 2, 4, 6, 20]),
         "rules": args.rules or [("ndot", "A"), ("ndot", "O"), ("ottt", "A"), ("sltt", "A"), ("bptt", "A")],
         "precisions": args.precisions,
@@ -119,9 +120,10 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     }
 
 
-def lever_T(p: dict[str, Any]) -> int:
-    """The T of the per-lever runs, the targets read off them and the profiles."""
-    return p["ablation_T"] or 4
+def lever_case(p: dict[str, Any]) -> Row:
+    """Where the targets are read: the first architecture and batch, at the T of the per-lever runs
+    and the profiles (4 where there are none). Recorded in the env row, for --table."""
+    return {"lever_arch": p["archs"][0], "lever_batch": p["batches"][0], "lever_T": p["ablation_T"] or 4}
 
 
 def check_plan(p: dict[str, Any], device: torch.device) -> None:
@@ -129,8 +131,9 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
     for arch in p["archs"]:
         for rule, mode in p["rules"]:
             for T in p["Ts"]:
-                for precision in p["precisions"]:
-                    TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=p["batch"], precision=precision).validate()
+                for batch in p["batches"]:
+                    for precision in p["precisions"]:
+                        TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=batch, precision=precision).validate()
     if p["ablation_T"] < 0:
         raise ConfigError(f"--ablation-T must be >= 0 (0: no per-lever runs), got {p['ablation_T']}")
     if p["grid_levers"].cuda_graph and device.type != "cuda":
@@ -146,17 +149,20 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
 
 def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:
     """Every case once, in the order that loses least if a device run is cut short: the device's and the
-    network's ceilings, the per-lever runs the targets are read from, the profiles (a few batches each), the rule x T grid."""
-    for i, arch in enumerate(p["archs"]):
-        s = Setup(device, arch, p["batch"], p["warmup"], p["min_seconds"])
-        if i == 0:
+    network's ceilings, then per architecture the per-lever runs (at the first batch) the targets are read from,
+    the profiles (a few batches each), the rule x T x batch grid."""
+    setups = {(arch, batch): Setup(device, arch, batch, p["warmup"], p["min_seconds"]) for arch in p["archs"] for batch in p["batches"]}
+    first = next(iter(setups.values()))
+    for precision in p["precisions"]:
+        yield "matmul", first, (precision, p["matmul_n"])
+    for arch in p["archs"]:
+        for batch in p["batches"]:
             for precision in p["precisions"]:
-                yield "matmul", s, (precision, p["matmul_n"])
-        for precision in p["precisions"]:
-            for lv in p["ann_levers"]:
-                # Graph replay is measured where the spec's ceiling has it: bf16.
-                if not lv.cuda_graph or precision == "bf16":
-                    yield "ann", s, (precision, lv)
+                for lv in p["ann_levers"]:
+                    # Graph replay is measured where the spec's ceiling has it: bf16.
+                    if not lv.cuda_graph or precision == "bf16":
+                        yield "ann", setups[arch, batch], (precision, lv)
+        s = setups[arch, p["batches"][0]]
         snn = [(rule, mode, p["ablation_T"], precision, lv) for precision in p["precisions"]
                for rule, mode in [("ndot", "A"), ("ndot", "O")] for lv in p["ablation"] if p["ablation_T"]]
         for case in dict.fromkeys(snn):
@@ -165,12 +171,13 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
             for precision in p["precisions"]:
                 for mode in "AO":
                     for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
-                        yield "profile", s, ("ndot", mode, lever_T(p), precision, lv)
-        grid = [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
-                for rule, mode in p["rules"] for T in p["Ts"]]
-        for case in dict.fromkeys(grid):
-            if case not in snn:
-                yield "snn", s, case
+                        yield "profile", s, ("ndot", mode, lever_case(p)["lever_T"], precision, lv)
+        for batch in p["batches"]:
+            grid = [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
+                    for rule, mode in p["rules"] for T in p["Ts"]]
+            for case in dict.fromkeys(grid):
+                if batch != p["batches"][0] or case not in snn:
+                    yield "snn", setups[arch, batch], case
 
 
 def read_run(path: str) -> list[Row]:
@@ -209,7 +216,7 @@ def print_table(rows: list[Row]) -> None:
     if not any(r["kind"] == "targets" for r in rows):
         # A run cut short (a device's time limit) never printed its summaries: read them off the rows it kept.
         env = next((r for r in rows if r["kind"] == "env"), {})
-        rows = [*rows, *memory_checks(rows), targets(rows, env.get("lever_T", 4))]
+        rows = [*rows, *memory_checks(rows), targets(rows, env)]
     print(table(rows))
 
 
@@ -257,12 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_cases(p, device, emit)
         for check in memory_checks(rows):
             emit(check)
-        emit(targets(rows, lever_T(p)))
+        emit(targets(rows, lever_case(p)))
     return 1 if any(r["kind"] == "error" for r in rows) else 0
 
 
 def run_cases(p: dict[str, Any], device: torch.device, emit: Callable[[Row], None]) -> list[Row]:
-    emit({**env_row(device), "lever_T": lever_T(p)})
+    emit({**env_row(device), **lever_case(p)})
     rows: list[Row] = []
     ceiling: dict[tuple[str, int], float] = {}
     for kind, s, case in cases(p, device):

@@ -1,7 +1,7 @@
 """Summaries of a run's rows: memory over T, the throughput targets, Markdown tables."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -50,10 +50,19 @@ def memory_checks(rows: list[Row], tolerance: float = 0.05) -> list[Row]:
     return out
 
 
-def targets(rows: list[Row], T: int = 4) -> Row:
-    """The throughput targets read off this run at `T`: NDOT_A bf16 vs the ceiling, NDOT_O vs NDOT_A, fp32 throughput."""
+def _at(lever: Row) -> Callable[[Row], bool]:
+    """Whether a row is of the architecture and batch in `lever` (the env row's lever_arch, lever_batch);
+    a run from before it named them measured one of each."""
+    return lambda r: all(r[k] == lever[f"lever_{k}"] for k in ("arch", "batch") if f"lever_{k}" in lever)
+
+
+def targets(rows: list[Row], lever: Row) -> Row:
+    """The throughput targets read off this run at the env row's lever_T (and lever_arch, lever_batch):
+    NDOT_A bf16 vs the ceiling, NDOT_O vs NDOT_A, fp32 throughput."""
+    T, at = lever.get("lever_T", 4), _at(lever)
+
     def best(rule: str, mode: str, precision: str) -> Row | None:
-        rs = [r for r in rows if r["kind"] == "snn" and (r["rule"], r["mode"], r["precision"], r["T"]) == (rule, mode, precision, T)]
+        rs = [r for r in rows if r["kind"] == "snn" and at(r) and (r["rule"], r["mode"], r["precision"], r["T"]) == (rule, mode, precision, T)]
         return max(rs, key=lambda r: r["image_steps_per_s"], default=None)
 
     a16, o16, a32 = best("ndot", "A", "bf16"), best("ndot", "O", "bf16"), best("ndot", "A", "fp32")
@@ -62,7 +71,7 @@ def targets(rows: list[Row], T: int = 4) -> Row:
     note = (f"targets for one H200 at T={T}: NDOT_A bf16 >= {A_BF16_OVER_CEILING} x the ANN ceiling, "
             f"NDOT_O >= {O_OVER_A_BF16} x NDOT_A (bf16), NDOT_A fp32 >= {A_FP32_IMAGE_STEPS_PER_S:,} image-steps/s; "
             "on other hardware read the ratios, not the ok fields")
-    out: Row = {"kind": "targets", "T": T, "note": note}
+    out: Row = {"kind": "targets", **{k: lever[f"lever_{k}"] for k in ("arch", "batch") if f"lever_{k}" in lever}, "T": T, "note": note}
     if a16 and a16["ratio_to_ceiling"] is not None:  # None: every ANN case failed (its error rows say why)
         out.update(ndot_A_bf16_ratio_to_ceiling=a16["ratio_to_ceiling"], ndot_A_bf16_levers={k: a16[k] for k in lever_keys},
                    ndot_A_bf16_ok=a16["ratio_to_ceiling"] >= A_BF16_OVER_CEILING)
@@ -85,15 +94,17 @@ def _ratio(v: float | None) -> str | None:
     return None if v is None else f"{v:.2f}"
 
 
-def _against_device(rows: list[Row], T: int) -> Iterable[list[Any]]:
-    """Per precision: the matrix product's TFLOP/s, then the fastest ANN step's and NDOT_A's and NDOT_O's at T, as fractions of it."""
+def _against_device(rows: list[Row], lever: Row) -> Iterable[list[Any]]:
+    """Per precision: the matrix product's TFLOP/s, then the fastest ANN step's and NDOT_A's and NDOT_O's where the targets
+    are read (`targets`), as fractions of it."""
+    T, at = lever.get("lever_T", 4), _at(lever)
     for m in (r for r in rows if r["kind"] == "matmul"):
         p = m["precision"]
         yield [p, f"matrix product {m['n']}^3 ({m['math']})", "–", m["tflop_per_s"], "1.00"]
         for name, keep in (("ANN step (the ceiling)", lambda r: r["kind"] == "ann"),
                            (f"ndot_A T={T}", lambda r: r["kind"] == "snn" and (r["rule"], r["mode"], r["T"]) == ("ndot", "A", T)),
                            (f"ndot_O T={T}", lambda r: r["kind"] == "snn" and (r["rule"], r["mode"], r["T"]) == ("ndot", "O", T))):
-            best = max((r for r in rows if keep(r) and r["precision"] == p and r.get("tflop_per_s")),
+            best = max((r for r in rows if keep(r) and at(r) and r["precision"] == p and r.get("tflop_per_s")),
                        key=lambda r: r["tflop_per_s"], default=None)
             if best:
                 yield [p, name, _levers_name(best), best["tflop_per_s"], _ratio(best["tflop_per_s"] / m["tflop_per_s"])]
@@ -121,7 +132,7 @@ def table(rows: list[Row]) -> str:
               r["image_steps_per_s"], _ratio(r["ratio_to_ceiling"]), r["peak_mem_mb"], r.get("batch_peak_mb"), r["saved_mb"]]
              for r in rows if r["kind"] == "snn"))
     section("Against the device (the convolutions' FLOPs per image-step x image-steps/s)",
-            ["precision", "case", "levers", "TFLOP/s", "x matrix product"], _against_device(rows, env.get("lever_T", 4)))
+            ["precision", "case", "levers", "TFLOP/s", "x matrix product"], _against_device(rows, env))
     section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MB", "judged", "ok"],
             ([f"{r['rule']}_{r['mode']}", r["precision"], _levers_name(r), r["metric"], r["T"],
               [round(m, 1) for m in r["mb"]], "linear" if r["rule"] == "bptt" else "flat", r["ok"]]
