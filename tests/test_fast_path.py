@@ -17,7 +17,8 @@ import torch
 from helpers import assert_close, batch, exit_status, grads, make_model
 from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
-from ndot.bench.measure import gflop_per_image_step
+from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_batch
+from ndot.bench.profile import backward_regions, labelled_model
 from ndot.bench.report import memory_checks
 from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate, fused_neuron_step, fused_standardise
@@ -367,6 +368,36 @@ def test_bench_sweeps_batch_sizes_each_against_its_own_ceiling_and_reads_the_tar
     a4 = next(r for r in snn if (r["batch"], r["mode"], r["T"]) == (4, "A", 4))
     assert (target["kind"], target["batch"], target["T"]) == ("targets", 4, 4)
     assert target["ndot_A_fp32_image_steps_per_s"] == a4["image_steps_per_s"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_profile_ties_each_backward_node_to_the_region_whose_forward_made_it(fused):
+    s = Setup(torch.device("cpu"), "small_cnn", 4, 0, 0.01)
+    model, opt = labelled_model(s, Levers(channels_last=fused, fused_neuron=fused, fused_ws=fused), "ndot")
+    x, y = synthetic_batch(s)
+    step = partial(train_batch, model, opt, x, y, rule="ndot", mode="A", T=3, loss_alpha=0.05)
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.events()
+    regions = backward_regions(events)
+    found: dict[str | None, list[str]] = {}
+    for e in events:
+        if e.name.startswith("autograd::engine::evaluate_function: "):
+            found.setdefault(regions.get(e.sequence_nr), []).append(e.name.split(": ")[1])
+    lifs, convs = len(list(neurons(model))), sum(isinstance(m, WSConv2d) for m in model.modules())
+    if fused:  # one compiled node per neuron and step, one per layer's standardisation (mode A: once a batch)
+        assert found["neuron"].count("CompiledFunctionBackward") == lifs * 3, found["neuron"]
+        # and the flat views that the compiled step is called on
+        assert set(found["neuron"]) - {"CompiledFunctionBackward"} <= {"PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0"}
+        assert found["standardise"].count("CompiledFunctionBackward") == convs, found["standardise"]
+    else:  # the surrogate at every step, the membrane's sum from the second on
+        assert sorted(set(found["neuron"])) == ["AddBackward0", "SpikeFnBackward"]
+        assert found["neuron"].count("SpikeFnBackward") == lifs * 3 and found["neuron"].count("AddBackward0") == lifs * 2
+        assert {"MeanBackward1", "VarBackward0"} <= set(found["standardise"]) and "SpikeFnBackward" not in found["standardise"]
+    # The convolutions, pooling, readout and loss belong to neither.
+    assert {"TracedConv2dBackward", "ConvolutionBackward0"} <= set(found[None])
+    assert not {"TracedConv2dBackward", "ConvolutionBackward0"} & set(found["neuron"] + found["standardise"])
 
 
 def test_the_flop_count_is_vgg11s_convolutions_and_readout_forward_and_backward():

@@ -21,7 +21,8 @@ Synthetic data, created on the device once. One JSON object per line on stdout (
 - "targets": the throughput targets for one H200 (NDOT_A bf16 against the
   ceiling, NDOT_O against NDOT_A, NDOT_A fp32 image-steps/s), read off this run's rows.
 - "profile" (--profile): where the time of an NDOT_A and an NDOT_O batch goes: convolutions,
-  neuron forward (LIF, factor, trace) and its backward, everything else, and the ops that own the most of it.
+  neuron forward (LIF, factor, trace) and its backward, the weight standardisation (forward and
+  backward), the SGD step, everything else, and the ops that own the most of it.
 - "error": a case that raised; the run goes on.
 
 Memory (ndot.memory): `peak_mem_mb` is torch.cuda.max_memory_allocated over the timed

@@ -137,10 +137,13 @@ def table(rows: list[Row]) -> str:
             ([f"{r['rule']}_{r['mode']}", r["precision"], _levers_name(r), r["metric"], r["T"],
               [round(m, 1) for m in r["mb"]], "linear" if r["rule"] == "bptt" else "flat", r["ok"]]
              for r in rows if r["kind"] == "memory_vs_T"))
-    section("Profile (fraction of the batch)", ["rule", "T", "precision", "levers", "batch ms", "conv fwd", "conv bwd",
-                                                "neuron fwd", "neuron bwd", "other", "neuron / conv"],
+    profiles = [r for r in rows if r["kind"] == "profile"]
+    # The categories as the run named them (older runs had no standardise and sgd).
+    categories = list(profiles[0]["fraction"]) if profiles else []
+    section("Profile (fraction of the batch)", ["rule", "T", "precision", "levers", "batch ms",
+                                                *(c.replace("_", " ") for c in categories), "neuron / conv"],
             ([f"{r['rule']}_{r['mode']}", r["T"], r["precision"], _levers_name(r), r["batch_ms"],
-              *map(_ratio, r["fraction"].values()), _ratio(r["neuron_over_conv"])] for r in rows if r["kind"] == "profile"))
+              *(_ratio(r["fraction"].get(c)) for c in categories), _ratio(r["neuron_over_conv"])] for r in profiles))
     section("Targets", ["target", "value"], ([k, v] for r in rows if r["kind"] == "targets" for k, v in r.items() if k != "kind"))
     section("Errors", ["case", "args", "error"], ([r["case"], r["args"], r["error"]] for r in rows if r["kind"] == "error"))
     return "\n".join(out)
