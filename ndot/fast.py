@@ -56,6 +56,8 @@ _configured = threading.local()
 
 
 def _configure_dynamo() -> None:
+    if getattr(_configured, "dynamo", False):
+        return
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
     # λ, Vth, α and the output scale are constants of a run: baked in, rather than wrapped at every
     # call into 0-d CPU tensors that the graph reads back (and that make Inductor build a host C++
@@ -84,8 +86,7 @@ def fused_neuron_step() -> Callable[..., Step]:
     compiled = torch.compile(neuron_step, fullgraph=True, dynamic=True)
 
     def step(current: Tensor, *state: Tensor | None, **constants) -> Step:
-        if not getattr(_configured, "dynamo", False):
-            _configure_dynamo()
+        _configure_dynamo()
         shape, stride = current.shape, current.stride()
         layout = _layout(shape, stride)
         if layout is None or any(t is not None and t.stride() != stride for t in state):
@@ -121,8 +122,7 @@ def fused_standardise() -> Callable[[Tensor, Tensor, float], Tensor]:
     compiled = torch.compile(standardise, fullgraph=True, dynamic=True)
 
     def fn(w: Tensor, gain: Tensor, eps: float) -> Tensor:
-        if not getattr(_configured, "dynamo", False):
-            _configure_dynamo()
+        _configure_dynamo()
         # Dynamo holds a parameter's shape static, a graph per layer: the same tensors, not as parameters.
         return compiled(_unsafe_view(w, w.shape), _unsafe_view(gain, gain.shape), eps)
 

@@ -112,7 +112,8 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         # trains, not one the SNN's own levers outrun (fused_ws compiles the ANN's standardisation too).
         "ann_levers": [Levers(channels_last=c, fused_ws=w, cuda_graph=g) for c, w in ((False, False), (True, False), (True, True))
                        for g in ((False, True) if cuda else (False,))],
-        # Large enough to fill the device: an H200 reaches its rate near 8192; two CPU cores take seconds at 2048.
+        # Large enough to fill a GPU (8192 is the size of the H200 reading in .library/device/KINDS.md);
+        # small on a CPU, where the product is timed at least three times after the warm-up.
         "matmul_n": 8192 if cuda else (512 if small else 2048),
         "warmup": args.warmup if args.warmup is not None else (1 if small else 3),
         "min_seconds": args.min_seconds if args.min_seconds is not None else (0.05 if small else 0.5),
@@ -173,9 +174,9 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
                 for mode in "AO":
                     for lv in dict.fromkeys([Levers(), p["grid_levers"]]):
                         yield "profile", s, ("ndot", mode, lever_case(p)["lever_T"], precision, lv)
+        grid = [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
+                for rule, mode in p["rules"] for T in p["Ts"]]
         for batch in p["batches"]:
-            grid = [(rule, mode, T, precision, p["grid_levers"]) for precision in p["precisions"]
-                    for rule, mode in p["rules"] for T in p["Ts"]]
             for case in dict.fromkeys(grid):
                 if batch != p["batches"][0] or case not in snn:
                     yield "snn", setups[arch, batch], case
