@@ -72,9 +72,11 @@ def train_batch(
         opt.step()
         opt.zero_grad(set_to_none=True)
     else:
+        # One backward per optimiser step: each conv builds Ŵ with its graph and that backward goes
+        # through it, one standardisation fewer per layer and step than building Ŵ without a graph
+        # and rebuilding it at a block's exit (the same bits; tests/test_step.py).
         for t in range(T):
-            with standardised_weights(model):
-                forward(t).backward()
+            forward(t).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return loss_sum, logits

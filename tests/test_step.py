@@ -4,8 +4,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import RecordingSGD, batch, make_model
-from ndot.layers import WSConv2d
-from ndot.step import eval_batch, train_batch
+from ndot.fast import accelerate
+from ndot.layers import WSConv2d, reset_state, standardised_weights
+from ndot.step import _autocast, eval_batch, step_loss, train_batch
 
 
 class CountConvs(TorchDispatchMode):
@@ -35,6 +36,59 @@ def test_each_weight_op_runs_once_per_step(arch, rule, mode):
     with CountConvs() as c:
         eval_batch(model.eval(), x, y, T=T, loss_alpha=0.05)
     assert (c.forward, c.backward) == (n_convs * T, 0)
+
+
+def count_standardisations(model) -> list[int]:
+    calls = [0]
+    for m in model.modules():
+        if isinstance(m, WSConv2d):
+            def counted(*args, fn=m.standardise_fn):
+                calls[0] += 1
+                return fn(*args)
+            m.standardise_fn = counted
+    return calls
+
+
+@pytest.mark.parametrize("mode,per_batch", [("O", lambda n, T: n * T), ("A", lambda n, T: 2 * n)])
+def test_standardisations_per_batch(mode, per_batch):
+    # Mode O: one per layer and step, inside the step's graph. Mode A: once without a graph for all T
+    # steps, and once more at the exit, to push the summed gradient through.
+    model = make_model(dtype=torch.float32)
+    n_convs = sum(isinstance(m, WSConv2d) for m in model.modules())
+    calls = count_standardisations(model)
+    x, y = batch(dtype=torch.float32)
+    train_batch(model, RecordingSGD(model.parameters()), x, y, rule="ndot", mode=mode, T=3, loss_alpha=0.05)
+    assert calls[0] == per_batch(n_convs, 3)
+
+
+def weights_standardised_per_step(model, opt, x, y, T: int, precision: str) -> None:
+    """Mode O as mode A's machinery would run it, one block per step: Ŵ without a graph, then rebuilt."""
+    reset_state(model)
+    for t in range(T):
+        with standardised_weights(model):
+            with _autocast(x, precision):
+                o = model(x)
+            step_loss(o, y, T, 0.05).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("fused_ws", [False, True])
+def test_mode_o_trains_as_with_weights_standardised_per_step(precision, fused_ws):
+    x, y = batch(dtype=torch.float32)
+    params = []
+    for run in (weights_standardised_per_step, None):
+        model = accelerate(make_model("resnet_ws", dtype=torch.float32), fused_ws=fused_ws)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for _ in range(2):
+            if run is None:
+                train_batch(model, opt, x, y, rule="ndot", mode="O", T=3, loss_alpha=0.05, precision=precision)
+            else:
+                run(model, opt, x, y, 3, precision)
+        params.append(list(model.parameters()))
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_eval_computes_no_traces():
