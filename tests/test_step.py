@@ -77,15 +77,15 @@ def weights_standardised_per_step(model, opt, x, y, T: int, precision: str) -> N
 @pytest.mark.parametrize("fused_ws", [False, True])
 def test_mode_o_trains_as_with_weights_standardised_per_step(precision, fused_ws):
     x, y = batch(dtype=torch.float32)
+    def mode_o(model, opt, x, y, T: int, precision: str) -> None:
+        train_batch(model, opt, x, y, rule="ndot", mode="O", T=T, loss_alpha=0.05, precision=precision)
+
     params = []
-    for run in (weights_standardised_per_step, None):
+    for run in (weights_standardised_per_step, mode_o):
         model = accelerate(make_model("resnet_ws", dtype=torch.float32), fused_ws=fused_ws)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         for _ in range(2):
-            if run is None:
-                train_batch(model, opt, x, y, rule="ndot", mode="O", T=3, loss_alpha=0.05, precision=precision)
-            else:
-                run(model, opt, x, y, 3, precision)
+            run(model, opt, x, y, 3, precision)
         params.append(list(model.parameters()))
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
