@@ -88,8 +88,11 @@ class LIF(nn.Module):
         st = {} if first else self.state
         if first and self.training and self.dropout > 0:
             # In the state's dtype (fp32 at least): a bf16 mask would round 1/(1-p) (1.109375 for p = 0.1).
-            keep = torch.empty_like(current, dtype=torch.promote_types(current.dtype, torch.float32))
-            st["mask"] = keep.bernoulli_(1 - self.dropout) / (1 - self.dropout)
+            dtype = torch.promote_types(current.dtype, torch.float32)
+            # Drawn in NCHW order, which the generator fills in, then laid out as the current: drawn into
+            # NHWC memory, the same generator would drop other neurons under channels_last.
+            keep = torch.empty(current.shape, dtype=dtype, device=current.device).bernoulli_(1 - self.dropout)
+            st["mask"] = torch.empty_like(current, dtype=dtype).copy_(keep).div_(1 - self.dropout)
         online = self.rule != "bptt"
         trace = online and self.training and self.emit_trace
         s, v, a, e = self.step_fn(
