@@ -230,6 +230,18 @@ def test_channels_last_alone_is_exact_in_float64(rule):
         assert_close(fast[name], plain[name], 1e-12, name)
 
 
+def test_channels_last_draws_the_dropout_masks_of_the_plain_layout():
+    # A mask is drawn in storage order: drawn in NHWC memory, the same generator would drop other neurons.
+    x, y = batch(n=2, size=16)
+    runs = []
+    for channels_last in (False, True):
+        model = accelerate(make_model(rule="ndot", dropout=0.3), channels_last=channels_last)
+        runs.append(grads(model, "ndot", "A", x, y, T=3))
+    plain, fast = runs
+    for name in plain:
+        assert_close(fast[name], plain[name], 1e-12, name)
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
 @pytest.mark.parametrize("mode", "AO")
 def test_bf16_fast_path_is_finite_and_close_to_fp32(mode, device):
@@ -333,7 +345,9 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
     assert {(r["rule"], r["mode"], r["precision"]) for r in profiles} == {("ndot", m, p) for m in "AO" for p in ("fp32", "bf16")}
     for prof in profiles:
         ops = prof["top_ops"]
-        assert ops and any(o["op"] == "aten::convolution_backward" for o in ops), ops
+        # A convolution's backward: the dispatcher's wrapper, or the kernel it owns its time to (bf16 on a CPU
+        # runs aten::_slow_conv2d_backward, and the wrapper's own time then falls out of the top ops).
+        assert ops and any("conv" in o["op"] and "backward" in o["op"] for o in ops), ops
         assert all(o["ms_per_batch"] > 0 and o["calls_per_batch"] > 0 for o in ops)
         assert sum(o["ms_per_batch"] for o in ops) <= prof["batch_ms"]
     # What autograd saves is the same to the byte at every T.
