@@ -360,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"epoch {epoch:3d}/{cfg.epochs}  batch {done}/{total}", flush=True)
 
     print(f"{cfg.rule}_{cfg.mode} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
-    result = train(cfg, on_epoch, state, on_batch)
+    try:
+        result = train(cfg, on_epoch, state, on_batch)
+    except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
+        return refuse(e)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
 

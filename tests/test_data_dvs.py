@@ -13,6 +13,7 @@ import torchvision.transforms.functional as TF
 from data_fixtures import closed_port, one_line
 from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures
+from ndot.train import main as train_main
 from ndot.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -316,6 +317,45 @@ def test_failed_download_is_one_error(tmp_path, monkeypatch):
         dvs.check(config(tmp_path, download=True))
     message = one_line(err)
     assert "downloading cifar10dvs" in message and "refused" in message
+
+
+@pytest.fixture
+def cut_short(dataset_root, tmp_path) -> Path:
+    """A copy of the fixture with a training and a test recording cut in half, as an interrupted unzip leaves them."""
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset_root / "CIFAR10DVS", copy / "CIFAR10DVS")
+    for name in ("truck/cifar10_truck_7.aedat4", "cat/cifar10_cat_95.aedat4"):
+        path = copy / "CIFAR10DVS" / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return copy
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_recordings_cut_short_are_one_error_naming_each_and_nothing_is_cached(cut_short, private_cache, workers):
+    cfg = config(cut_short, workers=workers)
+    dvs.check(cfg)  # a file cut short passes the count; reading it is the test
+    with pytest.raises(DataError) as err:
+        dvs.loaders(cfg, CPU, 48)
+    message = one_line(err)
+    assert "2 cifar10dvs recordings" in message and "--download" in message
+    assert "truck/cifar10_truck_7.aedat4" in message and "cat/cifar10_cat_95.aedat4" in message
+    assert not cache_files(private_cache)
+
+
+def test_the_train_command_refuses_recordings_cut_short_in_one_line(cut_short, private_cache, tmp_path, capsys):
+    argv = ["--dataset", "cifar10dvs", "--data_root", str(cut_short), "--workers", "0", "--out", str(tmp_path / "run")]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be read" in err
+
+
+def test_an_empty_recording_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)
+    (folder / "dog" / "cifar10_dog_2.aedat4").write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        dvs.check(config(tmp_path))
+    assert "1 recordings are empty (dog/cifar10_dog_2.aedat4)" in one_line(err)
 
 
 def test_the_trainer_runs_on_the_fixture(dataset_root):

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from tonic.datasets import CIFAR10DVS
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from ndot import files
 from ndot.config import DVS_ENCODINGS
@@ -85,6 +85,10 @@ def _problem(folder: Path) -> str | None:
                 f"{RECORDINGS_PER_CLASS} .aedat4 recordings each and tonic's {CIFAR10DVS.filename}; pass "
                 f"--download (download=True) to fetch {CIFAR10DVS.url}, or point --data-root (data_root) or $NDOT_DATA at a folder holding CIFAR10DVS/")
     wrong = [f"{c} has {have[c]} of {RECORDINGS_PER_CLASS} recordings" for c in CLASSES if have[c] != RECORDINGS_PER_CLASS]
+    # Empty files, what an unpacking that never began writing leaves; those cut short later are found reading them.
+    empty = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*.aedat4")) if p.stat().st_size == 0]
+    if empty:
+        wrong.append(f"{len(empty)} recordings are empty ({', '.join(empty[:3])}{', …' if len(empty) > 3 else ''})")
     if wrong:
         return (f"cifar10dvs is incomplete in {folder}: {'; '.join(wrong)}; delete that folder and pass --download (download=True), "
                 f"or unpack {CIFAR10DVS.url} there again")
@@ -168,16 +172,38 @@ class Frames:
     std: torch.Tensor
 
 
-def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _Readings(Dataset):
+    """(frames, label, None) of each recording, or (None, None, the error) where it cannot be read."""
+
+    def __init__(self, dataset: CIFAR10DVS, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, int | None, str | None]:
+        try:
+            frames, label = self.dataset[self.indices[k]]
+        # A recording cut short (an interrupted unzip): aedat's reader raises "failed to fill whole buffer".
+        except (RuntimeError, OSError, ValueError) as e:
+            return None, None, " ".join(str(e).split()) or type(e).__name__
+        return frames, label, None
+
+
+def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The frames and labels of the recordings `indices`, and each one that cannot be read, with its error:
+    read to the end, so that one message can list what to repair (in a worker, the first would end the loader)."""
     t = dataset.transform
     x = torch.empty(len(indices), t.T, 2, t.size, t.size, dtype=FRAME_DTYPES[t.encoding])
     y = torch.empty(len(indices), dtype=torch.long)
-    done = 0
-    for frames, labels in DataLoader(Subset(dataset, indices), batch_size=32, num_workers=workers):
-        x[done:done + len(labels)] = frames
-        y[done:done + len(labels)] = labels
-        done += len(labels)
-    return x, y
+    unreadable = []
+    batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list)
+    for k, (frames, label, error) in enumerate(item for batch in batches for item in batch):
+        if error is None:
+            x[k], y[k] = frames, label
+        else:
+            unreadable.append(f"{Path(dataset.data[indices[k]]).relative_to(dataset.location_on_system)} ({error})")
+    return x, y, unreadable
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,8 +262,14 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
         cached = _load(path, key)  # another process may have built it while this one waited
         if cached is not None:
             return cached
-        train_x, train_y = _convert(dataset, train, workers)
-        test_x, test_y = _convert(dataset, test, workers)
+        train_x, train_y, unreadable = _convert(dataset, train, workers)
+        test_x, test_y, unreadable_test = _convert(dataset, test, workers)
+        unreadable += unreadable_test
+        if unreadable:
+            raise DataError(
+                f"{len(unreadable)} cifar10dvs recordings in {dataset.location_on_system} cannot be read: "
+                f"{'; '.join(unreadable[:3])}{'; …' if len(unreadable) > 3 else ''}; delete that folder and pass "
+                f"--download (download=True), or unpack {CIFAR10DVS.url} there again")
         built = Frames(train_x, train_y, test_x, test_y, *_channel_stats(train_x))
         files.write_local(path, lambda f: torch.save({"key": key, "frames": vars(built)}, f))
         return built
