@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import download_and_extract_archive
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
@@ -243,8 +243,9 @@ def test_failed_download_is_one_error(tmp_path, monkeypatch):
     assert "unpack it into" in message
 
 
-def test_concurrent_downloads_into_one_folder_fetch_once(root, tmp_path, monkeypatch):
-    # The trials of a sweep that start together on a node each check their data with --download.
+@pytest.fixture
+def served(root, tmp_path, monkeypatch) -> list[tuple]:
+    """CIFAR-10's fixture as its archive on a local HTTP server at CIFAR10.url; returns the downloads made."""
     archive = tmp_path / "served" / "cifar-10-python.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
@@ -261,15 +262,19 @@ def test_concurrent_downloads_into_one_folder_fetch_once(root, tmp_path, monkeyp
         def log_message(self, *args):
             pass
 
-    downloads = []
-    real = torchvision.datasets.cifar.download_and_extract_archive
-    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive",
-                        lambda *a, **kw: (downloads.append(a), real(*a, **kw)))
-
+    downloads: list[tuple] = []
+    monkeypatch.setattr(cifar, "download_and_extract_archive",
+                        lambda *a, **kw: (downloads.append(a), download_and_extract_archive(*a, **kw)))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_address[1]}/{archive.name}")
     monkeypatch.setattr(CIFAR10, "tgz_md5", fixtures._md5(archive))
+    yield downloads
+    server.shutdown()
+
+
+def test_concurrent_downloads_into_one_folder_fetch_once(served, tmp_path):
+    # The trials of a sweep that start together on a node each check their data with --download.
     errors = []
 
     def check():
@@ -283,10 +288,17 @@ def test_concurrent_downloads_into_one_folder_fetch_once(root, tmp_path, monkeyp
         t.start()
     for t in threads:
         t.join()
-    server.shutdown()
     assert not errors, errors
-    assert len(downloads) == 1, "each trial downloaded the dataset again"
+    assert len(served) == 1, "each trial downloaded the dataset again"
     assert cifar.read(config(tmp_path / "data"), train=False)[1].shape == (N_TEST,)
+
+
+def test_download_restores_a_missing_meta_file(served, root, tmp_path):
+    # torchvision's own download looks at the data batches alone, and would leave the meta file missing.
+    shutil.copytree(root / CIFAR10.base_folder, tmp_path / "data" / CIFAR10.base_folder)
+    (tmp_path / "data" / CIFAR10.base_folder / "batches.meta").unlink()
+    cifar.check(config(tmp_path / "data", download=True))
+    assert len(served) == 1 and cifar.read(config(tmp_path / "data"), train=True)[1].shape == (N_TRAIN,)
 
 
 def test_stalled_download_times_out(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import check_integrity
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from ndot.data import DataError, DatasetInfo, augment, storage
 from ndot.data.loader import DeviceLoader, WorkerLoader
@@ -77,8 +77,10 @@ def check(cfg: "TrainConfig") -> None:
         raise DataError(problem)
     cls = _CLASSES[cfg.dataset]
     root = storage.data_root(cfg)
+    # The archive itself, not cls(download=True): torchvision's download returns at once where the
+    # data batches pass their md5, and its constructor then fails on a missing or damaged meta file.
     storage.download(
-        lambda: cls(root=str(root), train=False, download=True),
+        lambda: download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5),
         what=cfg.dataset, folder=root, present=lambda: _problem(cfg.dataset, cfg) is None,
         manual=f"download {cls.url} on a machine with network access and unpack it into {root}",
     )
