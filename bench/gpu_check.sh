@@ -28,8 +28,9 @@ status=0
 
 # Each stage has its own limit (150 + 310 + 45 s), so that a hang in one still leaves the others' results.
 # (At 3bfcb5a the whole call took 190 s on the H200, the tests 42 s of it; the benchmark has some 20 more rows since.)
-# SIGINT, not SIGTERM, at the limit: pytest then still prints its summary and durations.
-timeout -s INT 150 $PY -m pytest -rs --durations=12 -p no:cacheprovider tests/test_augment.py tests/test_fast_path.py -k "cuda or imports" 2>&1 \
+# SIGINT, not SIGTERM, at the limit: pytest then still prints its summary and durations; SIGKILL 10 s
+# later, as a hang in native code (a CUDA sync) does not return to Python to see the SIGINT.
+timeout -s INT -k 10 150 $PY -m pytest -rs --durations=12 -p no:cacheprovider tests/test_augment.py tests/test_fast_path.py -k "cuda or imports" 2>&1 \
   | tee "$OUT/tests.log" || status=1
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
 # (--out appends: a second check into the same $OUT starts the file afresh, not mixed with the first.)

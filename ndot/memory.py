@@ -1,6 +1,6 @@
 """Memory of a training batch, measured the same way on every device.
 
-- SavedTensorMeter: what autograd holds for backward, through saved-tensor hooks:
+- SavedTensorMeter: the storage autograd holds for backward, through saved-tensor hooks:
   exact and device-independent, the figure that separates online rules (flat in T) from BPTT.
 - AllocationMeter: the most memory a block allocates at any one time, the neuron state
   and every temporary included: CUDA's allocator statistics on a GPU, the profiler's
@@ -14,22 +14,42 @@ import torch
 
 
 class _Saved:
-    """Stands in for a saved tensor; counts its bytes while autograd holds it."""
+    """Stands in for a saved tensor; its storage counts while autograd holds any tensor on it."""
 
     def __init__(self, meter: "SavedTensorMeter", t: torch.Tensor):
-        self.meter, self.t, self.n = meter, t, t.numel() * t.element_size()
-        meter.live += self.n
-        meter.peak = max(meter.peak, meter.live)
+        self.meter, self.t = meter, t
+        storage = t.untyped_storage()
+        self.key = (t.device, storage.data_ptr())
+        meter.hold(self.key, storage.nbytes())
 
     def __del__(self):
-        self.meter.live -= self.n
+        self.meter.release(self.key)
 
 
 class SavedTensorMeter:
-    """Context manager: `peak` is the most bytes of tensors saved for backward at any one time inside the block."""
+    """Context manager: `peak` is the most bytes of storage that tensors saved for backward hold at any one
+    time inside the block.
+
+    By storage, not by save: BPTT saves Ŵ and the input at every step, and a view keeps its whole base.
+    """
 
     def __init__(self) -> None:
         self.live = self.peak = 0
+        self._held: dict[tuple[torch.device, int], tuple[int, int]] = {}  # storage -> (saves holding it, bytes)
+
+    def hold(self, key: tuple[torch.device, int], nbytes: int) -> None:
+        count, nbytes = self._held.get(key, (0, nbytes))
+        if count == 0:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self._held[key] = (count + 1, nbytes)
+
+    def release(self, key: tuple[torch.device, int]) -> None:
+        count, nbytes = self._held.pop(key)
+        if count > 1:
+            self._held[key] = (count - 1, nbytes)
+        else:
+            self.live -= nbytes
 
     def __enter__(self) -> "SavedTensorMeter":
         self.hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(self, t), lambda p: p.t)

@@ -3,6 +3,7 @@
 On a machine with CUDA the same tests also run there, where channels_last picks
 cuDNN's NHWC kernels and the fused neuron is a Triton kernel; bench/gpu_check.sh runs them.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
 from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_batch
 from ndot.bench.profile import backward_regions, labelled_model
-from ndot.bench.report import memory_checks
+from ndot.bench.report import _against_device, memory_checks
 from ndot.config import ConfigError, TrainConfig
 from ndot.fast import accelerate, fused_neuron_step, fused_standardise
 from ndot.graphs import GraphedStep
@@ -365,6 +366,16 @@ def test_bench_small_prints_the_expected_json_lines(gpu_check_dry_run, capsys, t
     whole = markdown(rows)
     assert "Memory over T" in whole and "Targets" in whole and "Against the device" in whole
     assert markdown([r for r in rows if r["kind"] not in ("memory_vs_T", "targets")]) == whole
+
+
+def test_against_the_device_names_the_ceiling_only_in_its_own_precision():
+    # On a GPU the ceiling is the bf16 step under graph replay; fp32's fastest ANN step is slower, and not it.
+    ann = {"kind": "ann", "arch": "vgg11_ws", "batch": 128, **dataclasses.asdict(Levers())}
+    rows = [{"kind": "matmul", "precision": p, "n": 8192, "math": p, "tflop_per_s": 700.0} for p in ("fp32", "bf16")]
+    rows += [{**ann, "precision": "fp32", "images_per_s": 22_000.0, "tflop_per_s": 80.0},
+             {**ann, "precision": "bf16", "images_per_s": 35_000.0, "tflop_per_s": 127.0}]
+    names = {(line[0], line[1]) for line in _against_device(rows, {"lever_arch": "vgg11_ws", "lever_batch": 128})}
+    assert ("fp32", "ANN step") in names and ("bf16", "ANN step (the ceiling)") in names
 
 
 def test_bench_sweeps_batch_sizes_each_against_its_own_ceiling_and_reads_the_targets_at_the_first(capsys):

@@ -77,3 +77,14 @@ def test_allocation_meter_counts_the_most_held_at_once():
         del a
         c = torch.empty(1 << 19)
     assert m.peak == 8 << 20 and b.numel() + c.numel() > 0
+
+
+def test_saved_tensor_meter_counts_each_storage_once():
+    # BPTT saves Ŵ and the input at every step: held once, however often saved; a view holds its base.
+    w = torch.randn(256, requires_grad=True)
+    x = torch.randn(4, 256, requires_grad=True)
+    with SavedTensorMeter() as m:
+        loss = sum((x[t] * w).sum() for t in range(4))  # each product saves w and a view of x
+        assert m.live == w.nbytes + x.nbytes
+        loss.backward()
+    assert m.peak == w.nbytes + x.nbytes and m.live == 0

@@ -30,7 +30,7 @@ batches, less what earlier cases left allocated (so: model, optimiser state, inp
 activations of this case), CUDA only and not under graph replay. `batch_peak_mb` is the
 most that one batch allocates at once over what is allocated when it starts (neuron
 state, saved tensors, gradients, temporaries), on every device: the figure the memory
-check uses where there is no `peak_mem_mb`. `saved_mb` is the peak of the tensors
+check uses where there is no `peak_mem_mb`. `saved_mb` is the peak of the storage that tensors
 autograd holds for backward during that batch.
 """
 from __future__ import annotations
