@@ -150,7 +150,8 @@ def train(
             # Its weights are not finite: the run ended there, and continuing cannot change that.
             return TrainResult("diverged", resume["epoch"], resume["metrics"], best)
 
-    metrics: Metrics = {}
+    # A run resumed at its last epoch runs none: its result is that epoch's.
+    metrics: Metrics = resume["metrics"] if resume is not None else {}
     for epoch in range(start, cfg.epochs + 1):
         reset_peak_mem(device)
         model.train()

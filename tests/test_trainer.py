@@ -77,6 +77,9 @@ def test_resume_refuses_another_runs_checkpoint_but_may_extend_it():
     with pytest.raises(ConfigError, match="T 2 -> 4"):
         train(TrainConfig(**{**FAST, "epochs": 2, "T": 4}), resume=states[-1])
     assert train(TrainConfig(**{**FAST, "epochs": 2}), resume=states[-1]).epochs_run == 2
+    # A run resumed at its last epoch trains none, and its result is that epoch's.
+    done = train(TrainConfig(**{**FAST, "epochs": 1}), resume=states[-1])
+    assert (done.status, done.epochs_run, done.metrics) == ("completed", 1, states[-1]["metrics"])
 
 
 def test_a_run_extended_on_resume_follows_the_cosine_over_its_new_length():
