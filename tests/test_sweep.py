@@ -420,6 +420,29 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
 
 
+def test_a_resume_whose_recorded_checkpoint_is_gone_continues_from_the_newest_whole_one(cluster, tmp_path):
+    # Tune deletes a trial's oldest kept checkpoint as it registers a new one and saves its state later: a
+    # driver killed between the two leaves a state naming a checkpoint that is gone, from which Tune would
+    # fail to restore the trial at every resume.
+    cmd = _sweep_cmd(tmp_path, "gone", cluster.address, "--T", "1", "--rules", "ndot_A", "--epochs", "8")
+    proc = _start(cmd, tmp_path / "stderr")
+    try:
+        _wait_for_epoch(tmp_path / "gone", proc, 2, 7)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=WAIT_S)
+    finally:
+        proc.kill()
+    [trial] = listed_trials(str(tmp_path / "gone"))
+    shutil.rmtree(trial.checkpoint.path)
+
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = results.load(str(tmp_path / "gone"), results.TRIALS_TABLE)
+    assert trials["status"].tolist() == [results.COMPLETED] and trials["epochs_run"].tolist() == [8]
+    _assert_epochs_complete(results.load(str(tmp_path / "gone")), trials)
+    _assert_checkpoints_hold_best_weights(tmp_path / "gone", trials)
+
+
 def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_loses_nothing(tmp_path):
     # `timeout` and batch schedulers signal every process of the job: the Ray this driver started too.
     cmd = [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--storage", str(tmp_path), "--name", "group",

@@ -7,13 +7,18 @@ the rungs separate.
 Tune saves no scheduler state: a resumed experiment re-adds its trials to a
 fresh scheduler. Each trial's checkpoint holds its epoch history, so the rungs
 are rebuilt from it, and trials after a resume are judged against the same
-records as before it.
+records as before it. Being the first to see each restored trial, the scheduler
+also points one whose recorded checkpoint is gone at its newest whole one
+(`continue_from_whole_checkpoint`), before the trial restarts from it.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
+from ray import tune
+from ray.train._internal.session import _TrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
@@ -54,6 +59,8 @@ class StratifiedASHA(FIFOScheduler):
         asha = self._asha(trial)
         asha.on_trial_add(tune_controller, trial)
         if trial.checkpoint is not None:
+            continue_from_whole_checkpoint(trial)
+        if trial.checkpoint is not None:
             self._replay(tune_controller, asha, trial)
 
     @staticmethod
@@ -86,3 +93,36 @@ class StratifiedASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"Using AsyncHyperBand per stratum ({len(self._by_stratum)} strata)"
+
+
+def _exists(c: tune.Checkpoint) -> bool:
+    return c.filesystem.get_file_info(c.path).type != pafs.FileType.NotFound
+
+
+def continue_from_whole_checkpoint(trial: Trial) -> None:
+    """Point a restored trial whose recorded checkpoint is gone at its newest whole one (none: it starts afresh).
+
+    Tune deletes a trial's oldest kept checkpoint as it registers a new one, and saves the experiment
+    state only later: a driver killed between the two leaves a state naming a checkpoint that no
+    longer exists, and Tune would then fail to restore that trial at this resume and every later one.
+    """
+    if _exists(trial.checkpoint):
+        return
+    fs = trial.storage.storage_filesystem
+    path, history = checkpoint.newest(fs, trial.path)
+    log.warning("trial %s: its recorded checkpoint %s is gone; it continues from %s", trial.trial_id,
+                trial.checkpoint.path, path or "its start")
+    manager = trial.run_metadata.checkpoint_manager
+    # Tune's own bookkeeping, which has no call for this: forget what is gone (and the one taken, so that
+    # it is not listed twice), then take it as the latest.
+    manager._checkpoint_results = [r for r in manager._checkpoint_results if r.checkpoint.path != path and _exists(r.checkpoint)]
+    manager._latest_checkpoint_result = None
+    if path is not None:
+        # One report per epoch: Tune's iteration count is the epochs the checkpoint holds.
+        metrics = {**history[-1], "training_iteration": len(history)}
+        manager.register_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(path, filesystem=fs), metrics=metrics))
+    # The trial's next checkpoint follows the one it continues from: numbered after the recorded one, it
+    # could land below a newer one on storage, which would then pass for the trial's newest.
+    trial.storage.current_checkpoint_index = int(checkpoint.TRIAL_CHECKPOINT.search(path).group(1)) if path else -1
+    trial.run_metadata.invalidate_cache()
+    trial.invalidate_json_state()
