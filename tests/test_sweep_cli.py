@@ -119,7 +119,8 @@ def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_r
 
 
 @pytest.mark.parametrize("storage, says", [("", "--storage must name a folder or a URI"),
-                                           ("foo://x", "storage foo://x is not writable")])
+                                           ("foo://x", "storage foo://x is not writable"),
+                                           ("s3://", "--storage s3:// names no bucket")])
 def test_storage_that_names_nothing_writable_is_refused_in_one_line(storage, says, capsys):
     assert exit_status(cli.main, TIMESTEPS, ["--storage", storage]) == 2
     err = capsys.readouterr().err
@@ -140,11 +141,26 @@ def test_a_resume_whose_plan_is_not_readable_is_refused_in_one_line(tmp_path, ca
 
 def test_local_storage_is_a_plain_absolute_path_which_tune_writes_whole(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for given, storage in [("runs", str(tmp_path / "runs")), (f"file://{tmp_path}/runs", str(tmp_path / "runs")),
-                           ("s3://bucket/sweeps", "s3://bucket/sweeps")]:
+                           ("~/runs", str(tmp_path / "home" / "runs")), ("s3://bucket/sweeps", "s3://bucket/sweeps")]:
         plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", given]))
         assert plan.storage == storage
         assert (files.tune_filesystem(plan.storage) is None) == storage.startswith("s3://")
+
+
+def test_trials_read_the_data_root_the_driver_checked(tmp_path, monkeypatch):
+    # Tune runs each trial in a folder of its own, and $NDOT_DATA does not reach another node's processes.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NDOT_DATA", raising=False)
+
+    def root(*flags: str) -> str | None:
+        return cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(list(flags))).base.get("data_root")
+
+    assert root() is None  # each node's ~/data, the same path on nodes of one image
+    assert root("--data-root", "data") == str(tmp_path / "data")
+    monkeypatch.setenv("NDOT_DATA", "shared/data")
+    assert root() == str(tmp_path / "shared" / "data")
 
 
 def test_set_fixes_any_other_field_for_every_trial(tmp_path):
@@ -220,8 +236,11 @@ def test_trials_at_once_are_counted_node_by_node_within_the_clusters_max_workers
     assert resources.grown_slots(2, 0, config) == 8 + 4 + 4 + 2  # without GPUs the head holds 8
 
 
-def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys):
-    # This machine has no GPU and Ray starts here with none: a GPU per trial would wait forever.
+def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys, tmp_path, monkeypatch):
+    # This machine has no GPU and Ray starts here with none: a GPU per trial would wait forever. On the head
+    # of a launched cluster too (its config beside it): without --address the sweep runs on a Ray of its own.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
     rc = exit_status(cli.main, TIMESTEPS, ["--gpus-per-trial", "1", *storage])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no node of this cluster" in err

@@ -121,7 +121,11 @@ def _storage(args: argparse.Namespace) -> str:
         raise InputError("--storage must name a folder or a URI, got an empty string")
     # file:// is a local path, kept plain: Tune then writes it through ndot.files.WholeLocalFiles.
     storage = args.storage.removeprefix("file://")
-    return storage if "://" in storage else os.path.abspath(storage)
+    if "://" not in storage:
+        return os.path.abspath(os.path.expanduser(storage))  # ~ too: the shell leaves it in --storage=~/x
+    if not storage.partition("://")[2].strip("/"):
+        raise InputError(f"--storage {args.storage} names no bucket: give e.g. s3://BUCKET/PREFIX")
+    return storage
 
 
 # TrainConfig fields that have flags of their own (--set refuses them).
@@ -158,8 +162,11 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         **preset.config, **_settings(args.set),
         "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": seed,
     }
-    if args.data_root is not None:
-        base["data_root"] = args.data_root
+    # The root the driver checks is the one every trial reads: absolute, as Tune runs each trial in a folder of
+    # its own, and named in the config, as $NDOT_DATA does not reach the processes of a cluster's other nodes.
+    root = args.data_root if args.data_root is not None else os.environ.get("NDOT_DATA")
+    if root:
+        base["data_root"] = os.path.abspath(os.path.expanduser(root))
     if args.download:
         base["download"] = True
     for axis, value in axes.items():
@@ -308,19 +315,21 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     start = time.monotonic()
-    again = f"{'python ' + sys.argv[0] if sys.argv[0] else 'the sweep'} --resume --name {plan.name} --storage {plan.storage}"
+    again = (f"{'python ' + sys.argv[0] if sys.argv[0] else 'the sweep'} --resume --name {plan.name} --storage {plan.storage}"
+             + (f" --address {args.address}" if args.address else ""))
     try:
         runner.connect(args.address)
     except ConnectionError as e:  # "auto" on a node that belongs to no cluster
         return refuse(e)
     ended = threading.Event()
     try:
-        if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes()):
+        launcher = args.address is not None and not runner.through_client(args.address)
+        if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes(launcher)):
             return refuse(f"no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
                           f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial")
         signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again))
         logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
-        figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)])
+        figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
     finally:
         ended.set()
         ray.shutdown()

@@ -7,7 +7,9 @@ its node types times their max_workers (within the cluster's max_workers) are
 what the cluster can grow to. Asking for that many trials at once makes the
 autoscaler request every node in one go rather than one node per finished
 trial. Trials are counted node by node, as Tune places them: a node's spare
-CPUs cannot hold a trial that needs another node's GPU.
+CPUs cannot hold a trial that needs another node's GPU. That config describes
+the cluster a sweep joins (`launcher`), not a private local Ray that a sweep
+without --address starts on the same head node.
 """
 from __future__ import annotations
 
@@ -21,18 +23,20 @@ import yaml
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
-def _launcher_config() -> dict:
+def _launcher_config(launcher: bool) -> dict:
     path = BOOTSTRAP_CONFIG.expanduser()
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
+    return yaml.safe_load(path.read_text()) if launcher and path.exists() else {}
 
 
 def _live_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
-def node_shapes() -> list[dict[str, float]]:
-    """The resources of every live node of the connected cluster and of every node type its autoscaler can launch."""
-    return _live_nodes() + [t.get("resources", {}) for t in _launcher_config().get("available_node_types", {}).values()]
+def node_shapes(launcher: bool) -> list[dict[str, float]]:
+    """The resources of every live node of the connected cluster and, where it is the launcher's (`launcher`),
+    of every node type its autoscaler can launch."""
+    types = _launcher_config(launcher).get("available_node_types", {})
+    return _live_nodes() + [t.get("resources", {}) for t in types.values()]
 
 
 def node_slots(cpus_per_trial: float, gpus_per_trial: float, shape: Mapping[str, float]) -> int:
@@ -53,11 +57,11 @@ def grown_slots(cpus_per_trial: float, gpus_per_trial: float, config: Mapping) -
     return on_head + sum(workers[:config.get("max_workers", len(workers))])
 
 
-def slots(cpus_per_trial: float, gpus_per_trial: float) -> int:
-    """Trials the connected cluster holds at once, node by node, now or grown by its autoscaler
-    (at least one, so a sweep can always start)."""
+def slots(cpus_per_trial: float, gpus_per_trial: float, launcher: bool) -> int:
+    """Trials the connected cluster holds at once, node by node, now or, where it is the launcher's
+    (`launcher`), grown by its autoscaler (at least one, so a sweep can always start)."""
     now = sum(node_slots(cpus_per_trial, gpus_per_trial, shape) for shape in _live_nodes())
-    return max(1, now, grown_slots(cpus_per_trial, gpus_per_trial, _launcher_config()))
+    return max(1, now, grown_slots(cpus_per_trial, gpus_per_trial, _launcher_config(launcher)))
 
 
 def fits(cpus_per_trial: float, gpus_per_trial: float, shapes: list[dict[str, float]]) -> bool:

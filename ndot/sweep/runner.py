@@ -151,25 +151,25 @@ def _trainable(plan: Plan) -> Any:
     return tune.with_resources(run_trial, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
-def _trials_at_once(plan: Plan) -> int:
-    return plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial)
+def _trials_at_once(plan: Plan, launcher: bool) -> int:
+    return plan.max_concurrent or resources.slots(plan.cpus_per_trial, plan.gpus_per_trial, launcher)
 
 
-def _restored_tuner(plan: Plan) -> tune.Tuner:
+def _restored_tuner(plan: Plan, launcher: bool) -> tune.Tuner:
     tuner = tune.Tuner.restore(plan.experiment, trainable=_trainable(plan), resume_errored=True,
                                storage_filesystem=files.tune_filesystem(plan.storage))
     # Tune 2.60 restores the TuneConfig it pickled with the experiment, and Tuner.restore takes
     # none: set the limit of this driver, which StratifiedSearch then keeps over its saved one.
     # (Through ray:// the tuner lives in a remote actor, out of reach: the limit stays as started.)
     if not tuner._is_ray_client:
-        tuner._local_tuner._tune_config.search_alg.set_max_concurrency(_trials_at_once(plan))
+        tuner._local_tuner._tune_config.search_alg.set_max_concurrency(_trials_at_once(plan, launcher))
     return tuner
 
 
-def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
+def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback], launcher: bool) -> tune.Tuner:
     search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.experiment, plan.seed,
                               plan.space.first_point())
-    search_alg = StratifiedGenerator(search, _trials_at_once(plan))
+    search_alg = StratifiedGenerator(search, _trials_at_once(plan, launcher))
     asha = StratifiedASHA(
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],
         grace_period=plan.grace_period, reduction_factor=REDUCTION_FACTOR,
@@ -202,8 +202,11 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback]) -> tune.Tuner:
     )
 
 
-def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = ()) -> list[str]:
+def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (), launcher: bool = False) -> list[str]:
     """Run the sweep (or continue it, errored trials included); needs a connected Ray (see `connect`).
+
+    `launcher`: the connected cluster is the one this node's cluster launcher started (joined with
+    --address on its head), whose config says what it can grow to (ndot.sweep.resources).
 
     The Parquet tables are kept current while it runs (ndot.sweep.recorder);
     at the end the figures are drawn from them. Returns the figures' URIs.
@@ -220,9 +223,9 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     # classic one, verbose=0 is silent and the progress lines are the sweep's own (ndot.sweep.cli).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
-        tuner = _restored_tuner(plan)
+        tuner = _restored_tuner(plan, launcher)
     else:
         save_plan(plan)
-        tuner = _new_tuner(plan, callbacks)
+        tuner = _new_tuner(plan, callbacks, launcher)
     tuner.fit()
     return results.write_plots(plan.experiment)
