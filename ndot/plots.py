@@ -98,17 +98,20 @@ def cost_vs_T(trials: pd.DataFrame) -> Figure:
     return fig
 
 
-FIGURES = {"accuracy_vs_T": accuracy_vs_T, "accuracy_vs_lr": accuracy_vs_lr, "cost_vs_T": cost_vs_T}
+# Each figure and the columns its points need: a trial that diverged in its first epoch has no accuracy.
+FIGURES = {"accuracy_vs_T": (accuracy_vs_T, ["best_test_acc"]), "accuracy_vs_lr": (accuracy_vs_lr, ["best_test_acc"]),
+           "cost_vs_T": (cost_vs_T, ["peak_mem_mb", "image_steps_per_s"])}
 
 
 def render(trials: pd.DataFrame) -> dict[str, bytes]:
-    """PNG bytes of every figure, from the trials that ran at least one epoch."""
-    ran = trials[trials["epochs_run"] > 0]
-    if ran.empty:
-        return {}
+    """PNG bytes of every figure that has a point, each from the trials that have its values."""
     out = {}
-    for name, make in FIGURES.items():
-        fig = make(ran)
+    for name, (make, needs) in FIGURES.items():
+        points = trials[trials["epochs_run"] > 0]
+        points = points.dropna(subset=needs) if set(needs) <= set(points) else points.iloc[:0]
+        if points.empty:
+            continue
+        fig = make(points)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)

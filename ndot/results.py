@@ -177,8 +177,14 @@ def record(trial: Any) -> TrialRecord:
 
 # ----- tables -----
 
+# Written only by an epoch that was tested: a table of trials that all diverged at once would lack them.
+_TESTED = ("test_loss", "test_acc", "firing_rate")
+
+
 def epochs_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     df = pd.DataFrame([row for r in records for row in r.history])
+    if len(df):
+        df = df.assign(**{col: math.nan for col in _TESTED if col not in df})
     for col in ("started_at", "timestamp"):
         if col in df:
             df[col] = pd.to_datetime(df[col], unit="s", utc=True)

@@ -116,3 +116,14 @@ def test_learning_rate_figure_keeps_time_steps_apart():
     assert len(ax.collections) == 2 * 3  # a scatter per (rule, T)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ndot_A", "ottt_A", "T=1", "T=4", "T=6"]
     assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == set(plots.FIGURES)
+
+
+def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_its_columns():
+    # Diverged in epoch 1: never tested, so no accuracy (NaN) and no test columns in its rows.
+    trials = _trials(["small_cnn"], [1, 4]).assign(best_test_acc=math.nan)
+    assert set(plots.render(trials)) == {"cost_vs_T"}
+    row = {**_history(1, started_at=0.0)[0], "status": "diverged"}
+    for col in ("test_loss", "test_acc", "firing_rate"):
+        row.pop(col, None)
+    epochs = results.epochs_frame([results.TrialRecord("t0", row, "TERMINATED", 0, [row], "t0/checkpoint_000000")])
+    assert {"test_loss", "test_acc", "firing_rate"} <= set(epochs) and epochs["test_acc"].isna().all()
