@@ -66,6 +66,8 @@ def test_token_auth_is_on_for_every_ray_process(config):
         starts = [c for c in config[key] if " start " in f" {c} "]
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
     assert "disabled" not in yaml.safe_dump(config).lower()
+    # And every client on a node: `ray status` through `ray exec`, a driver run over SSH.
+    assert "echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in _commands(config, "setup_commands")
     assert any("auth_token" in remote for remote in config["file_mounts"])
 
 
