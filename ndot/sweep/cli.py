@@ -272,10 +272,10 @@ def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
-def _on_sigterm(head: str | None, ended: threading.Event, again: str) -> Callable[..., None]:
+def _on_sigterm(head: str | None, ended: threading.Event, again: str, experiment: str) -> Callable[..., None]:
     """SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
     state and stops the trials (SIGUSR1 is Tune's other signal for that)."""
-    watch = threading.Thread(target=_exit_if_ray_ends, args=(head, ended, again), daemon=True)
+    watch = threading.Thread(target=_exit_if_ray_ends, args=(head, ended, again, experiment), daemon=True)
 
     def handler(*_: Any) -> None:
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -285,14 +285,20 @@ def _on_sigterm(head: str | None, ended: threading.Event, again: str) -> Callabl
     return handler
 
 
-def _exit_if_ray_ends(head: str, ended: threading.Event, again: str) -> None:
+def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment: str) -> None:
     # A SIGTERM to the whole process group (`timeout`, a batch scheduler) also ends the local Ray this
     # driver started, on which Tune would wait a minute and then die with status 1. What the trials
-    # finished is on disk already: end as an interrupted sweep does.
+    # finished is on disk already: end as an interrupted sweep does, with the tables brought up to it
+    # (the sweep rewrites them at most every few seconds, and Tune's last word does not come).
     while not ended.wait(1.0):
         try:
             runner.check_address(head, timeout_s=1.0)
         except ConnectionError:
+            try:
+                results.write_tables(experiment, results.collect(experiment))
+            except (OSError, ValueError) as e:
+                print(f"the tables may lack the last epochs ({e}): python -m ndot.results collect {experiment} "
+                      "rebuilds them", file=sys.stderr)
             print(f"interrupted, Ray with it: continue with {again}", file=sys.stderr, flush=True)
             os._exit(130)
 
@@ -327,7 +333,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes(launcher)):
             return refuse(f"no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
                           f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial")
-        signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again))
+        signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
         logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
     finally:
