@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.dir} has no readable experiment state: its trials were read from their folders, and one "
                       f"short of its epochs is {UNKNOWN.lower()} (errored, stopped early or unfinished)", file=sys.stderr)
             print(f"{len(records)} trials, {rows} epochs -> {table_uri(args.dir, EPOCHS_TABLE)}, {table_uri(args.dir, TRIALS_TABLE)}")
+        elif load(args.dir, TRIALS_TABLE).empty:  # collected before any trial began
+            print(f"{args.dir}: no trial yet; the tables fill when the sweep's first epoch ends", file=sys.stderr)
+            return 1
         elif args.command == "plot":
             for uri in write_plots(args.dir):
                 print(uri)

@@ -70,6 +70,11 @@ def test_a_sweep_with_no_finished_epoch_says_so(tmp_path, capsys):
     (tmp_path / results.PLAN_FILE).write_text("{}")
     assert results.main(["summary", str(tmp_path)]) == 1
     assert "no tables yet" in capsys.readouterr().err
+    # Its tables collected before any trial began (a driver killed at once): empty, not another sweep's.
+    results.write_tables(str(tmp_path), [])
+    for command in ("summary", "plot"):
+        assert results.main([command, str(tmp_path)]) == 1
+        assert "no trial yet" in capsys.readouterr().err
 
 
 def _history(epochs: int, started_at: float) -> list[dict]:
