@@ -106,9 +106,9 @@ FIGURES = {"accuracy_vs_T": (accuracy_vs_T, ["best_test_acc"]), "accuracy_vs_lr"
 def render(trials: pd.DataFrame) -> dict[str, bytes]:
     """PNG bytes of every figure that has a point, each from the trials that have its values."""
     out = {}
+    ran = trials[trials["epochs_run"] > 0]
     for name, (make, needs) in FIGURES.items():
-        points = trials[trials["epochs_run"] > 0]
-        points = points.dropna(subset=needs) if set(needs) <= set(points) else points.iloc[:0]
+        points = ran.dropna(subset=needs) if set(needs) <= set(ran) else ran.iloc[:0]
         if points.empty:
             continue
         fig = make(points)

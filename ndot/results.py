@@ -329,14 +329,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.dir} has no readable experiment state: its trials were read from their folders, and one "
                       f"short of its epochs is {UNKNOWN.lower()} (errored, stopped early or unfinished)", file=sys.stderr)
             print(f"{len(records)} trials, {rows} epochs -> {table_uri(args.dir, EPOCHS_TABLE)}, {table_uri(args.dir, TRIALS_TABLE)}")
-        elif load(args.dir, TRIALS_TABLE).empty:  # collected before any trial began
-            print(f"{args.dir}: no trial yet; the tables fill when the sweep's first epoch ends", file=sys.stderr)
-            return 1
-        elif args.command == "plot":
-            for uri in write_plots(args.dir):
-                print(uri)
         else:
-            print(summary_text(load(args.dir, TRIALS_TABLE), order=plan_order(args.dir)))
+            trials = load(args.dir, TRIALS_TABLE)
+            if trials.empty:  # collected before any trial began
+                print(f"{args.dir}: no trial yet; the tables fill when the sweep's first epoch ends", file=sys.stderr)
+                return 1
+            if args.command == "plot":
+                for uri in write_plots(args.dir):
+                    print(uri)
+            else:
+                print(summary_text(trials, order=plan_order(args.dir)))
     except FileNotFoundError as e:
         if args.command != "collect" and is_experiment(args.dir):
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
