@@ -60,8 +60,8 @@ class StratifiedASHA(FIFOScheduler):
         asha.on_trial_add(tune_controller, trial)
         if trial.checkpoint is not None:
             continue_from_whole_checkpoint(trial)
-        if trial.checkpoint is not None:
-            self._replay(tune_controller, asha, trial)
+            if trial.checkpoint is not None:  # None: no whole one is left, and the trial starts afresh
+                self._replay(tune_controller, asha, trial)
 
     @staticmethod
     def _replay(tune_controller: "TuneController", asha: AsyncHyperBandScheduler, trial: Trial) -> None:
