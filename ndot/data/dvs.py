@@ -78,7 +78,8 @@ def location(cfg: "TrainConfig") -> Path:
 
 def _problem(folder: Path) -> str | None:
     """What is wrong with the files on disk, in words, or None."""
-    have = Counter(p.parent.name for p in folder.rglob("*.aedat4")) if folder.is_dir() else Counter()
+    recordings = sorted(folder.rglob("*.aedat4")) if folder.is_dir() else []
+    have = Counter(p.parent.name for p in recordings)
     marker = folder / CIFAR10DVS.filename
     if not have:
         return (f"cifar10dvs is not in {folder}: expected folders {', '.join(CLASSES)} with "
@@ -86,7 +87,7 @@ def _problem(folder: Path) -> str | None:
                 f"--download (download=True) to fetch {CIFAR10DVS.url}, or point --data-root (data_root) or $NDOT_DATA at a folder holding CIFAR10DVS/")
     wrong = [f"{c} has {have[c]} of {RECORDINGS_PER_CLASS} recordings" for c in CLASSES if have[c] != RECORDINGS_PER_CLASS]
     # Empty files, what an unpacking that never began writing leaves; those cut short later are found reading them.
-    empty = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*.aedat4")) if p.stat().st_size == 0]
+    empty = [str(p.relative_to(folder)) for p in recordings if p.stat().st_size == 0]
     if empty:
         wrong.append(f"{len(empty)} recordings are empty ({', '.join(empty[:3])}{', …' if len(empty) > 3 else ''})")
     if wrong:
