@@ -5,7 +5,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow.fs as pafs
 import torch
@@ -61,18 +61,16 @@ def read_history(fs: pafs.FileSystem, folder: str) -> list[dict[str, Any]]:
         return json.loads(f.readall())
 
 
-def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """The newest readable checkpoint folder of a sweep trial and its history ((None, []) before the first epoch).
+def whole(fs: pafs.FileSystem, trial_path: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A sweep trial's readable checkpoint folders with their histories, newest first.
 
-    That checkpoint can be newer than the one Tune's experiment state names,
-    when the driver died after the trial wrote it; a checkpoint whose upload
-    was cut short (its history unreadable, or weights it names absent) is
-    skipped for the one before it.
+    A checkpoint whose upload was cut short (its history unreadable, or weights
+    it names absent) is passed over.
     """
     try:
         infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
     except FileNotFoundError:  # allow_not_found still raises when Tune creates the folder as it is listed
-        return None, []
+        return
     found = sorted(
         ((int(m.group(1)), i.path) for i in infos if i.type == pafs.FileType.Directory and (m := TRIAL_CHECKPOINT.search(i.path))),
         reverse=True,
@@ -84,8 +82,16 @@ def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[
             continue
         # Tune uploads a checkpoint's files in parallel: one killed in mid-upload can lack its weights.
         if all(fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File for name in {TRIAL, weights_of(history)}):
-            return path, history
-    return None, []
+            yield path, history
+
+
+def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """The newest readable checkpoint folder of a sweep trial and its history ((None, []) before the first epoch).
+
+    That checkpoint can be newer than the one Tune's experiment state names,
+    when the driver died after the trial wrote it.
+    """
+    return next(whole(fs, trial_path), (None, []))
 
 
 def weights_of(history: list[dict[str, Any]]) -> str:

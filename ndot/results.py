@@ -172,7 +172,10 @@ def record(trial: Any) -> TrialRecord:
         except (FileNotFoundError, json.JSONDecodeError):
             # Deleted by checkpoint retention after the state naming it was saved, before the driver died.
             path, history = checkpoint.newest(fs, trial.path)
-    return TrialRecord.of(trial, history, relative_checkpoint(trial, path) if path else None)
+    # Tune reads a saved state's RUNNING as PENDING, ready to restart: a trial with epochs had begun, and is
+    # `running`, as the tables written when the sweep stopped say.
+    status = "RUNNING" if trial.status == "PENDING" and history else None
+    return TrialRecord.of(trial, history, relative_checkpoint(trial, path) if path else None, status)
 
 
 # ----- tables -----

@@ -416,8 +416,11 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
     last = err.splitlines()[-1]
     assert proc.returncode == 130 and "interrupted" in last and "--resume --name stopped" in last, err[-6000:]
     assert "Tuner.restore" not in err, "Tune's own resume hint, which this command line does not take"
-    status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE)["status"]
+    status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE).set_index("trial_id")["status"]
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
+    # Collected again from the experiment folder, the trials read the same.
+    assert results.main(["collect", str(tmp_path / "stopped")]) == 0
+    assert results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE).set_index("trial_id")["status"].to_dict() == status.to_dict()
 
 
 def test_a_resume_whose_recorded_checkpoint_is_gone_continues_from_the_newest_whole_one(cluster, tmp_path):

@@ -1,4 +1,4 @@
-"""The sweep's tables, without Ray running: where they are written, storage that fails for a moment, checkpoints gone."""
+"""The sweep's tables and progress lines, without Ray running: where they are written, storage that fails for a moment, checkpoints gone."""
 from __future__ import annotations
 
 import logging
@@ -8,18 +8,21 @@ from types import SimpleNamespace
 
 from ray.train._internal.session import _TrainingResult
 from ray.train._internal.storage import StorageContext
-from ray.tune import Checkpoint
+from ray.tune import Checkpoint, CheckpointConfig
 from ray.tune.experiment import Trial
 
 from ndot import checkpoint, results
+from ndot.sweep.cli import Progress
 from ndot.sweep.recorder import TablesCallback
+from ndot.sweep.scheduler import continue_from_whole_checkpoint
 
 CONFIG = {"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 2, "epochs": 3, "stratum": "T=2,ndot_A"}
 
 
-def _trial(experiment: Path, trial_id: str = "t0") -> Trial:
+def _trial(experiment: Path, trial_id: str = "t0", kept: int | None = None) -> Trial:
     storage = StorageContext(storage_path=str(experiment.parent), experiment_dir_name=experiment.name, trial_dir_name=trial_id)
-    return Trial("run_trial", config=dict(CONFIG), trial_id=trial_id, stub=True, storage=storage)
+    return Trial("run_trial", config=dict(CONFIG), trial_id=trial_id, stub=True, storage=storage,
+                 checkpoint_config=CheckpointConfig(num_to_keep=kept))
 
 
 def _checkpoint(trial: Trial, epoch: int, write_history: bool = True) -> SimpleNamespace:
@@ -133,3 +136,50 @@ def test_trials_an_interrupted_sweep_stops_are_running_not_finished(tmp_path):
     status = results.load(str(tmp_path / "exp"), results.TRIALS_TABLE).set_index("trial_id")["status"]
     assert status.to_dict() == {"done": results.COMPLETED, "cut": "running"}
 
+
+
+def test_a_trial_tune_reads_back_as_pending_is_running_once_it_has_epochs(tmp_path):
+    # Tune's state loader turns RUNNING into PENDING: collected after the driver stopped, a trial it cut
+    # short must read as the tables written at the stop say, `running`; one that never began stays pending.
+    begun, waiting = _trial(tmp_path / "exp", "begun"), _trial(tmp_path / "exp", "waiting")
+    _checkpoint(begun, 2)
+    status = {t.trial_id: results.outcome(results.record(t).tune_status, None, 3) for t in (begun, waiting)}
+    assert status == {"begun": "running", "waiting": "pending"}
+
+
+def test_the_progress_line_gives_an_accuracy_only_where_an_epoch_was_tested(tmp_path, capsys):
+    progress = Progress(total=2)
+    first, later = _trial(tmp_path / "exp", "first"), _trial(tmp_path / "exp", "later")
+    for trial in (first, later):
+        trial.config["lr"] = 0.1
+    first.update_last_result({"epoch": 1, "status": "diverged", "best_test_acc": 0.0})
+    later.update_last_result({"epoch": 2, "status": "diverged", "best_test_acc": 0.625})
+    progress.on_trial_complete(0, [first, later], first)
+    first.set_status(Trial.TERMINATED)
+    progress.on_trial_complete(0, [first, later], later)
+    assert capsys.readouterr().out.splitlines() == ["[1/2] T=2,ndot_A lr=0.1: diverged (epoch 1, not tested)",
+                                                    "[2/2] T=2,ndot_A lr=0.1: diverged (epoch 2, best acc 0.6250)"]
+
+
+def _register(trial: Trial, ckpt: Checkpoint, epoch: int) -> None:
+    manager = trial.run_metadata.checkpoint_manager
+    manager.register_checkpoint(_TrainingResult(checkpoint=ckpt, metrics={"epoch": epoch, "training_iteration": epoch}))
+
+
+def test_a_resume_past_checkpoints_retention_deleted_keeps_only_the_newest_ones(tmp_path):
+    # Two kept: the state saved at epoch 4 names epochs 3 and 4; the trial went on to epoch 6, Tune
+    # deleting 3 and 4 as it went, and the driver died before its next save.
+    trial = _trial(tmp_path / "exp", kept=2)
+    for epoch in (3, 4):
+        _register(trial, _checkpoint(trial, epoch), epoch)
+    newer = [_checkpoint(trial, epoch) for epoch in (5, 6)]
+    for epoch in (3, 4):
+        shutil.rmtree(Path(trial.storage.trial_fs_path, f"checkpoint_{epoch - 1:06d}"))
+
+    continue_from_whole_checkpoint(trial)
+    assert trial.checkpoint.path == newer[1].path and trial.storage.current_checkpoint_index == 5
+    # Both left on storage are Tune's again: its next checkpoint retires epoch 5's, which the state never listed.
+    trial.storage.current_checkpoint_index += 1
+    _register(trial, _checkpoint(trial, 7), 7)
+    on_storage = sorted(p.name for p in Path(trial.storage.trial_fs_path).glob("checkpoint_*"))
+    assert on_storage == ["checkpoint_000005", "checkpoint_000006"]

@@ -263,7 +263,13 @@ class Progress(tune.Callback):
         done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials if t is not trial)
         last = trial.last_result if "epoch" in (trial.last_result or {}) else None
         outcome = results.outcome(status, last, trial.config["epochs"])
-        progress = f"epoch {last['epoch']}, best acc {last[METRIC]:.4f}" if last else "no epoch"
+        if last is None:
+            progress = "no epoch"
+        elif last["status"] == "diverged" and last["epoch"] == 1:
+            # Its METRIC is ASHA's and Optuna's 0; the tables hold no accuracy for it.
+            progress = "epoch 1, not tested"
+        else:
+            progress = f"epoch {last['epoch']}, best acc {last[METRIC]:.4f}"
         print(f"[{done}/{self._total}] {trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}: {outcome} ({progress})", flush=True)
 
 

@@ -109,18 +109,19 @@ def continue_from_whole_checkpoint(trial: Trial) -> None:
     if _exists(trial.checkpoint):
         return
     fs = trial.storage.storage_filesystem
-    path, history = checkpoint.newest(fs, trial.path)
+    found = list(checkpoint.whole(fs, trial.path))
+    path = found[0][0] if found else None
     log.warning("trial %s: its recorded checkpoint %s is gone; it continues from %s", trial.trial_id,
                 trial.checkpoint.path, path or "its start")
     manager = trial.run_metadata.checkpoint_manager
-    # Tune's own bookkeeping, which has no call for this: forget what is gone (and the one taken, so that
-    # it is not listed twice), then take it as the latest.
-    manager._checkpoint_results = [r for r in manager._checkpoint_results if r.checkpoint.path != path and _exists(r.checkpoint)]
-    manager._latest_checkpoint_result = None
-    if path is not None:
+    # Tune's own bookkeeping, which has no call for this: list the whole checkpoints on storage, oldest first,
+    # as if the trial had just reported them. Its retention then deletes the oldest beyond the number kept,
+    # which the state did not list either (written after it was saved), and would otherwise stay for good.
+    manager._checkpoint_results, manager._latest_checkpoint_result = [], None
+    for kept, history in reversed(found):
         # One report per epoch: Tune's iteration count is the epochs the checkpoint holds.
         metrics = {**history[-1], "training_iteration": len(history)}
-        manager.register_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(path, filesystem=fs), metrics=metrics))
+        manager.register_checkpoint(_TrainingResult(checkpoint=tune.Checkpoint(kept, filesystem=fs), metrics=metrics))
     # The trial's next checkpoint follows the one it continues from: numbered after the recorded one, it
     # could land below a newer one on storage, which would then pass for the trial's newest.
     trial.storage.current_checkpoint_index = int(checkpoint.TRIAL_CHECKPOINT.search(path).group(1)) if path else -1
