@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,22 @@ def test_a_resume_whose_plan_is_not_readable_is_refused_in_one_line(tmp_path, ca
     assert exit_status(cli.main, TIMESTEPS, [*flags, "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sweep.json is not a readable sweep plan" in err, err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda folder: (folder / "sweep.json").unlink(), "has no sweep.json"),
+    # Tune's state names the folder it started in: a resume of the copy would write into the original.
+    (lambda folder: shutil.copytree(folder, folder.with_name("renamed")), "was started as s: resume it under that name"),
+], ids=["no-plan", "renamed"])
+def test_a_resume_of_a_folder_that_is_not_the_plans_is_refused_in_one_line(tmp_path, capsys, change, says):
+    runner.save_plan(cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--name", "s"])))
+    (tmp_path / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    change(tmp_path / "s")
+    name = "renamed" if (tmp_path / "renamed").exists() else "s"
+    assert exit_status(cli.main, TIMESTEPS, ["--storage", str(tmp_path), "--name", name, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
     assert not ray.is_initialized()
 
 

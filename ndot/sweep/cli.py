@@ -211,9 +211,15 @@ def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         raise InputError(f"no experiment to resume at {experiment}")
     try:
         plan = runner.load_plan(experiment)
+    except FileNotFoundError:
+        raise InputError(f"{experiment} has no {results.PLAN_FILE}: it is not a sweep of this project, or its "
+                         f"driver died before its first trial (start it again)") from None
     except (ValueError, TypeError, KeyError) as e:  # JSON that is not a plan (json's errors are ValueErrors)
         raise InputError(f"{experiment}/{results.PLAN_FILE} is not a readable sweep plan ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if plan.name != args.name:
+        # Tune's state holds the folder the experiment was started in: a resume would write there.
+        raise InputError(f"experiment {args.name} was started as {plan.name}: resume it under that name and folder")
     if plan.sweep and plan.sweep != sweep.name:
         # It would run as started all the same, under the other script's name and help.
         raise InputError(f"experiment {args.name} is a {plan.sweep} sweep: resume it with sweeps/{plan.sweep}.py")
