@@ -17,6 +17,8 @@ DVS_ENCODINGS = ("counts", "authors")
 # Far past any experiment (the paper's longest is T = 10, 300 epochs): a count beyond is a slip, an extra
 # digit or 1e12, that would run for years, or overflow torch's int64 in the loss, instead of being refused.
 MAX_T, MAX_EPOCHS = 10_000, 100_000
+# The optimiser holds lr and weight decay in the parameters' dtype: a larger one fails in the first step.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -94,12 +96,12 @@ class TrainConfig:
             bad(f"unknown architecture {self.arch!r}; valid architectures: {', '.join(sorted(ARCHS))}")
         if self.dataset not in DATASETS:
             bad(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}")
-        if not self.lr > 0:
-            bad(f"lr must be > 0, got {self.lr!r}")
+        if not 0 < self.lr <= FLOAT32_MAX:
+            bad(f"lr must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
             bad(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not self.weight_decay >= 0:
-            bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.weight_decay <= FLOAT32_MAX:
+            bad(f"weight_decay must be >= 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.weight_decay!r}")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or not 0 < self.epochs <= MAX_EPOCHS:
             bad(f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:

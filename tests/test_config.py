@@ -20,6 +20,8 @@ from ndot.config import ConfigError, TrainConfig
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"lr": -0.1}, "lr must be > 0"),
+        ({"lr": 1e39}, "at most float32's largest"),
+        ({"weight_decay": 1e308}, "at most float32's largest"),
         ({"rule": "bptt", "mode": "O"}, "rule 'bptt' needs the whole sequence"),
         ({"mode": "B"}, "unknown mode 'B'"),
         ({"tau": 1.0}, "tau must be > 1"),

@@ -43,6 +43,7 @@ def storage(tmp_path):
         (["--dataset", "mnist"], "unknown dataset"),
         (["--lr", "0"], "lr must be > 0"),
         (["--lr=-0.1,0.5"], "lr must be > 0"),
+        (["--lr", "0.1,1e39"], "at most float32's largest"),  # every trial would fail in its first step
         (["--lr", "0.5,0.1"], "LOW must not exceed HIGH"),
         (["--archs", "small_cnn,vgg11_ws"], "takes one value in the timesteps sweep"),
         (["--trials", "0"], "--trials"),
