@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, data.DataError) as e:
         return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
+    saved = [state["epoch"] if state is not None else 0]
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
         # In the order _mend repairs from: a run killed after the log's line redoes the epoch, and
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.save(ckpt_path, st)
         if checkpoint.is_best(m):
             checkpoint.save(best_path, checkpoint.best_of(st))
+        saved[0] = m["epoch"]
         top5 = f" top5 {m['test_top5']:.3f}" if "test_top5" in m else ""
         test = f"test {m['test_acc']:.4f}{top5} (best {m['best_test_acc']:.4f}) " if m["status"] == "ok" else "DIVERGED "
         print(
@@ -365,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, on_epoch, state, on_batch)
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
         return refuse(e)
+    except KeyboardInterrupt:
+        # Every finished epoch is saved; the one cut short is run again by a resume.
+        again = (f"continue with python -m ndot.train --out {out} --resume" if saved[0]
+                 else "no epoch finished: start it again")
+        print(f"interrupted after epoch {saved[0]} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
+        return 130
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
 

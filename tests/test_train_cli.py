@@ -176,3 +176,22 @@ def test_a_run_killed_between_its_checkpoint_and_best_pt_gets_its_best_weights_b
     before = contents(tmp_path)
     refused(capsys, ["--out", str(tmp_path), "--resume"], "has done its 2 epochs")
     assert contents(tmp_path) == before, "a folder that agrees with its checkpoint is left as it is"
+
+
+def test_ctrl_c_ends_the_run_in_one_line_that_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    real = train
+
+    def stopped_after_epoch_1(cfg, on_epoch, *args):
+        def then_ctrl_c(m, st):
+            on_epoch(m, st)
+            raise KeyboardInterrupt
+        return real(cfg, then_ctrl_c, *args)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr("ndot.train.train", stopped_after_epoch_1)
+    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted after epoch 1 of 2: continue with python -m ndot.train --out {run} --resume\n", err
+    monkeypatch.setattr("ndot.train.train", real)
+    assert main(["--out", str(run), "--resume"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
