@@ -18,7 +18,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # mps, meta, xpu: torch names them, ndot runs on neither
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:

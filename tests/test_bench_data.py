@@ -29,6 +29,9 @@ def test_small_run_reports_the_dvs_pipelines():
     (["--workers", "0"], "--workers must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--threads", "-2"], "--threads must be >= 1, got -2"),
+    (["--threads", "100000000"], "--threads must be at most"),
+    (["--T", "1000000000", "--only", "dvs"], "--T must be at most 10000"),
+    (["--device", "mps"], "device must be 'auto', 'cpu' or 'cuda[:N]'"),
 ])
 def test_bad_input_is_one_line_before_measuring(argv, says, capsys):
     status = exit_status(data.main, ["--small", *argv])

@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Callable, Iterable
 
 import torch
@@ -48,7 +49,7 @@ from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_matmul, benc
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
 from ndot.cli import Parser, listed, refuse
-from ndot.config import PRECISIONS, ConfigError, TrainConfig, parse_method
+from ndot.config import MAX_T, PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 
 # Every kind of row a run prints; --table refuses a file with any other line.
@@ -136,8 +137,8 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
                 for batch in p["batches"]:
                     for precision in p["precisions"]:
                         TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=batch, precision=precision).validate()
-    if p["ablation_T"] < 0:
-        raise ConfigError(f"--ablation-T must be >= 0 (0: no per-lever runs), got {p['ablation_T']}")
+    if not 0 <= p["ablation_T"] <= MAX_T:
+        raise ConfigError(f"--ablation-T must be in [0, {MAX_T}] (0: no per-lever runs), got {p['ablation_T']}")
     if p["grid_levers"].cuda_graph and device.type != "cuda":
         raise ConfigError(f"the cuda_graph lever replays CUDA graphs: it needs a CUDA device, not {device}")
     if p["warmup"] < 0:
@@ -145,8 +146,9 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
     # Written so that nan fails too; inf would ask for endless timed calls.
     if not (p["min_seconds"] > 0 and math.isfinite(p["min_seconds"])):
         raise ConfigError(f"--min-seconds must be a finite number > 0, got {p['min_seconds']}")
-    if p["threads"] is not None and p["threads"] < 1:
-        raise ConfigError(f"--threads must be >= 1, got {p['threads']}")
+    # More threads than cores only wait on each other (and torch crashes at some hundred thousand).
+    if p["threads"] is not None and not 1 <= p["threads"] <= (os.cpu_count() or 1):
+        raise ConfigError(f"--threads must be in [1, {os.cpu_count() or 1}] (this machine's cores), got {p['threads']}")
 
 
 def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup, tuple]]:

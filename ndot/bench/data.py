@@ -24,7 +24,7 @@ import torch
 
 from ndot.bench.measure import sync
 from ndot.cli import Parser, refuse
-from ndot.config import ConfigError, TrainConfig
+from ndot.config import MAX_T, ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
 
@@ -88,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("cifar", "dvs"), default=None, help="run one part (default: both)")
     args = p.parse_args(argv)
     # All of them, whichever part runs: a bad value is a slip to report, not to ignore.
-    for flag, value in (("--workers", args.workers), ("--T", args.T), ("--threads", args.threads)):
+    cores = os.cpu_count() or 1
+    for flag, value, most in (("--workers", args.workers, None), ("--T", args.T, MAX_T), ("--threads", args.threads, cores)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
+        if value is not None and most is not None and value > most:
+            p.error(f"{flag} must be at most {most}, got {value}")
     try:
         device = resolve_device(args.device)
     except ConfigError as e:
