@@ -213,6 +213,8 @@ DEFAULT_OUT = "runs/{dataset}-{arch}-{rule}_{mode}-T{T}-seed{seed}"
 LOG = "metrics.jsonl"
 # What a run leaves in its folder; a fresh run refuses a folder holding any of them.
 _RUN_FILES = (checkpoint.LAST, checkpoint.BEST, LOG)
+# What a resume reads of checkpoint.pt besides the weights and the config (see _call).
+_RESUMED = ("epoch", "metrics", "best_test_acc", "optimizer", "rng")
 
 _CHOICES = {"dataset": sorted(data.DATASETS), "arch": sorted(ARCHS), "rule": RULES, "mode": MODES,
             "precision": PRECISIONS, "loader": LOADERS, "dvs_encoding": DVS_ENCODINGS}
@@ -266,6 +268,9 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume given but {ckpt_path} does not exist")
         state = load_state(str(ckpt_path))
+        missing = [k for k in _RESUMED if k not in state]
+        if missing:  # e.g. best.pt copied over it: weights without the run's state
+            raise ConfigError(f"{ckpt_path} holds no {', '.join(missing)}: not the {checkpoint.LAST} of a run to resume")
         # Before any refusal: a run that stopped at its last epoch is only ever resumed to be refused.
         try:
             _mend(out, state)

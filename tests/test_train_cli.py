@@ -195,3 +195,12 @@ def test_ctrl_c_ends_the_run_in_one_line_that_says_how_to_continue(tmp_path, cap
     monkeypatch.setattr("ndot.train.train", real)
     assert main(["--out", str(run), "--resume"]) == 0
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*RUN, "--out", str(run)]) == 0
+    shutil.copy(run / "best.pt", run / "checkpoint.pt")
+    before = contents(run)
+    refused(capsys, ["--out", str(run), "--resume", "--epochs", "2"], "holds no best_test_acc, optimizer, rng: not the checkpoint.pt of a run")
+    assert contents(run) == before
