@@ -102,18 +102,27 @@ def load(path: str) -> dict[str, Any]:
         state = checkpoint.load(io.BytesIO(files.read_bytes(path)))
     except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys() or not isinstance(state["config"], dict):
         raise ConfigError(f"{path} has no model weights and configuration: not a checkpoint of python -m ndot.train")
     return state
 
 
-def evaluate_weights(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> Metrics:
-    """Evaluate the weights in `state` on cfg's test set, with cfg's T and precision, on `device`."""
+def model_of(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """cfg's network on `device` with the weights in `state`; ConfigError where they are another network's."""
     info = data.info(cfg.dataset)
     model = from_config(cfg, info.in_channels, info.num_classes).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # another shape, missing keys, not a state dict
+        raise ConfigError(f"the weights are not those of the network their config names, {cfg.arch} for {cfg.dataset} "
+                          f"({str(e).strip().splitlines()[0]})") from None
+    return model
+
+
+def evaluate_weights(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Metrics:
+    """Evaluate `model` on cfg's test set, with cfg's T and precision, on `device`."""
     _, test_loader = data.loaders(cfg, device)
-    return evaluate(model, test_loader, cfg, info.num_classes, detail=True)
+    return evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True)
 
 
 def default_out(weights: str, T: int) -> str:
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         state = load(path)
         cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
         device = resolve_device(cfg.device)
+        model = model_of(state, cfg, device)
         data.check(cfg)
         out = args.out or default_out(path, cfg.T)
         if files.kind(out) == pafs.FileType.Directory:
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
     print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "
           f"evaluating with T={cfg.T} on {device}", flush=True)
-    m = evaluate_weights(state, cfg, device)
+    m = evaluate_weights(model, cfg, device)
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
     print(f"test accuracy {m['test_acc']:.4f}{top5}, loss {m['test_loss']:.4f}")
     print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))

@@ -126,6 +126,8 @@ def test_a_sweep_trials_folder_stands_for_its_newest_whole_checkpoint(tmp_path, 
     ("tensor", [], "no model weights and configuration"),
     ("run", ["--T", "0"], "T must be an integer in [1, 10000]"),
     ("run", ["--device", "cuda:7"], "CUDA device"),
+    ("otherarch", [], "the weights are not those of the network their config names, resnet_ws for digits"),
+    ("cfgstr", [], "no model weights and configuration"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
     path = tmp_path / "w.pt"
@@ -135,8 +137,11 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
         path.write_bytes(b"not a checkpoint")
     elif make == "tensor":
         torch.save(torch.zeros(3), path)
-    elif make == "run":
-        checkpoint.save(path, {"model": {}, "config": TrainConfig(dataset="digits").to_dict()})
+    elif make in ("run", "otherarch", "cfgstr"):
+        cfg = TrainConfig(dataset="digits", arch="small_cnn")
+        weights = from_config(cfg, 1, 10).state_dict()
+        config = {"run": cfg.to_dict(), "otherarch": {**cfg.to_dict(), "arch": "resnet_ws"}, "cfgstr": "small_cnn"}[make]
+        checkpoint.save(path, {"model": weights, "config": config})
     assert evaluate_main([str(path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
