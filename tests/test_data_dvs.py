@@ -1,7 +1,10 @@
 """CIFAR10-DVS: .aedat4 recordings written with faery, read through tonic and the real loaders and cache."""
 from __future__ import annotations
 
+import fcntl
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import torchvision.transforms.functional as TF
 
 from data_fixtures import closed_port, one_line
 from ndot.config import TrainConfig
-from ndot.data import DataError, dvs, fixtures
+from ndot.data import DataError, dvs, fixtures, storage
 from ndot.train import main as train_main
 from ndot.train import train
 
@@ -365,3 +368,32 @@ def test_the_trainer_runs_on_the_fixture(dataset_root):
                    lambda m, s: seen.append(m))
     assert result.status == "completed" and [m["epoch"] for m in seen] == [1]
     assert 0 <= seen[0]["test_acc"] <= 1 and 0 < seen[0]["firing_rate"] < 1
+
+
+def test_a_conversion_says_what_it_builds_and_how_far_it_is(dataset_root, private_cache, monkeypatch, capsys):
+    monkeypatch.setattr(dvs, "PROGRESS_S", 0.0)
+    dvs.load_frames(config(dataset_root), 48)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("cifar10dvs: converting 1000 recordings into 2 frames each, once, into ")
+    assert "cifar10dvs: 899/900 recordings converted" in err and "cifar10dvs: 99/100 recordings converted" in err
+    dvs.load_frames(config(dataset_root), 48)
+    assert capsys.readouterr().err == "", "a cache hit is silent"
+
+
+def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, capsys):
+    lock = tmp_path / "x.lock"
+    with open(lock, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another process building it (flock: another open file description)
+        def wait() -> None:
+            with storage.file_lock(lock, waiting="waiting for x"):
+                pass
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for x" not in capsys.readouterr().err and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert time.monotonic() < deadline, "no line while waiting"
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()

@@ -40,6 +40,8 @@ import hashlib
 import json
 import pickle
 import re
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,8 @@ TRAIN_FRACTION = 0.9
 PADDING = 4
 AUTHORS_NORMALISATION = ((0.2728, 0.1295), (0.2225, 0.1290))
 CACHE_FORMAT = 2
+# Seconds between the progress lines of a conversion.
+PROGRESS_S = 10.0
 # How each encoding stores its frames (module docstring).
 FRAME_DTYPES = {"counts": torch.float16, "authors": torch.uint8}
 
@@ -199,7 +203,12 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[tor
     y = torch.empty(len(indices), dtype=torch.long)
     unreadable = []
     batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list)
+    last = time.monotonic()
     for k, (frames, label, error) in enumerate(item for batch in batches for item in batch):
+        # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
+        if time.monotonic() - last >= PROGRESS_S:
+            last = time.monotonic()
+            print(f"cifar10dvs: {k}/{len(indices)} recordings converted", file=sys.stderr, flush=True)
         if error is None:
             x[k], y[k] = frames, label
         else:
@@ -259,10 +268,12 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
     if cached is not None:
         return cached
     storage.writable_folder(cache_dir, "the CIFAR10-DVS frame cache", "set $NDOT_CACHE to a writable folder")
-    with storage.file_lock(path.with_name(path.name + ".lock")):
+    with storage.file_lock(path.with_name(path.name + ".lock"), waiting=f"cifar10dvs: waiting for another process to build {path}"):
         cached = _load(path, key)  # another process may have built it while this one waited
         if cached is not None:
             return cached
+        print(f"cifar10dvs: converting {len(train) + len(test)} recordings into {key['T']} frames each, "
+              f"once, into {path}", file=sys.stderr, flush=True)
         train_x, train_y, unreadable = _convert(dataset, train, workers)
         test_x, test_y, unreadable_test = _convert(dataset, test, workers)
         unreadable += unreadable_test

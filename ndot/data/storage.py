@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 import tarfile
 import urllib.error
 import zipfile
@@ -67,7 +68,7 @@ def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: st
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with file_lock(folder / f".{what}-download.lock"):
+        with file_lock(folder / f".{what}-download.lock", waiting=f"waiting for another process downloading {what} into {folder}"):
             if present():
                 return
             with _socket_timeout(DOWNLOAD_TIMEOUT_S):
@@ -87,11 +88,19 @@ def writable_folder(folder: Path, what: str, remedy: str) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock, so concurrent trials build a cache once instead of each building it."""
+def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Exclusive advisory lock, so concurrent trials build a cache once instead of each building it.
+
+    `waiting` is printed (stderr) when another process holds the lock: the wait can take minutes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
