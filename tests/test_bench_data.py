@@ -1,6 +1,7 @@
 """The data-path benchmark: its small run completes and reports each pipeline; bad input is refused."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,3 +39,11 @@ def test_bad_input_is_one_line_before_measuring(argv, says, capsys):
     captured = capsys.readouterr()
     assert status == 2 and captured.out == ""
     assert captured.err.count("\n") == 1 and says in captured.err
+
+
+def test_the_dvs_part_without_faery_is_one_line_before_measuring(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faery" else real(name, *a))
+    assert exit_status(data.main, ["--small", "--only", "dvs"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "pip install faery" in captured.err

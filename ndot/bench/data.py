@@ -12,6 +12,7 @@ reading it back (from the page cache: the file was just written).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except ConfigError as e:
         return refuse(e)
+    if args.only in (None, "dvs") and importlib.util.find_spec("faery") is None:
+        # The recordings are written for the run, in the real format, with the test extra's writer.
+        return refuse("the DVS part writes its recordings with faery, which is not installed: pip install faery "
+                      "(in ndot's test extra), or run --only cifar")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.only in (None, "cifar"):
