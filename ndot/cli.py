@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any, Callable, Sequence
 
@@ -55,3 +56,27 @@ def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
 
     parse.__name__ = f"{kind.__name__} list"
     return parse
+
+
+class _Stderr(logging.Handler):
+    # sys.stderr is looked up per line, not bound once: a redirection made later (pytest's capture,
+    # a notebook's) still receives the lines.
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def show_progress() -> None:
+    """Show the library's progress lines (logger "ndot", INFO) on stderr, as they are, in this process.
+
+    They say what a step that takes minutes is doing (a data set converted once, a wait for another
+    process's download); on stderr they stay apart from a command's data on stdout. A library user
+    who wants them calls this, or configures the "ndot" logger.
+    """
+    logger = logging.getLogger("ndot")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())

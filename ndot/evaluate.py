@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse
+from ndot.cli import Parser, refuse, show_progress
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
@@ -153,6 +153,7 @@ def _parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    show_progress()
     overrides = {k: v for k, v in (("T", args.T), ("precision", args.precision), ("batch_size", args.batch_size),
                                    ("data_root", args.data_root)) if v is not None}
     # Where the run trained says nothing about where its weights are read: auto unless asked.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse
+from ndot.cli import Parser, refuse, show_progress
 from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, check_rule_flags
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
@@ -332,6 +332,7 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     given = vars(_parser().parse_args(argv))
+    show_progress()
     out, resume = given.pop("out", None), given.pop("resume", False)
     # With --resume the config is in the folder: its name can only come from the flags given.
     out = out or Path(DEFAULT_OUT.format(**{**TrainConfig().to_dict(), **given}))

@@ -1,11 +1,12 @@
-"""What every command line shares (ndot.cli.Parser): `-` and `_` alike inside a flag, no abbreviations."""
+"""What every command line shares (ndot.cli): `-` and `_` alike inside a flag, no abbreviations; progress on stderr."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 
-from ndot.cli import Parser
+from ndot.cli import Parser, show_progress
 
 
 def parser() -> Parser:
@@ -38,3 +39,12 @@ def test_abbreviations_are_refused_in_one_line(argv, capsys):
         parser().parse_args(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments" in err
+
+
+def test_progress_lines_reach_stderr_once_each_and_not_stdout(capsys):
+    show_progress()
+    show_progress()  # every command calls it, and a process may run several (tests, a notebook)
+    logging.getLogger("ndot.data.dvs").info("cifar10dvs: 10/100 recordings converted")
+    logging.getLogger("ndot.data.dvs").debug("not shown")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "cifar10dvs: 10/100 recordings converted\n"

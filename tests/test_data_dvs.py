@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import shutil
 import threading
 import time
@@ -371,17 +372,20 @@ def test_the_trainer_runs_on_the_fixture(dataset_root):
     assert 0 <= seen[0]["test_acc"] <= 1 and 0 < seen[0]["firing_rate"] < 1
 
 
-def test_a_conversion_says_what_it_builds_and_how_far_it_is(dataset_root, private_cache, monkeypatch, capsys):
+def test_a_conversion_says_what_it_builds_and_how_far_it_is(dataset_root, private_cache, monkeypatch, caplog):
     monkeypatch.setattr(dvs, "PROGRESS_S", 0.0)
+    caplog.set_level(logging.INFO, logger="ndot")
     dvs.load_frames(config(dataset_root), 48)
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("cifar10dvs: converting 1000 recordings into 2 frames each, once, into ")
-    assert "cifar10dvs: 899/900 recordings converted" in err and "cifar10dvs: 99/100 recordings converted" in err
+    lines = caplog.messages
+    assert lines[0].startswith("cifar10dvs: converting 1000 recordings into 2 frames each, once, into ")
+    assert "cifar10dvs: 899/900 recordings converted" in lines and "cifar10dvs: 99/100 recordings converted" in lines
+    caplog.clear()
     dvs.load_frames(config(dataset_root), 48)
-    assert capsys.readouterr().err == "", "a cache hit is silent"
+    assert caplog.messages == [], "a cache hit is silent"
 
 
-def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, capsys):
+def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ndot")
     lock = tmp_path / "x.lock"
     with open(lock, "a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)  # another process building it (flock: another open file description)
@@ -392,7 +396,7 @@ def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, caps
         waiter = threading.Thread(target=wait)
         waiter.start()
         deadline = time.monotonic() + 30
-        while "waiting for x" not in capsys.readouterr().err and time.monotonic() < deadline:
+        while "waiting for x" not in caplog.messages and time.monotonic() < deadline:
             time.sleep(0.05)
         assert time.monotonic() < deadline, "no line while waiting"
         fcntl.flock(holder, fcntl.LOCK_UN)

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pickle
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -60,6 +60,8 @@ from ndot.data.loader import DeviceLoader
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 INFO = DatasetInfo("cifar10dvs", num_classes=10, in_channels=2, image_size=48, frames=True)
 CLASSES = tuple(sorted(CIFAR10DVS.classes, key=CIFAR10DVS.classes.__getitem__))
@@ -208,7 +210,7 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[tor
         # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
         if time.monotonic() - last >= PROGRESS_S:
             last = time.monotonic()
-            print(f"cifar10dvs: {k}/{len(indices)} recordings converted", file=sys.stderr, flush=True)
+            log.info(f"cifar10dvs: {k}/{len(indices)} recordings converted")
         if error is None:
             x[k], y[k] = frames, label
         else:
@@ -272,8 +274,8 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
         cached = _load(path, key)  # another process may have built it while this one waited
         if cached is not None:
             return cached
-        print(f"cifar10dvs: converting {len(train) + len(test)} recordings into {key['T']} frames each, "
-              f"once, into {path}", file=sys.stderr, flush=True)
+        log.info(f"cifar10dvs: converting {len(train) + len(test)} recordings into {key['T']} frames each, "
+                 f"once, into {path}")
         train_x, train_y, unreadable = _convert(dataset, train, workers)
         test_x, test_y, unreadable_test = _convert(dataset, test, workers)
         unreadable += unreadable_test

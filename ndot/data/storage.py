@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
-import sys
 import tarfile
 import urllib.error
 import zipfile
@@ -21,6 +21,8 @@ from ndot.data import DataError
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "~/data"
 # Applies to every blocking socket operation (connect, each read), not to the
@@ -91,7 +93,7 @@ def writable_folder(folder: Path, what: str, remedy: str) -> None:
 def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
     """Exclusive advisory lock, so concurrent trials build a cache once instead of each building it.
 
-    `waiting` is printed (stderr) when another process holds the lock: the wait can take minutes.
+    `waiting` is logged (INFO) when another process holds the lock: the wait can take minutes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -99,7 +101,7 @@ def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if waiting:
-                print(waiting, file=sys.stderr, flush=True)
+                log.info(waiting)
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

@@ -21,7 +21,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import data, files, results
-from ndot.cli import Parser, listed, refuse
+from ndot.cli import Parser, listed, refuse, show_progress
 from ndot.config import ConfigError, TrainConfig, check_rule_flags, parse_field, parse_method
 from ndot.sweep import resources, runner
 from ndot.sweep.definitions import Sweep
@@ -317,6 +317,7 @@ def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment:
 
 def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     args = parser(sweep).parse_args(argv)
+    show_progress()
     try:
         plan = resumed_plan(sweep, args) if args.resume else build_plan(sweep, args)
         check(plan, args.resume)

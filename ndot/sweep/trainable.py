@@ -14,6 +14,7 @@ import torch
 from ray import tune
 
 from ndot import checkpoint, results
+from ndot.cli import show_progress
 from ndot.config import TrainConfig
 from ndot.train import train
 
@@ -30,6 +31,7 @@ def _node() -> dict[str, Any]:
 
 def run_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config)
+    show_progress()  # into Ray's worker log: where a trial spends minutes converting data or waiting, it says so
     trial_id = tune.get_context().get_trial_id()
     # started_at: when this process began the trial, before data and model; a trial's first row
     # keeps its first start through restarts, so the trials table measures wall time from there.
