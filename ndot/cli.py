@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -41,6 +42,23 @@ def refuse(message: object) -> int:
     """Report bad input as one line on stderr (the message's first) and return the exit status 2."""
     print(f"error: {str(message).splitlines()[0]}", file=sys.stderr)
     return 2
+
+
+def threads(text: str) -> int:
+    """An argparse type: torch's intra-op CPU threads, from 1 to this machine's cores.
+
+    More than the cores only wait on each other (torch crashes at some hundred thousand). The
+    count is a setting of the results, not only of speed: sums split over another count of
+    threads round in another order.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= cores:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [1, {cores}] (this machine's cores), got {text!r}")
+    return n
 
 
 def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, show_progress
+from ndot.cli import Parser, refuse, show_progress, threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
@@ -146,6 +146,7 @@ def _parser() -> Parser:
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
+    p.add_argument("--threads", type=threads, default=None, help="torch's CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
                         "trial's checkpoint, eval-<checkpoint>-<weights>-T<T>.json in the trial's folder)")
     return p
@@ -154,6 +155,8 @@ def _parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     show_progress()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("T", args.T), ("precision", args.precision), ("batch_size", args.batch_size),
                                    ("data_root", args.data_root)) if v is not None}
     # Where the run trained says nothing about where its weights are read: auto unless asked.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, show_progress
+from ndot.cli import Parser, refuse, show_progress, threads
 from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, check_rule_flags
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
@@ -251,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_folder, help=f"run folder: {LOG} (a line per epoch), {checkpoint.LAST} (the last "
                                             f"epoch) and {checkpoint.BEST} (the best epoch's weights) "
                                             f"(default: {DEFAULT_OUT})")
+    p.add_argument("--threads", type=threads, help="torch's CPU threads (default: torch's); not part of the config: "
+                                                 "give it again to --resume, as another count can move the results")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the run in OUT from its {checkpoint.LAST}, with the configuration saved there; "
                         "the flags given override it where a run may change (e.g. --epochs to extend it)")
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     given = vars(_parser().parse_args(argv))
     show_progress()
     out, resume = given.pop("out", None), given.pop("resume", False)
+    if "threads" in given:
+        torch.set_num_threads(given.pop("threads"))
     # With --resume the config is in the folder: its name can only come from the flags given.
     out = out or Path(DEFAULT_OUT.format(**{**TrainConfig().to_dict(), **given}))
     try:

@@ -28,9 +28,10 @@ def test_small_run_reports_the_dvs_pipelines():
     (["--T", "0", "--only", "cifar"], "--T must be >= 1, got 0"),
     (["--T", "2.5"], "invalid int value"),
     (["--workers", "0"], "--workers must be >= 1, got 0"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
-    (["--threads", "-2"], "--threads must be >= 1, got -2"),
-    (["--threads", "100000000"], "--threads must be at most"),
+    (["--threads", "0"], "--threads: must be a whole number in [1, "),
+    (["--threads", "-2"], "--threads: must be a whole number in [1, "),
+    (["--threads", "100000000"], "--threads: must be a whole number in [1, "),
+    (["--threads", "1.5"], "got '1.5'"),
     (["--T", "1000000000", "--only", "dvs"], "--T must be at most 10000"),
     (["--device", "mps"], "device must be 'auto', 'cpu' or 'cuda[:N]'"),
 ])

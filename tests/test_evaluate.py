@@ -5,6 +5,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
+from helpers import exit_status
 from ndot import checkpoint, data, train as train_module
 from ndot.config import TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
@@ -128,6 +129,7 @@ def test_a_sweep_trials_folder_stands_for_its_newest_whole_checkpoint(tmp_path, 
     ("run", ["--device", "cuda:7"], "CUDA device"),
     ("otherarch", [], "the weights are not those of the network their config names, resnet_ws for digits"),
     ("cfgstr", [], "no model weights and configuration"),
+    ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
     path = tmp_path / "w.pt"
@@ -142,6 +144,6 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
         weights = from_config(cfg, 1, 10).state_dict()
         config = {"run": cfg.to_dict(), "otherarch": {**cfg.to_dict(), "arch": "resnet_ws"}, "cfgstr": "small_cnn"}[make]
         checkpoint.save(path, {"model": weights, "config": config})
-    assert evaluate_main([str(path), *args]) == 2
+    assert exit_status(evaluate_main, [str(path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

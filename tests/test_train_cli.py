@@ -102,6 +102,19 @@ def test_out_of_range_numbers_are_refused(tmp_path, capsys, args, words):
     assert not (tmp_path / "run").exists()
 
 
+def test_threads_sets_torchs_threads_and_stays_out_of_the_run_config(tmp_path, capsys, monkeypatch):
+    refused_at_parse = exit_status(main, [*RUN, "--threads", "0", "--out", str(tmp_path / "run")])
+    assert refused_at_parse == 2 and "--threads: must be a whole number in [1, " in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    assert main([*RUN, "--threads", "1", "--out", str(tmp_path / "run")]) == 0
+    assert asked[:1] == [1] and "threads" not in checkpoint.load(tmp_path / "run" / "checkpoint.pt")["config"]
+    # A resume takes it like any run: a setting of this process, not of the run.
+    assert main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--threads", "1"]) == 0
+    assert asked.count(1) >= 2
+
+
 def test_help_gives_every_option_its_default_and_valid_values(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # no help text wrapped, at a hyphen or elsewhere
     with pytest.raises(SystemExit) as exit:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ndot.bench.measure import sync
-from ndot.cli import Parser, refuse, show_progress
+from ndot.cli import Parser, refuse, show_progress, threads
 from ndot.config import MAX_T, ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
@@ -85,13 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="where the device pipeline runs (default: the GPU if there is one)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU pipeline and DVS conversion")
     p.add_argument("--T", type=int, default=10, help="DVS frames per recording")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of this process")
+    p.add_argument("--threads", type=threads, default=None, help="torch intra-op threads of this process")
     p.add_argument("--only", choices=("cifar", "dvs"), default=None, help="run one part (default: both)")
     args = p.parse_args(argv)
     show_progress()
     # All of them, whichever part runs: a bad value is a slip to report, not to ignore.
-    cores = os.cpu_count() or 1
-    for flag, value, most in (("--workers", args.workers, None), ("--T", args.T, MAX_T), ("--threads", args.threads, cores)):
+    for flag, value, most in (("--workers", args.workers, None), ("--T", args.T, MAX_T)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
         if value is not None and most is not None and value > most:
