@@ -2,6 +2,7 @@
 and local files written atomically."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -27,8 +28,9 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
 class _Landing(io.BufferedWriter):
     """A file written under a temporary name beside its path, synced, and renamed over it once closed whole.
 
-    Discarded instead, leaving the old file: when a write failed (a full disk), when it is dropped
-    unclosed (as pyarrow drops a stream whose copy failed), or when a `with` block on it raises.
+    Discarded instead, leaving the old file: when a write, the flush or the rename failed (a full
+    disk, a folder in the way), when it is dropped unclosed (as pyarrow drops a stream whose copy
+    failed), or when a `with` block on it raises.
     """
 
     def __init__(self, path: str) -> None:
@@ -51,10 +53,15 @@ class _Landing(io.BufferedWriter):
         if self._failed:
             self._discard()
             return
-        self.flush()
-        os.fsync(self.fileno())
-        super().close()
-        os.replace(self._tmp, self._path)
+        try:
+            self.flush()
+            os.fsync(self.fileno())
+            super().close()
+            os.replace(self._tmp, self._path)
+        except BaseException:
+            # A full disk found only at the flush, or a path no file can replace (a folder): the old stays.
+            self._discard()
+            raise
         # The rename is an entry of the folder: synced too, or a machine that loses power may forget it.
         folder = os.open(os.path.dirname(self._path) or ".", os.O_RDONLY)
         try:
@@ -163,9 +170,14 @@ def write_bytes(uri: str, data: bytes) -> None:
     parent = PurePosixPath(path).parent
     fs.create_dir(str(parent), recursive=True)
     tmp = str(parent / f".{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp")
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
 
 
 def read_bytes(uri: str) -> bytes:

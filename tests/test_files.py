@@ -139,3 +139,12 @@ def test_an_upload_whose_writes_fail_leaves_the_old_file_and_no_stray(tmp_path):
     assert proc.returncode == 0 and "Error" in proc.stdout, f"the upload's writes did not fail: {proc.stdout}{proc.stderr[-2000:]}"
     assert (destination / "state.pt").read_bytes() == old
     assert [p.name for p in destination.iterdir()] == ["state.pt"]
+
+
+@pytest.mark.parametrize("through", ["path", "uri"])
+def test_a_write_onto_a_folder_fails_and_leaves_no_stray(tmp_path, through):
+    (tmp_path / "trials.parquet").mkdir()
+    target = str(tmp_path / "trials.parquet")
+    with pytest.raises(OSError):
+        files.write_bytes(target if through == "path" else f"file://{target}", b"table")
+    assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"] and (tmp_path / "trials.parquet").is_dir()
