@@ -56,9 +56,15 @@ def write_history(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None
 
 
 def read_history(fs: pafs.FileSystem, folder: str) -> list[dict[str, Any]]:
-    """The epoch rows a sweep trial's checkpoint folder holds (HISTORY)."""
+    """The epoch rows a sweep trial's checkpoint folder holds (HISTORY); ValueError where it holds
+    something else (json.JSONDecodeError where it is not JSON)."""
     with fs.open_input_stream(f"{folder}/{HISTORY}") as f:
-        return json.loads(f.readall())
+        rows = json.loads(f.readall())
+    # A trial writes epochs 1..k, all of them, into the checkpoint of epoch k.
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows)
+            and [r.get("epoch") for r in rows] == list(range(1, len(rows) + 1))):
+        raise ValueError(f"{folder}/{HISTORY} is not the rows of a trial's epochs 1, 2, ... in order")
+    return rows
 
 
 def whole(fs: pafs.FileSystem, trial_path: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -78,7 +84,7 @@ def whole(fs: pafs.FileSystem, trial_path: str) -> Iterator[tuple[str, list[dict
     for _, path in found:
         try:
             history = read_history(fs, path)
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, ValueError):
             continue
         # Tune uploads a checkpoint's files in parallel: one killed in mid-upload can lack its weights.
         if all(fs.get_file_info(f"{path}/{name}").type == pafs.FileType.File for name in {TRIAL, weights_of(history)}):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -30,6 +31,8 @@ from ndot.cli import Parser, refuse
 from ndot.config import TrainConfig, method
 from ndot.files import filesystem, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
+
+log = logging.getLogger(__name__)
 
 EPOCHS_TABLE = "epochs"
 TRIALS_TABLE = "trials"
@@ -169,9 +172,12 @@ def record(trial: Any) -> TrialRecord:
         # one can remain from before a resume that ended the trial sooner.)
         try:
             path, history = c.path, checkpoint.read_history(c.filesystem, c.path)
-        except (FileNotFoundError, json.JSONDecodeError):
-            # Deleted by checkpoint retention after the state naming it was saved, before the driver died.
+        except (FileNotFoundError, ValueError) as e:
+            # Deleted by checkpoint retention after the state naming it was saved, before the driver died,
+            # which is expected; or damaged, which is worth a word. The newest whole one stands in.
             path, history = checkpoint.newest(fs, trial.path)
+            if isinstance(e, ValueError):
+                log.warning(f"warning: trial {trial.trial_id}: {e}; read from {path or 'no checkpoint'} instead")
     # Tune reads a saved state's RUNNING as PENDING, ready to restart: a trial with epochs had begun, and is
     # `running`, as the tables written when the sweep stopped say.
     status = "RUNNING" if trial.status == "PENDING" and history else None

@@ -118,6 +118,21 @@ def test_a_sweep_trials_folder_stands_for_its_newest_whole_checkpoint(tmp_path, 
     assert checkpoint.newest(pafs.LocalFileSystem(), str(tmp_path))[0] == str(tmp_path / "checkpoint_000001")
 
 
+@pytest.mark.parametrize("content", ['{"epoch": 1}', "null", "[]", "[1, 2]", '[{"epoch": "1"}]', '[{"epoch": 2}]',
+                                     '[{"epoch": 1}, {"epoch": 1}]'])
+def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_where_named(tmp_path, content, capsys):
+    for epoch in (1, 2):
+        folder = tmp_path / f"checkpoint_{epoch - 1:06d}"
+        folder.mkdir()
+        (folder / checkpoint.TRIAL).write_bytes(b"")
+        (folder / checkpoint.HISTORY).write_text(json.dumps([{"epoch": i + 1, **WORSE_EPOCH} for i in range(epoch)]))
+    (tmp_path / "checkpoint_000001" / checkpoint.HISTORY).write_text(content)
+    assert checkpoint.newest(pafs.LocalFileSystem(), str(tmp_path))[0] == str(tmp_path / "checkpoint_000000")
+    assert exit_status(evaluate_main, [str(tmp_path / "checkpoint_000001")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "history.json is not the rows of a trial's epochs 1, 2, ... in order" in err
+
+
 @pytest.mark.parametrize("make,args,message", [
     (None, [], "does not exist"),
     ("dir", [], "holds none of best.pt, checkpoint.pt, state.pt"),

@@ -153,6 +153,18 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
                                   trials.sort_values(by, ignore_index=True).drop(columns="num_failures"))
     printed = captured.out + capsys.readouterr().out
     assert "best_test_acc" in printed and all(label in printed for label in expected), "no per-stratum summary"
+    # A damaged history (a hand edit, a disk error) is passed over like an upload cut short, with a word.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(experiment, damaged)
+    trial_id = trials["trial_id"].iloc[0]
+    *kept, last = sorted(damaged.glob(f"{trial_id}_*/checkpoint_*"))
+    (last / checkpoint.HISTORY).write_text("[]")
+    assert kept and results.main(["collect", str(damaged)]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: trial {trial_id}: " in captured.err and f"read from {kept[-1]} instead" in captured.err
+    rows = results.load(str(damaged))
+    assert (rows["trial_id"] == trial_id).sum() == SMOKE.epochs - 1
+    printed += captured.out
     for figure in ("accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
         assert str(experiment / f"{figure}.png") in printed
