@@ -4,7 +4,9 @@ accuracy_vs_T       best test accuracy of each stratum against T, one line per r
 accuracy_vs_lr      every trial's best test accuracy against its learning rate, per rule and T
 cost_vs_T           peak memory and training throughput against T, per rule
 
-A line is a rule (method), and a rule on one architecture when the table holds several.
+A line is a rule (method), and a rule on one architecture when the table holds several. A table
+of several architectures at one T (the architectures sweep) is drawn against the architecture
+instead: accuracy_vs_arch and cost_vs_arch, a point per rule and architecture.
 """
 from __future__ import annotations
 
@@ -22,42 +24,59 @@ from matplotlib.lines import Line2D  # noqa: E402
 if TYPE_CHECKING:
     from pandas.api.typing import DataFrameGroupBy  # pandas >= 2.1; annotations only
 
+XLABELS = {"T": "time steps T", "arch": "architecture"}
+
+
+def axis(trials: pd.DataFrame) -> str:
+    """What the accuracy and cost figures run along: T, or the architecture where T is one and they are several."""
+    return "arch" if trials["T"].nunique() == 1 and trials["arch"].nunique() > 1 else "T"
+
 
 def _curves(trials: pd.DataFrame) -> pd.Series:
     """The line each trial belongs to: its method, and its architecture when the table holds several
-    (an architectures sweep would otherwise draw one architecture's points over the other's)."""
-    if trials["arch"].nunique() > 1:
+    along another axis (an architectures sweep at several T would otherwise draw one architecture's
+    points over the other's)."""
+    if trials["arch"].nunique() > 1 and axis(trials) != "arch":
         return trials["method"] + ", " + trials["arch"]
     return trials["method"]
 
 
-def _lines_over_T(ax: plt.Axes, series: pd.Series, ylabel: str) -> None:
-    """`series` is indexed by (curve, T)."""
+def _lines(ax: plt.Axes, series: pd.Series, x: str, ylabel: str) -> None:
+    """`series` is indexed by (curve, x)."""
     for name, s in series.groupby(level="curve"):
         s = s.droplevel("curve").sort_index()
-        ax.plot(s.index, s.values, marker="o", label=name)
-    ax.set_xticks(sorted(series.index.get_level_values("T").unique()))
-    ax.set_xlabel("time steps T")
+        # Architectures are categories: points, not a line through them.
+        ax.plot(s.index, s.values, marker="o", ls="-" if x == "T" else "", label=name)
+    if x == "T":
+        ax.set_xticks(sorted(series.index.get_level_values("T").unique()))
+    ax.set_xlabel(XLABELS[x])
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
 
 
-def _by_curve_and_T(trials: pd.DataFrame) -> DataFrameGroupBy:
-    return trials.assign(curve=_curves(trials)).groupby(["curve", "T"])
+def _by_curve_and(trials: pd.DataFrame, x: str) -> DataFrameGroupBy:
+    return trials.assign(curve=_curves(trials)).groupby(["curve", x])
 
 
 def _setting(trials: pd.DataFrame) -> str:
-    """What every point shares, for titles: the dataset(s) and, when there is one, the architecture."""
+    """What every point shares, for titles: the dataset(s), and the architecture or T where there is one."""
+    shared = sorted(trials["dataset"].unique())
     archs = sorted(trials["arch"].unique())
-    return ", ".join(sorted(trials["dataset"].unique()) + (archs if len(archs) == 1 else []))
+    if len(archs) == 1:
+        shared += archs
+    if axis(trials) == "arch":
+        shared.append(f"T={trials['T'].iloc[0]}")
+    return ", ".join(shared)
 
 
-def accuracy_vs_T(trials: pd.DataFrame) -> Figure:
+def accuracy_vs_axis(trials: pd.DataFrame) -> Figure:
+    """Against T, or against the architecture (see `axis`)."""
+    x = axis(trials)
     fig, ax = plt.subplots(figsize=(6, 4))
-    by = _by_curve_and_T(trials)
+    by = _by_curve_and(trials, x)
     # The best trial of a stratum is the tuned result for that (rule, T); each trial scores its best epoch.
-    _lines_over_T(ax, by["best_test_acc"].max() * 100, "best test accuracy (%)")
+    _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)")
     n = by.size()
     trials_per_point = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
     ax.set_title(f"{_setting(trials)}: best of {trials_per_point} trial(s) per point", fontsize=10)
@@ -84,13 +103,16 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
     return fig
 
 
-def cost_vs_T(trials: pd.DataFrame) -> Figure:
+def cost_vs_axis(trials: pd.DataFrame) -> Figure:
+    """Against T, or against the architecture (see `axis`)."""
+    x = axis(trials)
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.4))
-    by = _by_curve_and_T(trials)
-    _lines_over_T(mem, by["peak_mem_mb"].median(), "peak memory (MB)")
-    _lines_over_T(speed, by["image_steps_per_s"].median(), "training image-steps / s")
-    mem.set_title("memory against T (median over trials)", fontsize=10)
-    speed.set_title(f"{_setting(trials)}: throughput against T (median over trials)", fontsize=10)
+    by = _by_curve_and(trials, x)
+    _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MB)")
+    _lines(speed, by["image_steps_per_s"].median(), x, "training image-steps / s")
+    along = "T" if x == "T" else "architecture"
+    mem.set_title(f"memory against {along} (median over trials)", fontsize=10)
+    speed.set_title(f"{_setting(trials)}: throughput against {along} (median over trials)", fontsize=10)
     # The column means different things per device; on a CPU it is not a measure of the rule alone.
     fig.supxlabel("peak memory: on a GPU, the most allocated in an epoch; on a CPU, the peak resident set of the "
                   "worker process, which includes Python, torch and Ray and, as Tune reuses workers, earlier trials",
@@ -99,8 +121,9 @@ def cost_vs_T(trials: pd.DataFrame) -> Figure:
 
 
 # Each figure and the columns its points need: a trial that diverged in its first epoch has no accuracy.
-FIGURES = {"accuracy_vs_T": (accuracy_vs_T, ["best_test_acc"]), "accuracy_vs_lr": (accuracy_vs_lr, ["best_test_acc"]),
-           "cost_vs_T": (cost_vs_T, ["peak_mem_mb", "image_steps_per_s"])}
+# Named for the axis its points run along (`axis`): accuracy_vs_T or accuracy_vs_arch.
+FIGURES = {"accuracy_vs_{axis}": (accuracy_vs_axis, ["best_test_acc"]), "accuracy_vs_lr": (accuracy_vs_lr, ["best_test_acc"]),
+           "cost_vs_{axis}": (cost_vs_axis, ["peak_mem_mb", "image_steps_per_s"])}
 
 
 def render(trials: pd.DataFrame) -> dict[str, bytes]:
@@ -116,5 +139,5 @@ def render(trials: pd.DataFrame) -> dict[str, bytes]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         plt.close(fig)
-        out[name] = buf.getvalue()
+        out[name.format(axis=axis(points))] = buf.getvalue()
     return out

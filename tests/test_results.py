@@ -105,14 +105,27 @@ def _trials(archs: list[str], Ts: list[int]) -> pd.DataFrame:
 
 
 def test_figures_draw_a_line_per_rule_and_architecture():
-    one = plots.accuracy_vs_T(_trials(["small_cnn"], [1, 4]))
+    one = plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4]))
     assert [line.get_label() for line in one.axes[0].get_lines()] == ["ndot_A", "ottt_A"]
     assert "small_cnn" in one.axes[0].get_title()
-    two = plots.accuracy_vs_T(_trials(["small_cnn", "resnet_ws"], [1, 4]))
+    two = plots.accuracy_vs_axis(_trials(["small_cnn", "resnet_ws"], [1, 4]))
     assert sorted(line.get_label() for line in two.axes[0].get_lines()) == [
         "ndot_A, resnet_ws", "ndot_A, small_cnn", "ottt_A, resnet_ws", "ottt_A, small_cnn"]
-    for ax in plots.cost_vs_T(_trials(["small_cnn", "resnet_ws"], [1, 4])).axes:
+    for ax in plots.cost_vs_axis(_trials(["small_cnn", "resnet_ws"], [1, 4])).axes:
         assert len(ax.get_lines()) == 4
+
+
+def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
+    trials = _trials(["small_cnn", "resnet_ws"], [2])
+    assert set(plots.render(trials)) == {"accuracy_vs_arch", "accuracy_vs_lr", "cost_vs_arch"}
+    ax = plots.accuracy_vs_axis(trials).axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["ndot_A", "ottt_A"]
+    assert ax.get_xlabel() == "architecture" and "T=2" in ax.get_title()
+    assert all(line.get_linestyle() == "None" and len(line.get_xdata()) == 2 for line in ax.get_lines())
+    for ax in plots.cost_vs_axis(trials).axes:
+        assert len(ax.get_lines()) == 2 and ax.get_xlabel() == "architecture"
+    # One architecture, or several at several T: against T, as before.
+    assert set(plots.render(_trials(["small_cnn", "resnet_ws"], [1, 2]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
 
 
 def test_learning_rate_figure_keeps_time_steps_apart():
@@ -120,7 +133,7 @@ def test_learning_rate_figure_keeps_time_steps_apart():
     ax = fig.axes[0]
     assert len(ax.collections) == 2 * 3  # a scatter per (rule, T)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ndot_A", "ottt_A", "T=1", "T=4", "T=6"]
-    assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == set(plots.FIGURES)
+    assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
 
 
 def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_its_columns():
