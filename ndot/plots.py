@@ -49,6 +49,8 @@ def _lines(ax: plt.Axes, series: pd.Series, x: str, ylabel: str) -> None:
         ax.plot(s.index, s.values, marker="o", ls="-" if x == "T" else "", label=name)
     if x == "T":
         ax.set_xticks(sorted(series.index.get_level_values("T").unique()))
+    else:
+        ax.margins(x=0.25)  # the outer categories' points clear of the frame
     ax.set_xlabel(XLABELS[x])
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
