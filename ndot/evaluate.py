@@ -173,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
         try:
             files.check_writable(out.rpartition("/")[0] or ".")
-        except OSError as e:
+        except files.STORAGE_ERRORS as e:
             raise ConfigError(f"cannot write the result to {out}: {str(e).splitlines()[0]}") from None
     except (ConfigError, data.DataError) as e:
         return refuse(e)
-    except (OSError, ValueError) as e:  # storage that cannot be reached or read (credentials, network, scheme)
+    except files.STORAGE_ERRORS as e:  # storage that cannot be reached or read (credentials, network, scheme)
         return refuse(f"{args.path}: {e}")
     trained = TrainConfig.from_dict(state["config"])
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""

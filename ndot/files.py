@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable
 
@@ -14,9 +15,28 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+# Google's client retries a failed GCS request for 15 minutes by default, so that missing
+# credentials, or no network, looked like a hang at the sweep's first write: each request of
+# ndot's own reads and writes gives up after this many seconds, with the client's error. (Offline,
+# the sweep's check of --storage, a few requests, then fails in under a minute.)
+GCS_RETRY_S = 10.0
+
+
+# What reading or writing storage can raise. pyarrow raises an OSError or a ValueError where its
+# error maps to one, and a bare ArrowException where not: a GCS client's "permanent error" (no
+# credentials file where GOOGLE_APPLICATION_CREDENTIALS points) is one.
+STORAGE_ERRORS = (OSError, ValueError, pa.ArrowException)
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of a local path or a URI, and the path within it."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), uri
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.GcsFileSystem):
+        _, (options,) = fs.__reduce__()  # the URI's own options, which GcsFileSystem takes back
+        fs = pafs.GcsFileSystem(**{**options, "retry_time_limit": timedelta(seconds=GCS_RETRY_S)})
+    return fs, path
 
 
 def uri_of(fs: pafs.FileSystem, path: str) -> str:

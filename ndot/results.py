@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 from ndot import checkpoint
 from ndot.cli import Parser, refuse
 from ndot.config import TrainConfig, method
-from ndot.files import filesystem, kind, read_bytes, uri_of, write_bytes
+from ndot.files import STORAGE_ERRORS, filesystem, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as e:
         return refuse(f"{args.dir}: a table lacks the column {e}: not the tables of a sweep "
                       f"(python -m ndot.results collect {args.dir} rebuilds them)")
-    except (OSError, ValueError) as e:
+    except STORAGE_ERRORS as e:
         return refuse(e)
     return 0
 

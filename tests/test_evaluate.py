@@ -162,3 +162,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
     assert exit_status(evaluate_main, [str(path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_weights_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    assert evaluate_main(["gs://ndot-test-bucket/runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: gs://ndot-test-bucket/runs/x: ") and "OAuth2" in err, err

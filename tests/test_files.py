@@ -148,3 +148,9 @@ def test_a_write_onto_a_folder_fails_and_leaves_no_stray(tmp_path, through):
     with pytest.raises(OSError):
         files.write_bytes(target if through == "path" else f"file://{target}", b"table")
     assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"] and (tmp_path / "trials.parquet").is_dir()
+
+
+def test_gcs_requests_give_up_in_seconds_not_googles_15_minutes():
+    fs, path = files.filesystem("gs://bucket/sweeps/x")
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "bucket/sweeps/x"
+    assert fs.__reduce__()[1][0]["retry_time_limit"].total_seconds() == files.GCS_RETRY_S

@@ -145,3 +145,11 @@ def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_
         row.pop(col, None)
     epochs = results.epochs_frame([results.TrialRecord("t0", row, "TERMINATED", 0, [row], "t0/checkpoint_000000")])
     assert {"test_loss", "test_acc", "firing_rate"} <= set(epochs) and epochs["test_acc"].isna().all()
+
+
+def test_tables_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    for command in ("collect", "summary", "plot"):
+        assert results.main([command, "gs://ndot-test-bucket/sweeps/x"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "OAuth2" in err, err

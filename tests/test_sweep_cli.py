@@ -157,6 +157,17 @@ def test_a_resume_of_a_folder_that_is_not_the_plans_is_refused_in_one_line(tmp_p
     assert not ray.is_initialized()
 
 
+def test_object_storage_that_refuses_the_credentials_is_one_line_after_the_check_says_what_it_does(tmp_path, monkeypatch, capsys):
+    # No credentials file where the variable points: the GCS client's "permanent error", which pyarrow
+    # raises as a bare ArrowException (neither OSError nor ValueError); found offline, at once.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
+    assert exit_status(cli.main, TIMESTEPS, ["--storage", "gs://ndot-test-bucket/sweeps"]) == 2
+    checking, error = capsys.readouterr().err.splitlines()
+    assert checking == "checking that gs://ndot-test-bucket/sweeps can be written"
+    assert error.startswith("error: storage gs://ndot-test-bucket/sweeps is not writable: ")
+    assert not ray.is_initialized()
+
+
 def test_local_storage_is_a_plain_absolute_path_which_tune_writes_whole(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

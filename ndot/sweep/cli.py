@@ -28,6 +28,8 @@ from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
 
+log = logging.getLogger(__name__)
+
 DEFAULT_STORAGE = "runs/sweeps"
 DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
@@ -71,7 +73,7 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
         help="any other TrainConfig field, the same for every trial; repeatable, e.g. "
         "--set precision=bf16 --set fused_neuron=true --set readout_trace=true",
     )
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder or s3:// URI for the experiment (default: {DEFAULT_STORAGE})")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder, or s3:// or gs:// URI, for the experiment (default: {DEFAULT_STORAGE})")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto on a cluster node (default: a local Ray)")
     p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
     p.add_argument(
@@ -245,8 +247,11 @@ def check(plan: Plan, resume: bool) -> None:
         what = f"device {cfg.device}" if cfg.device.startswith("cuda") else "cuda_graph"
         raise InputError(f"{what} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
     try:
+        if "://" in plan.storage:
+            files.filesystem(plan.storage)  # a scheme pyarrow does not know: refused before the line below
+            log.info(f"checking that {plan.storage} can be written")  # an object store can take a while to answer
         files.check_writable(plan.storage)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (a ValueError) for a scheme it does not know
+    except files.STORAGE_ERRORS as e:  # pyarrow's ArrowInvalid (a ValueError) for a scheme it does not know, say
         raise InputError(f"storage {plan.storage} is not writable: {str(e).splitlines()[0]}") from None
     if not resume and tune.Tuner.can_restore(plan.experiment):
         raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
@@ -308,7 +313,7 @@ def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment:
         except ConnectionError:
             try:
                 results.write_tables(experiment, results.collect(experiment))
-            except (OSError, ValueError) as e:
+            except files.STORAGE_ERRORS as e:
                 print(f"the tables may lack the last epochs ({e}): python -m ndot.results collect {experiment} "
                       "rebuilds them", file=sys.stderr)
             print(f"interrupted, Ray with it: continue with {again}", file=sys.stderr, flush=True)

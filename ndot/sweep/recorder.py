@@ -10,7 +10,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 
-from ndot import checkpoint, results
+from ndot import checkpoint, files, results
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TablesCallback(tune.Callback):
         # Tune's experiment state, which the driver may be writing at this moment.)
         try:
             self._saved = {r.trial_id: (r.history, r.checkpoint) for r in map(results.record, trials)}
-        except OSError as e:  # Tune does not catch a callback's error: it would end the sweep
+        except files.STORAGE_ERRORS as e:  # Tune does not catch a callback's error: it would end the sweep
             log.warning("ndot: could not read the trials' checkpoints (%s); trying again in %.0f s", e, self._min_interval_s)
             self._next_read = time.monotonic() + self._min_interval_s
             return
@@ -90,7 +90,7 @@ class TablesCallback(tune.Callback):
         for trial_id, (fs, path, relative) in list(self._unread.items()):
             try:
                 self._saved[trial_id] = checkpoint.read_history(fs, path), relative
-            except (OSError, ValueError) as e:
+            except files.STORAGE_ERRORS as e:
                 log.warning("ndot: could not read the history of %s (%s); trying again at the next write", path, e)
                 continue
             del self._unread[trial_id]
@@ -98,7 +98,7 @@ class TablesCallback(tune.Callback):
         self._last_write = time.monotonic()
         try:
             results.write_tables(self._experiment, records)
-        except OSError as e:
+        except files.STORAGE_ERRORS as e:
             log.warning("ndot: could not write the tables to %s (%s); trying again in %.0f s",
                         self._experiment, e, self._min_interval_s)
             self._changed, self._trial_ended = True, False

@@ -22,7 +22,7 @@ from ray.train._internal.session import _TrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
-from ndot import checkpoint
+from ndot import checkpoint, files
 from ndot.sweep.space import STRATUM_KEY
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class StratifiedASHA(FIFOScheduler):
         """Feed a restored trial's epochs to `asha` in the order Tune fed them the first time."""
         try:
             history = checkpoint.read_history(trial.checkpoint.filesystem, trial.checkpoint.path)
-        except (OSError, ValueError) as e:
+        except files.STORAGE_ERRORS as e:
             # Without its past the trial is judged like a new one; the resume itself goes on.
             log.warning("ASHA cannot replay trial %s from %s: %s", trial.trial_id, trial.checkpoint.path, e)
             return
