@@ -195,7 +195,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         fs.move(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(*STORAGE_ERRORS):
             fs.delete_file(tmp)
         raise
 
