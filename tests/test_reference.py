@@ -20,13 +20,15 @@ from ndot.step import train_batch
 
 LAM, V_TH, ALPHA, C, EPS, LOSS_ALPHA = 0.5, 1.0, 4.0, 2.74, 1e-4, 0.05
 
-# (parameter prefix, stride) per conv, "AP" for a 2x2 average pool.
+# (parameter prefix, stride) per conv with its neuron, "AP" for a 2x2 average pool, and
+# ("block", prefix, stride, shortcut conv?) for a residual block (ndot.models.Block).
 LAYOUT = {
     "small_cnn": [("features.0", 1), ("features.2", 2), ("features.4", 2)],
     "vgg11_ws": [("features.0", 1), ("features.2", 1), "AP", ("features.5", 1), ("features.7", 1), "AP",
                  ("features.10", 1), ("features.12", 1), "AP", ("features.15", 1), ("features.17", 1)],
+    "resnet_ws": [("features.0.0", 1), ("block", "features.1", 1, False), ("block", "features.2", 2, True),
+                  ("block", "features.3", 2, True), ("block", "features.4", 2, True)],
 }
-
 
 def heaviside(x):
     # H(0) = 1 forward; the gradient of sig(αx), i.e. α·sig(αx)(1 − sig(αx)), backward.
@@ -70,45 +72,61 @@ def traced(op, x, a, w):
 def reference_losses(p, layout, x, y, T, rule, readout_trace=False, detach_reset=False, masks=None):
     """Yields each step's loss for an online rule (after which the caller may update p), or BPTT's Σ_t L[t]."""
     online = rule != "bptt"
-    convs = [layer for layer in layout if layer != "AP"]
-    state = [dict(A=None, a=None, e=None, q=None) for _ in convs]
+    state = {}  # per neuron, in the order the network runs them
     total = 0
+
+    def conv(name, h, a, stride, padding=1):
+        w_hat = standardised(p[f"{name}.weight"], p[f"{name}.gain"])
+        op = lambda inp, w: F.conv2d(inp, w, None, stride, padding)  # noqa: E731
+        return traced(op, h, a if online else None, w_hat) + p[f"{name}.bias"][:, None, None]
+
+    def neuron(k, current):
+        """Neuron k's (C·s, C·â) for this step's input current; â is None for BPTT."""
+        st = state.setdefault(k, dict(A=None, a=None, e=None, q=None))
+        A_prev = torch.zeros_like(current) if st["A"] is None else st["A"]
+        u = LAM * A_prev + current
+        s = heaviside(u - V_TH)
+        a = None
+        if online:
+            sd, A = s.detach(), (u - V_TH * s).detach()
+            if rule == "sltt":
+                trace = sd
+            elif rule == "ottt":
+                trace = sd if st["a"] is None else LAM * st["a"] + sd
+            elif rule == "ndot":
+                trace = sd if st["a"] is None else st["e"] * st["a"] + sd
+                st["e"] = ndot_factor(A, A_prev.detach())
+            else:  # ndot_ref: the ratio of A − Vth·s at t and t−1, applied at once
+                q = A - V_TH * sd
+                e = ndot_factor(q, torch.zeros_like(q) if st["q"] is None else st["q"])
+                trace = sd if st["a"] is None else e * st["a"] + sd
+                st["q"] = q
+            st["A"], st["a"] = A, trace
+            a = C * trace
+        else:
+            st["A"] = u - V_TH * (s.detach() if detach_reset else s)
+        h = C * s
+        if masks is not None:
+            h, a = h * masks[k], None if a is None else a * masks[k]
+        return h, a
+
     for _ in range(T):
         h, a, k = x, None, 0
         for layer in layout:
             if layer == "AP":
                 h, a = F.avg_pool2d(h, 2), None if a is None else F.avg_pool2d(a, 2)
-                continue
-            name, stride = layer
-            w_hat = standardised(p[f"{name}.weight"], p[f"{name}.gain"])
-            conv = lambda inp, w: F.conv2d(inp, w, None, stride, 1)  # noqa: E731
-            current = traced(conv, h, a if online else None, w_hat) + p[f"{name}.bias"][:, None, None]
-            st = state[k]
-            A_prev = torch.zeros_like(current) if st["A"] is None else st["A"]
-            u = LAM * A_prev + current
-            s = heaviside(u - V_TH)
-            if online:
-                sd, A = s.detach(), (u - V_TH * s).detach()
-                if rule == "sltt":
-                    trace = sd
-                elif rule == "ottt":
-                    trace = sd if st["a"] is None else LAM * st["a"] + sd
-                elif rule == "ndot":
-                    trace = sd if st["a"] is None else st["e"] * st["a"] + sd
-                    st["e"] = ndot_factor(A, A_prev.detach())
-                else:  # ndot_ref: the ratio of A − Vth·s at t and t−1, applied at once
-                    q = A - V_TH * sd
-                    e = ndot_factor(q, torch.zeros_like(q) if st["q"] is None else st["q"])
-                    trace = sd if st["a"] is None else e * st["a"] + sd
-                    st["q"] = q
-                st["A"], st["a"] = A, trace
-                a = C * trace
+            elif layer[0] == "block":
+                # Its input's spikes feed the first conv and the shortcut (a 1x1 conv, or the spikes
+                # themselves); they join the second conv's current before the block's output neuron.
+                _, name, stride, shortcut = layer
+                h1, a1 = neuron(k, conv(f"{name}.body.0", h, a, stride))
+                current = conv(f"{name}.body.2", h1, a1, 1)
+                h, a = neuron(k + 1, current + (conv(f"{name}.shortcut", h, a, stride, 0) if shortcut else h))
+                k += 2
             else:
-                st["A"] = u - V_TH * (s.detach() if detach_reset else s)
-            h = C * s
-            if masks is not None:
-                h, a = h * masks[k], None if a is None else a * masks[k]
-            k += 1
+                name, stride = layer
+                h, a = neuron(k, conv(name, h, a, stride))
+                k += 1
         a_out = a.mean((2, 3)) if online and readout_trace else None
         o = traced(lambda inp, w: inp @ w.T, h.mean((2, 3)), a_out, p["readout.weight"]) + p["readout.bias"]
         if online:
@@ -117,7 +135,6 @@ def reference_losses(p, layout, x, y, T, rule, readout_trace=False, detach_reset
             total = total + loss(o, y, T)
     if not online:
         yield total
-
 
 def leaves(model):
     return {n: q.detach().clone().requires_grad_(True) for n, q in model.named_parameters()}
@@ -162,6 +179,22 @@ def test_vgg11_ws_gradients_equal_the_reference(rule):
     for name, g in got.items():
         assert_close(g, p[name].grad, 1e-10, name)
     assert p["features.15.weight"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rule", ["ndot", "ottt", "bptt"])
+def test_resnet_ws_gradients_equal_the_reference(rule):
+    # A block's input trace drives the weight gradients of its first conv and of its shortcut conv;
+    # at T > 1 the trace is not the spikes, so a conv reading the spikes instead would show here.
+    x, y = batch(n=2, size=16, seed=3)
+    model = make_model("resnet_ws", rule=rule)
+    p = leaves(model)
+    got = summed_grads(model, rule, x, y, T=3)
+    for step_loss in reference_losses(p, LAYOUT["resnet_ws"], x, y, 3, rule):
+        step_loss.backward()
+    for name, g in got.items():
+        assert_close(g, p[name].grad, 1e-10, name)
+    for name in ("features.1.body.0.weight", "features.2.body.0.weight", "features.2.shortcut.weight"):
+        assert p[name].grad.abs().sum() > 0, f"{name}: zero gradient, the check would be empty"
 
 
 @pytest.mark.parametrize("rule", ["ndot", "ottt"])
