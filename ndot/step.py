@@ -11,9 +11,14 @@ from torch import Tensor
 from ndot.layers import reset_state, standardised_weights
 
 
+def _widened(o: Tensor) -> Tensor:
+    """Logits in fp32 at least: bf16 ones are widened, float64 ones kept."""
+    return o.to(torch.promote_types(o.dtype, torch.float32))
+
+
 def step_loss(o: Tensor, y: Tensor, T: int, alpha: float) -> Tensor:
-    """L[t] = ((1 - α) CE(o[t], y) + α MSE(o[t], onehot(y))) / T, in fp32 at least (bf16 logits are widened)."""
-    o = o.to(torch.promote_types(o.dtype, torch.float32))
+    """L[t] = ((1 - α) CE(o[t], y) + α MSE(o[t], onehot(y))) / T, in fp32 at least."""
+    o = _widened(o)
     mse = F.mse_loss(o, F.one_hot(y, o.shape[-1]).to(o.dtype))
     return ((1 - alpha) * F.cross_entropy(o, y) + alpha * mse) / T
 
@@ -54,7 +59,7 @@ def train_batch(
         with _autocast(x, precision):
             o = model(_input(x, t))
         loss = step_loss(o, y, T, loss_alpha)
-        logits = o.detach().float() if logits is None else logits + o.detach().float()
+        logits = _widened(o.detach()) if logits is None else logits + _widened(o.detach())
         loss_sum = loss_sum + loss.detach()
         return loss
 
@@ -91,7 +96,7 @@ def eval_batch(model: nn.Module, x: Tensor, y: Tensor, *, T: int, loss_alpha: fl
     with standardised_weights(model):
         for t in range(T):
             with _autocast(x, precision):
-                o = model(_input(x, t)).float()
+                o = _widened(model(_input(x, t)))
             loss_sum = loss_sum + step_loss(o, y, T, loss_alpha)
             outputs.append(o)
     return loss_sum, torch.stack(outputs)

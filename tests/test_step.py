@@ -111,6 +111,23 @@ def test_mode_o_steps_T_times_mode_a_once(rule):
         assert len(opt.records) == expect
 
 
+@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
+def test_reported_loss_and_logits_sum_every_step_in_training_and_evaluation_alike(rule, mode):
+    # lr 0: the training forward is the evaluation's, so both must report Σ_t L[t] of the same o[t].
+    T, alpha = 4, 0.05
+    x, y = batch()
+    model = make_model(rule=rule)
+    loss, logits = train_batch(model, RecordingSGD(model.parameters()), x, y, rule=rule, mode=mode, T=T, loss_alpha=alpha)
+    test_loss, o = eval_batch(model, x, y, T=T, loss_alpha=alpha)
+    assert o.shape == (T, len(y), 10) and not torch.equal(o[0], o[-1])
+    onehot = torch.nn.functional.one_hot(y, 10).to(o.dtype)
+    per_step = [((1 - alpha) * -o[t].log_softmax(1)[torch.arange(len(y)), y].mean()
+                 + alpha * ((o[t] - onehot) ** 2).mean()) / T for t in range(T)]
+    torch.testing.assert_close(test_loss, sum(per_step), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, test_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logits, o.sum(0), rtol=1e-12, atol=0)
+
+
 def test_state_does_not_leak_between_batches():
     model = make_model(rule="ndot")
     x, y = batch()
