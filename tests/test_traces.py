@@ -118,6 +118,17 @@ def test_ndot_ref_hand_computed():
     np.testing.assert_allclose(a[:, 0], [1, 0.5, 1.25, 1.625, 0.0, 0.0, 0.0], atol=1e-12)
 
 
+def test_a_negative_potential_after_a_zero_one_takes_lambda():
+    # The default reading of an undefined ratio is λ whatever the numerator's sign, -inf included.
+    # (Under the signed reading this case never reaches a trace: a zero potential before it makes
+    # the factor before it λ·sign(0) = 0.)
+    # t=1: u = 1, s = 1, A = 0, â = 1.   t=2: u = 1, s = 1, A = 0, e[1] = λ (first transition), â = 1.5.
+    # t=3: u = -0.5, A = -0.5, e[2] = 0/0 -> λ, â = 0.75.   t=4: u = -0.25, e[3] = -0.5/+0 = -inf -> λ, â = 0.375.
+    s, A, a = run_lif(np.array([[1.0], [1.0], [-0.5], [0.0]]), "ndot")
+    np.testing.assert_array_equal(A[:, 0], [0.0, 0.0, -0.5, -0.25])
+    np.testing.assert_array_equal(a[:, 0], [1.0, 1.5, 0.75, 0.375])
+
+
 def test_baseline_traces():
     currents = dyadic_dynamics(T=6, n=16, seed=6)
     s, _, a = run_lif(currents, "ottt")
