@@ -35,6 +35,10 @@ def test_random_crop_offsets_are_uniform_and_shared_by_frames():
         counts = torch.bincount(offsets, minlength=2 * padding + 1).float()
         assert len(counts) == 2 * padding + 1
         assert uniform_enough(counts, torch.full_like(counts, n / (2 * padding + 1)))
+    # Drawn independently: every (top, left) pair as often (a shared draw would give the diagonal only).
+    side = 2 * padding + 1
+    pairs = torch.bincount(top * side + left, minlength=side * side).float()
+    assert uniform_enough(pairs, torch.full_like(pairs, n / side**2))
 
 
 def test_random_flip_flips_half_the_samples_whole():
@@ -67,6 +71,17 @@ def test_random_cutout_hole_area_has_the_clipped_square_expectation():
     expected_mean = lengths.mean() ** 2
     assert abs(area.mean() - expected_mean) < 4 * area.std() / n ** 0.5
     assert area.max() == size * size and area.min() == (size // 2) ** 2
+
+
+def test_random_cutout_centres_are_uniform_over_every_pixel():
+    # A 2x2 hole covers rows cy - 1 and cy (clipped at 0): its last row is the centre's.
+    n, side = 6400, 32
+    out = augment.random_cutout(torch.ones(n, 1, 1, side, side), 2, gen(7))[:, 0, 0]
+    rows, cols = (out == 0).any(-1), (out == 0).any(-2)
+    last = lambda lit: side - 1 - lit.flip(-1).int().argmax(-1)  # noqa: E731
+    for centres in (last(rows), last(cols)):
+        counts = torch.bincount(centres, minlength=side).float()
+        assert len(counts) == side and uniform_enough(counts, torch.full_like(counts, n / side))
 
 
 def image_kinds(n: int, g: torch.Generator) -> torch.Tensor:
@@ -121,6 +136,21 @@ def test_sample_draws_autoaugment_forward_per_image():
         counts = torch.bincount(e[:, slot], minlength=len(aa.ops)).float()
         assert counts[~drawn].sum() == 0
         assert uniform_enough(counts[drawn], expected[drawn])
+
+
+def test_sample_draws_the_two_slots_of_a_sub_policy_independently():
+    """AutoAugment.forward draws each slot's probability and sign on its own: both ops apply with
+    probability p0·p1, and the two signs of an image are independent coins."""
+    n = 200_000
+    aa = augment.BatchAutoAugment((32, 32))
+    e = aa.sample(n, gen(8), torch.device("cpu"))
+    policies = AutoAugment(AutoAugmentPolicy.CIFAR10).policies
+    both = (e > 0).all(1)
+    p_both = sum(sub[0][1] * sub[1][1] for sub in policies) / len(policies)
+    assert abs(both.float().mean().item() - p_both) < 4 * (p_both * (1 - p_both) / n) ** 0.5
+    signs = (e[both] - 1) % 2
+    pairs = torch.bincount(signs[:, 0] * 2 + signs[:, 1], minlength=4).float()
+    assert uniform_enough(pairs, torch.full_like(pairs, int(both.sum()) / 4))
 
 
 def test_ops_table_matches_torchvision_policy():
