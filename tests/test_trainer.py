@@ -60,6 +60,16 @@ def test_resume_equals_uninterrupted(rule, mode):
         assert resumed[0][k] == full[2][k], k
 
 
+def test_a_resume_keeps_the_best_accuracy_of_the_epochs_before_it():
+    states, resumed = [], []
+    train(TrainConfig(**{**FAST, "epochs": 1}), lambda m, s: states.append(s))
+    # As if an earlier epoch had scored every test image: no later epoch may take best.pt from it.
+    earlier_best = {**states[-1], "best_test_acc": 1.0}
+    train(TrainConfig(**{**FAST, "epochs": 2}), lambda m, s: resumed.append(m), resume=earlier_best)
+    assert resumed[0]["epoch"] == 2 and resumed[0]["test_acc"] < 1.0
+    assert resumed[0]["best_test_acc"] == 1.0 and not checkpoint.is_best(resumed[0])
+
+
 def test_divergence_is_a_status_not_a_crash():
     seen, states = [], []
     cfg = TrainConfig(**{**FAST, "lr": 1e30, "epochs": 4}, rule="ottt")
