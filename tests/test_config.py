@@ -5,6 +5,8 @@ import sys
 import pytest
 
 from ndot.config import ConfigError, TrainConfig
+from ndot.layers import neurons
+from ndot.models import from_config
 
 
 @pytest.mark.parametrize(
@@ -33,6 +35,17 @@ def test_bad_config_raises_one_line(kw, words):
         TrainConfig(**kw).validate()
     msg = str(e.value)
     assert words in msg and "\n" not in msg
+
+
+def test_defaults_are_the_specs_and_reach_the_network():
+    """A run with no flags is the spec's: λ = 0.5 (τ = 2), Vth = 1, surrogate α = 4 (§1), loss α = 0.05
+    (§3), SGD lr 0.1, momentum 0.9, no weight decay, batch 128 (§5), NDOT_A with the unsigned factor."""
+    cfg = TrainConfig()
+    assert (cfg.rule, cfg.mode, cfg.signed_factor, cfg.detach_reset, cfg.readout_trace) == ("ndot", "A", False, False, False)
+    assert (cfg.loss_alpha, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.05, 0.1, 0.9, 0.0, 128)
+    spiking = list(neurons(from_config(cfg, 1, 10)))
+    assert spiking and all((n.lam, n.v_th, n.alpha, n.dropout, n.rule, n.signed) == (0.5, 1.0, 4.0, 0.0, "ndot", False)
+                           for n in spiking)
 
 
 def test_default_config_is_valid_and_round_trips():
