@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import ray
 from data_fixtures import closed_port
 from helpers import exit_status
 from ndot import files
+from ndot.cli import show_progress
 from ndot.sweep import cli, resources, runner
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
@@ -157,15 +159,23 @@ def test_a_resume_of_a_folder_that_is_not_the_plans_is_refused_in_one_line(tmp_p
     assert not ray.is_initialized()
 
 
-def test_object_storage_that_refuses_the_credentials_is_one_line_after_the_check_says_what_it_does(tmp_path, monkeypatch, capsys):
+def test_object_storage_that_refuses_the_credentials_is_one_line(tmp_path, monkeypatch, capsys):
     # No credentials file where the variable points: the GCS client's "permanent error", which pyarrow
     # raises as a bare ArrowException (neither OSError nor ValueError); found offline, at once.
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
     assert exit_status(cli.main, TIMESTEPS, ["--storage", "gs://ndot-test-bucket/sweeps"]) == 2
-    checking, error = capsys.readouterr().err.splitlines()
-    assert checking == "checking that gs://ndot-test-bucket/sweeps can be written"
-    assert error.startswith("error: storage gs://ndot-test-bucket/sweeps is not writable: ")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: storage gs://ndot-test-bucket/sweeps is not writable: ")
     assert not ray.is_initialized()
+
+
+def test_a_storage_check_that_takes_a_while_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "SLOW_CHECK_S", 0.0)
+    monkeypatch.setattr(files, "check_writable", lambda storage: time.sleep(0.5))
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--name", "s"]))
+    show_progress()
+    cli.check(plan, resume=False)
+    assert capsys.readouterr().err == f"checking that {tmp_path} can be written\n"
 
 
 def test_local_storage_is_a_plain_absolute_path_which_tune_writes_whole(tmp_path, monkeypatch):

@@ -31,6 +31,8 @@ from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "runs/sweeps"
+# Seconds after which the check of --storage says that it is running.
+SLOW_CHECK_S = 3.0
 DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
 
@@ -246,13 +248,15 @@ def check(plan: Plan, resume: bool) -> None:
     if (cfg.device.startswith("cuda") or cfg.cuda_graph) and plan.gpus_per_trial == 0:
         what = f"device {cfg.device}" if cfg.device.startswith("cuda") else "cuda_graph"
         raise InputError(f"{what} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
+    # An object store can take a while to answer (files.GCS_RETRY_S): a check that does is said to run.
+    slow = threading.Timer(SLOW_CHECK_S, log.info, [f"checking that {plan.storage} can be written"])
+    slow.start()
     try:
-        if "://" in plan.storage:
-            files.filesystem(plan.storage)  # a scheme pyarrow does not know: refused before the line below
-            log.info(f"checking that {plan.storage} can be written")  # an object store can take a while to answer
         files.check_writable(plan.storage)
     except files.STORAGE_ERRORS as e:  # pyarrow's ArrowInvalid (a ValueError) for a scheme it does not know, say
         raise InputError(f"storage {plan.storage} is not writable: {str(e).splitlines()[0]}") from None
+    finally:
+        slow.cancel()
     if not resume and tune.Tuner.can_restore(plan.experiment):
         raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
 
