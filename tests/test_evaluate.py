@@ -5,11 +5,12 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from helpers import exit_status
+from helpers import batch, exit_status, make_model
 from ndot import checkpoint, data, train as train_module
 from ndot.config import TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
 from ndot.models import from_config
+from ndot.step import eval_batch
 from ndot.train import main as train_main
 
 RUN = ["--dataset", "digits", "--arch", "small_cnn", "--T", "2", "--epochs", "3", "--batch_size", "32",
@@ -33,6 +34,29 @@ def test_accuracy_after_step_t_is_that_of_a_t_step_run():
     assert len(set(shorter)) > 1, "the steps should not all agree, or the comparison shows nothing"
     rates = detailed["layer_firing_rates"]
     assert list(rates) == ["features.1", "features.3", "features.5"] and all(0 <= r <= 1 for r in rates.values())
+
+
+class Batches(list):
+    """A loader of fixed batches, as evaluate reads one."""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(y) for _, y in self)
+
+
+def test_test_loss_top1_and_top5_are_those_of_the_whole_set_at_once():
+    # Batches of unequal size (the last one partial): each batch's mean loss is weighted by its size.
+    cfg = TrainConfig(T=3, loss_alpha=0.05)
+    model = make_model(classes=20).eval()
+    model.readout.weight.data.normal_(0, 1)  # logits far apart, so top-1 and top-5 differ
+    x, y = batch(n=23, size=16, classes=20)
+    whole_loss, o = eval_batch(model, x, y, T=3, loss_alpha=0.05)
+    summed = o.sum(0)
+    top5 = (summed.topk(5, dim=1).indices == y[:, None]).any(1).double().mean().item()
+    top1 = (summed.argmax(1) == y).double().mean().item()
+    got = evaluate(model, Batches([(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]), cfg, 20)
+    assert got["test_loss"] == pytest.approx(whole_loss.item(), rel=1e-6)  # summed in float32
+    assert (got["test_acc"], got["test_top5"]) == (top1, top5) and top1 < top5
 
 
 def test_best_pt_holds_the_best_epoch_and_evaluates_to_its_accuracy(tmp_path, monkeypatch, capsys):
