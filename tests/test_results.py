@@ -97,6 +97,33 @@ def test_a_trials_wall_time_runs_from_its_measured_start():
     assert results.epochs_frame([record])["started_at"].iloc[0] == row["started_at"]
 
 
+def test_a_trials_best_epoch_is_the_last_at_its_best_accuracy_and_its_memory_the_peak():
+    # Ties: best.pt is rewritten at every epoch that equals the best, so it holds the last of them.
+    history = _history(4, started_at=0.0)
+    for row, acc, mem in zip(history, (0.6, 0.8, 0.8, 0.7), (5.0, 9.0, 7.0, 6.0)):
+        row.update(test_acc=acc, peak_mem_mb=mem)
+    row = results.trials_frame([results.TrialRecord("t0", history[0], "TERMINATED", 0, history, "t0/c")]).iloc[0]
+    assert (row["best_epoch"], row["peak_mem_mb"]) == (3, 9.0)
+
+
+def test_a_stratums_best_trial_is_the_one_with_the_best_epoch_not_the_best_last_epoch():
+    trials = pd.DataFrame({"stratum": ["T=1,ndot_A"] * 2, "best_test_acc": [0.95, 0.9], "final_test_acc": [0.5, 0.9],
+                           "lr": [0.3, 0.1], "best_epoch": pd.array([1, 3], dtype="Int64"), "status": ["completed"] * 2,
+                           "checkpoint": ["a/checkpoint_000000", "b/checkpoint_000002"]})
+    best = results.summary(trials).loc["T=1,ndot_A"]
+    assert (best["best_test_acc"], best["lr"], best["checkpoint"]) == (0.95, 0.3, "a/checkpoint_000000")
+
+
+def test_figures_show_each_points_best_trial_and_the_memory_column():
+    trials = pd.concat([_trials(["small_cnn"], [1, 4]), _trials(["small_cnn"], [1, 4]).assign(
+        best_test_acc=0.5, peak_mem_mb=30.0, image_steps_per_s=300.0)])
+    [ax] = plots.accuracy_vs_axis(trials).axes
+    assert all(list(line.get_ydata()) == [90.0, 90.0] for line in ax.get_lines())
+    mem, speed = plots.cost_vs_axis(trials).axes
+    assert all(list(line.get_ydata()) == [20.0, 20.0] for line in mem.get_lines())  # the median of 10 and 30
+    assert all(list(line.get_ydata()) == [200.0, 200.0] for line in speed.get_lines())
+
+
 def _trials(archs: list[str], Ts: list[int]) -> pd.DataFrame:
     rows = [{"dataset": "digits", "arch": arch, "method": m, "T": T, "lr": 0.1 * T, "best_test_acc": 0.9,
              "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1}
