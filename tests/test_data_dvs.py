@@ -14,7 +14,7 @@ import tonic
 import torch
 import torchvision.transforms.functional as TF
 
-from data_fixtures import closed_port, one_line
+from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures, storage
 from ndot.train import main as train_main
@@ -182,6 +182,21 @@ def test_crop_switch(dataset_root):
     torch.testing.assert_close(plain, expected)
     cropped, _ = epoch(dvs.loaders(config(dataset_root), CPU, 48)[0])
     assert cropped.shape == plain.shape and not torch.equal(cropped, plain)
+
+
+def test_training_frames_are_zero_padded_by_4_and_cropped_at_one_offset_per_recording_before_normalising():
+    n, T = 2000, 3
+    mean, std = torch.tensor([0.5, 0.25]), torch.tensor([2.0, 4.0])
+    out = dvs.FrameRecipe(True, mean, std)(torch.ones(n, T, 2, 12, 12, dtype=torch.float16), torch.Generator().manual_seed(0))
+    raw = out * std.view(2, 1, 1) + mean.view(2, 1, 1)
+    # The padding is a count of 0 (not a normalised 0), and every frame and polarity of a recording shares the crop.
+    assert set(raw.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(raw, raw[:, :1, :1].expand_as(raw))
+    top, left = crop_offsets(raw[:, 0, 0], dvs.PADDING)
+    assert dvs.PADDING == 4
+    for offsets in (top, left):
+        counts = torch.bincount(offsets, minlength=9).float()
+        assert len(counts) == 9 and uniform_enough(counts, torch.full_like(counts, n / 9))
 
 
 # --- cache ----------------------------------------------------------------------------------------------------
