@@ -18,6 +18,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
 from ndot.data import DataError, cifar, fixtures, storage
+from ndot.data.loader import epoch_generator, sample_seed
 from ndot.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -320,3 +321,13 @@ def test_the_trainer_runs_on_the_cifar100_fixture_and_reports_top5(root):
                    lambda m, s: seen.append(m))
     assert result.status == "completed"
     assert 0 <= seen[0]["test_acc"] <= seen[0]["test_top5"] <= 1
+
+
+def test_every_seed_epoch_and_sample_draws_its_own_random_numbers():
+    # The device pipeline's stream per (seed, epoch), and the CPU pipeline's per (seed, epoch, sample):
+    # a collision would repeat one epoch's shuffle and augmentation in another, or another seed's.
+    streams = {torch.randint(2**62, (1,), generator=epoch_generator(seed, epoch)).item()
+               for seed in range(4) for epoch in range(60)}
+    assert len(streams) == 4 * 60
+    seeds = {sample_seed(seed, epoch, index) for seed in range(3) for epoch in range(1, 6) for index in range(50)}
+    assert len(seeds) == 3 * 5 * 50
