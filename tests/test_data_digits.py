@@ -1,0 +1,32 @@
+"""The offline digits dataset: the fixed stratified 80/20 split and its inputs."""
+from __future__ import annotations
+
+import torch
+from sklearn.datasets import load_digits
+
+from ndot.config import TrainConfig
+from ndot.data import digits
+
+
+def test_the_split_is_a_stratified_80_20_of_all_1797_images_in_0_1():
+    x_train, y_train, x_test, y_test = digits.split()
+    assert (len(y_train), len(y_test)) == (1437, 360) and x_train.shape[1:] == (1, 8, 8)
+    assert 0 <= float(torch.cat([x_train, x_test]).min()) and float(torch.cat([x_train, x_test]).max()) == 1.0
+    per_class = torch.bincount(torch.tensor(load_digits().target), minlength=10)
+    # Stratified: each class's share of the test set is its share of the whole, to one image.
+    assert ((torch.bincount(y_test, minlength=10) - 0.2 * per_class).abs() <= 1).all()
+    assert torch.equal(torch.bincount(y_train, minlength=10) + torch.bincount(y_test, minlength=10), per_class)
+    again = digits.split()
+    assert all(torch.equal(a, b) for a, b in zip(again, (x_train, y_train, x_test, y_test))), "a fixed split"
+
+
+def test_inputs_are_upsampled_and_standardised_with_the_training_images_statistics():
+    x_train, y_train, x_test, _ = digits.split()
+    train, test = digits.loaders(TrainConfig(batch_size=2000), torch.device("cpu"), 16)
+    mean, std = x_train.mean(), x_train.std()
+    up = lambda x: torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731
+    (x, _), = list(test)
+    torch.testing.assert_close(x, (up(x_test) - mean) / std)
+    train.set_epoch(1)
+    (x, y), = list(train)
+    assert sorted(y.tolist()) == sorted(y_train.tolist()) and x.shape == (1437, 1, 16, 16)
