@@ -22,6 +22,7 @@ from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_ba
 from ndot.bench.profile import backward_regions, labelled_model
 from ndot.bench.report import _against_device, memory_checks
 from ndot.config import ConfigError, TrainConfig
+from ndot import fast
 from ndot.fast import accelerate, fused_neuron_step, fused_standardise
 from ndot.graphs import GraphedStep
 from ndot.layers import WSConv2d, neurons, standardise
@@ -96,7 +97,7 @@ def test_trainer_on_cuda_with_every_lever():
 
 @pytest.mark.parametrize("device,dtype", PLACES)
 @pytest.mark.parametrize("rule,mode", CASES)
-def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_cudnn):
+def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_cudnn, monkeypatch):
     model, x, y = on(device, dtype)
     plain = grads(model(rule), rule, mode, x, y, T=3)
     fast_model, x, y = on(device, dtype, channels_last=True, fused_neuron=True, fused_ws=True)
@@ -104,16 +105,20 @@ def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_c
     last = list(neurons(m))[-1]
     layouts = []
     last.register_forward_hook(lambda n, i, o: layouts.append(n.state["v"].is_contiguous(memory_format=torch.channels_last)))
-    # A silent fall-back to eager would pass the comparison without testing anything.
+    # A silent fall-back to eager would pass the comparison without testing anything: the fused
+    # step's eager branch (tensors with no flat view) must not be taken by these layers.
+    eager = []
+    monkeypatch.setattr(fast, "neuron_step", lambda *a, **k: eager.append(a[0].shape) or neuron_step(*a, **k))
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        fast = grads(m, rule, mode, x, y, T=3)
+        fast_grads = grads(m, rule, mode, x, y, T=3)
+    assert not eager, f"the fused neuron ran eagerly on {eager}"
     assert last.step_fn is fused_neuron_step()
     assert all(c.standardise_fn is fused_standardise() for c in m.modules() if isinstance(c, WSConv2d))
     if dtype == torch.float32:  # cuDNN keeps float64 convolutions in NCHW
         assert layouts and all(layouts)
     for name in plain:
         assert plain[name].abs().sum() > 0, name
-        assert_close(fast[name], plain[name], 1e-5 if dtype == torch.float32 else 1e-10, name)
+        assert_close(fast_grads[name], plain[name], 1e-5 if dtype == torch.float32 else 1e-10, name)
 
 
 # float64 on the CPU with OTTT: graphs no other test here compiles, so that their count starts from none.
