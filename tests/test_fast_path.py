@@ -20,6 +20,7 @@ from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
 from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_batch
 from ndot.bench.profile import backward_regions, labelled_model
+from ndot.bench import report
 from ndot.bench.report import _against_device, memory_checks
 from ndot.config import ConfigError, TrainConfig
 from ndot import fast
@@ -292,6 +293,28 @@ def test_online_memory_is_judged_flat_from_T_1():
     assert not rising["ok"]
     assert not low_at_1["ok"], "T = 1 is judged with the rest"
     assert bptt["ok"] and bptt["mb_per_step"] > 0
+
+
+def test_memory_is_judged_at_every_T_and_bptts_as_a_line():
+    hump, step = memory_checks(_series("ndot", [1000, 1000, 1200, 1000, 1000]) + _series("bptt", [900, 900, 900, 900, 8500]))
+    assert not hump["ok"], "a peak between the ends is growth too"
+    assert not step["ok"] and step["mb_per_step"] > 0 and step["r2"] < 0.99, "BPTT's memory grows by a step each, not at once"
+
+
+def test_targets_are_the_issues_and_read_the_fastest_levers_at_the_lever_T():
+    assert (report.A_BF16_OVER_CEILING, report.O_OVER_A_BF16, report.A_FP32_IMAGE_STEPS_PER_S) == (0.8, 0.85, 14_000)
+    base = {"kind": "snn", "arch": "vgg11_ws", "batch": 128, "T": 4, **{k: False for k in Levers.__dataclass_fields__}}
+    fused = {"fused_neuron": True, "channels_last": True}
+    rows = [{**base, "rule": "ndot", "mode": "A", "precision": "bf16", "image_steps_per_s": 1000.0, "ratio_to_ceiling": 0.4},
+            {**base, **fused, "rule": "ndot", "mode": "A", "precision": "bf16", "image_steps_per_s": 2000.0, "ratio_to_ceiling": 0.8},
+            {**base, **fused, "rule": "ndot", "mode": "O", "precision": "bf16", "image_steps_per_s": 1800.0, "ratio_to_ceiling": 0.72},
+            {**base, "rule": "ndot", "mode": "O", "precision": "bf16", "image_steps_per_s": 900.0, "ratio_to_ceiling": 0.36},
+            {**base, "rule": "ndot", "mode": "A", "precision": "fp32", "image_steps_per_s": 13_000.0, "ratio_to_ceiling": None},
+            {**base, **fused, "T": 2, "rule": "ndot", "mode": "A", "precision": "bf16", "image_steps_per_s": 9e9, "ratio_to_ceiling": 9.0}]
+    got = report.targets(rows, {"lever_T": 4, "lever_arch": "vgg11_ws", "lever_batch": 128})
+    assert got["ndot_A_bf16_ratio_to_ceiling"] == 0.8 and got["ndot_A_bf16_ok"] and got["ndot_A_bf16_levers"]["fused_neuron"]
+    assert got["ndot_O_over_A_bf16"] == pytest.approx(0.9) and got["ndot_O_ok"] and got["ndot_O_bf16_levers"]["fused_neuron"]
+    assert got["ndot_A_fp32_image_steps_per_s"] == 13_000 and not got["ndot_A_fp32_ok"]
 
 
 def test_memory_is_judged_on_the_allocator_peak_where_there_is_one_else_on_the_batchs_own():
