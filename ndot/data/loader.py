@@ -18,8 +18,9 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
     return g
 
 
-def num_batches(samples: int, batch_size: int, drop_last: bool) -> int:
-    return samples // batch_size if drop_last else -(-samples // batch_size)
+def num_batches(samples: int, batch_size: int) -> int:
+    """Every sample once per epoch: the last batch holds the remainder."""
+    return -(-samples // batch_size)
 
 
 class DeviceLoader:
@@ -40,7 +41,6 @@ class DeviceLoader:
         shuffle: bool,
         seed: int = 0,
         prepare: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-        drop_last: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         if len(x) != len(y):
@@ -50,7 +50,6 @@ class DeviceLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.prepare = prepare
-        self.drop_last = drop_last
         # Resolved ("cuda" -> "cuda:0") so that the comparison with x.device in __iter__ is exact.
         self.device = torch.empty(0, device=device).device if device is not None else x.device
         self.epoch = 0
@@ -63,7 +62,7 @@ class DeviceLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.num_samples, self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         home = self.x.device
@@ -126,7 +125,6 @@ class WorkerLoader:
         seed: int = 0,
         workers: int = 0,
         device: torch.device | str = "cpu",
-        drop_last: bool = False,
     ) -> None:
         self._data = _SeededTransform(dataset, transform, seed)
         self.batch_size = batch_size
@@ -134,7 +132,6 @@ class WorkerLoader:
         self.seed = seed
         self.workers = workers
         self.device = torch.device(device)
-        self.drop_last = drop_last
 
     @property
     def num_samples(self) -> int:
@@ -149,7 +146,7 @@ class WorkerLoader:
         self._data.epoch = epoch
 
     def __len__(self) -> int:
-        return num_batches(self.num_samples, self.batch_size, self.drop_last)
+        return num_batches(self.num_samples, self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = DataLoader(
@@ -159,7 +156,6 @@ class WorkerLoader:
             generator=epoch_generator(self.seed, self.epoch),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=self.drop_last,
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
