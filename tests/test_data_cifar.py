@@ -18,7 +18,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
 from ndot.data import DataError, cifar, fixtures, storage
-from ndot.data.loader import epoch_generator, sample_seed
+from ndot.data.loader import DeviceLoader, epoch_generator, sample_seed
 from ndot.train import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -331,3 +331,18 @@ def test_every_seed_epoch_and_sample_draws_its_own_random_numbers():
     assert len(streams) == 4 * 60
     seeds = {sample_seed(seed, epoch, index) for seed in range(3) for epoch in range(1, 6) for index in range(50)}
     assert len(seeds) == 3 * 5 * 50
+
+
+def test_augmentation_draws_continue_the_shuffles_stream_not_repeat_it():
+    # Two generators seeded alike on one device would draw the same numbers: the augmentation of a
+    # batch would then follow from the order the shuffle drew, instead of being drawn on its own.
+    states = []
+
+    def prepare(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        states.append(g.get_state())
+        return x.float()
+
+    loader = DeviceLoader(torch.zeros(10, 1), torch.arange(10), 4, shuffle=True, seed=3, prepare=prepare)
+    loader.set_epoch(2)
+    assert [len(y) for _, y in loader] == [4, 4, 2]
+    assert not torch.equal(states[0], epoch_generator(3, 2).get_state())
