@@ -144,6 +144,17 @@ def summed_grads(model, rule, x, y, T, **kw):
     return grads(model, rule, "A", x, y, T, detach_reset=kw.get("detach_reset", False))
 
 
+def assert_gradients_equal_the_reference(model, arch, rule, x, y, T, **kw):
+    """Σ_t of the model's weight gradients against the reference's; returns the reference's parameters."""
+    p = leaves(model)
+    got = summed_grads(model, rule, x, y, T, **kw)
+    for step_loss in reference_losses(p, LAYOUT[arch], x, y, T, rule, **kw):
+        step_loss.backward()
+    for name, g in got.items():
+        assert_close(g, p[name].grad, 1e-10, name)
+    return p
+
+
 VARIANTS = [
     ("ndot", {}), ("ndot_ref", {}), ("ottt", {}), ("sltt", {}), ("bptt", {}),
     ("ndot", {"readout_trace": True}), ("ndot_ref", {"readout_trace": True}),
@@ -156,13 +167,9 @@ def test_gradients_equal_the_reference(rule, kw):
     x, y = batch(size=16)
     model = make_model(rule=rule)
     model.set_readout_trace(kw.get("readout_trace", False))
-    p = leaves(model)
-    got = summed_grads(model, rule, x, y, T=5, **kw)
-    for step_loss in reference_losses(p, LAYOUT["small_cnn"], x, y, 5, rule, **kw):
-        step_loss.backward()
-    for name, g in got.items():
-        assert p[name].grad.abs().sum() > 0, f"{name}: zero reference gradient, the check would be empty"
-        assert_close(g, p[name].grad, 1e-10, name)
+    p = assert_gradients_equal_the_reference(model, "small_cnn", rule, x, y, 5, **kw)
+    for name, q in p.items():
+        assert q.grad.abs().sum() > 0, f"{name}: zero reference gradient, the check would be empty"
 
 
 @pytest.mark.parametrize("rule", ["ndot", "ndot_ref"])
@@ -171,13 +178,7 @@ def test_vgg11_ws_gradients_equal_the_reference(rule):
     # (its weight gradient and the readout's are zero on both sides); the one before it, behind
     # all three pools, must not be.
     x, y = batch(n=2, c=3, size=16)
-    model = make_model("vgg11_ws", rule=rule, in_channels=3)
-    p = leaves(model)
-    got = summed_grads(model, rule, x, y, T=3)
-    for step_loss in reference_losses(p, LAYOUT["vgg11_ws"], x, y, 3, rule):
-        step_loss.backward()
-    for name, g in got.items():
-        assert_close(g, p[name].grad, 1e-10, name)
+    p = assert_gradients_equal_the_reference(make_model("vgg11_ws", rule=rule, in_channels=3), "vgg11_ws", rule, x, y, 3)
     assert p["features.15.weight"].grad.abs().sum() > 0
 
 
@@ -186,13 +187,7 @@ def test_resnet_ws_gradients_equal_the_reference(rule):
     # A block's input trace drives the weight gradients of its first conv and of its shortcut conv;
     # at T > 1 the trace is not the spikes, so a conv reading the spikes instead would show here.
     x, y = batch(n=2, size=16, seed=3)
-    model = make_model("resnet_ws", rule=rule)
-    p = leaves(model)
-    got = summed_grads(model, rule, x, y, T=3)
-    for step_loss in reference_losses(p, LAYOUT["resnet_ws"], x, y, 3, rule):
-        step_loss.backward()
-    for name, g in got.items():
-        assert_close(g, p[name].grad, 1e-10, name)
+    p = assert_gradients_equal_the_reference(make_model("resnet_ws", rule=rule), "resnet_ws", rule, x, y, 3)
     for name in ("features.1.body.0.weight", "features.2.body.0.weight", "features.2.shortcut.weight"):
         assert p[name].grad.abs().sum() > 0, f"{name}: zero gradient, the check would be empty"
 
