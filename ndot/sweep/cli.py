@@ -253,7 +253,7 @@ def check(plan: Plan, resume: bool) -> None:
     slow.start()
     try:
         files.check_writable(plan.storage)
-    except files.STORAGE_ERRORS as e:  # pyarrow's ArrowInvalid (a ValueError) for a scheme it does not know, say
+    except files.STORAGE_ERRORS as e:  # ArrowInvalid (a ValueError) for a scheme pyarrow does not know, among others
         raise InputError(f"storage {plan.storage} is not writable: {str(e).splitlines()[0]}") from None
     finally:
         slow.cancel()
