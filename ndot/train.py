@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -336,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     given = vars(_parser().parse_args(argv))
     show_progress()
     out, resume = given.pop("out", None), given.pop("resume", False)
-    if "threads" in given:
-        torch.set_num_threads(given.pop("threads"))
+    n_threads = given.pop("threads", None)
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
     # With --resume the config is in the folder: its name can only come from the flags given.
     out = out or Path(DEFAULT_OUT.format(**{**TrainConfig().to_dict(), **given}))
     try:
@@ -379,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e)
     except KeyboardInterrupt:
         # Every finished epoch is saved; the one cut short is run again by a resume.
-        again = (f"continue with python -m ndot.train --out {out} --resume" if saved[0]
-                 else "no epoch finished: start it again")
+        # --threads is not saved with the run, and another count can move its results.
+        same_threads = f" --threads {n_threads}" if n_threads is not None else ""
+        again = (f"continue with python -m ndot.train --out {shlex.quote(str(out))} --resume{same_threads}"
+                 if saved[0] else "no epoch finished: start it again")
         print(f"interrupted after epoch {saved[0]} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
         return 130
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
