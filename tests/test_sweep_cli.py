@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,18 @@ def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest
     # Through ray:// the tuner runs in the cluster, out of the resume's reach.
     client = parse("--resume", "--max-concurrent", "3", "--address", "ray://head:10001")
     assert cli._ignored_on_resume(client) == ["--max-concurrent"]
+
+
+def test_the_command_printed_to_continue_a_sweep_resumes_it_as_pasted_into_a_shell(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sweeps/timesteps.py"])
+    started = ["--storage", str(tmp_path / "my runs"), "--name", "s", "--T", "1,2"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(started))
+    runner.save_plan(plan)
+    (Path(plan.experiment) / "tuner.pkl").touch()
+    words = shlex.split(cli.resume_command(plan, "ray://head:10001"))
+    assert words[:2] == ["python", "sweeps/timesteps.py"]
+    again = cli.parser(TIMESTEPS).parse_args(words[2:])
+    assert again.address == "ray://head:10001" and cli.resumed_plan(TIMESTEPS, again) == plan
 
 
 def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_ray_starts(tmp_path, capsys):

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -293,6 +294,14 @@ def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
+def resume_command(plan: Plan, address: str | None) -> str:
+    """The command line that continues `plan`'s sweep, each value quoted for the shell (a folder may hold a space)."""
+    q = shlex.quote
+    script = f"python {q(sys.argv[0])}" if sys.argv[0] else "the sweep"
+    return (f"{script} --resume --name {q(plan.name)} --storage {q(plan.storage)}"
+            + (f" --address {q(address)}" if address else ""))
+
+
 def _on_sigterm(head: str | None, ended: threading.Event, again: str, experiment: str) -> Callable[..., None]:
     """SIGTERM (`ray job stop`, a scheduler's time limit) ends the sweep as Ctrl-C does: Tune saves its
     state and stops the trials (SIGUSR1 is Tune's other signal for that)."""
@@ -343,8 +352,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     start = time.monotonic()
-    again = (f"{'python ' + sys.argv[0] if sys.argv[0] else 'the sweep'} --resume --name {plan.name} --storage {plan.storage}"
-             + (f" --address {args.address}" if args.address else ""))
+    again = resume_command(plan, args.address)
     try:
         runner.connect(args.address)
     except ConnectionError as e:  # "auto" on a node that belongs to no cluster
