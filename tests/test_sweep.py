@@ -99,13 +99,16 @@ def _assert_checkpoints_hold_best_weights(experiment: Path, trials: pd.DataFrame
         assert checkpoint.load(evaluate.weights_file(folder))["epoch"] == trial["best_epoch"], trial["trial_id"]
 
 
-def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
+def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
     # Its two shortest T: T = 4 and 6 would take three quarters of the time and test nothing more
     # (test_sweep_cli checks every preset's plan).
     T = SMOKE.T[:2]
-    rc = cli.main(TIMESTEPS, ["--preset", "smoke", "--T", ",".join(map(str, T)), "--storage", str(tmp_path), "--name", "smoke",
-                              "--address", cluster.address])
-    assert rc == 0, capsys.readouterr().err
+    # No --address: the cluster comes from RAY_ADDRESS, as `ray job submit` hands it to its driver.
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    rc = cli.main(TIMESTEPS, ["--preset", "smoke", "--T", ",".join(map(str, T)), "--storage", str(tmp_path), "--name", "smoke"])
+    swept = capsys.readouterr()
+    assert rc == 0, swept.err
+    assert f"on the cluster at {cluster.address} ($RAY_ADDRESS)" in swept.out
     experiment = tmp_path / "smoke"
     epochs = pd.read_parquet(experiment / "epochs.parquet")
     trials = pd.read_parquet(experiment / "trials.parquet")
@@ -122,6 +125,7 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     assert isinstance(epochs["timestamp"].dtype, pd.DatetimeTZDtype)
     assert epochs[["lr", "epoch_lr", "peak_mem_mb", "image_steps_per_s", "node_ip", "hostname"]].notna().all().all()
     assert epochs["test_acc"].between(0, 1).all()
+    assert set(epochs["node_id"]) <= {n.node_id for n in cluster.worker_nodes}, "a trial ran outside the cluster"
     # A trial's start is measured before its setup, so its wall time holds more than its epochs' training.
     first = epochs[epochs["epoch"] == 1].set_index("trial_id")
     assert (first["started_at"] < first["timestamp"] - pd.to_timedelta(first["epoch_seconds"], unit="s")).all()
@@ -151,7 +155,7 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys):
     assert from_folders["num_failures"].isna().all()
     pd.testing.assert_frame_equal(from_folders.drop(columns="num_failures"),
                                   trials.sort_values(by, ignore_index=True).drop(columns="num_failures"))
-    printed = captured.out + capsys.readouterr().out
+    printed = swept.out + captured.out + capsys.readouterr().out
     assert "best_test_acc" in printed and all(label in printed for label in expected), "no per-stratum summary"
     # A damaged history (a hand edit, a disk error) is passed over like an upload cut short, with a word.
     damaged = tmp_path / "damaged"

@@ -269,6 +269,24 @@ def test_an_address_nothing_answers_at_is_refused_before_ray_starts(storage, cap
 
 
 
+@pytest.mark.parametrize("address,says", [
+    ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:"),
+    ("http://127.0.0.1:8265", "'http://127.0.0.1:8265' is a dashboard's URL, for `ray job`"),
+])
+def test_ray_address_from_the_environment_is_the_cluster_a_sweep_joins(storage, capsys, monkeypatch, address, says):
+    # `ray job submit` runs its driver with RAY_ADDRESS set: the sweep joins that cluster, and says so where it fails.
+    monkeypatch.setenv("RAY_ADDRESS", address.format(port=closed_port()))
+    before = _sessions()
+    rc = exit_status(cli.main, TIMESTEPS, storage)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: $RAY_ADDRESS ") and says in err, err
+    assert _sessions() == before, "a Ray session was started"
+    # --address, given, stands over it.
+    assert cli.cluster_address("auto") == ("auto", "--address")
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert cli.cluster_address(None) == (None, "$RAY_ADDRESS")
+
+
 def test_trial_resources_must_fit_some_node_now_or_launchable():
     gpu_node, cpu_node = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0}
     assert resources.fits(2, 0.25, [cpu_node, gpu_node]) and resources.fits(8, 1, [gpu_node])

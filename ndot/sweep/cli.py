@@ -77,7 +77,8 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
         "--set precision=bf16 --set fused_neuron=true --set readout_trace=true",
     )
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder, or s3:// or gs:// URI, for the experiment (default: {DEFAULT_STORAGE})")
-    p.add_argument("--address", help="Ray cluster to join, e.g. auto on a cluster node (default: a local Ray)")
+    p.add_argument("--address", help="Ray cluster to join: auto on one of its nodes, HOST:PORT of its head, or ray://HOST:PORT "
+                                     "(default: $RAY_ADDRESS where set, as `ray job submit` sets it; else a private local Ray)")
     p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
     p.add_argument(
         "--resume", action="store_true",
@@ -294,6 +295,17 @@ def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Experiment has been interrupted")
 
 
+def cluster_address(given: str | None) -> tuple[str | None, str]:
+    """The cluster a sweep joins, and what named it: --address, else $RAY_ADDRESS, else None (a private local Ray).
+
+    `ray job submit` runs its driver with RAY_ADDRESS set to the cluster's head: a sweep submitted
+    without --address joins that cluster, as ray.init() itself would, not a Ray of its own on the head node.
+    """
+    if given is not None:
+        return given, "--address"
+    return os.environ.get("RAY_ADDRESS") or None, "$RAY_ADDRESS"
+
+
 def resume_command(plan: Plan, address: str | None) -> str:
     """The command line that continues `plan`'s sweep, each value quoted for the shell (a folder may hold a space)."""
     q = shlex.quote
@@ -339,7 +351,8 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     try:
         plan = resumed_plan(sweep, args) if args.resume else build_plan(sweep, args)
         check(plan, args.resume)
-        runner.check_address(args.address)
+        args.address, source = cluster_address(args.address)
+        runner.check_address(args.address, source=source)
     except (InputError, ConfigError, data.DataError, ConnectionError) as e:
         return refuse(e)
 
@@ -348,7 +361,8 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     print(
         f"{action} {plan.name}: {len(plan.strata)} strata x {plan.trials_per_stratum} trials, "
         f"{plan.base['epochs']} epochs, {plan.cpus_per_trial:g} CPU + {plan.gpus_per_trial:g} GPU per trial -> {plan.experiment}"
-        + (f" (as started; ignored: {', '.join(ignored)})" if ignored else ""),
+        + (f" (as started; ignored: {', '.join(ignored)})" if ignored else "")
+        + (f", on the cluster at {args.address} ({source})" if source != "--address" and args.address else ""),
         flush=True,
     )
     start = time.monotonic()

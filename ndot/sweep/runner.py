@@ -106,25 +106,31 @@ def trial_dirname(trial: Trial) -> str:
 GCS_PORT, CLIENT_PORT = 6379, 10001
 
 
-def check_address(address: str | None, timeout_s: float = 10.0) -> None:
+def check_address(address: str | None, timeout_s: float = 10.0, source: str = "--address") -> None:
     """Raise ConnectionError when nothing listens at a cluster address; ray.init would wait on it for minutes.
 
     None ("start a local Ray") and "auto" (found on this node, or refused at once by Ray) pass.
+    `source` names where the address came from, for the error.
     """
     if address in (None, "auto", "local"):
         return
+    if address.startswith(("http://", "https://")):
+        # What `ray job` takes (and many export as RAY_ADDRESS): the dashboard, where no driver can join.
+        raise ConnectionError(f"{source} {address!r} is a dashboard's URL, for `ray job`: a sweep joins a cluster "
+                              "at HOST:PORT of its head, ray://HOST:PORT, or auto on one of its nodes")
     client = through_client(address)
     try:
         where = urlsplit(address if client else f"//{address}")
         host, port = where.hostname, where.port or (CLIENT_PORT if client else GCS_PORT)
     except ValueError:
-        raise ConnectionError(f"--address {address!r} is not HOST:PORT or ray://HOST:PORT") from None
+        raise ConnectionError(f"{source} {address!r} is not HOST:PORT or ray://HOST:PORT") from None
     if not host:
-        raise ConnectionError(f"--address {address!r} is not HOST:PORT or ray://HOST:PORT")
+        raise ConnectionError(f"{source} {address!r} is not HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as e:
-        raise ConnectionError(f"no Ray cluster answers at {host}:{port} ({e.strerror or e}): is its head node up?") from None
+        raise ConnectionError(f"{source} {address!r}: no Ray cluster answers at {host}:{port} ({e.strerror or e}): "
+                              "is its head node up?") from None
 
 
 def connect(address: str | None) -> None:
