@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ndot.cli import Parser, show_progress
+from ndot.cli import Parser, listed, show_progress
 
 
 def parser() -> Parser:
@@ -48,3 +48,11 @@ def test_progress_lines_reach_stderr_once_each_and_not_stdout(capsys):
     logging.getLogger("ndot.data.dvs").debug("not shown")
     out, err = capsys.readouterr()
     assert out == "" and err == "cifar10dvs: 10/100 recordings converted\n"
+
+
+def test_a_listed_value_given_twice_is_measured_once_in_the_order_given():
+    assert listed(int)("8,4,8") == (8, 4)
+    assert listed(str)("vgg11_ws,small_cnn,vgg11_ws") == ("vgg11_ws", "small_cnn")
+    for bad in ("", "4,,8", "4,x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of int"):
+            listed(int)(bad)

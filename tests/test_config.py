@@ -1,10 +1,13 @@
 """Bad input: one clear line, before any work."""
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from ndot.config import ConfigError, TrainConfig
+from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, RULES, ConfigError, TrainConfig, check_rule_flags, parse_field,
+                         parse_method)
 from ndot.layers import neurons
 from ndot.models import from_config
 
@@ -71,3 +74,81 @@ def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
                         "--batch-size", "8", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--download" in r.stderr and str(tmp_path / "data") in r.stderr
+
+
+@pytest.mark.parametrize("kw,words", [
+    # Each range's edge, on its refused side: a slip here would run a meaningless or crashing run.
+    ({"momentum": 1.0}, "momentum must be in [0, 1)"),
+    ({"seed": 2**32}, "seed must be an integer in [0, 2**32)"),  # numpy's global seed refuses it mid-run
+    ({"workers": -1}, "workers must be an integer >= 0"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"v_th": 0.0}, "v_th must be > 0"),
+    ({"surrogate_alpha": 0.0}, "surrogate_alpha must be > 0"),
+    ({"loss_alpha": 1.5}, "loss_alpha must be in [0, 1]"),
+    # inf passes every range check written as a comparison (tau > 1, v_th > 0): the finite check catches it.
+    ({"tau": float("inf")}, "tau must be a finite number"),
+    ({"v_th": float("inf")}, "v_th must be a finite number"),
+    ({"surrogate_alpha": float("inf")}, "surrogate_alpha must be a finite number"),
+    ({"cuda_graph": True, "device": "cpu"}, "cuda_graph replays CUDA graphs"),
+])
+def test_each_range_is_refused_just_past_its_edge(kw, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        TrainConfig(**kw).validate()
+
+
+@pytest.mark.parametrize("kw", [
+    # ... and accepted on its edge: the limits the help and the messages state are inclusive where they say so.
+    {"T": MAX_T}, {"epochs": MAX_EPOCHS}, {"seed": 2**32 - 1}, {"workers": 0}, {"momentum": 0.0},
+    {"loss_alpha": 0.0}, {"loss_alpha": 1.0}, {"lr": FLOAT32_MAX}, {"dropout": 0.0}, {"batch_size": 1},
+])
+def test_each_range_accepts_its_edge(kw):
+    TrainConfig(**kw).validate()
+
+
+def test_parse_method_splits_at_the_last_underscore():
+    # Rule names hold underscores themselves (ndot_ref): the mode is what follows the last one.
+    assert parse_method("ndot_ref_O") == {"rule": "ndot_ref", "mode": "O"}
+    assert parse_method("bptt_A") == {"rule": "bptt", "mode": "A"}
+    for bad in ("ndot", "_A"):
+        with pytest.raises(ValueError, match="RULE_MODE"):
+            parse_method(bad)
+
+
+def test_parse_field_reads_each_kind_of_field_from_command_line_text():
+    assert [parse_field("crop", t) for t in ("true", "Yes", "on", "1")] == [True] * 4
+    assert [parse_field("crop", t) for t in ("false", "NO", "off", "0")] == [False] * 4
+    assert (parse_field("T", "4"), parse_field("lr", "0.05"), parse_field("rule", "ottt")) == (4, 0.05, "ottt")
+    for name, text, words in [("crop", "maybe", "crop is true or false"), ("T", "4.5", "T is a number (int)"),
+                              ("lr", "fast", "lr is a number (float)"), ("tua", "2", "unknown setting 'tua'")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_field(name, text)
+
+
+@pytest.mark.parametrize("name,applies", [("signed_factor", {"ndot"}), ("detach_reset", {"bptt"}),
+                                          ("readout_trace", {"ndot", "ndot_ref", "ottt", "sltt"})])
+def test_a_rule_flag_is_refused_exactly_where_it_changes_no_rule(name, applies):
+    for rule in RULES:
+        if rule in applies:
+            check_rule_flags({name: True}, [rule], str)
+        else:
+            with pytest.raises(ConfigError, match=f"{name} applies to rule"):
+                check_rule_flags({name: True}, [rule], str)
+        check_rule_flags({name: False}, [rule], str)  # off changes nothing anywhere: never refused
+    check_rule_flags({name: True}, list(RULES), str)  # a sweep over every rule: some rule uses it
+
+
+def test_the_device_resolves_to_what_this_machine_has(monkeypatch):
+    from ndot.device import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="torch sees 0 CUDA device"):
+            resolve_device(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match="torch sees 1 CUDA device"):
+        resolve_device("cuda:1")
+    for name in ("mps", "meta", "gpu"):
+        with pytest.raises(ConfigError, match="device must be 'auto', 'cpu' or 'cuda"):
+            resolve_device(name)

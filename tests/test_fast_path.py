@@ -520,3 +520,80 @@ def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
     code = ("import sys, ndot, ndot.bench.cli, ndot.bench.data, ndot.train; "
             "bad = {'ray', 'optuna', 'tonic', 'faery'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.Adam(ps), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1)])
+def test_cuda_graph_replay_refuses_an_optimiser_it_cannot_replay(make):
+    # Checked at construction, before any CUDA call: so on this CPU too. Any other optimiser's state
+    # would be created inside the capture, and a first step with dampening differs from a later one.
+    model = make_model(rule="ndot")
+    with pytest.raises(ValueError, match="SGD with dampening 0 only"):
+        GraphedStep(partial(train_batch, rule="ndot", mode="A", T=1, loss_alpha=0.05), model, make(model.parameters()))
+
+
+def test_timed_runs_at_least_three_calls_after_its_warmup_and_one_probe():
+    from ndot.bench.measure import timed
+    calls = []
+    seconds, peak = timed(lambda: calls.append(1), torch.device("cpu"), warmup=2, min_seconds=1e-12)
+    assert len(calls) == 2 + 1 + 3 and seconds > 0 and peak is None
+
+
+def test_matmul_tflops_count_a_multiply_and_an_add_per_term(monkeypatch):
+    from ndot.bench import measure
+    monkeypatch.setattr(measure, "timed", lambda *a, **k: (1e-3, None))
+    row = measure.bench_matmul(Setup(torch.device("cpu"), "small_cnn", 1, 0, 0.01), "fp32", 64)
+    assert row["tflop_per_s"] == pytest.approx(2 * 64**3 / 1e-3 / 1e12)
+
+
+def test_no_peak_memory_is_reported_under_graph_replay():
+    # A replay allocates nothing the allocator's peak would see: its figure would be a false low.
+    from ndot.bench.measure import _unless_graph
+    assert _unless_graph(5.0, Levers(cuda_graph=True)) is None and _unless_graph(5.0, Levers()) == 5.0
+
+
+def test_every_batch_runs_the_whole_grid_even_where_the_first_batchs_lever_runs_cover_it():
+    cpu = torch.device("cpu")
+    args = bench_cli._parser().parse_args(["--small", "--batch", "4,8", "--T", "2", "--rules", "ndot_A",
+                                           "--precisions", "fp32", "--ablation-T", "2"])
+    snn = [(s.batch, case) for kind, s, case in bench_cli.cases(bench_cli.plan(args, cpu), cpu) if kind == "snn"]
+    grid_case = ("ndot", "A", 2, "fp32", Levers())
+    # Batch 4's lever runs hold the grid's case (run once); batch 8 has no lever runs, so the grid runs it.
+    assert snn.count((4, grid_case)) == 1 and snn.count((8, grid_case)) == 1
+
+
+def test_small_runs_on_one_thread_unless_told_and_full_size_keeps_torchs():
+    cpu = torch.device("cpu")
+    plan = lambda argv: bench_cli.plan(bench_cli._parser().parse_args(argv), cpu)["threads"]
+    assert (plan(["--small"]), plan(["--small", "--threads", "2"]), plan([])) == (1, 2, None)
+
+
+def test_a_case_that_raises_is_an_error_row_and_the_run_exits_1(monkeypatch, capsys):
+    monkeypatch.setattr(bench_cli, "bench_matmul", lambda s, precision, n: {"kind": "matmul", "precision": precision,
+                                                                            "n": n, "math": precision, "tflop_per_s": 1.0})
+    monkeypatch.setattr(bench_cli, "bench_ann", lambda s, precision, lv: {
+        "kind": "ann", "arch": s.arch, "batch": s.batch, "precision": precision, **dataclasses.asdict(lv),
+        "images_per_s": 10.0, "tflop_per_s": 1.0, "step_ms": 1.0, "peak_mem_mb": None})
+
+    def oom(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench_cli, "bench_snn", oom)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --small's one thread: not this process's
+    assert bench_main(["--small", "--T", "1", "--rules", "ndot_A", "--precisions", "fp32", "--ablation-T", "0"]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["error"] for r in rows if r["kind"] == "error"] == ["RuntimeError: out of memory"]
+
+
+def test_the_profile_puts_each_part_of_a_batch_in_its_category():
+    from ndot.bench.profile import CATEGORIES, profile_snn
+    row = profile_snn(Setup(torch.device("cpu"), "small_cnn", 2, 0, 0.01), "ndot", "A", 1, "fp32", Levers(), batches=1)
+    ms = row["ms_per_batch"]
+    assert set(ms) == {*CATEGORIES, "other"}
+    # Every category is found: the backward of the neuron and of the standardisation apart from their forward.
+    assert all(ms[c] > 0 for c in CATEGORIES), ms
+    assert sum(row["fraction"].values()) == pytest.approx(1.0)
+    # The optimiser's step is SGD's time; zeroing the gradients is not.
+    from types import SimpleNamespace
+    from ndot.bench.profile import _category
+    assert _category(SimpleNamespace(name="Optimizer.step#SGD.step", sequence_nr=-1), {}) == "sgd"
+    assert _category(SimpleNamespace(name="Optimizer.zero_grad#SGD.zero_grad", sequence_nr=-1), {}) is None

@@ -154,3 +154,16 @@ def test_gcs_requests_give_up_in_seconds_not_googles_15_minutes():
     fs, path = files.filesystem("gs://bucket/sweeps/x")
     assert isinstance(fs, pafs.GcsFileSystem) and path == "bucket/sweeps/x"
     assert fs.__reduce__()[1][0]["retry_time_limit"].total_seconds() == files.GCS_RETRY_S
+
+
+def test_a_stream_whose_write_failed_is_discarded_when_it_is_closed_after(tmp_path):
+    # pyarrow closes (or drops) a stream whose copy failed: a write that raised marks it, and the
+    # close that follows discards it instead of publishing the part written.
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"old")
+    f = files._Landing(str(path))
+    f.write(b"new, part")
+    with pytest.raises(TypeError):
+        f.write(12345)  # not bytes: the write raises, as one to a full disk would
+    f.close()
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["state.pt"]

@@ -96,3 +96,28 @@ def test_the_config_reaches_every_neuron(rule, signed, detach):
     lifs = list(neurons(from_config(cfg, 1, 10)))
     assert lifs and all((n.rule, n.signed, n.detach_reset) == (rule, signed, detach) for n in lifs)
     assert all((n.lam, n.v_th, n.alpha) == (0.75, 0.5, 2.0) for n in lifs)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_neuron_emits_the_scaled_ws_constant(arch):
+    # Spikes carry ×2.74 (README, the authors' constant) into the next WS layer, in every architecture.
+    assert {n.out_scale for n in neurons(build(arch, 3, 10))} == {2.74}
+    lif = LIF(out_scale=2.74).eval()
+    assert torch.all(lif(torch.full((4,), 5.0))[0] == 2.74)
+
+
+def test_resnet_ws_halves_the_side_in_every_block_but_the_first():
+    m = build("resnet_ws", 3, 10).eval()
+    reset_state(m)
+    sides = []
+    hooks = [b.register_forward_hook(lambda mod, inp, out: sides.append((out[0].shape[1], out[0].shape[2])))
+             for b in m.features[1:]]
+    m(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert sides == [(64, 32), (128, 16), (256, 8), (512, 4)]
+
+
+def test_small_cnn_is_sized_for_16px_inputs():
+    # README: small_cnn's input is 16x16, the size digits are resized to.
+    assert ARCHS["small_cnn"].input_size == 16 and ARCHS["vgg11_ws"].input_size == 32

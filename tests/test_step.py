@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import RecordingSGD, batch, make_model
 from ndot.fast import accelerate
 from ndot.layers import WSConv2d, reset_state, standardised_weights
+from ndot.ops import traced_conv2d
 from ndot.step import _autocast, eval_batch, step_loss, train_batch
 
 
@@ -151,3 +152,17 @@ def test_bf16_keeps_the_membrane_in_fp32():
         n.register_forward_hook(lambda m, i, o: dtypes.update(v.dtype for v in m.state.values() if v is not None))
     train_batch(model, RecordingSGD(model.parameters()), x, y, rule="ndot", mode="A", T=2, loss_alpha=0.05, precision="bf16")
     assert dtypes == {torch.float32}
+
+
+def test_the_traced_conv_casts_itself_under_autocast_and_saves_bf16():
+    # A custom Function is opaque to autocast: TracedConv2d casts its operands itself, so that under
+    # bf16 it saves (and its backward reads) half the bytes, as a plain conv under autocast would.
+    s, a = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    w, b = torch.randn(4, 3, 3, 3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = traced_conv2d(s, a, w, b, 1, 1)
+    assert out.dtype == torch.bfloat16 and saved == [torch.bfloat16, torch.bfloat16]
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()

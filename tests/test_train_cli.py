@@ -219,3 +219,34 @@ def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp
     before = contents(run)
     refused(capsys, ["--out", str(run), "--resume", "--epochs", "2"], "holds no best_test_acc, optimizer, rng: not the checkpoint.pt of a run")
     assert contents(run) == before
+
+
+def test_a_resume_leaves_best_pt_alone_when_the_checkpoints_epoch_is_not_the_best(tmp_path, capsys):
+    # _mend rewrites best.pt only for a checkpoint that is the best epoch: one that is not would
+    # put a worse epoch's weights where the best epoch's are.
+    assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    state["metrics"].update(test_acc=0.0, best_test_acc=1.0)
+    checkpoint.save(tmp_path / "checkpoint.pt", state)
+    checkpoint.save(tmp_path / "best.pt", {**checkpoint.best_of(state), "epoch": 1})
+    before = (tmp_path / "best.pt").read_bytes()
+    refused(capsys, ["--out", str(tmp_path), "--resume"], "has done its 2 epochs")
+    assert (tmp_path / "best.pt").read_bytes() == before
+
+
+def test_a_diverged_run_exits_3_and_its_resume_says_diverged_again_even_at_its_last_epoch(tmp_path, capsys):
+    assert main([*RUN, "--rule", "ottt", "--lr", "1e30", "--out", str(tmp_path)]) == 3
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["status"] == "diverged"
+    capsys.readouterr()
+    # Its last epoch diverged: the run ended there, which a resume reports rather than refuses.
+    assert main(["--out", str(tmp_path), "--resume"]) == 3
+    assert "diverged" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_any_epoch_says_to_start_again(tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ndot.train.train", interrupted)
+    assert main([*RUN, "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "interrupted after epoch 0 of 1: no epoch finished: start it again\n"

@@ -1,4 +1,5 @@
 """The trainer on the offline dataset: metrics, checkpoint/resume, divergence, the CLI."""
+import dataclasses
 import json
 import math
 import random
@@ -135,3 +136,78 @@ def test_cli_trains_checkpoints_and_resumes(tmp_path):
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     r = subprocess.run(args[:-4] + ["--epochs", "4", "--T", "2", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "T 1 -> 2" in r.stderr
+
+
+def test_resume_refuses_a_change_to_any_field_but_where_and_how_long_it_runs():
+    # The fields a resume may change are _RESUMABLE_CHANGES' few; any other changed is another run.
+    from ndot.train import _RESUMABLE_CHANGES, check_resume
+    saved = TrainConfig(**FAST)
+    changed = {"dataset": "cifar10", "arch": "vgg11_ws", "rule": "ottt", "mode": "O", "T": 3, "lr": 0.2,
+               "momentum": 0.5, "weight_decay": 1e-4, "batch_size": 64, "loss_alpha": 0.1, "surrogate_alpha": 2.0,
+               "tau": 4.0, "v_th": 0.5, "dropout": 0.1, "signed_factor": True, "detach_reset": True,
+               "readout_trace": True, "seed": 4, "precision": "bf16", "crop": False, "flip": False,
+               "autoaugment": False, "cutout": False, "dvs_encoding": "authors"}
+    assert set(changed) | _RESUMABLE_CHANGES == {f.name for f in dataclasses.fields(TrainConfig)}
+    resume = {"config": saved.to_dict(), "epoch": 2}
+    for name, value in changed.items():
+        with pytest.raises(ConfigError, match=f"another run: {name} "):
+            check_resume(dataclasses.replace(saved, **{name: value}), resume)
+    check_resume(dataclasses.replace(saved, epochs=5, device="auto", workers=0, loader="cpu"), resume)
+
+
+def test_the_seed_sets_the_initial_weights(monkeypatch):
+    import ndot.train as train_module
+
+    built = []
+
+    class Built(Exception):
+        pass
+
+    real = train_module.from_config
+
+    def record(*args):
+        built.append({k: v.clone() for k, v in real(*args).state_dict().items()})
+        raise Built
+
+    monkeypatch.setattr(train_module, "from_config", record)
+    for seed in (3, 3, 4):
+        with pytest.raises(Built):
+            train(TrainConfig(**{**FAST, "seed": seed}))
+    same, other = built[1], built[2]
+    assert all(torch.equal(built[0][k], same[k]) for k in same)
+    assert not all(torch.equal(built[0][k], other[k]) for k in other)
+
+
+def test_train_metrics_are_per_sample_and_throughput_counts_time_steps(monkeypatch):
+    # A stand-in step of known loss and predictions: the epoch's figures are means over the samples
+    # (not over the batches), and the throughput counts image-steps (samples x T).
+    import ndot.train as train_module
+
+    def step(model, opt, x, y, **kw):
+        logits = torch.zeros(len(y), 10)
+        logits[:, 0] = 1.0  # predicts class 0 for every sample
+        return torch.tensor(1.5), logits
+
+    monkeypatch.setattr(train_module, "train_batch", step)
+    seen, labels = [], []
+    real_loaders = train_module.data.loaders
+
+    def loaders(cfg, device):
+        train_loader, test_loader = real_loaders(cfg, device)
+        labels.append(train_loader)
+        return train_loader, test_loader
+
+    monkeypatch.setattr(train_module.data, "loaders", loaders)
+    train(TrainConfig(**{**FAST, "epochs": 1, "T": 3}), lambda m, s: seen.append(m))
+    loader, = labels
+    zeros = sum(int((y == 0).sum()) for _, y in loader)
+    m, = seen
+    assert m["train_loss"] == pytest.approx(1.5)
+    assert m["train_acc"] == zeros / loader.num_samples
+    assert m["image_steps_per_s"] == pytest.approx(loader.num_samples * 3 / m["epoch_seconds"])
+
+
+def test_peak_memory_is_in_megabytes():
+    # /proc's VmHWM is in KiB: a process that has imported torch holds tens of MB at least, not a fraction of one.
+    from ndot.device import peak_mem_mb
+    assert 20 < peak_mem_mb(torch.device("cpu")) < 1e6
