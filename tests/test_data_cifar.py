@@ -214,7 +214,6 @@ def test_data_root_from_config_then_environment_then_home(monkeypatch, tmp_path)
     assert storage.data_root(TrainConfig()) == tmp_path / "data"
 
 
-
 def test_caches_go_to_ndot_cache_then_under_the_data_root(monkeypatch, tmp_path):
     # README: caches derived from the data go to $NDOT_CACHE, else <data root>/ndot-cache.
     monkeypatch.setenv("NDOT_CACHE", str(tmp_path / "caches"))
@@ -226,6 +225,7 @@ def test_caches_go_to_ndot_cache_then_under_the_data_root(monkeypatch, tmp_path)
 def test_a_device_loader_refuses_inputs_and_labels_of_different_lengths():
     with pytest.raises(ValueError, match="x has 3 samples but y has 2"):
         DeviceLoader(torch.zeros(3, 1), torch.zeros(2), 2, shuffle=False)
+
 
 def test_missing_dataset_names_folder_files_and_remedy(tmp_path):
     with pytest.raises(DataError) as err:

@@ -189,17 +189,17 @@ def test_train_metrics_are_per_sample_and_throughput_counts_time_steps(monkeypat
         return torch.tensor(1.5), logits
 
     monkeypatch.setattr(train_module, "train_batch", step)
-    seen, labels = [], []
+    seen, made = [], []
     real_loaders = train_module.data.loaders
 
     def loaders(cfg, device):
         train_loader, test_loader = real_loaders(cfg, device)
-        labels.append(train_loader)
+        made.append(train_loader)
         return train_loader, test_loader
 
     monkeypatch.setattr(train_module.data, "loaders", loaders)
     train(TrainConfig(**{**FAST, "epochs": 1, "T": 3}), lambda m, s: seen.append(m))
-    loader, = labels
+    loader, = made
     zeros = sum(int((y == 0).sum()) for _, y in loader)
     m, = seen
     assert m["train_loss"] == pytest.approx(1.5)
