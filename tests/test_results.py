@@ -24,6 +24,8 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
     assert table.loc["T=1,ndot_A", ["trials", "best_test_acc", "final_test_acc", "lr", "best_epoch", "checkpoint"]].tolist() == [
         2, 0.95, 0.93, 0.03, 2, "b/checkpoint_000001"]
     assert list(results.summary(trials, order=["T=2,ndot_A", "T=1,ndot_A"]).index) == ["T=2,ndot_A", "T=1,ndot_A"]
+    # Strata the order does not name follow those it does.
+    assert list(results.summary(trials, order=["T=2,ndot_A"]).index) == ["T=2,ndot_A", "T=1,ndot_A"]
     assert table.loc["T=2,ndot_A", "best_test_acc"] == 0.5 and "1 errored" in table.loc["T=2,ndot_A", "outcomes"]
     assert table["best_epoch"].dtype == "Int64"
 
@@ -104,6 +106,31 @@ def test_a_trials_best_epoch_is_the_last_at_its_best_accuracy_and_its_memory_the
         row.update(test_acc=acc, peak_mem_mb=mem)
     row = results.trials_frame([results.TrialRecord("t0", history[0], "TERMINATED", 0, history, "t0/c")]).iloc[0]
     assert (row["best_epoch"], row["peak_mem_mb"]) == (3, 9.0)
+
+
+def test_a_trials_speed_is_the_median_of_its_epochs():
+    # A first epoch slowed by warm-up (compilation, the data cache) does not drag the trial's speed down.
+    history = _history(3, started_at=0.0)
+    for row, speed in zip(history, (10.0, 100.0, 110.0)):
+        row["image_steps_per_s"] = speed
+    row = results.trials_frame([results.TrialRecord("t0", history[0], "TERMINATED", 0, history, "t0/c")]).iloc[0]
+    assert row["image_steps_per_s"] == 100.0
+
+
+def test_a_trials_status_says_how_it_ended():
+    done, short = {"epoch": 3, "status": "ok"}, {"epoch": 1, "status": "ok"}
+    diverged = {"epoch": 1, "status": "diverged"}
+    assert results.outcome("TERMINATED", done, 3) == results.COMPLETED
+    # Ended by Tune short of its epochs: ASHA stopped it.
+    assert results.outcome("TERMINATED", short, 3) == results.STOPPED_EARLY
+    assert results.outcome("TERMINATED", diverged, 3) == results.DIVERGED
+    # An error is an error even after the last epoch, or before the first.
+    for last in (short, done, None):
+        assert results.outcome("ERROR", last, 3) == results.ERRORED
+    assert results.outcome("RUNNING", short, 3) == "running" and results.outcome("PENDING", None, 3) == "pending"
+    assert results.outcome(results.UNKNOWN, short, 3) == "unknown"
+    row = results.trials_frame([results.TrialRecord("t0", _history(3, 0.0)[0], "TERMINATED", 0, _history(3, 0.0)[:1], "t0/c")])
+    assert row["status"].tolist() == [results.STOPPED_EARLY]
 
 
 def test_a_stratums_best_trial_is_the_one_with_the_best_epoch_not_the_best_last_epoch():
