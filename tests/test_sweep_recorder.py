@@ -183,3 +183,50 @@ def test_a_resume_past_checkpoints_retention_deleted_keeps_only_the_newest_ones(
     _register(trial, _checkpoint(trial, 7), 7)
     on_storage = sorted(p.name for p in Path(trial.storage.trial_fs_path).glob("checkpoint_*"))
     assert on_storage == ["checkpoint_000005", "checkpoint_000006"]
+
+
+def test_a_trial_asha_stopped_is_stopped_early_in_its_run_and_after_a_resume(tmp_path):
+    # ASHA ends a trial short of its epochs: Tune completes it (TERMINATED), unlike a sweep's Ctrl-C.
+    trial = _trial(tmp_path / "exp", "cut")
+    callback = TablesCallback(min_interval_s=0)
+    ckpt = _checkpoint(trial, 1)
+    _step(callback, [trial], {"cut": ckpt})
+    callback.on_trial_complete(0, [trial], trial)
+    trial.set_status(Trial.TERMINATED)
+    callback.on_experiment_end([trial])
+    status = results.load(str(tmp_path / "exp"), results.TRIALS_TABLE)["status"]
+    assert status.tolist() == [results.STOPPED_EARLY]
+    # A resume's callback sees it TERMINATED from its first step, and never completes it again.
+    _register(trial, ckpt, 1)
+    resumed = TablesCallback(min_interval_s=0)
+    _step(resumed, [trial])
+    resumed.on_experiment_end([trial])
+    status = results.load(str(tmp_path / "exp"), results.TRIALS_TABLE)["status"]
+    assert status.tolist() == [results.STOPPED_EARLY]
+
+
+def test_a_history_that_could_not_be_read_is_read_again_without_waiting_for_a_new_checkpoint(tmp_path, caplog):
+    # An epoch can take hours: the tables must not wait for the next checkpoint to show this one.
+    trial = _trial(tmp_path / "exp")
+    ckpt = _checkpoint(trial, 1)
+    history = Path(ckpt.path, checkpoint.HISTORY)
+    history.rename(history.with_suffix(".away"))
+    callback = TablesCallback(min_interval_s=0)
+    with caplog.at_level(logging.WARNING):
+        _step(callback, [trial], {"t0": ckpt})
+    assert "could not read the history" in caplog.text
+    history.with_suffix(".away").rename(history)
+    _step(callback, [trial])
+    assert results.load(str(tmp_path / "exp"), results.TRIALS_TABLE)["epochs_run"].tolist() == [1]
+
+
+def test_an_errored_trial_is_read_from_the_checkpoint_tune_recorded_last(tmp_path):
+    # Restarted from epoch 1's checkpoint by a resume whose state lagged, it failed before saving again:
+    # epoch 2's checkpoint, from before the resume, is newer on storage but not where the trial ended.
+    trial = _trial(tmp_path / "exp")
+    recorded = _checkpoint(trial, 1)
+    _checkpoint(trial, 2)
+    _register(trial, recorded, 1)
+    trial.set_status(Trial.ERROR)
+    record = results.record(trial)
+    assert [row["epoch"] for row in record.history] == [1] and record.checkpoint == "t0/checkpoint_000000"
