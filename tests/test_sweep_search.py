@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import optuna
@@ -35,6 +36,9 @@ def test_strata_cross_axes_and_split_methods():
     cells = strata({"T": (1, 4), "method": ("ndot_O", "bptt_A")})
     assert [c.label for c in cells] == ["T=1,ndot_O", "T=1,bptt_A", "T=4,ndot_O", "T=4,bptt_A"]
     assert cells[1].values == {"T": 1, "rule": "bptt", "mode": "A"}
+    # An architecture is named plainly, like a method.
+    assert [c.label for c in strata({"arch": ("vgg11_ws", "resnet_ws"), "method": ("ndot_A",)})] == [
+        "vgg11_ws,ndot_A", "resnet_ws,ndot_A"]
     with pytest.raises(ValueError):
         parse_method("ndot")
 
@@ -84,6 +88,8 @@ def test_first_point_is_each_stratums_first_trial():
     # Each value on its own: one outside its range leaves the others (lr 0.1 here) to be tried first.
     wide = SearchSpace(lr=(0.01, 1.0), momentum=(0.5, 0.8), loss_alpha=(0.0, 0.2), first=RECIPE)
     assert wide.first_point() == {"lr": 0.1, "loss_alpha": 0.05}
+    # A range includes its ends: --lr 0.1,1 still starts from the recipe's 0.1.
+    assert SearchSpace(lr=(0.1, 1.0), momentum=(0.5, 0.9), first=RECIPE).first_point() == {"lr": 0.1, "momentum": 0.9}
 
 
 def test_the_learning_rate_sweeps_first_trial_is_the_whole_recipe():
@@ -99,6 +105,23 @@ def test_space_fixes_single_values_and_searches_ranges():
     assert set(trial.params) == {"lr", "batch_size"} and 0.01 <= trial.params["lr"] <= 1.0
     assert fixed == {"momentum": 0.9, "loss_alpha": 0.05}
     assert len(SearchSpace(lr=(0.01, 1.0), batch_size=(64, 128)).corners()) == 4
+
+
+def test_the_learning_rate_is_searched_log_uniformly_and_the_others_uniformly():
+    trial = optuna.create_study().ask()
+    SearchSpace(lr=(0.01, 1.0), momentum=(0.8, 0.95), loss_alpha=(0.0, 0.2))(trial)
+    assert {name: d.log for name, d in trial.distributions.items()} == {"lr": True, "momentum": False, "loss_alpha": False}
+
+
+def test_tpe_moves_towards_the_better_accuracy():
+    # After Optuna's 10 seeded start-up trials TPE models the results: here accuracy rises with lr.
+    cells = strata({"T": (1,), "method": ("ndot_A",)})
+    search = StratifiedSearch(cells, SearchSpace(lr=(1e-3, 1.0)), 20, METRIC, "max", "unused", seed=0)
+    lrs = []
+    for i in range(20):
+        lrs.append(search.suggest(f"t{i}")["lr"])
+        search.on_trial_complete(f"t{i}", _result(lrs[-1]))
+    assert statistics.median(lrs[10:]) > 2 * statistics.median(lrs[:10])
 
 
 def test_errored_trial_resumed_after_restore_still_informs_its_study(tmp_path):
@@ -304,6 +327,16 @@ def test_asha_compares_trials_only_within_their_stratum():
     assert asha.on_trial_result(None, poor_t1, _result(0.2)) == TrialScheduler.CONTINUE
     # Below the only other T=1 trial at the same rung: stopped.
     assert asha.on_trial_result(None, poorer_t1, _result(0.1)) == TrialScheduler.STOP
+
+
+def test_a_sweep_shorter_than_its_grace_period_is_never_stopped_early():
+    # --preset paper --epochs 10: the preset's grace period (30 epochs) exceeds the trials' length.
+    asha = StratifiedASHA(METRIC, "max", time_attr="epoch", max_t=10, grace_period=30, reduction_factor=3)
+    first, poorer = _trial("a", "T=1"), _trial("b", "T=1")
+    for t in (first, poorer):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, first, _result(0.9)) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, poorer, _result(0.1)) == TrialScheduler.CONTINUE
 
 
 def test_asha_rungs_survive_a_resume(tmp_path):
