@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 
 from data_fixtures import closed_port
 from helpers import exit_status
-from ndot import files
+from ndot import files, results
 from ndot.cli import show_progress
+from ndot.config import ConfigError
 from ndot.sweep import cli, resources, runner
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
@@ -315,3 +319,90 @@ def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys, tmp
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no node of this cluster" in err
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("flags, says", [
+    # Every end of a searched range is checked, not only the ends of the first.
+    (["--loss-alpha", "0.05,2"], "loss_alpha must be in [0, 1]"),
+    (["--momentum", "0.5,1"], "momentum must be in [0, 1)"),
+    (["--batch-size", "64,0"], "batch_size must be a positive integer"),
+    # Ray takes a fraction of one GPU, or whole GPUs.
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial must be a fraction in [0, 1] or a whole number"),
+])
+def test_a_plan_no_trial_could_run_is_refused_before_ray_starts(flags, says):
+    with pytest.raises((cli.InputError, ConfigError), match=re.escape(says)):
+        cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(flags))
+
+
+def test_presets_run_what_the_readme_says():
+    def plan(sweep, preset):
+        return cli.build_plan(sweep, cli.parser(sweep).parse_args(["--preset", preset]))
+
+    dvs = plan(TIMESTEPS, "paper_dvs")
+    assert sorted({s.values["T"] for s in dvs.strata}) == [2, 4, 6, 8, 10] and dvs.space.loss_alpha == (0.001, 0.001)
+    assert sorted({s.values["T"] for s in plan(TIMESTEPS, "paper").strata}) == [1, 2, 4, 6]
+    # Each stratum's first trial runs the recipe's searched values, except in the learning-rate smoke sweep.
+    assert plan(TIMESTEPS, "smoke").space.first_point() == {"lr": 0.1}
+    assert plan(LEARNING_RATES, "smoke").space.first_point() == {}
+
+
+def test_a_resume_from_a_copy_in_other_storage_is_refused(tmp_path):
+    # Tune would create the resumed sweep's new trials in the storage it started in.
+    def parse(storage, *flags: str):
+        return cli.parser(TIMESTEPS).parse_args(["--storage", str(storage), "--name", "s", *flags])
+
+    runner.save_plan(cli.build_plan(TIMESTEPS, parse(tmp_path / "a")))
+    (tmp_path / "a" / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    shutil.copytree(tmp_path / "a" / "s", tmp_path / "b" / "s")
+    with pytest.raises(cli.InputError, match=f"was started in {tmp_path / 'a'}: resume it there"):
+        cli.resumed_plan(TIMESTEPS, parse(tmp_path / "b", "--resume"))
+
+
+def test_max_concurrent_given_is_the_limit_else_the_clusters_slots_and_at_least_one(tmp_path, monkeypatch):
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--max-concurrent", "2"]))
+    monkeypatch.setattr(resources, "slots", lambda cpus, gpus, launcher: 7)
+    assert runner._trials_at_once(plan, launcher=False) == 2
+    assert runner._trials_at_once(dataclasses.replace(plan, max_concurrent=None), launcher=False) == 7
+    monkeypatch.undo()
+    # A head that runs no trial and no launcher's config (joined through ray://): one at a time, not none.
+    monkeypatch.setattr(resources, "_live_nodes", lambda: [{"CPU": 0.0, "memory": 1e9}])
+    assert resources.slots(1, 0, launcher=False) == 1
+
+
+def test_an_address_without_a_port_is_checked_at_rays_default_port(monkeypatch):
+    tried = []
+
+    def refused(address, timeout):
+        tried.append(address)
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(runner.socket, "create_connection", refused)
+    for address in ("10.0.0.1", "ray://10.0.0.1"):
+        with pytest.raises(ConnectionError, match="no Ray cluster answers"):
+            runner.check_address(address)
+    assert tried == [("10.0.0.1", runner.GCS_PORT), ("10.0.0.1", runner.CLIENT_PORT)] == [("10.0.0.1", 6379), ("10.0.0.1", 10001)]
+
+
+@pytest.mark.parametrize("statuses, rc, says", [
+    (["completed", "stopped_early", "diverged"], 0, None),
+    (["completed", "errored", "stopped_early"], 1, "1 trials errored: retry them with"),
+    (["completed", "running", "stopped_early"], 130, "interrupted with 1 of 3 trials unfinished: continue with"),
+], ids=["finished", "errored", "interrupted"])
+def test_the_exit_status_says_how_the_trials_ended(tmp_path, monkeypatch, capsys, statuses, rc, says):
+    # Ray's part stands in: the sweep's run leaves its trials table, one trial per stratum.
+    def run(plan, resume, callbacks, launcher):
+        trials = pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": statuses, "best_test_acc": 0.5,
+                               "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"})
+        Path(plan.experiment).mkdir(parents=True, exist_ok=True)
+        trials.to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
+        return []
+
+    monkeypatch.setattr(runner, "connect", lambda address: None)
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    argv = ["--T", "1", "--rules", "ndot_A,ndot_O,bptt_A", "--storage", str(tmp_path), "--name", "s"]
+    assert exit_status(cli.main, TIMESTEPS, argv) == rc
+    err = capsys.readouterr().err
+    assert (says in err) if says else "unfinished" not in err and "errored" not in err, err
