@@ -202,8 +202,8 @@ def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
     assert trials.loc["lr=0.1", "epochs_run"] == 3
 
 
-# Test accuracies of epochs 1-4, scripted: epoch 2 is the best, so the last checkpoint
-# holds its weights as best.pt, carried over a restart after epoch 3.
+# Test accuracies of epochs 1-4, scripted (the test sets them): the best epoch's weights reach the last
+# checkpoint as best.pt across a restart after epoch 3, from a best.pt or, where epoch 3 was the best, its state.
 SCRIPTED_ACC = (0.5, 0.9, 0.7, 0.6)
 
 
@@ -229,7 +229,9 @@ def _trial_with_scripted_accuracy(config: dict) -> None:
         ndot.train.evaluate = real
 
 
-def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster, tmp_path, monkeypatch):
+@pytest.mark.parametrize("accuracies, best_epoch", [((0.5, 0.9, 0.7, 0.6), 2), ((0.5, 0.7, 0.9, 0.6), 3)],
+                         ids=["best-before-the-restart", "best-at-the-restart"])
+def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster, tmp_path, monkeypatch, accuracies, best_epoch):
     plan = runner.Plan(
         name="best", storage=str(tmp_path),
         base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 4},
@@ -237,6 +239,7 @@ def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster,
     )
     # The trial runs in a Ray worker, which cannot import this test module: send the function itself.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPTED_ACC", accuracies)
     monkeypatch.setattr(runner, "run_trial", _trial_with_scripted_accuracy)
     runner.connect(cluster.address)
     try:
@@ -245,12 +248,12 @@ def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster,
         ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     trial = results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]
-    assert (trial["status"], trial["num_failures"], trial["best_epoch"]) == (results.COMPLETED, 1, 2)
-    assert list(results.load(plan.experiment)["test_acc"]) == list(SCRIPTED_ACC)
+    assert (trial["status"], trial["num_failures"], trial["best_epoch"]) == (results.COMPLETED, 1, best_epoch)
+    assert list(results.load(plan.experiment)["test_acc"]) == list(accuracies)
     folder = Path(plan.experiment, trial["checkpoint"])
     assert evaluate.weights_file(folder) == str(folder / checkpoint.BEST)
     best, last = checkpoint.load(folder / checkpoint.BEST), checkpoint.load(folder / checkpoint.TRIAL)
-    assert (best["epoch"], best["metrics"]["test_acc"], last["epoch"]) == (2, 0.9, 4)
+    assert (best["epoch"], best["metrics"]["test_acc"], last["epoch"]) == (best_epoch, 0.9, 4)
     assert any((best["model"][k] != last["model"][k]).any() for k in best["model"])
 
 
