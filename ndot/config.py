@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line meant for the user."""
 
 
+def _is_int(value: Any) -> bool:
+    # bool is an int to Python: True as a batch size or a seed, in a config built by hand, is a slip, not a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class TrainConfig:
     dataset: str = "digits"
@@ -84,7 +89,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
                 bad(f"{f.name} must be a finite number, got {value!r}")
-        if not isinstance(self.T, int) or isinstance(self.T, bool) or not 0 < self.T <= MAX_T:
+        if not _is_int(self.T) or not 0 < self.T <= MAX_T:
             bad(f"T must be an integer in [1, {MAX_T}], got {self.T!r}")
         if self.rule not in RULES:
             bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}")
@@ -102,9 +107,9 @@ class TrainConfig:
             bad(f"momentum must be in [0, 1), got {self.momentum!r}")
         if not 0 <= self.weight_decay <= FLOAT32_MAX:
             bad(f"weight_decay must be >= 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.weight_decay!r}")
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or not 0 < self.epochs <= MAX_EPOCHS:
+        if not _is_int(self.epochs) or not 0 < self.epochs <= MAX_EPOCHS:
             bad(f"epochs must be an integer in [1, {MAX_EPOCHS}], got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
             bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not 0 <= self.loss_alpha <= 1:
             bad(f"loss_alpha must be in [0, 1], got {self.loss_alpha!r}")
@@ -116,10 +121,10 @@ class TrainConfig:
             bad(f"v_th must be > 0, got {self.v_th!r}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             # numpy's global generator, which the trainer seeds too, takes no other seed.
             bad(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not isinstance(self.workers, int) or self.workers < 0:
+        if not _is_int(self.workers) or self.workers < 0:
             bad(f"workers must be an integer >= 0, got {self.workers!r}")
         if self.precision not in PRECISIONS:
             bad(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")

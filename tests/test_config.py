@@ -90,6 +90,10 @@ def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
     ({"v_th": float("inf")}, "v_th must be a finite number"),
     ({"surrogate_alpha": float("inf")}, "surrogate_alpha must be a finite number"),
     ({"cuda_graph": True, "device": "cpu"}, "cuda_graph replays CUDA graphs"),
+    # A bool is an int to Python, not a count to a run.
+    ({"T": True}, "T must be an integer"), ({"epochs": True}, "epochs must be an integer"),
+    ({"batch_size": True}, "batch_size must be a positive integer"), ({"seed": False}, "seed must be an integer"),
+    ({"workers": True}, "workers must be an integer"),
 ])
 def test_each_range_is_refused_just_past_its_edge(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
