@@ -190,6 +190,16 @@ def test_learning_rate_figure_keeps_time_steps_apart():
     assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
 
 
+def test_a_single_T_adds_no_marker_legend_and_titles_count_the_trials_per_point():
+    # A legend entry per T says which marker is which T: with one T it would only repeat the title.
+    ax = plots.accuracy_vs_lr(_trials(["small_cnn"], [4])).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ndot_A", "ottt_A"]
+    # "best of N trial(s)": one number where every point has as many trials, else the range.
+    two = pd.concat([_trials(["small_cnn"], [1, 4])] * 2)
+    assert "best of 2 trial(s) per point" in plots.accuracy_vs_axis(two).axes[0].get_title()
+    uneven = pd.concat([two, _trials(["small_cnn"], [1])])
+    assert "best of 2-3 trial(s) per point" in plots.accuracy_vs_axis(uneven).axes[0].get_title()
+
 def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_its_columns():
     # Diverged in epoch 1: never tested, so no accuracy (NaN) and no test columns in its rows.
     trials = _trials(["small_cnn"], [1, 4]).assign(best_test_acc=math.nan)
@@ -207,3 +217,22 @@ def test_tables_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, m
         assert results.main([command, "gs://ndot-test-bucket/sweeps/x"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and "OAuth2" in err, err
+
+
+def test_a_trial_collected_from_its_folder_alone_keeps_tunes_id_without_the_stratum(tmp_path):
+    # Without Tune's state (a driver killed before its first save) the trial id is read off the folder's
+    # name, <id>_<stratum> (ndot.sweep.runner.trial_dirname): the tables must hold the id Tune's state
+    # would have given, with params.json or, where it was never uploaded, the config in the rows.
+    from ndot import checkpoint
+    from ndot.config import TrainConfig
+    row = {**TrainConfig(T=4).to_dict(), "stratum": "T=4,ndot_A", "epoch": 1, "status": "ok", "test_acc": 0.5, "best_test_acc": 0.5}
+    for trial, params in (("fd40def0_T=4,ndot_A", True), ("0a1b2c3d_T=4,ndot_A", False)):
+        ckpt = tmp_path / trial / "checkpoint_000000"
+        ckpt.mkdir(parents=True)
+        checkpoint.write_history(ckpt, [row])
+        (ckpt / checkpoint.TRIAL).write_bytes(b"")
+        if params:
+            (tmp_path / trial / checkpoint.TRIAL_PARAMS).write_text(json.dumps({**TrainConfig(T=4).to_dict(), "stratum": "T=4,ndot_A"}))
+    records = results.from_folders(str(tmp_path))
+    assert sorted(r.trial_id for r in records) == ["0a1b2c3d", "fd40def0"]
+    assert {r.checkpoint for r in records} == {"fd40def0_T=4,ndot_A/checkpoint_000000", "0a1b2c3d_T=4,ndot_A/checkpoint_000000"}

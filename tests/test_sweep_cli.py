@@ -406,3 +406,17 @@ def test_the_exit_status_says_how_the_trials_ended(tmp_path, monkeypatch, capsys
     assert exit_status(cli.main, TIMESTEPS, argv) == rc
     err = capsys.readouterr().err
     assert (says in err) if says else "unfinished" not in err and "errored" not in err, err
+
+
+def test_node_shapes_are_the_live_nodes_and_the_launchers_node_types(tmp_path, monkeypatch):
+    # A trial that fits a node up now (e.g. a GPU worker started by hand) must not be refused because
+    # the launcher's config lists no such type; nor one that only a launchable type fits. No Ray needed.
+    live, dead = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 64.0, "GPU": 8.0}
+    monkeypatch.setattr(resources.ray, "nodes", lambda: [{"Alive": True, "Resources": live}, {"Alive": False, "Resources": dead}])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text(
+        "available_node_types:\n  head: {resources: {CPU: 0}}\n  gpu: {resources: {CPU: 4, GPU: 4}, max_workers: 2}\n")
+    assert resources.node_shapes(True) == [live, {"CPU": 0}, {"CPU": 4, "GPU": 4}]
+    # A private local Ray on the launcher's head: its config describes another cluster.
+    assert resources.node_shapes(False) == [live]
+    assert resources.fits(8, 1, resources.node_shapes(False)) and not resources.fits(2, 4, resources.node_shapes(False))
