@@ -250,3 +250,20 @@ def test_ctrl_c_before_any_epoch_says_to_start_again(tmp_path, capsys, monkeypat
     monkeypatch.setattr("ndot.train.train", interrupted)
     assert main([*RUN, "--out", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err == "interrupted after epoch 0 of 1: no epoch finished: start it again\n"
+
+
+def test_each_epoch_writes_its_log_line_then_checkpoint_pt_then_best_pt(tmp_path, monkeypatch):
+    # The order _mend repairs from (README: "An epoch's line is written before checkpoint.pt, and best.pt
+    # after it"): a kill between any two leaves a folder a resume can mend. Each save records what is there.
+    real, seen = checkpoint.save, []
+
+    def save(path, state):
+        log = tmp_path / "metrics.jsonl"
+        seen.append((path.name, state["epoch"], len(log.read_text().splitlines()) if log.exists() else 0,
+                     (tmp_path / "checkpoint.pt").exists() and checkpoint.load(tmp_path / "checkpoint.pt")["epoch"]))
+        real(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    # checkpoint.pt of epoch 1 once the log holds its line; best.pt once checkpoint.pt holds epoch 1.
+    assert seen == [("checkpoint.pt", 1, 1, False), ("best.pt", 1, 1, 1)]
