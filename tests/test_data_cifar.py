@@ -359,3 +359,13 @@ def test_augmentation_draws_continue_the_shuffles_stream_not_repeat_it():
     loader.set_epoch(2)
     assert [len(y) for _, y in loader] == [4, 4, 2]
     assert not torch.equal(states[0], epoch_generator(3, 2).get_state())
+
+
+def test_the_cpu_pipeline_draws_each_samples_augmentation_anew_every_epoch():
+    # Seeded per (seed, epoch, sample): a seed without the epoch would give every sample the same crop,
+    # flip and cutout in every epoch, which the shuffled order alone would not show.
+    from ndot.data.loader import WorkerLoader
+    loader = WorkerLoader(list(zip(torch.zeros(6), range(6))), lambda x: x + torch.rand(()), 3, shuffle=False, seed=1)
+    x1, x2 = (torch.cat([x for x, _ in batches(loader, e)]) for e in (1, 2))
+    assert not torch.equal(x1, x2)
+    assert torch.equal(torch.cat([x for x, _ in batches(loader, 1)]), x1), "an epoch replays"
