@@ -167,3 +167,11 @@ def test_a_stream_whose_write_failed_is_discarded_when_it_is_closed_after(tmp_pa
         f.write(12345)  # not bytes: the write raises, as one to a full disk would
     f.close()
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_a_write_to_a_uri_lands_at_its_path_and_leaves_no_temporary_file(tmp_path):
+    # An object store (s3://, gs://) has no rename: the temporary object is moved onto the path, not copied,
+    # which would leave a .NAME.*.tmp beside every table a sweep rewrites. file:// takes the same branch.
+    files.write_bytes(f"file://{tmp_path}/sweep/trials.parquet", b"new")
+    assert os.listdir(tmp_path / "sweep") == ["trials.parquet"]
+    assert files.read_bytes(f"file://{tmp_path}/sweep/trials.parquet") == b"new"
