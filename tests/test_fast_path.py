@@ -516,6 +516,35 @@ def test_bench_table_reads_a_run_whose_last_row_was_cut_off(tmp_path):
     assert read_run(str(path)) == [{"kind": "env", "device": "cpu"}, {"kind": "env", "device": "cuda"}]
 
 
+def test_bench_plans_the_documented_sizes_and_reads_the_targets_at_the_lever_T():
+    # README: the default is the real size (VGG-11-WS, batch 128, T 1, 2, 4, 6, 20, fp32 and bf16), targets
+    # read at the per-lever T, 4 by default; --small is small_cnn, batch 8, T 1, 2, 4, one thread, lever T 2.
+    cpu = torch.device("cpu")
+    real = bench_cli.plan(bench_cli._parser().parse_args([]), cpu)
+    assert (real["archs"], real["batches"], real["Ts"], list(real["precisions"]), real["ablation_T"], real["threads"]) == \
+        (["vgg11_ws"], [128], [1, 2, 4, 6, 20], ["fp32", "bf16"], 4, None)
+    small = bench_cli.plan(bench_cli._parser().parse_args(["--small"]), cpu)
+    assert (small["archs"], small["batches"], small["Ts"], small["ablation_T"], small["threads"]) == (["small_cnn"], [8], [1, 2, 4], 2, 1)
+    # --ablation-T 0 (no per-lever runs) is allowed, and the targets are then read at T = 4.
+    none = bench_cli.plan(bench_cli._parser().parse_args(["--small", "--ablation-T", "0"]), cpu)
+    bench_cli.check_plan(none, cpu)
+    assert bench_cli.lever_case(none) == {"lever_arch": "small_cnn", "lever_batch": 8, "lever_T": 4}
+
+def test_bench_exits_1_when_a_case_raised_and_reports_it_as_an_error_row(monkeypatch, capsys):
+    # A case that raises (an OOM, a capture error) is a row and the run goes on; the exit status says so,
+    # which is what a script running the benchmark on a device sees.
+    def boom(*args):
+        raise RuntimeError("out of memory")
+
+    for case in ("bench_matmul", "bench_ann", "bench_snn"):  # measuring nothing keeps the test fast
+        monkeypatch.setattr(bench_cli, case, boom)
+    argv = ["--small", "--T", "1", "--rules", "ndot_A", "--precisions", "fp32", "--ablation-T", "0", "--warmup", "0",
+            "--min-seconds", "0.001"]
+    assert bench_main(argv) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["case"] for r in rows if r["kind"] == "error"] == ["matmul", "ann", "ann", "ann", "snn"]
+    assert all(r["error"] == "RuntimeError: out of memory" for r in rows if r["kind"] == "error")
+
 def test_the_benchmark_imports_nothing_the_gpu_machine_lacks():
     code = ("import sys, ndot, ndot.bench.cli, ndot.bench.data, ndot.train; "
             "bad = {'ray', 'optuna', 'tonic', 'faery'} & {m.split('.')[0] for m in sys.modules}; assert not bad, bad")
@@ -581,7 +610,8 @@ def test_a_case_that_raises_is_an_error_row_and_the_run_exits_1(monkeypatch, cap
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --small's one thread: not this process's
     assert bench_main(["--small", "--T", "1", "--rules", "ndot_A", "--precisions", "fp32", "--ablation-T", "0"]) == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["error"] for r in rows if r["kind"] == "error"] == ["RuntimeError: out of memory"]
+    assert [r["case"] for r in rows if r["kind"] == "error"] == ["matmul", "ann", "ann", "ann", "snn"]
+    assert all(r["error"] == "RuntimeError: out of memory" for r in rows if r["kind"] == "error")
 
 
 def test_the_profile_puts_each_part_of_a_batch_in_its_category():
