@@ -267,3 +267,11 @@ def test_each_epoch_writes_its_log_line_then_checkpoint_pt_then_best_pt(tmp_path
     assert main([*RUN, "--out", str(tmp_path)]) == 0
     # checkpoint.pt of epoch 1 once the log holds its line; best.pt once checkpoint.pt holds epoch 1.
     assert seen == [("checkpoint.pt", 1, 1, False), ("best.pt", 1, 1, 1)]
+
+
+def test_an_out_of_blanks_is_refused_too(tmp_path, capsys, monkeypatch):
+    # " " (a quoted unset variable beside a space) names no folder any more than "" does.
+    monkeypatch.chdir(tmp_path)
+    assert exit_status(main, [*RUN, "--out", " "]) == 2
+    assert "argument --out: must name a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
