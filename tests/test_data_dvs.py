@@ -277,6 +277,23 @@ def test_unwritable_cache_folder_is_one_error(dataset_root, tmp_path, monkeypatc
         dvs.load_frames(config(dataset_root), 48)
 
 
+def test_a_cache_folder_without_write_permission_is_one_error(tmp_path, monkeypatch):
+    # As root (this machine) every folder is writable, so the permission is faked: a read-only cache
+    # mount is refused in one line naming the remedy, not with the lock file's PermissionError.
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match=f"cannot write the CIFAR10-DVS frame cache in {tmp_path}; set .NDOT_CACHE"):
+        storage.writable_folder(tmp_path, "the CIFAR10-DVS frame cache", "set $NDOT_CACHE to a writable folder")
+
+
+def test_a_polarity_without_events_normalises_to_zero_not_to_nan():
+    # Its std is 0: dividing by it would feed the network NaN (0/0) in every frame.
+    x = torch.zeros(3, 2, 2, 4, 4, dtype=torch.float16)
+    x[:, :, 0] = torch.arange(3 * 2 * 16, dtype=torch.float16).view(3, 2, 4, 4)
+    mean, std = dvs._channel_stats(x)
+    assert std[1] == 1.0 and mean[1] == 0.0 and std[0] > 0
+    frames = dvs.FrameRecipe(False, mean, std)(x, torch.Generator())
+    assert torch.isfinite(frames).all() and (frames[:, :, 1] == 0).all()
+
 def test_conversion_in_worker_processes_matches(dataset_root, private_cache):
     inline = dvs.load_frames(config(dataset_root), 48)
     shutil.rmtree(private_cache)
