@@ -294,6 +294,7 @@ def test_a_polarity_without_events_normalises_to_zero_not_to_nan():
     frames = dvs.FrameRecipe(False, mean, std)(x, torch.Generator())
     assert torch.isfinite(frames).all() and (frames[:, :, 1] == 0).all()
 
+
 def test_conversion_in_worker_processes_matches(dataset_root, private_cache):
     inline = dvs.load_frames(config(dataset_root), 48)
     shutil.rmtree(private_cache)

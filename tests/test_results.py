@@ -200,6 +200,7 @@ def test_a_single_T_adds_no_marker_legend_and_titles_count_the_trials_per_point(
     uneven = pd.concat([two, _trials(["small_cnn"], [1])])
     assert "best of 2-3 trial(s) per point" in plots.accuracy_vs_axis(uneven).axes[0].get_title()
 
+
 def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_its_columns():
     # Diverged in epoch 1: never tested, so no accuracy (NaN) and no test columns in its rows.
     trials = _trials(["small_cnn"], [1, 4]).assign(best_test_acc=math.nan)

@@ -272,7 +272,6 @@ def test_an_address_nothing_answers_at_is_refused_before_ray_starts(storage, cap
     assert _sessions() == before, "a Ray session was started"
 
 
-
 @pytest.mark.parametrize("address,says", [
     ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:"),
     ("http://127.0.0.1:8265", "'http://127.0.0.1:8265' is a dashboard's URL, for `ray job`"),

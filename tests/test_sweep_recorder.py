@@ -137,7 +137,6 @@ def test_trials_an_interrupted_sweep_stops_are_running_not_finished(tmp_path):
     assert status.to_dict() == {"done": results.COMPLETED, "cut": "running"}
 
 
-
 def test_a_trial_tune_reads_back_as_pending_is_running_once_it_has_epochs(tmp_path):
     # Tune's state loader turns RUNNING into PENDING: collected after the driver stopped, a trial it cut
     # short must read as the tables written at the stop say, `running`; one that never began stays pending.
