@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,6 +30,16 @@ class ConfigError(ValueError):
 def _is_int(value: Any) -> bool:
     # bool is an int to Python: True as a batch size or a seed, in a config built by hand, is a slip, not a count.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What a config built in Python may hold in each kind of field (the int fields have their ranges'
+# checks). A string "false" for a flag would be true, and "0.1" for lr a TypeError deep in a check.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a folder or None"),
+}
 
 
 @dataclass
@@ -77,6 +89,12 @@ class TrainConfig:
     # CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding (ndot/data/dvs.py).
     dvs_encoding: str = "counts"
 
+    def __post_init__(self) -> None:
+        # A Path is what Python code hands over for a folder; checkpoints hold the config and load
+        # with weights_only, which refuses a Path object.
+        if isinstance(self.data_root, os.PathLike):
+            self.data_root = os.fspath(self.data_root)
+
     def validate(self) -> "TrainConfig":
         """Raise ConfigError on the first bad field; cheap checks only, no data is touched."""
         from ndot.models import ARCHS
@@ -87,7 +105,9 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "float" and isinstance(value, float) and not math.isfinite(value):
+            if f.type in _KINDS and not _KINDS[f.type][0](value):
+                bad(f"{f.name} must be {_KINDS[f.type][1]}, got {value!r}")
+            if f.type == "float" and not math.isfinite(value):
                 bad(f"{f.name} must be a finite number, got {value!r}")
         if not _is_int(self.T) or not 0 < self.T <= MAX_T:
             bad(f"T must be an integer in [1, {MAX_T}], got {self.T!r}")

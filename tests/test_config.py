@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from ndot import checkpoint
 from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, RULES, ConfigError, TrainConfig, check_rule_flags, parse_field,
                          parse_method)
 from ndot.layers import neurons
@@ -94,6 +95,11 @@ def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
     ({"T": True}, "T must be an integer"), ({"epochs": True}, "epochs must be an integer"),
     ({"batch_size": True}, "batch_size must be a positive integer"), ({"seed": False}, "seed must be an integer"),
     ({"workers": True}, "workers must be an integer"),
+    # A config built in Python: a string is no number, and "false" would switch a flag on.
+    ({"lr": "0.1"}, "lr must be a number, got '0.1'"), ({"tau": True}, "tau must be a number"),
+    ({"signed_factor": "false"}, "signed_factor must be true or false, got 'false'"),
+    ({"fused_neuron": 1}, "fused_neuron must be true or false"),
+    ({"device": 0}, "device must be a string, got 0"), ({"data_root": 3}, "data_root must be a folder or None"),
 ])
 def test_each_range_is_refused_just_past_its_edge(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
@@ -107,6 +113,13 @@ def test_each_range_is_refused_just_past_its_edge(kw, words):
 ])
 def test_each_range_accepts_its_edge(kw):
     TrainConfig(**kw).validate()
+
+
+def test_a_folder_given_as_a_path_is_kept_as_text_that_a_checkpoint_loads(tmp_path):
+    cfg = TrainConfig(data_root=tmp_path, lr=1, tau=3).validate()  # ints where floats are: numbers alike
+    assert cfg.data_root == str(tmp_path)
+    checkpoint.save(tmp_path / "c.pt", {"config": cfg.to_dict()})
+    assert checkpoint.load(tmp_path / "c.pt")["config"]["data_root"] == str(tmp_path)
 
 
 def test_parse_method_splits_at_the_last_underscore():
