@@ -36,6 +36,12 @@ def test_metrics_every_epoch_and_learning():
     assert seen[0]["lr"] == 0.1 and seen[1]["lr"] == pytest.approx(0.075) and seen[2]["lr"] == pytest.approx(0.025)
 
 
+def test_train_validates_a_config_built_in_python_before_touching_data(tmp_path):
+    # CIFAR-10 is absent from tmp_path: reaching the data would raise a DataError instead.
+    with pytest.raises(ConfigError, match="lr must be a number"):
+        train(TrainConfig(**{**FAST, "dataset": "cifar10", "data_root": str(tmp_path), "lr": "0.1"}))
+
+
 @pytest.mark.parametrize("rule,mode", [("ndot", "O"), ("bptt", "A")])
 def test_resume_equals_uninterrupted(rule, mode):
     cfg = TrainConfig(**FAST, rule=rule, mode=mode, dropout=0.1)
