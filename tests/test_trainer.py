@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -217,3 +218,13 @@ def test_peak_memory_is_in_megabytes():
     # /proc's VmHWM is in KiB: a process that has imported torch holds tens of MB at least, not a fraction of one.
     from ndot.device import peak_mem_mb
     assert 20 < peak_mem_mb(torch.device("cpu")) < 1e6
+
+
+def test_the_readmes_python_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [example] = re.findall(r"```python\n(from ndot.config import TrainConfig\n.*?)```", readme, re.S)
+    assert "epochs=2" in example and "T=4" in example
+    # One epoch at T = 1 shows that it runs, in 2 s where the README's run takes 15.
+    exec(example.replace("epochs=2", "epochs=1").replace("T=4", "T=1"), {})
+    epoch, status = capsys.readouterr().out.splitlines()
+    assert epoch.startswith("1 0.") and status.startswith("completed 0.")
