@@ -171,3 +171,70 @@ def test_out_scale_scales_what_the_neuron_emits_not_its_dynamics(rule):
     torch.testing.assert_close(gc, c * g1, rtol=1e-12, atol=0)
     if rule != "bptt":
         torch.testing.assert_close(torch.stack(ac), c * torch.stack(a1), rtol=1e-12, atol=1e-12)
+
+
+def reference_lif(currents: torch.Tensor, rule: str, lam: float, v_th: float, alpha: float):
+    """The spec's neuron and traces written out for any λ, Vth and surrogate slope α: (s, u, â) per step,
+    with s carrying the sigmoid surrogate's gradient; online rules cut every path across steps."""
+    s_, u_, a_ = [], [], []
+    A_prev, a, e_prev, q_prev = torch.zeros_like(currents[0]), None, None, None
+    for I in currents:
+        u = lam * A_prev + I
+        sg = torch.sigmoid(alpha * (u - v_th))
+        s = (u >= v_th).to(u.dtype) + (sg - sg.detach())  # exactly 0 or 1 in value
+        A = u - v_th * s
+        if rule == "bptt":
+            A_prev = A
+        else:
+            sd, A = s.detach(), A.detach()
+            if rule == "sltt":
+                a = sd
+            elif rule == "ottt":
+                a = sd if a is None else lam * a + sd
+            elif rule == "ndot":
+                a = sd if a is None else e_prev * a + sd
+                e_prev = torch.full_like(A, lam) if len(a_) == 0 else torch.where(
+                    A_prev == 0, torch.full_like(A, lam), (A / A_prev).clamp(-lam, lam))
+            else:  # ndot_ref: q = A - Vth s, the ratio of this step's q to the last one's, applied at once
+                q = A - v_th * sd
+                if a is None:
+                    a = sd
+                else:
+                    a = torch.where(q_prev == 0, torch.full_like(q, lam), (q / q_prev).clamp(-lam, lam)) * a + sd
+                q_prev = q
+            A_prev = A
+        s_.append(s)
+        u_.append(u.detach())
+        a_.append(a)
+    return s_, u_, a_
+
+
+@pytest.mark.parametrize("rule", ["ndot", "ndot_ref", "ottt", "sltt", "bptt"])
+def test_the_neuron_follows_its_formulas_for_any_tau_threshold_and_surrogate_slope(rule):
+    """Every other test runs at λ = 0.5, Vth = 1 and α = 4, where a constant written in place of the
+    parameter (0.5 for λ, 1 for Vth, 4 for α) gives the same numbers; tau, v_th and surrogate_alpha are
+    options of a run. Here λ = 0.75, Vth = 0.5, α = 2, against the formulas written out."""
+    lam, v_th, alpha = 0.75, 0.5, 2.0
+    g = torch.Generator().manual_seed(11)
+    currents = (0.4 + 0.6 * torch.randn(8, 256, dtype=torch.float64, generator=g)).requires_grad_()
+    weights = torch.randn(8, 256, dtype=torch.float64, generator=g)
+    lif = LIF(tau=1 / (1 - lam), v_th=v_th, alpha=alpha).train()
+    lif.rule = rule
+    s_, u_, a_ = [], [], []
+    for I in currents:
+        s, a = lif(I)
+        s_.append(s)
+        u_.append(lif.state["v"].detach().clone())
+        a_.append(None if a is None else a.detach().clone())  # the next step writes its trace into a
+    grad, = torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, s_)), currents)
+    rs, ru, ra = reference_lif(currents, rule, lam, v_th, alpha)
+    expect, = torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, rs)), currents)
+    s, rs = torch.stack(s_).detach(), torch.stack(rs).detach()
+    assert 0.1 < s.mean() < 0.9, "the check needs neurons that fire and neurons that do not"
+    assert torch.equal(s, rs)
+    # BPTT keeps A = u - Vth s as its state, the online rules u.
+    v = torch.stack(ru) - v_th * rs if rule == "bptt" else torch.stack(ru)
+    torch.testing.assert_close(torch.stack(u_), v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expect, rtol=1e-12, atol=1e-12)
+    if rule != "bptt":
+        torch.testing.assert_close(torch.stack(a_), torch.stack(ra), rtol=1e-12, atol=1e-12)
