@@ -166,3 +166,74 @@ def test_the_traced_conv_casts_itself_under_autocast_and_saves_bf16():
     assert out.dtype == torch.bfloat16 and saved == [torch.bfloat16, torch.bfloat16]
     out.float().sum().backward()
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+class FrameRecorder(torch.nn.Module):
+    """A stand-in network that records what it is fed and returns logits from it (a linear map of its mean)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.readout = torch.nn.Linear(1, classes).double()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.readout(x.mean(dim=(1, 2, 3))[:, None])
+
+
+@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
+def test_event_data_feeds_frame_t_at_step_t_and_a_static_image_at_every_step(rule, mode):
+    # Event data carries a T axis ([B, T, C, H, W]): step t must see frame t, in training and evaluation;
+    # a static image [B, C, H, W] is the input at every step (spec §4).
+    T = 4
+    g = torch.Generator().manual_seed(2)
+    frames = torch.randn(3, T, 2, 5, 5, dtype=torch.float64, generator=g)
+    image = frames[:, 0]
+    y = torch.tensor([0, 1, 2])
+    for x, expect in ((frames, [frames[:, t] for t in range(T)]), (image, [image] * T)):
+        net = FrameRecorder()
+        train_batch(net, RecordingSGD(net.parameters()), x, y, rule=rule, mode=mode, T=T, loss_alpha=0.05)
+        eval_batch(net, x, y, T=T, loss_alpha=0.05)
+        assert len(net.seen) == 2 * T
+        for got, want in zip(net.seen, expect + expect):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.001, 0.5, 1.0])
+def test_the_loss_weighs_cross_entropy_and_mse_by_the_alpha_it_is_given(alpha):
+    # Every other test trains at α = 0.05: a loss that ignored its α for that constant would pass them,
+    # and the DVS preset trains at 0.001. The spec's L[t] written out, on the logits the stand-in returned.
+    T = 3
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, T, 2, 3, 3, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 3, 3, 9])
+    net = FrameRecorder()
+    with torch.no_grad():
+        net.readout.weight.normal_(0, 3, generator=g)
+    loss, _ = train_batch(net, RecordingSGD(net.parameters()), x, y, rule="ndot", mode="A", T=T, loss_alpha=alpha)
+    test_loss, o = eval_batch(net, x, y, T=T, loss_alpha=alpha)
+    n = torch.arange(len(y))
+    expect = 0
+    for t in range(T):
+        ce = -(o[t] - o[t].exp().sum(1, keepdim=True).log())[n, y].mean()
+        target = torch.zeros_like(o[t])
+        target[n, y] = 1
+        expect = expect + ((1 - alpha) * ce + alpha * ((o[t] - target) ** 2).sum() / o[t].numel()) / T
+    torch.testing.assert_close(test_loss, expect, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)
+
+
+def test_the_loss_of_bf16_logits_is_computed_in_fp32():
+    # Under bf16 autocast the readout hands back bf16 logits; the loss (and its gradient) must be
+    # taken on them widened, not in bf16, whose 8-bit mantissa would round the loss by about 1e-2.
+    g = torch.Generator().manual_seed(4)
+    o = (3 * torch.randn(16, 10, generator=g)).bfloat16()
+    y = torch.randint(0, 10, (16,), generator=g)
+    got = step_loss(o, y, 4, 0.05)
+    w = o.double()
+    n = torch.arange(16)
+    target = torch.zeros_like(w)
+    target[n, y] = 1
+    expect = (0.95 * -(w - w.exp().sum(1, keepdim=True).log())[n, y].mean() + 0.05 * ((w - target) ** 2).mean()) / 4
+    assert got.dtype == torch.float32
+    assert abs(got.item() - expect.item()) <= 1e-6 * expect.item()
