@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ndot.layers import LIF, WSConv2d, neurons, reset_state
+from ndot.layers import LIF, WSConv2d, firing_rate, layer_firing_rates, neurons, reset_state
 from ndot.config import TrainConfig
 from ndot.models import ARCHS, build, from_config
 
@@ -121,3 +121,39 @@ def test_resnet_ws_halves_the_side_in_every_block_but_the_first():
 def test_small_cnn_is_sized_for_16px_inputs():
     # README: small_cnn's input is 16x16, the size digits are resized to.
     assert ARCHS["small_cnn"].input_size == 16 and ARCHS["vgg11_ws"].input_size == 32
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_initial_weights_are_kaiming_fan_out_with_zero_biases(arch):
+    # Spec §4: convs Kaiming normal (fan_out, relu), bias 0, gain 1. Weight standardisation hides W's
+    # scale from the forward, but not from training: W's gradient scales as 1/|W|, so a fan_in init
+    # changes the effective learning rate of every layer whose fan-in and fan-out differ.
+    torch.manual_seed(0)
+    m = build(arch, 3, 10)
+    for name, c in m.named_modules():
+        if isinstance(c, WSConv2d):
+            fan_out = c.out_channels * c.kernel_size[0] * c.kernel_size[1]
+            std = (2 / fan_out) ** 0.5
+            assert c.weight.std().item() == pytest.approx(std, rel=0.15 if c.weight.numel() < 2000 else 0.05), name
+            assert abs(c.weight.mean().item()) < 0.2 * std, name
+            assert torch.all(c.bias == 0) and torch.all(c.gain == 1), name
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_neuron_dropout_drops_a_fraction_p_of_the_neurons(p):
+    # The test above drops half, where a mask keeping p and one keeping 1 - p look alike.
+    torch.manual_seed(0)
+    lif = LIF(dropout=p).train()
+    s, _ = lif(torch.full((20000,), 5.0))  # every neuron fires
+    assert (s == 0).double().mean().item() == pytest.approx(p, abs=0.015)
+    assert s.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)])
+
+
+def test_the_firing_rate_counts_spikes_not_their_scaled_value():
+    # A neuron emits 2.74·s (the scaled WS constant); its firing rate is spikes per neuron and step.
+    lif = LIF(out_scale=2.74).eval()
+    current = torch.tensor([5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # three of eight fire at the first step
+    lif(current)
+    net = torch.nn.Sequential(lif)
+    assert layer_firing_rates(net) == {"0": pytest.approx(3 / 8)}
+    assert firing_rate(net) == pytest.approx(3 / 8)
