@@ -179,6 +179,16 @@ def test_cutout_one_clipped_16px_hole_with_uniform_centre(pipeline):
     assert abs(area.float().mean() - lengths.mean() ** 2) < 4 * area.float().std() / N_STAT ** 0.5
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cutout_comes_after_autoaugment_so_every_hole_stays_black(pipeline):
+    # The recipe's order (spec §5): AutoAugment, then Cutout. On grey images a hole cut first would be
+    # turned grey or white by Contrast, Invert or Solarize; cut last, every image shows one black square
+    # of at least 8x8 (the hole clipped at a corner), in every channel.
+    out = augmented(np.full((500, 32, 32, 3), 128, dtype=np.uint8), pipeline, crop=False, flip=False)
+    black = (out.amax(1, keepdim=True) < 0.5).float()
+    assert (torch.nn.functional.avg_pool2d(black, 8, stride=1).flatten(1).amax(1) == 1).all()
+
+
 def smooth_images(n: int) -> np.ndarray:
     """Gradients with a random tint and noise: images on which every AutoAugment op changes pixels."""
     rng = np.random.default_rng(1)

@@ -30,3 +30,13 @@ def test_inputs_are_upsampled_and_standardised_with_the_training_images_statisti
     train.set_epoch(1)
     (x, y), = list(train)
     assert sorted(y.tolist()) == sorted(y_train.tolist()) and x.shape == (1437, 1, 16, 16)
+
+
+def test_the_split_is_the_one_results_were_reported_on():
+    # "Fixed" across versions too: a changed seed or split call would silently swap the test set, and
+    # accuracies of earlier runs would no longer compare. The first test images, by index in load_digits:
+    first = [1496, 188, 705, 820, 413, 744, 1466, 500, 254, 1750, 1717, 1261]
+    d = load_digits()
+    _, _, x_test, y_test = digits.split()
+    assert torch.equal(x_test[:12, 0], torch.tensor(d.images[first], dtype=torch.float32) / 16.0)
+    assert y_test[:12].tolist() == d.target[first].tolist() == [7, 6, 3, 7, 7, 3, 2, 8, 9, 3, 2, 6]

@@ -13,6 +13,7 @@ import pytest
 import tonic
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
@@ -89,6 +90,16 @@ def test_counts_encoding_resizes_to_48_keeping_the_mass():
     frames = dvs.encode(counts, 48, "counts")
     assert frames.shape == (3, 2, 48, 48) and frames.dtype == torch.float16
     torch.testing.assert_close(frames.float().mean((2, 3)), counts.mean((2, 3)), rtol=0.02, atol=0)
+
+
+def test_counts_encoding_is_pils_antialiased_bilinear_resize_of_every_frame_and_polarity():
+    # README: resized to 48x48 by antialiased bilinear, the filter of the authors' PIL Resize. PIL resizes a
+    # float ("F") image without rounding, so its output is the reference up to float16 storage.
+    counts = dvs.count_frames(tonic_events(5000, np.random.default_rng(4)), 2)
+    frames = dvs.encode(counts, 48, "counts").float()
+    expected = torch.tensor(np.stack([[np.asarray(Image.fromarray(c.numpy()).resize((48, 48), Image.BILINEAR))
+                                       for c in frame] for frame in counts]))
+    torch.testing.assert_close(frames, expected, rtol=1e-3, atol=1e-3)
 
 
 def test_authors_encoding_wraps_counts_and_zeroes_where_the_other_polarity_is_empty():
@@ -197,6 +208,21 @@ def test_training_frames_are_zero_padded_by_4_and_cropped_at_one_offset_per_reco
     for offsets in (top, left):
         counts = torch.bincount(offsets, minlength=9).float()
         assert len(counts) == 9 and uniform_enough(counts, torch.full_like(counts, n / 9))
+
+
+def test_a_training_crop_is_a_window_of_the_zero_padded_frames_never_mirrored():
+    # The recipe pads 4 and crops, with no flip (spec §5): every output is one 12x12 window of the padded
+    # recording, the same for all its frames and polarities; an all-ones input could not show a mirror.
+    x = torch.randint(1, 200, (40, 2, 2, 12, 12)).to(torch.float16)
+    out = dvs.FrameRecipe(True, torch.zeros(2), torch.ones(2))(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4))
+    offsets = set()
+    for i in range(len(x)):
+        found = [(top, left) for top in range(9) for left in range(9)
+                 if torch.equal(out[i], padded[i, :, :, top:top + 12, left:left + 12])]
+        assert len(found) == 1, f"recording {i} is no window of its padded frames"
+        offsets.update(found)
+    assert len(offsets) > 20, "the offsets vary between recordings"
 
 
 # --- cache ----------------------------------------------------------------------------------------------------
