@@ -9,6 +9,7 @@ from helpers import batch, exit_status, make_model
 from ndot import checkpoint, data, train as train_module
 from ndot.config import TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
+from ndot.layers import LIF
 from ndot.models import from_config
 from ndot.step import eval_batch
 from ndot.train import main as train_main
@@ -59,6 +60,43 @@ def test_test_loss_top1_and_top5_are_those_of_the_whole_set_at_once():
     assert (got["test_acc"], got["test_top5"]) == (top1, top5) and top1 < top5
 
 
+def test_top5_of_the_detailed_evaluation_is_that_of_all_steps_summed_and_only_beyond_10_classes():
+    # The command line evaluates with detail=True (accuracy after each step), whose top-5 must still be
+    # that of the prediction, Σ_t o[t]; top-5 is reported with more than 10 classes only (README).
+    model = make_model(classes=20).eval()
+    model.readout.weight.data.normal_(0, 1)
+    x, y = batch(n=40, size=16, classes=20)
+    _, o = eval_batch(model, x, y, T=4, loss_alpha=0.05)
+    summed = o.sum(0)
+    top5 = sum(int(y[i]) in summed[i].topk(5).indices.tolist() for i in range(len(y))) / len(y)
+    got = evaluate(model, Batches([(x[:25], y[:25]), (x[25:], y[25:])]), TrainConfig(T=4), 20, detail=True)
+    assert got["test_top5"] == top5
+    x, y = batch(n=8, size=16)
+    assert "test_top5" not in evaluate(make_model().eval(), Batches([(x, y)]), TrainConfig(T=2), 10, detail=True)
+
+
+def test_firing_rates_are_spikes_per_neuron_per_step_counted_at_each_spiking_layers_output():
+    # Counted independently here from what each LIF module emits (scaled by 2.74, so a sum would not be a
+    # count); the network's rate weighs each layer by its neurons, it is no mean of the layers' rates.
+    model = make_model().eval()
+    spikes, steps = {}, {}
+
+    def count(name):
+        def hook(module, inputs, output):
+            spikes[name] = spikes.get(name, 0) + int(torch.count_nonzero(output[0]))
+            steps[name] = steps.get(name, 0) + output[0].numel()
+        return hook
+
+    for name, m in model.named_modules():
+        if isinstance(m, LIF):
+            m.register_forward_hook(count(name))
+    x, y = batch(n=12, size=16)
+    got = evaluate(model, Batches([(x[:5], y[:5]), (x[5:], y[5:])]), TrainConfig(T=3), 10, detail=True)
+    assert got["layer_firing_rates"] == pytest.approx({k: spikes[k] / steps[k] for k in spikes}, rel=1e-12)
+    assert got["firing_rate"] == pytest.approx(sum(spikes.values()) / sum(steps.values()), rel=1e-12)
+    assert len(set(steps.values())) > 1 and len(set(got["layer_firing_rates"].values())) > 1
+
+
 def test_best_pt_holds_the_best_epoch_and_evaluates_to_its_accuracy(tmp_path, monkeypatch, capsys):
     real = train_module.evaluate
     scripted = iter([0.5, 0.9, 0.7])
@@ -78,6 +116,20 @@ def test_best_pt_holds_the_best_epoch_and_evaluates_to_its_accuracy(tmp_path, mo
     assert "best.pt (epoch 2," in capsys.readouterr().out
     result = json.loads((tmp_path / "eval-best-T2.json").read_text())
     assert result["epoch"] == 2 and result["acc_by_step"][-1] == result["test_acc"]
+
+
+def test_the_best_epochs_weights_are_a_copy_that_later_training_leaves_alone():
+    # A sweep trial holds best_of's state in memory and writes it into later epochs' checkpoints; on a CPU,
+    # .to("cpu") alone would return the live parameters themselves, and best.pt would hold the newest weights.
+    model = torch.nn.Linear(3, 2)
+    state = {"epoch": 2, "metrics": {"test_acc": 0.9}, "model": model.state_dict(), "config": {"T": 2}}
+    best = checkpoint.best_of(state)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.bias.mul_(3.0)
+    assert all(torch.equal(best["model"][k], kept[k]) for k in kept)
+    assert (best["epoch"], best["metrics"], best["config"]) == (2, {"test_acc": 0.9}, {"T": 2})
 
 
 def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
