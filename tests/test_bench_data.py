@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import exit_status
 from ndot.bench import data
@@ -48,3 +49,36 @@ def test_the_dvs_part_without_faery_is_one_line_before_measuring(monkeypatch, ca
     assert exit_status(data.main, ["--small", "--only", "dvs"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and "pip install faery" in captured.err
+
+
+class Clock:
+    """time.perf_counter for ndot.bench.data alone: each reading half a second after the last."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.5
+        return self.now
+
+
+def test_throughput_counts_images_not_batches(monkeypatch):
+    class Loader(list):
+        num_samples = 1000
+
+        def set_epoch(self, epoch):
+            pass
+
+    monkeypatch.setattr(data, "time", Clock())
+    # Four batches of a thousand images, read in half a second.
+    assert data._images_per_s(Loader([None] * 4), torch.device("cpu")) == 2000
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_dvs_frames_per_second_count_every_recording_of_both_splits(monkeypatch, capsys):
+    pytest.importorskip("faery")
+    monkeypatch.setattr(data, "time", Clock())
+    data.bench_dvs(events=20, T=3, workers=0)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # 1,000 recordings (900 train, 100 test) of 3 frames each, in half a second per phase.
+    assert [(r["recordings"], r["seconds"], r["frames_per_s"]) for r in rows] == [(1000, 0.5, 6000)] * 2

@@ -406,6 +406,45 @@ def test_against_the_device_names_the_ceiling_only_in_its_own_precision():
     assert ("fp32", "ANN step") in names and ("bf16", "ANN step (the ceiling)") in names
 
 
+def test_the_against_the_device_table_holds_each_precisions_fastest_cases_as_fractions_of_its_matrix_product():
+    # The stored H200 run predates the matrix product rows, so its tables never show this section.
+    plain = dataclasses.asdict(Levers())
+    case = {"arch": "vgg11_ws", "batch": 128, **plain, "peak_mem_mb": None, "batch_peak_mb": None, "saved_mb": 1.0,
+            "ratio_to_ceiling": None, "image_steps_per_s": 1.0}
+    rows = [{"kind": "env", "lever_T": 4, "lever_arch": "vgg11_ws", "lever_batch": 128},
+            {"kind": "matmul", "precision": "fp32", "n": 8192, "math": "tf32", "tflop_per_s": 100.0},
+            {"kind": "matmul", "precision": "bf16", "n": 8192, "math": "bf16", "tflop_per_s": 400.0},
+            {**case, "kind": "ann", "precision": "fp32", "images_per_s": 20_000.0, "tflop_per_s": 40.0},
+            {**case, "kind": "ann", "precision": "bf16", "images_per_s": 30_000.0, "tflop_per_s": 80.0}]
+    for precision, rule, mode, T, tflop, levers in (
+            ("fp32", "ndot", "A", 4, 30.0, {}), ("fp32", "ndot", "O", 4, 70.0, {}),
+            ("bf16", "ndot", "A", 4, 60.0, {"channels_last": True}), ("bf16", "ndot", "A", 4, 55.0, {}),
+            ("bf16", "ndot", "O", 4, 48.0, {}), ("bf16", "ndot", "A", 2, 90.0, {}), ("bf16", "ottt", "A", 4, 95.0, {})):
+        rows.append({**case, **levers, "kind": "snn", "precision": precision, "rule": rule, "mode": mode, "T": T,
+                     "tflop_per_s": tflop})
+    expected = "\n".join([
+        "| precision | case | levers | TFLOP/s | x matrix product |",
+        "|---|---|---|---|---|",
+        "| fp32 | matrix product 8192^3 (tf32) | – | 100 | 1.00 |",
+        "| fp32 | ANN step | plain | 40 | 0.40 |",
+        "| fp32 | ndot_A T=4 | plain | 30 | 0.30 |",
+        "| fp32 | ndot_O T=4 | plain | 70 | 0.70 |",
+        "| bf16 | matrix product 8192^3 (bf16) | – | 400 | 1.00 |",
+        "| bf16 | ANN step (the ceiling) | plain | 80 | 0.20 |",
+        "| bf16 | ndot_A T=4 | channels_last | 60 | 0.15 |",
+        "| bf16 | ndot_O T=4 | plain | 48 | 0.12 |",
+    ])
+    assert expected + "\n" in report.table(rows) + "\n"  # the whole section: no other row follows
+
+
+def test_memory_over_T_is_judged_per_precision():
+    # fp32 holds twice bf16's activations: one series of both would read as growth.
+    bf16 = _series("ndot", [1000.0] * 5)
+    fp32 = [{**r, "precision": "fp32"} for r in _series("ndot", [2000.0] * 5)]
+    checks = memory_checks(bf16 + fp32)
+    assert sorted((c["precision"], c["mb"][0], c["ok"]) for c in checks) == [("bf16", 1000.0, True), ("fp32", 2000.0, True)]
+
+
 def test_bench_sweeps_batch_sizes_each_against_its_own_ceiling_and_reads_the_targets_at_the_first(capsys):
     argv = ["--small", "--batch", "4,8", "--T", "1,4", "--rules", "ndot_A,ndot_O", "--precisions", "fp32",
             "--ablation-T", "0", "--warmup", "0", "--min-seconds", "0.01"]

@@ -4,16 +4,19 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from ray.train._internal.session import _TrainingResult
 from ray.tune import Checkpoint
+from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 from ray.tune.experiment import Experiment, Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from ndot import checkpoint
+from ndot.sweep import state_sync
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_trials
 from ndot.config import parse_method
@@ -381,3 +384,36 @@ def test_a_restored_trial_with_an_unreadable_checkpoint_is_added_as_new(tmp_path
     asha = _asha()
     asha.on_trial_add(None, trial)
     assert asha.on_trial_result(None, trial, _result(0.1)) == TrialScheduler.CONTINUE
+
+
+def test_each_save_of_the_experiment_state_first_waits_for_the_last_upload_and_survives_its_failure(monkeypatch):
+    # test_sweep.py checks this against uploads on a Ray cluster; here the order of the calls alone, without Ray.
+    calls, warnings = [], []
+    monkeypatch.setattr(state_sync, "logger", SimpleNamespace(warning=lambda *args: warnings.append(args[0] % args[1:])))
+
+    class Syncer:
+        def __init__(self, fails: bool) -> None:
+            self.fails = fails
+
+        def wait(self) -> None:
+            calls.append("wait for the last upload")
+            if self.fails:
+                raise RuntimeError("upload cut short")
+
+    def sync_up(manager, save_fn, force=False, wait=False):
+        calls.append(("Tune's sync_up", force, wait))
+        save_fn()
+
+    patched = state_sync._after_the_last_upload(sync_up)
+    for fails in (False, True):
+        calls.clear()
+        manager = SimpleNamespace(_storage=SimpleNamespace(syncer=Syncer(fails), experiment_fs_path="bucket/exp"))
+        patched(manager, lambda: calls.append("save"), force=True, wait=False)
+        assert calls == [("Tune's sync_up", True, False), "wait for the last upload", "save"]
+    # A failed upload is Tune's to retry with the next save: logged, and this save still happens.
+    assert warnings == ["an upload of the experiment state to bucket/exp failed: upload cut short"]
+    # Installed by importing the searcher, once: installing again wraps nothing twice.
+    installed = _ExperimentCheckpointManager.sync_up_experiment_state
+    assert installed.waits_for_the_last_upload
+    state_sync.install()
+    assert _ExperimentCheckpointManager.sync_up_experiment_state is installed
