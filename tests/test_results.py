@@ -190,6 +190,18 @@ def test_learning_rate_figure_keeps_time_steps_apart():
     assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
 
 
+def test_the_learning_rate_figure_puts_accuracy_in_percent_over_the_rate_and_costs_are_medians_of_the_trials():
+    # Each trial is a point (learning rate, best accuracy in %), the axes' labels; the cost figure's titles
+    # say "median over trials", which two trials per point (the other tests) cannot tell from the mean.
+    trials = _trials(["small_cnn"], [4]).assign(best_test_acc=[0.8, 0.6], lr=[0.05, 0.2])
+    ax = plots.accuracy_vs_lr(trials).axes[0]
+    assert sorted(tuple(p) for c in ax.collections for p in c.get_offsets().tolist()) == [(0.05, 80.0), (0.2, 60.0)]
+    three = pd.concat([_trials(["small_cnn"], [1, 4]).assign(peak_mem_mb=v, image_steps_per_s=10 * v) for v in (10.0, 20.0, 60.0)])
+    mem, speed = plots.cost_vs_axis(three).axes
+    assert all(list(line.get_ydata()) == [20.0, 20.0] for line in mem.get_lines())
+    assert all(list(line.get_ydata()) == [200.0, 200.0] for line in speed.get_lines())
+
+
 def test_a_single_T_adds_no_marker_legend_and_titles_count_the_trials_per_point():
     # A legend entry per T says which marker is which T: with one T it would only repeat the title.
     ax = plots.accuracy_vs_lr(_trials(["small_cnn"], [4])).axes[0]
