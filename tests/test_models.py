@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ndot.layers import LIF, WSConv2d, firing_rate, layer_firing_rates, neurons, reset_state
+from ndot.layers import LIF, WSConv2d, neurons, reset_state
 from ndot.config import TrainConfig
 from ndot.models import ARCHS, build, from_config
 
@@ -148,12 +148,3 @@ def test_neuron_dropout_drops_a_fraction_p_of_the_neurons(p):
     assert (s == 0).double().mean().item() == pytest.approx(p, abs=0.015)
     assert s.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)])
 
-
-def test_the_firing_rate_counts_spikes_not_their_scaled_value():
-    # A neuron emits 2.74·s (the scaled WS constant); its firing rate is spikes per neuron and step.
-    lif = LIF(out_scale=2.74).eval()
-    current = torch.tensor([5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # three of eight fire at the first step
-    lif(current)
-    net = torch.nn.Sequential(lif)
-    assert layer_firing_rates(net) == {"0": pytest.approx(3 / 8)}
-    assert firing_rate(net) == pytest.approx(3 / 8)
