@@ -87,7 +87,7 @@ def test_mode_o_trains_as_with_weights_standardised_per_step(precision, fused_ws
         model = accelerate(make_model("resnet_ws", dtype=torch.float32), fused_ws=fused_ws)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         for _ in range(2):
-            run(model, opt, x, y, 3, precision)
+            run(model, opt, x, y, 2, precision)
         params.append(list(model.parameters()))
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
