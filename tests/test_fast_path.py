@@ -535,7 +535,9 @@ def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys
     ('{"kind": "env", "device": "cpu"}\n\nnot json\n{"kind": "env", "device": "cpu"}\n', "line 3 is not JSON"),
     ('not json\n', "line 1 is not JSON"),
 ])
-def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says, tmp_path, capsys):
+def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says, tmp_path, capsys, monkeypatch):
+    # Read as no --table, "" would start the full-size benchmark: an hour on a CPU, not a failure.
+    monkeypatch.setattr(bench_cli, "plan", lambda *a: pytest.fail("--table measured instead of reading"))
     path = tmp_path / "metrics.jsonl"
     if content not in (None, "no path"):
         path.write_text(content)
