@@ -24,6 +24,17 @@ def run_lif(currents: np.ndarray, rule: str, signed: bool = False) -> tuple[np.n
     return np.array(s_), np.array(A_), np.array(a_)
 
 
+def drive(lif: LIF, currents: torch.Tensor) -> tuple[list, list, torch.Tensor]:
+    """Each step's output s (in the graph), trace â and membrane u (copies: the next step writes into them)."""
+    outs, traces, potentials = [], [], []
+    for I in currents:
+        s, a = lif(I)
+        outs.append(s)
+        traces.append(None if a is None else a.detach().clone())
+        potentials.append(lif.state["v"].detach().clone())
+    return outs, traces, torch.stack(potentials)
+
+
 def dyadic_dynamics(T: int, n: int, seed: int) -> np.ndarray:
     """Currents whose post-reset potentials A[t] are chosen from multiples of 1/8,
     zero included, so that zero denominators and binding clamps occur exactly."""
@@ -158,14 +169,9 @@ def test_out_scale_scales_what_the_neuron_emits_not_its_dynamics(rule):
     for out_scale in (1.0, c):
         lif = LIF(tau=1 / (1 - LAM), v_th=VTH, out_scale=out_scale).train()
         lif.rule = rule
-        outs, traces, potentials = [], [], []
-        for I in currents:
-            s, a = lif(I)
-            outs.append(s)
-            traces.append(a if a is None else a.clone())  # the next step writes its trace into a
-            potentials.append(lif.state["v"].detach())
+        outs, traces, potentials = drive(lif, currents)
         grad, = torch.autograd.grad(sum((s * torch.arange(64.0)).sum() for s in outs), currents)
-        runs.append((torch.stack(outs).detach(), traces, torch.stack(potentials), grad))
+        runs.append((torch.stack(outs).detach(), traces, potentials, grad))
     (s1, a1, v1, g1), (sc, ac, vc, gc) = runs
     assert torch.equal(sc, c * s1) and torch.equal(vc, v1)
     torch.testing.assert_close(gc, c * g1, rtol=1e-12, atol=0)
@@ -220,12 +226,7 @@ def test_the_neuron_follows_its_formulas_for_any_tau_threshold_and_surrogate_slo
     weights = torch.randn(8, 256, dtype=torch.float64, generator=g)
     lif = LIF(tau=1 / (1 - lam), v_th=v_th, alpha=alpha).train()
     lif.rule = rule
-    s_, u_, a_ = [], [], []
-    for I in currents:
-        s, a = lif(I)
-        s_.append(s)
-        u_.append(lif.state["v"].detach().clone())
-        a_.append(None if a is None else a.detach().clone())  # the next step writes its trace into a
+    s_, a_, u = drive(lif, currents)
     grad, = torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, s_)), currents)
     rs, ru, ra = reference_lif(currents, rule, lam, v_th, alpha)
     expect, = torch.autograd.grad(sum((w * s).sum() for w, s in zip(weights, rs)), currents)
@@ -234,7 +235,7 @@ def test_the_neuron_follows_its_formulas_for_any_tau_threshold_and_surrogate_slo
     assert torch.equal(s, rs)
     # BPTT keeps A = u - Vth s as its state, the online rules u.
     v = torch.stack(ru) - v_th * rs if rule == "bptt" else torch.stack(ru)
-    torch.testing.assert_close(torch.stack(u_), v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expect, rtol=1e-12, atol=1e-12)
     if rule != "bptt":
         torch.testing.assert_close(torch.stack(a_), torch.stack(ra), rtol=1e-12, atol=1e-12)
