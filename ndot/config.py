@@ -231,7 +231,7 @@ FIELD_HELP = {
     "readout_trace": "online rules: the readout's weight gradient reads the last layer's trace, not its spikes",
     "seed": "seed of the weights, shuffles and augmentations",
     "device": "where to train: auto (the GPU where there is one), cpu or cuda[:N]",
-    "precision": "compute precision (bf16: autocast)",
+    "precision": "compute precision (bf16: autocast, for GPUs; a CPU without bf16 units runs it several times slower)",
     "channels_last": "fast path: NHWC layout",
     "fused_neuron": "fast path: the neuron's step compiled into one kernel",
     "fused_ws": "fast path: the weight standardisation and its backward compiled into a kernel or two per layer",
