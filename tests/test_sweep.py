@@ -478,6 +478,10 @@ def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_lose
         _wait_for_epoch(tmp_path / "group", proc, 1, 3)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=WAIT_S)
+        # Nothing of its Ray outlives it: a trial's worker goes on to the end of its epoch and writes its
+        # checkpoint, which the tables the driver wrote would then lack.
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

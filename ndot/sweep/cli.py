@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "runs/sweeps"
 # Seconds after which the check of --storage says that it is running.
 SLOW_CHECK_S = 3.0
+# Seconds a sweep whose local Ray was signalled with it waits for Ray's processes to end once killed.
+RAY_END_S = 10.0
 DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
 
@@ -330,17 +332,21 @@ def _on_sigterm(head: str | None, ended: threading.Event, again: str, experiment
 def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment: str) -> None:
     # A SIGTERM to the whole process group (`timeout`, a batch scheduler) also ends the local Ray this
     # driver started, on which Tune would wait a minute and then die with status 1. What the trials
-    # finished is on disk already: end as an interrupted sweep does, with the tables brought up to it
-    # (the sweep rewrites them at most every few seconds, and Tune's last word does not come).
+    # finished is on disk once what is left of that Ray has been ended: end as an interrupted sweep
+    # does, with the tables brought up to it (the sweep rewrites them at most every few seconds, and
+    # Tune's last word does not come).
     while not ended.wait(1.0):
         try:
             runner.check_address(head, timeout_s=1.0)
         except ConnectionError:
+            rebuild = f"python -m ndot.results collect {experiment} rebuilds them"
+            if not runner.end_local_ray(timeout_s=RAY_END_S):
+                print(f"Ray's processes still running {RAY_END_S:g} s after SIGKILL: the tables may lack the "
+                      f"epochs they write; {rebuild}", file=sys.stderr)
             try:
                 results.write_tables(experiment, results.collect(experiment))
             except files.STORAGE_ERRORS as e:
-                print(f"the tables may lack the last epochs ({e}): python -m ndot.results collect {experiment} "
-                      "rebuilds them", file=sys.stderr)
+                print(f"the tables may lack the last epochs ({e}): {rebuild}", file=sys.stderr)
             print(f"interrupted, Ray with it: continue with {again}", file=sys.stderr, flush=True)
             os._exit(130)
 

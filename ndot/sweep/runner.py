@@ -1,16 +1,20 @@
 """One Tune experiment per sweep: build it, run it, resume it."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fnmatch
 import json
 import os
 import socket
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 import ray
+import psutil  # after ray, as Ray's own modules import it: Ray ships its copy and puts it on the path
 from ray import tune
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
@@ -135,10 +139,40 @@ def check_address(address: str | None, timeout_s: float = 10.0, source: str = "-
 
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ("auto": the one this node belongs to), or start a private local Ray when None."""
+    if address is None:
+        _adopt_orphans()
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
     # Trials print nothing worth forwarding; their errors are stored with the trial.
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _adopt_orphans() -> None:
+    # A trial's worker whose raylet ends before it is re-parented: made a subreaper, this process
+    # inherits it instead of init, so that end_local_ray still finds it. Linux only.
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_local_ray(timeout_s: float) -> bool:
+    """Kill what is left of the local Ray this driver started, and wait until it has ended; False if some
+    process outlives `timeout_s`.
+
+    For a sweep whose Ray was signalled with it (SIGTERM to the process group): Ray's daemons close
+    their ports but linger, and a trial's worker goes on to the end of its epoch and writes that
+    epoch's checkpoint, seconds after the driver would have rebuilt the tables. Once this returns
+    True nothing more lands in the experiment. (A checkpoint cut off in mid-write is passed over
+    by ndot.checkpoint.newest, and the resume trains that epoch again.)
+    """
+    procs = psutil.Process().children(recursive=True)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    return not alive
 
 
 def through_client(address: str | None) -> bool:
