@@ -441,6 +441,9 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
     assert "Tuner.restore" not in err, "Tune's own resume hint, which this command line does not take"
     status = results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE).set_index("trial_id")["status"]
     assert "running" in set(status) and results.STOPPED_EARLY not in set(status), status.tolist()
+    # The tables hold every epoch the trials' checkpoints do, those Tune had not registered yet too.
+    rebuilt = results.epochs_frame(results.collect(str(tmp_path / "stopped")))
+    assert len(results.load(str(tmp_path / "stopped"))) == len(rebuilt) > 0
     # Collected again from the experiment folder, the trials read the same.
     assert results.main(["collect", str(tmp_path / "stopped")]) == 0
     assert results.load(str(tmp_path / "stopped"), results.TRIALS_TABLE).set_index("trial_id")["status"].to_dict() == status.to_dict()

@@ -329,6 +329,20 @@ def _on_sigterm(head: str | None, ended: threading.Event, again: str, experiment
     return handler
 
 
+def _settle_tables(experiment: str) -> None:
+    """Rewrite the tables of an interrupted sweep from every epoch its trials' checkpoints hold, once nothing
+    more can land there: they are written from the checkpoints Tune has registered, and a trial cut short
+    may have stored an epoch that Tune never saw (its checkpoint written, its report not yet read)."""
+    rebuild = f"python -m ndot.results collect {experiment} rebuilds them"
+    if not runner.end_local_ray(timeout_s=RAY_END_S):
+        print(f"Ray's processes still running {RAY_END_S:g} s after SIGKILL: the tables may lack the epochs "
+              f"they write; {rebuild}", file=sys.stderr)
+    try:
+        results.write_tables(experiment, results.collect(experiment))
+    except files.STORAGE_ERRORS as e:
+        print(f"the tables may lack the last epochs ({e}): {rebuild}", file=sys.stderr)
+
+
 def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment: str) -> None:
     # A SIGTERM to the whole process group (`timeout`, a batch scheduler) also ends the local Ray this
     # driver started, on which Tune would wait a minute and then die with status 1. What the trials
@@ -339,14 +353,7 @@ def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment:
         try:
             runner.check_address(head, timeout_s=1.0)
         except ConnectionError:
-            rebuild = f"python -m ndot.results collect {experiment} rebuilds them"
-            if not runner.end_local_ray(timeout_s=RAY_END_S):
-                print(f"Ray's processes still running {RAY_END_S:g} s after SIGKILL: the tables may lack the "
-                      f"epochs they write; {rebuild}", file=sys.stderr)
-            try:
-                results.write_tables(experiment, results.collect(experiment))
-            except files.STORAGE_ERRORS as e:
-                print(f"the tables may lack the last epochs ({e}): {rebuild}", file=sys.stderr)
+            _settle_tables(experiment)
             print(f"interrupted, Ray with it: continue with {again}", file=sys.stderr, flush=True)
             os._exit(130)
 
@@ -390,6 +397,9 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         ended.set()
         ray.shutdown()
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
+    if len(trials) < plan.num_trials or not trials["status"].isin(results.FINAL).all():
+        _settle_tables(plan.experiment)
+        trials = results.load(plan.experiment, results.TRIALS_TABLE)
     counts = trials["status"].value_counts().to_dict()
     print(f"ran for {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
     print(results.summary_text(trials, order=[s.label for s in plan.strata]))
