@@ -401,10 +401,14 @@ def test_the_exit_status_says_how_the_trials_ended(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(runner, "run", run)
     monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
     monkeypatch.setattr(signal, "signal", lambda *args: None)
+    # Rewriting the tables from the trials' checkpoints is Ray's part too (test_sweep.py): here, whether it runs.
+    settled = []
+    monkeypatch.setattr(cli, "_settle_tables", settled.append)
     argv = ["--T", "1", "--rules", "ndot_A,ndot_O,bptt_A", "--storage", str(tmp_path), "--name", "s"]
     assert exit_status(cli.main, TIMESTEPS, argv) == rc
     err = capsys.readouterr().err
     assert (says in err) if says else "unfinished" not in err and "errored" not in err, err
+    assert settled == ([str(tmp_path / "s")] if rc == 130 else []), "the tables are rewritten when, and only when, trials are unfinished"
 
 
 def test_node_shapes_are_the_live_nodes_and_the_launchers_node_types(tmp_path, monkeypatch):
