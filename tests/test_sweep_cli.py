@@ -403,7 +403,7 @@ def test_the_exit_status_says_how_the_trials_ended(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     # Rewriting the tables from the trials' checkpoints is Ray's part too (test_sweep.py): here, whether it runs.
     settled = []
-    monkeypatch.setattr(cli, "_settle_tables", settled.append)
+    monkeypatch.setattr(cli, "_settle_tables", lambda experiment: settled.append(experiment) or [])
     argv = ["--T", "1", "--rules", "ndot_A,ndot_O,bptt_A", "--storage", str(tmp_path), "--name", "s"]
     assert exit_status(cli.main, TIMESTEPS, argv) == rc
     err = capsys.readouterr().err

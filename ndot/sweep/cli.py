@@ -329,18 +329,23 @@ def _on_sigterm(head: str | None, ended: threading.Event, again: str, experiment
     return handler
 
 
-def _settle_tables(experiment: str) -> None:
-    """Rewrite the tables of an interrupted sweep from every epoch its trials' checkpoints hold, once nothing
-    more can land there: they are written from the checkpoints Tune has registered, and a trial cut short
-    may have stored an epoch that Tune never saw (its checkpoint written, its report not yet read)."""
+def _settle_tables(experiment: str) -> list[str]:
+    """Rewrite the tables and figures of an interrupted sweep from every epoch its trials' checkpoints hold,
+    once nothing more can land there; returns the figures' URIs ([] where storage failed).
+
+    The sweep writes the tables from the checkpoints Tune has registered, and a trial cut short may have
+    stored an epoch that Tune never saw (its checkpoint written, its report not yet read).
+    """
     rebuild = f"python -m ndot.results collect {experiment} rebuilds them"
     if not runner.end_local_ray(timeout_s=RAY_END_S):
         print(f"Ray's processes still running {RAY_END_S:g} s after SIGKILL: the tables may lack the epochs "
               f"they write; {rebuild}", file=sys.stderr)
     try:
         results.write_tables(experiment, results.collect(experiment))
+        return results.write_plots(experiment)
     except files.STORAGE_ERRORS as e:
         print(f"the tables may lack the last epochs ({e}): {rebuild}", file=sys.stderr)
+        return []
 
 
 def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment: str) -> None:
@@ -398,7 +403,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     if len(trials) < plan.num_trials or not trials["status"].isin(results.FINAL).all():
-        _settle_tables(plan.experiment)
+        figures = _settle_tables(plan.experiment) or figures
         trials = results.load(plan.experiment, results.TRIALS_TABLE)
     counts = trials["status"].value_counts().to_dict()
     print(f"ran for {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
