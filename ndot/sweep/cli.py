@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "runs/sweeps"
 # Seconds after which the check of --storage says that it is running.
 SLOW_CHECK_S = 3.0
-# Seconds a sweep whose local Ray was signalled with it waits for Ray's processes to end once killed.
+# Seconds an interrupted sweep waits for what is left of its local Ray to end once killed.
 RAY_END_S = 10.0
 DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
