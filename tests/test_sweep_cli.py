@@ -1,7 +1,10 @@
 """Bad sweep input is refused before Ray starts: one line on stderr, a non-zero exit code."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import os
 import re
 import shlex
 import shutil
@@ -15,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+import psutil  # after ray: Ray's copy, on the path once ray is imported
 
 from data_fixtures import closed_port
 from helpers import exit_status
@@ -423,3 +427,40 @@ def test_node_shapes_are_the_live_nodes_and_the_launchers_node_types(tmp_path, m
     # A private local Ray on the launcher's head: its config describes another cluster.
     assert resources.node_shapes(False) == [live]
     assert resources.fits(8, 1, resources.node_shapes(False)) and not resources.fits(2, 4, resources.node_shapes(False))
+
+
+def _subreaper() -> int:
+    flag = ctypes.c_int()
+    ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+    return flag.value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re-parenting to a subreaper is Linux's")
+def test_ending_the_local_ray_kills_its_processes_orphans_included_and_no_other(monkeypatch):
+    # Ray's part stands in: its "ray.init" starts a daemon, and a process whose parent ends at once, as
+    # a trial's worker outlives its raylet. A child from before (a notebook's, a test session's cluster) stays.
+    monkeypatch.setattr(runner, "_not_ray", None)
+    before = subprocess.Popen(["sleep", "60"])
+    ray_pids = []
+
+    def init(**kwargs):
+        ray_pids.append(subprocess.Popen(["sleep", "60"]).pid)
+        orphan = subprocess.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE, text=True)
+        ray_pids.append(int(orphan.stdout))
+
+    monkeypatch.setattr(runner.ray, "init", init)
+    try:
+        runner.connect(None)
+        assert _subreaper() == 1 and psutil.Process(ray_pids[1]).ppid() == os.getpid()
+        assert runner.end_local_ray(timeout_s=10)
+        assert not any(map(psutil.pid_exists, ray_pids)), "killed and reaped, none left a zombie"
+        assert before.poll() is None
+        # Done with Ray: this process no longer adopts orphans, and has none of its Ray's left to end.
+        assert _subreaper() == 0 and runner.end_local_ray(timeout_s=0)
+    finally:
+        runner._adopt_orphans(False)
+        for pid in ray_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        before.kill()
+        before.wait()

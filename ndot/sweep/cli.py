@@ -401,6 +401,8 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     finally:
         ended.set()
         ray.shutdown()
+        # ray.shutdown() ends the local Ray's daemons; its workers it leaves to end on their own.
+        runner.end_local_ray(timeout_s=RAY_END_S)
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     if len(trials) < plan.num_trials or not trials["status"].isin(results.FINAL).all():
         figures = _settle_tables(plan.experiment) or figures

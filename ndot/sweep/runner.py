@@ -139,39 +139,54 @@ def check_address(address: str | None, timeout_s: float = 10.0, source: str = "-
 
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ("auto": the one this node belongs to), or start a private local Ray when None."""
+    global _not_ray
     if address is None:
-        _adopt_orphans()
+        _not_ray = {child.pid for child in psutil.Process().children()}
+        _adopt_orphans(True)
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
     # Trials print nothing worth forwarding; their errors are stored with the trial.
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
 
 
+# This process's children from before it started a private local Ray (connect(None)), which are not
+# that Ray's (a notebook's own, a test session's cluster); None where it started none.
+_not_ray: set[int] | None = None
 _PR_SET_CHILD_SUBREAPER = 36
 
 
-def _adopt_orphans() -> None:
+def _adopt_orphans(adopt: bool) -> None:
     # A trial's worker whose raylet ends before it is re-parented: made a subreaper, this process
     # inherits it instead of init, so that end_local_ray still finds it. Linux only.
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(adopt), 0, 0, 0)
 
 
 def end_local_ray(timeout_s: float) -> bool:
-    """Kill what is left of the local Ray this driver started, and wait until it has ended; False if some
-    process outlives `timeout_s`.
+    """Kill what is left of the private local Ray this process started, trial workers included, and wait
+    until it has ended; False if some process outlives `timeout_s` (True at once where it started none).
 
-    For a sweep whose Ray was signalled with it (SIGTERM to the process group): Ray's daemons close
-    their ports but linger, and a trial's worker goes on to the end of its epoch and writes that
+    Ray's daemons outlive a SIGTERM to the sweep's process group (they close their ports but linger),
+    and a trial's worker outlives its raylet: it goes on to the end of its epoch and writes that
     epoch's checkpoint, seconds after the driver would have rebuilt the tables. Once this returns
     True nothing more lands in the experiment. (A checkpoint cut off in mid-write is passed over
     by ndot.checkpoint.newest, and the resume trains that epoch again.)
     """
-    procs = psutil.Process().children(recursive=True)
+    global _not_ray
+    if _not_ray is None:
+        return True
+    procs = []
+    for child in psutil.Process().children():
+        if child.pid not in _not_ray:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs += [child, *child.children(recursive=True)]
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    if not alive:
+        _not_ray = None
+        _adopt_orphans(False)
     return not alive
 
 
