@@ -329,22 +329,26 @@ def _on_sigterm(head: str | None, ended: threading.Event, again: str, experiment
     return handler
 
 
+def _end_local_ray(experiment: str) -> None:
+    # Before the tables are rewritten: a trial's worker left running can still store an epoch.
+    if not runner.end_local_ray(timeout_s=RAY_END_S):
+        print(f"Ray's processes still running {RAY_END_S:g} s after SIGKILL: the tables may lack the epochs "
+              f"they write; python -m ndot.results collect {experiment} rebuilds them", file=sys.stderr)
+
+
 def _settle_tables(experiment: str) -> list[str]:
-    """Rewrite the tables and figures of an interrupted sweep from every epoch its trials' checkpoints hold,
-    once nothing more can land there; returns the figures' URIs ([] where storage failed).
+    """Rewrite the tables and figures of an interrupted sweep, its local Ray ended, from every epoch its
+    trials' checkpoints hold; returns the figures' URIs ([] where storage failed).
 
     The sweep writes the tables from the checkpoints Tune has registered, and a trial cut short may have
     stored an epoch that Tune never saw (its checkpoint written, its report not yet read).
     """
-    rebuild = f"python -m ndot.results collect {experiment} rebuilds them"
-    if not runner.end_local_ray(timeout_s=RAY_END_S):
-        print(f"Ray's processes still running {RAY_END_S:g} s after SIGKILL: the tables may lack the epochs "
-              f"they write; {rebuild}", file=sys.stderr)
     try:
         results.write_tables(experiment, results.collect(experiment))
         return results.write_plots(experiment)
     except files.STORAGE_ERRORS as e:
-        print(f"the tables may lack the last epochs ({e}): {rebuild}", file=sys.stderr)
+        print(f"the tables may lack the last epochs ({e}): python -m ndot.results collect {experiment} "
+              "rebuilds them", file=sys.stderr)
         return []
 
 
@@ -358,6 +362,7 @@ def _exit_if_ray_ends(head: str, ended: threading.Event, again: str, experiment:
         try:
             runner.check_address(head, timeout_s=1.0)
         except ConnectionError:
+            _end_local_ray(experiment)
             _settle_tables(experiment)
             print(f"interrupted, Ray with it: continue with {again}", file=sys.stderr, flush=True)
             os._exit(130)
@@ -402,7 +407,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         ended.set()
         ray.shutdown()
         # ray.shutdown() ends the local Ray's daemons; its workers it leaves to end on their own.
-        runner.end_local_ray(timeout_s=RAY_END_S)
+        _end_local_ray(plan.experiment)
     trials = results.load(plan.experiment, results.TRIALS_TABLE)
     if len(trials) < plan.num_trials or not trials["status"].isin(results.FINAL).all():
         figures = _settle_tables(plan.experiment) or figures
