@@ -264,6 +264,19 @@ def _overlapping(epochs: pd.DataFrame) -> list[tuple[str, str]]:
             if a < b and spans.loc[a, "start"] < spans.loc[b, "end"] and spans.loc[b, "start"] < spans.loc[a, "end"]]
 
 
+def _copy_while_written(src: Path, dst: Path, tries: int = 5) -> None:
+    """copytree of a folder a trial's worker may still write into (its driver killed, Ray ends it a moment
+    later): a file listed may be renamed away before it is copied, which only another try gets past."""
+    for _ in range(tries - 1):
+        try:
+            shutil.copytree(src, dst)
+            return
+        except shutil.Error:
+            shutil.rmtree(dst)
+            time.sleep(1)
+    shutil.copytree(src, dst)
+
+
 def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     flags = ("--T", "1,2", "--rules", "ndot_A,ottt_A", "--epochs", "4")
     cmd = _sweep_cmd(tmp_path, "driver", cluster.address, *flags)
@@ -278,7 +291,7 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
 
     # A copy elsewhere is refused: Tune would create the sweep's later trials in the original place.
     copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "driver", copy / "driver")
+    _copy_while_written(tmp_path / "driver", copy / "driver")
     refused = subprocess.run([*_sweep_cmd(copy, "driver", cluster.address, *flags), "--resume"],
                              capture_output=True, text=True, timeout=WAIT_S)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "resume it there" in refused.stderr
