@@ -12,7 +12,7 @@ from ray.tune import Checkpoint, CheckpointConfig
 from ray.tune.experiment import Trial
 
 from ndot import checkpoint, results
-from ndot.sweep.cli import Progress
+from ndot.sweep.cli import Progress, status_line
 from ndot.sweep.recorder import TablesCallback
 from ndot.sweep.scheduler import continue_from_whole_checkpoint
 
@@ -158,6 +158,30 @@ def test_the_progress_line_gives_an_accuracy_only_where_an_epoch_was_tested(tmp_
     progress.on_trial_complete(0, [first, later], later)
     assert capsys.readouterr().out.splitlines() == ["[1/2] T=2,ndot_A lr=0.1: diverged (epoch 1, not tested)",
                                                     "[2/2] T=2,ndot_A lr=0.1: diverged (epoch 2, best acc 0.6250)"]
+
+
+def test_a_running_sweep_says_where_it_stands_at_each_interval(tmp_path, capsys):
+    now = 0.0
+    progress = Progress(total=6, every_s=300, clock=lambda: now)
+    trials = {name: _trial(tmp_path / "exp", name) for name in ("done", "diverged", "ahead", "behind", "waiting")}
+    for trial, lr in zip(trials.values(), (0.1, 0.2, 0.3, 0.4, 0.5)):
+        trial.config["lr"] = lr
+    trials["done"].update_last_result({"epoch": 3, "status": "ok", "best_test_acc": 0.875})
+    trials["diverged"].update_last_result({"epoch": 1, "status": "diverged", "best_test_acc": 0.0})
+    trials["ahead"].update_last_result({"epoch": 2, "status": "ok", "best_test_acc": 0.9375})
+    for name, status in (("done", Trial.TERMINATED), ("diverged", Trial.ERROR), ("ahead", Trial.RUNNING), ("behind", Trial.RUNNING)):
+        trials[name].set_status(status)
+    lines = []
+    for now in (299.0, 300.0, 301.0, 650.0):
+        progress.on_step_end(0, list(trials.values()))
+        lines.append(capsys.readouterr().out)
+    # The sixth trial is not created yet: it waits too.
+    assert lines == ["", "0:05:00 in: 2/6 trials done, 2 running (0-2 of 3 epochs done), 2 waiting; best acc so far 0.9375 (T=2,ndot_A lr=0.3)\n",
+                     "", "0:10:50 in: 2/6 trials done, 2 running (0-2 of 3 epochs done), 2 waiting; best acc so far 0.9375 (T=2,ndot_A lr=0.3)\n"]
+    # A trial diverged in its first epoch was never tested: its 0 is no accuracy.
+    assert status_line([trials["diverged"]], 2, 61.0) == "0:01:01 in: 1/2 trials done, 0 running, 1 waiting"
+    trials["behind"].update_last_result({"epoch": 2, "status": "ok", "best_test_acc": 0.5})
+    assert "2 running (2 of 3 epochs done)" in status_line(list(trials.values()), 6, 0.0)
 
 
 def _register(trial: Trial, ckpt: Checkpoint, epoch: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -36,6 +37,8 @@ DEFAULT_STORAGE = "runs/sweeps"
 SLOW_CHECK_S = 3.0
 # Seconds an interrupted sweep waits for what is left of its local Ray to end once killed.
 RAY_END_S = 10.0
+# Seconds between the status lines of a running sweep.
+STATUS_EVERY_S = 300.0
 DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
 
@@ -266,10 +269,19 @@ def check(plan: Plan, resume: bool) -> None:
 
 
 class Progress(tune.Callback):
-    """One line per finished trial."""
+    """One line per finished trial and, while trials run, a line every `every_s` on where they are:
+    a paper-preset trial runs for hours before it finishes."""
 
-    def __init__(self, total: int) -> None:
-        self._total = total
+    def __init__(self, total: int, every_s: float = STATUS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self._total, self._every_s, self._clock = total, every_s, clock
+        self._start = clock()
+        self._next = self._start + every_s
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        now = self._clock()
+        if now >= self._next:
+            self._next = now + self._every_s
+            print(status_line(trials, self._total, now - self._start), flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._line(trials, trial, Trial.TERMINATED)
@@ -284,12 +296,34 @@ class Progress(tune.Callback):
         outcome = results.outcome(status, last, trial.config["epochs"])
         if last is None:
             progress = "no epoch"
-        elif last["status"] == "diverged" and last["epoch"] == 1:
-            # Its METRIC is ASHA's and Optuna's 0; the tables hold no accuracy for it.
+        elif not _tested(last):
             progress = "epoch 1, not tested"
         else:
             progress = f"epoch {last['epoch']}, best acc {last[METRIC]:.4f}"
         print(f"[{done}/{self._total}] {trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}: {outcome} ({progress})", flush=True)
+
+
+def status_line(trials: list[Trial], total: int, elapsed_s: float) -> str:
+    """Where a sweep of `total` trials stands, in one line: `trials` are those the searcher has created so far."""
+    done = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+    running = [t for t in trials if t.status == Trial.RUNNING]
+    line = f"{datetime.timedelta(seconds=round(elapsed_s))} in: {done}/{total} trials done, {len(running)} running"
+    if running:
+        epochs = sorted((t.last_result or {}).get("epoch", 0) for t in running)
+        span = f"{epochs[0]}-{epochs[-1]}" if epochs[0] != epochs[-1] else f"{epochs[0]}"
+        line += f" ({span} of {running[0].config['epochs']} epochs done)"
+    line += f", {total - done - len(running)} waiting"
+    tested = [t for t in trials if METRIC in (t.last_result or {}) and _tested(t.last_result)]
+    if tested:
+        best = max(tested, key=lambda t: t.last_result[METRIC])
+        line += f"; best acc so far {best.last_result[METRIC]:.4f} ({best.config[STRATUM_KEY]} lr={best.config['lr']:.3g})"
+    return line
+
+
+def _tested(result: dict[str, Any]) -> bool:
+    # A trial that diverged in its first epoch reports METRIC 0, ASHA's and Optuna's, without having
+    # been tested: the tables hold no accuracy for it.
+    return not (result["status"] == "diverged" and result["epoch"] == 1)
 
 
 def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:
