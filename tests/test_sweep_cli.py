@@ -230,6 +230,12 @@ def test_set_fixes_any_other_field_for_every_trial(tmp_path):
     assert (base["precision"], base["fused_neuron"], base["dropout"]) == ("bf16", True, 0.1)
 
 
+def test_help_says_what_every_flag_is():
+    p = cli.parser(TIMESTEPS)  # every sweep's script has the same flags
+    assert all(action.help for action in p._actions), [a.dest for a in p._actions if not a.help]
+    assert all(name in p.format_help() for name in ("cifar10dvs", "digits"))
+
+
 @pytest.mark.parametrize("sweep", [TIMESTEPS, ARCHITECTURES, LEARNING_RATES], ids=lambda s: s.name)
 def test_every_preset_is_a_valid_plan(sweep):
     for preset in sweep.presets:
