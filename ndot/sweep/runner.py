@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import fnmatch
 import json
+import logging
 import os
 import socket
 import sys
@@ -143,10 +144,20 @@ def connect(address: str | None) -> None:
     if address is None:
         _not_ray = {child.pid for child in psutil.Process().children()}
         _adopt_orphans(True)
+        logging.getLogger(_TOKEN_NOTICE_LOGGER).addFilter(_without_the_token_notice)
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
     # Trials print nothing worth forwarding; their errors are stored with the trial.
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+
+
+# A new local Ray turns token authentication on by itself and says so at every start, with how to opt
+# out: news for whoever runs that Ray, not for a sweep that starts its own and ends it (the token stays on).
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _without_the_token_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster.")
 
 
 # This process's children from before it started a private local Ray (connect(None)), which are not
