@@ -168,6 +168,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def rule_flags_off(rule: str) -> dict[str, bool]:
+    """Each setting of RULE_FLAGS that changes nothing for `rule`, off: what a run of the rule records,
+    whatever a sweep of several rules set for the others."""
+    return {name: False for name, applies in RULE_FLAGS.items() if rule not in applies}
+
+
 def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], spelled: Callable[[str], str]) -> None:
     """ConfigError when a setting of RULE_FLAGS is on and changes none of `rules` (`spelled` names it as given)."""
     for name, applies in RULE_FLAGS.items():

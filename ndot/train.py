@@ -82,7 +82,7 @@ def runnable_device(cfg: TrainConfig) -> torch.device:
     Every check of a config is here, so that the command line refuses, before it touches the run
     folder, what train() would refuse after.
     """
-    cfg.validate()
+    check_rule_flags(cfg.validate().to_dict(), [cfg.rule], str)
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")

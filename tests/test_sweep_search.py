@@ -46,6 +46,17 @@ def test_strata_cross_axes_and_split_methods():
         parse_method("ndot")
 
 
+def test_a_setting_for_some_rules_is_off_in_the_trials_of_the_others():
+    # --set detach_reset=true --set signed_factor=true --set readout_trace=true over three rules: each trial records what it runs.
+    base = {"detach_reset": True, "signed_factor": True, "readout_trace": True}
+    search = StratifiedSearch(strata({"method": ("ndot_A", "ottt_A", "bptt_A")}), SearchSpace(), 1, METRIC, "max", "unused", seed=0)
+    configs = [{**base, **search.suggest(f"t{i}")} for i in range(3)]  # Tune lays a suggestion over the base config
+    assert {c["rule"]: {k: c[k] for k in base} for c in configs} == {
+        "ndot": {"detach_reset": False, "signed_factor": True, "readout_trace": True},
+        "ottt": {"detach_reset": False, "signed_factor": False, "readout_trace": True},
+        "bptt": {"detach_reset": True, "signed_factor": False, "readout_trace": False}}
+
+
 def test_every_stratum_gets_the_same_budget_whatever_the_results():
     search = _search()
     issued = []

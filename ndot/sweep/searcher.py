@@ -26,6 +26,7 @@ from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from ndot import files
+from ndot.config import rule_flags_off
 from ndot.sweep import state_sync
 from ndot.sweep.space import STRATUM_KEY, Stratum
 
@@ -109,7 +110,10 @@ class StratifiedSearch(Searcher):
         self._stratum_of[trial_id], self._number[trial_id] = i, trial.number
         self._live.add(trial_id)
         stratum = self._strata[i]
-        return {**trial.params, **fixed, **stratum.values, STRATUM_KEY: stratum.label}
+        # A setting for some of the sweep's rules (--set detach_reset=true with bptt among them) is
+        # recorded off in the trials of the others, as it runs there.
+        off = rule_flags_off(stratum.values["rule"]) if "rule" in stratum.values else {}
+        return {**trial.params, **fixed, **stratum.values, **off, STRATUM_KEY: stratum.label}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         self._check_restored()

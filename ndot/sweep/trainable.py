@@ -15,7 +15,7 @@ from ray import tune
 
 from ndot import checkpoint, results
 from ndot.cli import show_progress
-from ndot.config import TrainConfig
+from ndot.config import TrainConfig, rule_flags_off
 from ndot.train import train
 
 
@@ -30,7 +30,9 @@ def _node() -> dict[str, Any]:
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    cfg = TrainConfig.from_dict(config)
+    # The trials of a sweep started before its searcher turned off the settings that change nothing
+    # for their rule (ndot.sweep.searcher) hold them on, which train() refuses.
+    cfg = TrainConfig.from_dict({**config, **rule_flags_off(config["rule"])})
     show_progress()  # into Ray's worker log: where a trial spends minutes converting data or waiting, it says so
     trial_id = tune.get_context().get_trial_id()
     # started_at: when this process began the trial, before data and model; a trial's first row
