@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,6 +37,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line, not argparse's usage block: bad input is reported like every other error.
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run(main: Callable[[], int]) -> NoReturn:
+    """sys.exit(main()), but a reader of stdout that goes away (`| head`) ends the command quietly, with
+    the status a shell gives a command SIGPIPE ends, instead of Python's traceback."""
+    try:
+        status = main()
+        sys.stdout.flush()  # what is still buffered fails here, not at exit
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: into /dev/null, not the closed pipe (a second traceback).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 128 + signal.SIGPIPE
+    sys.exit(status)
 
 
 def refuse(message: object) -> int:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, show_progress, threads
+from ndot.cli import Parser, refuse, run, show_progress, threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
@@ -184,16 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "
           f"evaluating with T={cfg.T} on {device}", flush=True)
     m = evaluate_weights(model, cfg, device)
+    # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
+    result = {"weights": path, "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
+    files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
     print(f"test accuracy {m['test_acc']:.4f}{top5}, loss {m['test_loss']:.4f}")
     print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))
     print(f"firing rate {m['firing_rate']:.4f}; by layer: "
           + ", ".join(f"{k} {v:.4f}" for k, v in m["layer_firing_rates"].items()))
-    result = {"weights": path, "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
-    files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"-> {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

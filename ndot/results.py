@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from ndot import checkpoint
-from ndot.cli import Parser, refuse
+from ndot.cli import Parser, refuse, run
 from ndot.config import TrainConfig, method
 from ndot.files import STORAGE_ERRORS, filesystem, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
@@ -362,4 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

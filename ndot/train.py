@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, show_progress, threads
+from ndot.cli import Parser, refuse, run, show_progress, threads
 from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, check_rule_flags
 from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
@@ -392,4 +392,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

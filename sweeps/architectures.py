@@ -3,10 +3,9 @@
     python sweeps/architectures.py --preset smoke
     python sweeps/architectures.py --preset paper --archs vgg11_ws,resnet_ws --T 6 --address auto
 """
-import sys
-
+from ndot.cli import run
 from ndot.sweep.cli import main
 from ndot.sweep.definitions import ARCHITECTURES
 
 if __name__ == "__main__":
-    sys.exit(main(ARCHITECTURES))
+    run(lambda: main(ARCHITECTURES))

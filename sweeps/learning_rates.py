@@ -3,10 +3,9 @@
     python sweeps/learning_rates.py --preset smoke
     python sweeps/learning_rates.py --preset paper --lr 0.01,1 --trials 16 --address auto
 """
-import sys
-
+from ndot.cli import run
 from ndot.sweep.cli import main
 from ndot.sweep.definitions import LEARNING_RATES
 
 if __name__ == "__main__":
-    sys.exit(main(LEARNING_RATES))
+    run(lambda: main(LEARNING_RATES))

@@ -4,10 +4,9 @@
     python sweeps/timesteps.py --preset paper --address auto --storage s3://BUCKET/sweeps
     python sweeps/timesteps.py --help
 """
-import sys
-
+from ndot.cli import run
 from ndot.sweep.cli import main
 from ndot.sweep.definitions import TIMESTEPS
 
 if __name__ == "__main__":
-    sys.exit(main(TIMESTEPS))
+    run(lambda: main(TIMESTEPS))

@@ -1,5 +1,8 @@
 """Evaluation: accuracy after each step, the best epoch's weights, and python -m ndot.evaluate."""
 import json
+import signal
+import subprocess
+import sys
 
 import pyarrow.fs as pafs
 import pytest
@@ -141,6 +144,13 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
     # Another T changes the run, not the weights.
     assert evaluate_main([str(tmp_path), "--T", "4"]) == 0
     assert len(json.loads((tmp_path / "eval-best-T4.json").read_text())["acc_by_step"]) == 4
+    # Its first line read (`| head -1`), the command ends as SIGPIPE ends one, with its result written and no traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "ndot.evaluate", str(tmp_path), "--T", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "evaluating with T=3" in proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
+    assert len(json.loads((tmp_path / "eval-best-T3.json").read_text())["acc_by_step"]) == 3
 
 
 def test_the_result_of_a_sweep_trials_checkpoint_goes_to_the_trials_folder(tmp_path, monkeypatch):

@@ -1,5 +1,4 @@
-import sys
-
 from ndot.bench.cli import main
+from ndot.cli import run
 
-sys.exit(main())
+run(main)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot.bench.measure import sync
-from ndot.cli import Parser, refuse, show_progress, threads
+from ndot.cli import Parser, refuse, run, show_progress, threads
 from ndot.config import MAX_T, ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
@@ -113,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)
