@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -98,7 +99,10 @@ def weights_file(path: str | os.PathLike) -> str:
 def load(path: str) -> dict[str, Any]:
     """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
     try:
-        state = checkpoint.load(io.BytesIO(files.read_bytes(path)))
+        with warnings.catch_warnings():
+            # torch.load warns of a pickle it did not write (a sweep's tuner.pkl) before it fails: the error says it.
+            warnings.simplefilter("ignore")
+            state = checkpoint.load(io.BytesIO(files.read_bytes(path)))
     except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
         raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys() or not isinstance(state["config"], dict):

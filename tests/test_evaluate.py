@@ -1,5 +1,6 @@
 """Evaluation: accuracy after each step, the best epoch's weights, and python -m ndot.evaluate."""
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -226,6 +227,7 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("run", ["--out", "/proc/nope/x.json"], "cannot write the result to /proc/nope/x.json"),
     ("run", ["--out", "/tmp"], "--out /tmp is a folder: name the JSON file to write"),
     ("garbage", [], "not a readable checkpoint"),
+    ("pickle", [], "not a readable checkpoint"),  # e.g. a sweep's tuner.pkl, of which torch.load warns too
     ("tensor", [], "no model weights and configuration"),
     ("run", ["--T", "0"], "T must be an integer in [1, 10000]"),
     ("run", ["--device", "cuda:7"], "CUDA device"),
@@ -233,12 +235,14 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("cfgstr", [], "no model weights and configuration"),
     ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
 ])
-def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
+def test_bad_input_is_one_line(tmp_path, capsys, recwarn, make, args, message):
     path = tmp_path / "w.pt"
     if make == "dir":
         path = tmp_path
     elif make == "garbage":
         path.write_bytes(b"not a checkpoint")
+    elif make == "pickle":
+        path.write_bytes(pickle.dumps({"trials": [object]}, protocol=5))
     elif make == "tensor":
         torch.save(torch.zeros(3), path)
     elif make in ("run", "otherarch", "cfgstr"):
@@ -249,6 +253,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, args, message):
     assert exit_status(evaluate_main, [str(path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not [w for w in recwarn if "pickle" in str(w.message)], "a warning on stderr before the one line"
 
 
 def test_weights_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, monkeypatch, capsys):
