@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ndot.layers import reset_state, standardised_weights
+from ndot.config import MODES
+from ndot.layers import neurons, reset_state, standardised_weights
 
 
 def _widened(o: Tensor) -> Tensor:
@@ -48,8 +49,12 @@ def train_batch(
 
     Online rules run backward at every step (the graph never spans two steps);
     mode "O" also steps the optimiser at every step, mode "A" once per batch.
-    BPTT builds the whole sequence and runs one backward.
+    BPTT builds the whole sequence and runs one backward. The model's neurons compute the
+    gradient: they must run `rule` (ndot.layers.configure sets it; ValueError otherwise).
+    The model is put in training mode, in which its neurons keep traces.
     """
+    _check_rule(model, rule, mode)
+    model.train()
     reset_state(model)
     loss_sum = torch.zeros((), device=x.device)
     logits = None
@@ -87,9 +92,22 @@ def train_batch(
     return loss_sum, logits
 
 
+def _check_rule(model: nn.Module, rule: str, mode: str) -> None:
+    # The argument only picks BPTT's single backward or the online steps: a model configured for another
+    # rule would train by that one's gradient (or fail in autograd), whatever the caller asked for.
+    ran = {n.rule for n in neurons(model)}
+    if ran and ran != {rule}:  # (a network without spiking neurons has no rule of its own)
+        raise ValueError(f"the model's neurons run rule {', '.join(sorted(ran))}, not {rule!r}: "
+                         f"ndot.layers.configure(model, {rule!r}) sets it")
+    if mode not in MODES or (rule == "bptt" and mode != "A"):
+        raise ValueError(f"mode must be {' or '.join(MODES) if rule != 'bptt' else 'A for bptt'}, got {mode!r}")
+
+
 @torch.no_grad()
 def eval_batch(model: nn.Module, x: Tensor, y: Tensor, *, T: int, loss_alpha: float, precision: str = "fp32") -> tuple[Tensor, Tensor]:
-    """Evaluate one batch: no traces, no graph. Returns (Σ_t L[t], o) with o[t] the logits of step t, [T, B, classes]."""
+    """Evaluate one batch in evaluation mode (no traces, no dropout), without a graph; the model is left
+    in that mode. Returns (Σ_t L[t], o) with o[t] the logits of step t, [T, B, classes]."""
+    model.eval()
     reset_state(model)
     loss_sum = torch.zeros((), device=x.device)
     outputs = []

@@ -1,4 +1,6 @@
 """One forward per step, optimiser steps per mode."""
+import re
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -127,6 +129,39 @@ def test_reported_loss_and_logits_sum_every_step_in_training_and_evaluation_alik
     torch.testing.assert_close(test_loss, sum(per_step), rtol=1e-12, atol=0)
     torch.testing.assert_close(loss, test_loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(logits, o.sum(0), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("model_rule,rule,mode,says", [
+    ("ndot", "ottt", "A", "the model's neurons run rule ndot, not 'ottt': ndot.layers.configure(model, 'ottt') sets it"),
+    ("bptt", "ndot", "A", "the model's neurons run rule bptt, not 'ndot'"),
+    ("ndot", "ndot", "X", "mode must be O or A, got 'X'"),
+    ("bptt", "bptt", "O", "mode must be A for bptt, got 'O'"),
+])
+def test_the_step_refuses_a_rule_or_mode_its_model_does_not_run(model_rule, rule, mode, says):
+    # The rule argument alone picks no gradient: the neurons' rule does.
+    model = make_model(rule=model_rule)
+    opt = RecordingSGD(model.parameters())
+    with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
+        train_batch(model, opt, *batch(), rule=rule, mode=mode, T=3, loss_alpha=0.05)
+    assert not opt.records
+
+
+def test_training_and_evaluation_run_in_their_own_mode_whatever_mode_the_model_was_left_in():
+    x, y = batch()
+    grads = []
+    for left_in_eval in (False, True):
+        model = make_model(rule="ndot", dropout=0.2)
+        model.train(not left_in_eval)  # e.g. by an evaluation just before: its neurons would keep no traces
+        opt = RecordingSGD(model.parameters())
+        torch.manual_seed(5)
+        train_batch(model, opt, x, y, rule="ndot", mode="A", T=3, loss_alpha=0.05)
+        grads.append(opt.records[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A model fresh from training evaluates without dropout: the same batch twice gives the same outputs.
+    assert model.training
+    first, again = (eval_batch(model, x, y, T=3, loss_alpha=0.05)[1] for _ in range(2))
+    assert torch.equal(first, again) and not model.training
 
 
 def test_state_does_not_leak_between_batches():
