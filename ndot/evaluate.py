@@ -26,7 +26,7 @@ from ndot.cli import Parser, refuse, run, show_progress, threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
-from ndot.layers import firing_rate, layer_firing_rates
+from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
 from ndot.models import from_config
 from ndot.step import eval_batch
 
@@ -44,6 +44,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
     `layer_firing_rates` (per spiking layer, by module name).
     """
     model.eval()
+    clear_spike_counts(model)  # what earlier evaluation calls counted is not this set's
     device = next(model.parameters()).device
     loss = torch.zeros((), device=device)
     top1 = torch.zeros(cfg.T, device=device, dtype=torch.long)

@@ -168,9 +168,14 @@ def firing_rate(model: nn.Module, clear: bool = True) -> float:
     steps = sum(n.neuron_steps for n in ns)
     rate = float(sum(n.spikes.item() for n in ns)) / steps if steps else 0.0
     if clear:
-        for n in ns:
-            n.spikes, n.neuron_steps = torch.zeros(()), 0
+        clear_spike_counts(model)
     return rate
+
+
+def clear_spike_counts(model: nn.Module) -> None:
+    """Forget the spikes counted so far, which firing_rate and layer_firing_rates read."""
+    for n in neurons(model):
+        n.spikes, n.neuron_steps = torch.zeros(()), 0
 
 
 @contextlib.contextmanager

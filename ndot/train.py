@@ -120,7 +120,8 @@ def train(
     """Train `cfg` to its last epoch (or divergence), calling `on_epoch(metrics, state)` after every epoch.
 
     `state` is the checkpoint payload; passing it back as `resume` continues
-    with the next epoch exactly as the uninterrupted run would have.
+    with the next epoch exactly as the uninterrupted run would have. Seeds the global torch,
+    numpy and Python generators from cfg.seed, which the run draws from.
     """
     device = runnable_device(cfg)
     if resume is not None:

@@ -95,6 +95,8 @@ def test_firing_rates_are_spikes_per_neuron_per_step_counted_at_each_spiking_lay
         if isinstance(m, LIF):
             m.register_forward_hook(count(name))
     x, y = batch(n=12, size=16)
+    eval_batch(model, x[:3], y[:3], T=2, loss_alpha=0.05)  # counted before, by hand: not the evaluation's
+    spikes.clear(), steps.clear()
     got = evaluate(model, Batches([(x[:5], y[:5]), (x[5:], y[5:])]), TrainConfig(T=3), 10, detail=True)
     assert got["layer_firing_rates"] == pytest.approx({k: spikes[k] / steps[k] for k in spikes}, rel=1e-12)
     assert got["firing_rate"] == pytest.approx(sum(spikes.values()) / sum(steps.values()), rel=1e-12)
