@@ -299,6 +299,8 @@ def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
 
 def load(path: str, table: str = EPOCHS_TABLE) -> pd.DataFrame:
     """A results table: `path` is a .parquet file or an experiment directory (then `table` picks which)."""
+    if table not in (EPOCHS_TABLE, TRIALS_TABLE):
+        raise ValueError(f"table must be {EPOCHS_TABLE!r} or {TRIALS_TABLE!r}, got {table!r}")
     uri = path if str(path).endswith(".parquet") else table_uri(str(path), table)
     fs, p = filesystem(uri)
     return pd.read_parquet(p, filesystem=fs)

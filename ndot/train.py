@@ -123,6 +123,8 @@ def train(
     with the next epoch exactly as the uninterrupted run would have. Seeds the global torch,
     numpy and Python generators from cfg.seed, which the run draws from.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train takes a TrainConfig, got {type(cfg).__name__}: TrainConfig.from_dict builds one from a dict")
     device = runnable_device(cfg)
     if resume is not None:
         check_resume(cfg, resume)

@@ -5,6 +5,7 @@ import json
 import math
 
 import pandas as pd
+import pytest
 
 from ndot import plots, results
 
@@ -44,6 +45,12 @@ def test_collect_refuses_a_folder_that_is_no_sweep_in_one_line(tmp_path, capsys)
     assert results.main(["collect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a sweep's experiment folder" in err
+
+
+def test_load_names_the_tables_it_knows():
+    # A slip such as "trial" would otherwise read as a missing file.
+    with pytest.raises(ValueError, match="^table must be 'epochs' or 'trials', got 'trial'$"):
+        results.load("runs/sweeps/any", table="trial")
 
 
 def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):

@@ -41,6 +41,8 @@ def test_train_validates_a_config_built_in_python_before_touching_data(tmp_path)
     # CIFAR-10 is absent from tmp_path: reaching the data would raise a DataError instead.
     with pytest.raises(ConfigError, match="lr must be a number"):
         train(TrainConfig(**{**FAST, "dataset": "cifar10", "data_root": str(tmp_path), "lr": "0.1"}))
+    with pytest.raises(TypeError, match="TrainConfig.from_dict builds one from a dict"):
+        train(FAST)
     # A setting that would change nothing for the rule, as the command line refuses it too.
     with pytest.raises(ConfigError, match="^signed_factor applies to rule ndot only, not ottt$"):
         train(TrainConfig(**{**FAST, "dataset": "cifar10", "data_root": str(tmp_path), "rule": "ottt", "signed_factor": True}))
