@@ -24,10 +24,21 @@ def is_best(metrics: dict[str, Any]) -> bool:
     return metrics["status"] == "ok" and metrics["test_acc"] == metrics["best_test_acc"]
 
 
+def on_cpu(tree: Any) -> Any:
+    """A copy on the CPU of the tensors in nested dicts and lists (a state dict), the rest as it is:
+    what later training leaves alone."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: on_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [on_cpu(v) for v in tree]
+    return tree
+
+
 def best_of(state: dict[str, Any]) -> dict[str, Any]:
     """What BEST holds of an epoch's state: its weights, copied off the live model, its metrics and the config."""
-    weights = {k: v.detach().to("cpu", copy=True) for k, v in state["model"].items()}
-    return {"epoch": state["epoch"], "metrics": state["metrics"], "model": weights, "config": state["config"]}
+    return {"epoch": state["epoch"], "metrics": state["metrics"], "model": on_cpu(state["model"]), "config": state["config"]}
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -43,7 +43,6 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
     `detail` adds `acc_by_step` (top-1 of the logits summed up to each step) and
     `layer_firing_rates` (per spiking layer, by module name).
     """
-    model.eval()
     clear_spike_counts(model)  # what earlier evaluation calls counted is not this set's
     device = next(model.parameters()).device
     loss = torch.zeros((), device=device)

@@ -194,17 +194,6 @@ def train(
     return TrainResult("completed", cfg.epochs, metrics, best)
 
 
-def _on_cpu(tree: Any) -> Any:
-    """A copy on the CPU of the tensors in nested dicts and lists (a state dict), the rest as it is."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: _on_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_on_cpu(v) for v in tree]
-    return tree
-
-
 def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:
     if on_epoch is None:
         return
@@ -214,8 +203,8 @@ def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, be
         "metrics": metrics,
         "best_test_acc": best,
         # Copies: a state kept while training goes on (a list of them in a notebook) must stay its epoch's.
-        "model": _on_cpu(model.state_dict()),
-        "optimizer": _on_cpu(opt.state_dict()),
+        "model": checkpoint.on_cpu(model.state_dict()),
+        "optimizer": checkpoint.on_cpu(opt.state_dict()),
         "rng": _rng_state(),
         "config": cfg.to_dict(),
     }
