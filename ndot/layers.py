@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ndot.config import RULES
 from ndot.neuron import Step, neuron_step
 from ndot.ops import traced_conv2d
 
@@ -147,6 +148,10 @@ def neurons(model: nn.Module) -> Iterator[LIF]:
 
 
 def configure(model: nn.Module, rule: str, signed: bool = False, detach_reset: bool = False) -> None:
+    """Set the gradient rule of every spiking layer, with NDOT's signed factor and BPTT's detached reset."""
+    if rule not in RULES:
+        # Caught here, not at the first training step, where the neuron would find no trace for it.
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
     for n in neurons(model):
         n.rule, n.signed, n.detach_reset = rule, signed, detach_reset
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ndot.config import MODES
+from ndot.config import MODES, PRECISIONS
 from ndot.layers import neurons, reset_state, standardised_weights
 
 
@@ -51,11 +51,14 @@ def train_batch(
     mode "O" also steps the optimiser at every step, mode "A" once per batch.
     BPTT builds the whole sequence and runs one backward. The model's neurons compute the
     gradient: they must run `rule` (ndot.layers.configure sets it; ValueError otherwise).
-    The model is put in training mode, in which its neurons keep traces.
+    The model is put in training mode, in which its neurons keep traces. Gradients left in `opt`'s
+    parameters (by a call that raised midway, e.g. out of memory) are dropped first.
     """
     _check_rule(model, rule, mode)
+    _check_steps(x, T, precision)
     model.train()
     reset_state(model)
+    opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=x.device)
     logits = None
 
@@ -103,10 +106,21 @@ def _check_rule(model: nn.Module, rule: str, mode: str) -> None:
         raise ValueError(f"mode must be {' or '.join(MODES) if rule != 'bptt' else 'A for bptt'}, got {mode!r}")
 
 
+def _check_steps(x: Tensor, T: int, precision: str) -> None:
+    # T = 0 would return a zero loss and no logits, and an unknown precision would run in fp32, silently.
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    if x.dim() == 5 and x.shape[1] < T:
+        raise ValueError(f"the event data has {x.shape[1]} frames per sample, fewer than T = {T}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
 @torch.no_grad()
 def eval_batch(model: nn.Module, x: Tensor, y: Tensor, *, T: int, loss_alpha: float, precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """Evaluate one batch in evaluation mode (no traces, no dropout), without a graph; the model is left
     in that mode. Returns (Σ_t L[t], o) with o[t] the logits of step t, [T, B, classes]."""
+    _check_steps(x, T, precision)
     model.eval()
     reset_state(model)
     loss_sum = torch.zeros((), device=x.device)

@@ -98,6 +98,11 @@ def test_the_config_reaches_every_neuron(rule, signed, detach):
     assert all((n.lam, n.v_th, n.alpha) == (0.75, 0.5, 2.0) for n in lifs)
 
 
+def test_an_unknown_rule_is_refused_when_the_model_is_built_not_at_its_first_step():
+    with pytest.raises(ValueError, match="^unknown rule 'foo'; valid rules: ndot, ndot_ref, ottt, sltt, bptt$"):
+        from_config(TrainConfig(rule="foo"), 1, 10)
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_neuron_emits_the_scaled_ws_constant(arch):
     # Spikes carry ×2.74 (README, the authors' constant) into the next WS layer, in every architecture.

@@ -1,4 +1,5 @@
 """One forward per step, optimiser steps per mode."""
+import functools
 import re
 
 import pytest
@@ -144,6 +145,53 @@ def test_the_step_refuses_a_rule_or_mode_its_model_does_not_run(model_rule, rule
     with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
         train_batch(model, opt, *batch(), rule=rule, mode=mode, T=3, loss_alpha=0.05)
     assert not opt.records
+
+
+@pytest.mark.parametrize("T,precision,frames,says", [
+    (0, "fp32", None, "T must be a positive integer, got 0"),
+    (2.0, "fp32", None, "T must be a positive integer, got 2.0"),
+    (True, "fp32", None, "T must be a positive integer, got True"),
+    (3, "fp16", None, "unknown precision 'fp16'; valid: fp32, bf16"),
+    (3, "fp32", 2, "the event data has 2 frames per sample, fewer than T = 3"),
+])
+def test_training_and_evaluation_refuse_steps_they_cannot_run_before_any_work(T, precision, frames, says):
+    # Before, T = 0 returned a zero loss (eval_batch failed in torch.stack), fp16 ran in fp32 and
+    # too few frames failed at the step past the last one, after the earlier steps' backward.
+    model = make_model()
+    x, y = batch()
+    if frames is not None:
+        x = x[:, None].expand(-1, frames, -1, -1, -1)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    opt = RecordingSGD(model.parameters())
+    for run in (functools.partial(train_batch, model, opt, rule="ndot", mode="A"), functools.partial(eval_batch, model)):
+        with pytest.raises(ValueError, match=f"^{re.escape(says)}$"):
+            run(x, y, T=T, loss_alpha=0.05, precision=precision)
+    assert not calls and not opt.records
+
+
+def test_a_batch_that_raised_midway_leaves_no_gradient_to_the_next():
+    # E.g. out of memory at step 2: step 1's backward has filled the readout's and biases' .grad.
+    model, x, y = make_model(), *batch()
+    steps = []
+
+    def fail_at_step_2(*_):
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("out of memory")
+
+    hook = model.register_forward_pre_hook(fail_at_step_2)
+    opt = RecordingSGD(model.parameters())
+    with pytest.raises(RuntimeError):
+        train_batch(model, opt, x, y, rule="ndot", mode="A", T=3, loss_alpha=0.05)
+    assert any(p.grad is not None for p in model.parameters())
+    hook.remove()
+    train_batch(model, opt, x, y, rule="ndot", mode="A", T=3, loss_alpha=0.05)
+    fresh = make_model()
+    fresh_opt = RecordingSGD(fresh.parameters())
+    train_batch(fresh, fresh_opt, x, y, rule="ndot", mode="A", T=3, loss_alpha=0.05)
+    for a, b in zip(opt.records[0], fresh_opt.records[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_training_and_evaluation_run_in_their_own_mode_whatever_mode_the_model_was_left_in():
