@@ -37,7 +37,8 @@ def on_cpu(tree: Any) -> Any:
 
 
 def best_of(state: dict[str, Any]) -> dict[str, Any]:
-    """What BEST holds of an epoch's state: its weights, copied off the live model, its metrics and the config."""
+    """What BEST holds of an epoch's state: a copy of its weights (which a caller's state may share with
+    the live model), its metrics and the config."""
     return {"epoch": state["epoch"], "metrics": state["metrics"], "model": on_cpu(state["model"]), "config": state["config"]}
 
 

@@ -34,7 +34,7 @@ class Parser(argparse.ArgumentParser):
         match = declared.get(name.replace("_", "-"))
         return match + eq + value if match else token
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         # One line, not argparse's usage block: bad input is reported like every other error.
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 

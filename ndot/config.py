@@ -244,8 +244,8 @@ FIELD_HELP = {
     "cuda_graph": "fast path: each batch replayed as a CUDA graph (CUDA only)",
     "data_root": "data folder (default: $NDOT_DATA, else ~/data)",
     "download": "fetch a missing dataset",
-    "loader": "input pipeline: device (batches built on the training device), cpu (torchvision on CPU workers); "
-              "auto is device",
+    "loader": "input pipeline: device (batches built on the training device), cpu (CIFAR: torchvision on CPU "
+              "workers; CIFAR10-DVS: frames kept in host memory, moved per batch); auto is device",
     "workers": "CPU loader processes (loader cpu, DVS conversion)",
     "crop": "augmentation: random crop, padding 4",
     "flip": "augmentation: horizontal flip",

@@ -68,7 +68,8 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
 def weights_file(path: str | os.PathLike) -> str:
     """The file to evaluate: `path` itself, or the best epoch's weights in the folder `path`.
 
-    In a run folder that is best.pt. A sweep trial's folder stands for its
+    In a run folder that is best.pt, else (a run that diverged in its first epoch) the last epoch's
+    checkpoint.pt, else a state.pt. A sweep trial's folder stands for its
     newest checkpoint. In a sweep trial's checkpoint it is
     the file its history names (checkpoint.weights_of): state.pt when its epoch
     was the best so far, and then a best.pt left by an earlier attempt at the same

@@ -131,7 +131,8 @@ def fused_standardise() -> Callable[[Tensor, Tensor, float], Tensor]:
 
 def accelerate(model: nn.Module, *, channels_last: bool = False, fused_neuron: bool = False,
                fused_ws: bool = False) -> nn.Module:
-    """Apply the levers to `model` in place and return it; with all off the model is untouched.
+    """Apply the levers to `model` in place and return it; with both fused levers off its layers run the
+    plain functions (undoing an earlier call's), and without channels_last its layout is left as it is.
 
     The fused levers, once they run, have raised Dynamo's recompile limit to 64 and turned on its
     float specialisation in that thread, which torch.compile elsewhere in the thread then sees too.

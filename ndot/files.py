@@ -213,7 +213,8 @@ def kind(uri: str) -> pafs.FileType:
 
 
 def check_writable(folder: str) -> None:
-    """Raise OSError now, not after hours of work, when nothing can be written in `folder` (created if missing)."""
+    """Raise now, not after hours of work, when nothing can be written in `folder` (created if missing): OSError,
+    or for a URI any of STORAGE_ERRORS."""
     probe = f"{folder.rstrip('/')}/.ndot-write-probe"
     write_bytes(probe, b"")
     fs, path = filesystem(probe)

@@ -37,7 +37,7 @@ class GraphedStep:
     Returns clones of the step's outputs: the graph's own are overwritten by the next replay.
     """
 
-    def __init__(self, step: StepFn, model: nn.Module, opt: torch.optim.Optimizer, warmup: int = 2):
+    def __init__(self, step: StepFn, model: nn.Module, opt: torch.optim.Optimizer, warmup: int = 2) -> None:
         if type(opt) is not torch.optim.SGD or any(g["dampening"] != 0 for g in opt.param_groups):
             raise ValueError("CUDA-graph replay supports torch.optim.SGD with dampening 0 only")
         self.step, self.model, self.opt, self.warmup = step, model, opt, warmup

@@ -32,7 +32,7 @@ def standardise(w: Tensor, gain: Tensor, eps: float) -> Tensor:
 class WSConv2d(nn.Conv2d):
     """Conv with scaled weight standardisation (`standardise`)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1, eps: float = 1e-4):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1, eps: float = 1e-4) -> None:
         super().__init__(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=True)
         self.gain = nn.Parameter(torch.ones(c_out, 1, 1, 1))
         self.eps = eps
@@ -62,7 +62,7 @@ class LIF(nn.Module):
     a trace that a later step has overwritten.
     """
 
-    def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0, out_scale: float = 1.0):
+    def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0, out_scale: float = 1.0) -> None:
         super().__init__()
         self.lam = 1.0 - 1.0 / tau
         self.v_th = v_th
@@ -84,6 +84,7 @@ class LIF(nn.Module):
         self.neuron_steps = 0
 
     def forward(self, current: Tensor, a_in: Tensor | None = None) -> Pair:
+        # a_in, the trace of the spikes before the synapse, was spent there: the neuron emits its own.
         first = self.state is None
         # At t = 1 there is no state: A[0] = 0 and no trace yet (neuron_step takes None for each).
         st = {} if first else self.state
@@ -120,7 +121,7 @@ class LIF(nn.Module):
 class Both(nn.Module):
     """A linear, parameter-free op (pooling) applied to the spikes and to their trace alike."""
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], name: str = ""):
+    def __init__(self, fn: Callable[[Tensor], Tensor], name: str = "") -> None:
         super().__init__()
         self.fn = fn
         self.name = name
@@ -167,14 +168,11 @@ def layer_firing_rates(model: nn.Module) -> dict[str, float]:
             for name, m in model.named_modules() if isinstance(m, LIF) and m.neuron_steps}
 
 
-def firing_rate(model: nn.Module, clear: bool = True) -> float:
-    """Mean spikes per neuron per step over what the network ran in evaluation."""
+def firing_rate(model: nn.Module) -> float:
+    """Mean spikes per neuron per step over what the network ran in evaluation since clear_spike_counts."""
     ns = list(neurons(model))
     steps = sum(n.neuron_steps for n in ns)
-    rate = float(sum(n.spikes.item() for n in ns)) / steps if steps else 0.0
-    if clear:
-        clear_spike_counts(model)
-    return rate
+    return float(sum(n.spikes.item() for n in ns)) / steps if steps else 0.0
 
 
 def clear_spike_counts(model: nn.Module) -> None:

@@ -16,13 +16,13 @@ import torch
 class _Saved:
     """Stands in for a saved tensor; its storage counts while autograd holds any tensor on it."""
 
-    def __init__(self, meter: "SavedTensorMeter", t: torch.Tensor):
+    def __init__(self, meter: "SavedTensorMeter", t: torch.Tensor) -> None:
         self.meter, self.t = meter, t
         storage = t.untyped_storage()
         self.key = (t.device, storage.data_ptr())
         meter.hold(self.key, storage.nbytes())
 
-    def __del__(self):
+    def __del__(self) -> None:
         self.meter.release(self.key)
 
 

@@ -2,7 +2,7 @@
 
     python -m ndot.train --dataset digits --arch small_cnn --rule ndot --mode A --T 4 --epochs 8
 
-The library entry point is `train(cfg, on_epoch, resume)`. It knows nothing of
+The library entry point is `train(cfg, on_epoch, resume, on_batch)`. It knows nothing of
 Ray: a sweep passes a callback that reports the metrics and stores the state.
 """
 from __future__ import annotations
@@ -120,8 +120,10 @@ def train(
     """Train `cfg` to its last epoch (or divergence), calling `on_epoch(metrics, state)` after every epoch.
 
     `state` is the checkpoint payload; passing it back as `resume` continues
-    with the next epoch exactly as the uninterrupted run would have. Seeds the global torch,
-    numpy and Python generators from cfg.seed, which the run draws from.
+    with the next epoch exactly as the uninterrupted run would have. `on_batch(epoch, i, n)` is called
+    after batch i of the epoch's n. Seeds the global torch, numpy and Python generators from cfg.seed,
+    which the run draws from; on a GPU it turns on cuDNN's algorithm search for the process
+    (torch.backends.cudnn.benchmark).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train takes a TrainConfig, got {type(cfg).__name__}: TrainConfig.from_dict builds one from a dict")

@@ -1,7 +1,7 @@
 """Throughput and memory of online training, against an ANN step of the same network as the ceiling.
 
     python -m ndot.bench              # real size (GPU): vgg11_ws, batch 128, 3x32x32, T in {1,2,4,6,20}
-    python -m ndot.bench --small      # small_cnn, batch 8: a CPU smoke run, about a minute on 2 cores, half of it torch.compile
+    python -m ndot.bench --small      # small_cnn, batch 8: a CPU smoke run, about a minute on 2 cores, most of it torch.compile
     python -m ndot.bench --table FILE # the JSON lines of a run as Markdown tables (for the README)
 
 Synthetic data, created on the device once. One JSON object per line on stdout (and in --out):
@@ -66,18 +66,18 @@ def _rule_mode(text: str) -> tuple[str, str]:
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m ndot.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="small_cnn, batch 8, T 1,2,4: a CPU smoke run")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda[:N]")
     p.add_argument("--arch", type=listed(str), default=None, help="comma-separated architectures")
     p.add_argument("--batch", type=listed(int), default=None,
                    help="comma-separated batch sizes; the per-lever runs, profiles and targets use the first")
     p.add_argument("--T", type=listed(int), default=None, help="comma-separated time steps")
     p.add_argument("--rules", type=listed(_rule_mode), default=None, help="comma-separated RULE_MODE, e.g. ndot_A,bptt_A")
-    p.add_argument("--precisions", type=listed(str), default=PRECISIONS)
+    p.add_argument("--precisions", type=listed(str), default=PRECISIONS, help=f"comma-separated, of {','.join(PRECISIONS)}")
     p.add_argument("--levers", type=Levers.parse, default=None,
                    help="levers of the rule x T grid: plain or e.g. channels_last+fused_neuron (default: those on CUDA, plain on CPU)")
     p.add_argument("--ablation-T", type=int, default=None, help="T of the per-lever runs of ndot_A and ndot_O (0: none)")
     p.add_argument("--profile", action="store_true", help="also profile NDOT_A and NDOT_O at the ablation T, plain and grid levers")
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each case (default 3; --small 1)")
     p.add_argument("--min-seconds", type=float, default=None, help="timed seconds per case, at least")
     p.add_argument("--threads", type=threads, default=None,
                    help="CPU threads for torch (default: torch's; --small: 1, as a smoke run on a shared machine "

@@ -32,8 +32,6 @@ class DatasetInfo:
     in_channels: int
     # Native side length; None where the model's preferred size is used instead.
     image_size: int | None
-    # True when each sample is a sequence of T frames rather than one image.
-    frames: bool = False
 
 
 # name -> module under ndot.data, imported on first use so that a run on

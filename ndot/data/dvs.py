@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFO = DatasetInfo("cifar10dvs", num_classes=10, in_channels=2, image_size=48, frames=True)
+INFO = DatasetInfo("cifar10dvs", num_classes=10, in_channels=2, image_size=48)
 CLASSES = tuple(sorted(CIFAR10DVS.classes, key=CIFAR10DVS.classes.__getitem__))
 SENSOR_SIZE: tuple[int, int, int] = CIFAR10DVS.sensor_size  # (W, H, polarities)
 RECORDINGS_PER_CLASS = 1000

@@ -7,6 +7,7 @@ scheduler    ASHA early stopping within a stratum
 resources    how many trials fit at once, on a fixed or an autoscaling cluster
 trainable    the Tune function trainable around ndot.train.train
 recorder     keeps the Parquet tables current while a sweep runs
+state_sync   holds each save of Tune's experiment state until the last upload has ended
 runner       builds, runs and resumes the Tune experiment
 cli          the command line shared by the scripts in sweeps/
 """

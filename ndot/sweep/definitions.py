@@ -48,8 +48,8 @@ class Sweep:
 # Spec §5's optimiser and loss: the point every stratum tries first, of what a sweep searches.
 RECIPE = {"lr": 0.1, "momentum": 0.9, "loss_alpha": 0.05, "batch_size": 128}
 
-# Batch 32: digits has 1,437 training images, and at batch 128 two epochs are
-# too few SGD steps for any rule to leave chance.
+# Batch 32: digits has 1,437 training images, 12 SGD steps an epoch at batch 128
+# (45 at 32), too few in the smoke run's epochs for any rule to leave chance.
 SMOKE = Preset(
     dataset="digits", arch=("small_cnn",), method=BASELINES, T=(1, 2, 4, 6),
     epochs=3, trials=1, lr=(0.02, 0.5), first=RECIPE, batch_size=(32,),
