@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import warnings
 from typing import Any
 
@@ -99,16 +100,30 @@ def weights_file(path: str | os.PathLike) -> str:
 
 def load(path: str) -> dict[str, Any]:
     """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
+    raw = files.read_bytes(path)
     try:
         with warnings.catch_warnings():
             # torch.load warns of a pickle it did not write (a sweep's tuner.pkl) before it fails: the error says it.
             warnings.simplefilter("ignore")
-            state = checkpoint.load(io.BytesIO(files.read_bytes(path)))
+            state = checkpoint.load(io.BytesIO(raw))
     except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+        raise ConfigError(f"{path} is not a readable checkpoint: {_unreadable(raw, e)}") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys() or not isinstance(state["config"], dict):
         raise ConfigError(f"{path} has no model weights and configuration: not a checkpoint of python -m ndot.train")
     return state
+
+
+def _unreadable(raw: bytes, e: Exception) -> str:
+    # torch.load's own messages name its internals (a zip directory, a pickle's load key, weights_only).
+    if not raw:
+        return "the file is empty"
+    if raw.startswith(b"PK\x03\x04"):  # torch.save's zip
+        if isinstance(e, pickle.UnpicklingError):  # weights_only's refusal
+            return "it holds Python objects besides tensors and plain data, which are not loaded"
+        return "a file of torch.save cut short or damaged"
+    if raw.startswith(b"\x80"):  # a pickle's protocol opcode
+        return "a pickle, not a file of torch.save"
+    return "not a file of torch.save"
 
 
 def model_of(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> torch.nn.Module:

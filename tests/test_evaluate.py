@@ -228,8 +228,12 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("dir", [], "holds none of best.pt, checkpoint.pt, state.pt"),
     ("run", ["--out", "/proc/nope/x.json"], "cannot write the result to /proc/nope/x.json"),
     ("run", ["--out", "/tmp"], "--out /tmp is a folder: name the JSON file to write"),
-    ("garbage", [], "not a readable checkpoint"),
-    ("pickle", [], "not a readable checkpoint"),  # e.g. a sweep's tuner.pkl, of which torch.load warns too
+    ("garbage", [], "w.pt is not a readable checkpoint: not a file of torch.save"),
+    ("empty", [], "w.pt is not a readable checkpoint: the file is empty"),
+    # e.g. a sweep's tuner.pkl, of which torch.load warns too
+    ("pickle", [], "w.pt is not a readable checkpoint: a pickle, not a file of torch.save"),
+    ("cut", [], "w.pt is not a readable checkpoint: a file of torch.save cut short or damaged"),
+    ("object", [], "w.pt is not a readable checkpoint: it holds Python objects besides tensors and plain data"),
     ("tensor", [], "no model weights and configuration"),
     ("run", ["--T", "0"], "T must be an integer in [1, 10000]"),
     ("run", ["--device", "cuda:7"], "CUDA device"),
@@ -243,8 +247,14 @@ def test_bad_input_is_one_line(tmp_path, capsys, recwarn, make, args, message):
         path = tmp_path
     elif make == "garbage":
         path.write_bytes(b"not a checkpoint")
+    elif make == "empty":
+        path.write_bytes(b"")
     elif make == "pickle":
         path.write_bytes(pickle.dumps({"trials": [object]}, protocol=5))
+    elif make in ("cut", "object"):
+        torch.save({"model": {"w": torch.zeros(64)}, "config": {} if make == "cut" else object}, path)
+        if make == "cut":
+            path.write_bytes(path.read_bytes()[:200])
     elif make == "tensor":
         torch.save(torch.zeros(3), path)
     elif make in ("run", "otherarch", "cfgstr"):
