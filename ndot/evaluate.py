@@ -204,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
           f"evaluating with T={cfg.T} on {device}", flush=True)
     m = evaluate_weights(model, cfg, device)
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
-    result = {"weights": path, "epoch": state.get("epoch"), "config": cfg.to_dict(), **m}
+    # The run's own config (what trained the weights) and, apart, what this evaluation ran with.
+    evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,
+                      "device": str(device)}
+    weights = path if "://" in path else os.path.abspath(path)
+    result = {"weights": weights, "epoch": state.get("epoch"), "config": trained.to_dict(),
+              "evaluated_with": evaluated_with, **m}
     files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
     print(f"test accuracy {m['test_acc']:.4f}{top5}, loss {m['test_loss']:.4f}")

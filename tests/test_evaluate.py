@@ -138,15 +138,21 @@ def test_the_best_epochs_weights_are_a_copy_that_later_training_leaves_alone():
     assert (best["epoch"], best["metrics"], best["config"]) == (2, {"test_acc": 0.9}, {"T": 2})
 
 
-def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path):
+def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path, monkeypatch):
     assert train_main([*RUN, "--out", str(tmp_path)]) == 0
+    logged_config = checkpoint.load(tmp_path / "best.pt")["config"]
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert evaluate_main([str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "last.json")]) == 0
     result = json.loads((tmp_path / "last.json").read_text())
     assert result["test_acc"] == logged[-1]["test_acc"] and result["firing_rate"] == logged[-1]["firing_rate"]
     # Another T changes the run, not the weights.
-    assert evaluate_main([str(tmp_path), "--T", "4"]) == 0
-    assert len(json.loads((tmp_path / "eval-best-T4.json").read_text())["acc_by_step"]) == 4
+    # The JSON keeps the run's config, the T it trained at, and says apart what the evaluation ran with.
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_main([".", "--T", "4", "--batch-size", "50"]) == 0
+    result = json.loads((tmp_path / "eval-best-T4.json").read_text())
+    assert len(result["acc_by_step"]) == 4 and result["config"] == logged_config
+    assert result["evaluated_with"] == {"T": 4, "precision": "fp32", "batch_size": 50, "data_root": None, "device": "cpu"}
+    assert result["weights"] == str(tmp_path / "best.pt")
     # Its first line read (`| head -1`), the command ends as SIGPIPE ends one, with its result written and no traceback.
     proc = subprocess.Popen([sys.executable, "-m", "ndot.evaluate", str(tmp_path), "--T", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
