@@ -2,6 +2,8 @@
 
 accuracy_vs_T       best test accuracy of each stratum against T, one line per rule (the paper's table)
 accuracy_vs_lr      every trial's best test accuracy against its learning rate, per rule and T
+                    (in both, a hollow marker is a trial that did not run all its epochs: stopped early,
+                    diverged, errored or still running, whose best is of fewer epochs)
 cost_vs_T           peak memory and training throughput against T, per rule
 
 A line is a rule (method), and a rule on one architecture when the table holds several. A table
@@ -18,8 +20,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+
+from ndot.results import COMPLETED  # noqa: E402
 
 if TYPE_CHECKING:
     from pandas.api.typing import DataFrameGroupBy  # pandas >= 2.1; annotations only
@@ -41,12 +46,23 @@ def _curves(trials: pd.DataFrame) -> pd.Series:
     return trials["method"]
 
 
-def _lines(ax: plt.Axes, series: pd.Series, x: str, ylabel: str) -> None:
-    """`series` is indexed by (curve, x)."""
+UNFINISHED = "did not run all its epochs"
+
+
+def _unfinished(trials: pd.DataFrame) -> pd.Series:
+    return trials["status"] != COMPLETED
+
+
+def _lines(ax: plt.Axes, series: pd.Series, x: str, ylabel: str, hollow: pd.Series | None = None) -> None:
+    """`series` is indexed by (curve, x); so is `hollow`, True where the point's marker is to be hollow."""
     for name, s in series.groupby(level="curve"):
         s = s.droplevel("curve").sort_index()
+        empty = hollow.loc[name].reindex(s.index).to_numpy() if hollow is not None else [False] * len(s)
         # Architectures are categories: points, not a line through them.
-        ax.plot(s.index, s.values, marker="o", ls="-" if x == "T" else "", label=name)
+        line, = ax.plot(s.index, s.values, marker="o", ls="-" if x == "T" else "", label=name,
+                        markevery=[i for i, e in enumerate(empty) if not e])
+        if any(empty):
+            ax.plot(s.index[empty], s.values[empty], marker="o", ls="", mfc="none", color=line.get_color(), label="_" + name)
     if x == "T":
         ax.set_xticks(sorted(series.index.get_level_values("T").unique()))
     else:
@@ -54,7 +70,10 @@ def _lines(ax: plt.Axes, series: pd.Series, x: str, ylabel: str) -> None:
     ax.set_xlabel(XLABELS[x])
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, _ = ax.get_legend_handles_labels()
+    if hollow is not None and hollow.any():
+        handles.append(Line2D([], [], color="0.4", marker="o", mfc="none", ls="", label=f"best trial {UNFINISHED}"))
+    ax.legend(handles=handles)
 
 
 def _by_curve_and(trials: pd.DataFrame, x: str) -> DataFrameGroupBy:
@@ -75,10 +94,13 @@ def _setting(trials: pd.DataFrame) -> str:
 def accuracy_vs_axis(trials: pd.DataFrame) -> Figure:
     """Against T, or against the architecture (see `axis`)."""
     x = axis(trials)
+    trials = trials.reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     by = _by_curve_and(trials, x)
     # The best trial of a stratum is the tuned result for that (rule, T); each trial scores its best epoch.
-    _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)")
+    best = by["best_test_acc"].idxmax()
+    _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)",
+           hollow=pd.Series(_unfinished(trials).loc[best].to_numpy(), index=best.index))
     n = by.size()
     trials_per_point = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
     ax.set_title(f"{_setting(trials)}: best of {trials_per_point} trial(s) per point", fontsize=10)
@@ -92,7 +114,10 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
     # Trials at different T are different searches: a marker per T keeps them apart.
     markers = dict(zip(sorted(trials["T"].unique()), "osD^vP*Xph" * 4))
     for (curve, T), g in trials.groupby([curves, "T"]):
-        ax.scatter(g["lr"], g["best_test_acc"] * 100, color=colours[curve], marker=markers[T], alpha=0.8)
+        # The alpha in the colours: a collection's own alpha would fill the hollow markers too.
+        colour = to_rgba(colours[curve], 0.8)
+        ax.scatter(g["lr"], g["best_test_acc"] * 100, marker=markers[T], edgecolors=[colour],
+                   facecolors=[colour if done else "none" for done in ~_unfinished(g)])
     ax.set_xscale("log")
     ax.set_xlabel("initial learning rate")
     ax.set_ylabel("best test accuracy (%)")
@@ -101,6 +126,8 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
     handles = [Line2D([], [], color=c, marker="o", ls="", label=name) for name, c in colours.items()]
     if len(markers) > 1:
         handles += [Line2D([], [], color="0.4", marker=m, ls="", label=f"T={T}") for T, m in markers.items()]
+    if _unfinished(trials).any():
+        handles.append(Line2D([], [], color="0.4", marker="o", mfc="none", ls="", label=f"trial {UNFINISHED}"))
     ax.legend(handles=handles, fontsize="small")
     return fig
 

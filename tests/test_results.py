@@ -160,7 +160,7 @@ def test_figures_show_each_points_best_trial_and_the_memory_column():
 
 def _trials(archs: list[str], Ts: list[int]) -> pd.DataFrame:
     rows = [{"dataset": "digits", "arch": arch, "method": m, "T": T, "lr": 0.1 * T, "best_test_acc": 0.9,
-             "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1}
+             "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1, "status": "completed"}
             for arch in archs for m in ("ndot_A", "ottt_A") for T in Ts]
     return pd.DataFrame(rows)
 
@@ -187,6 +187,29 @@ def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
         assert len(ax.get_lines()) == 2 and ax.get_xlabel() == "architecture"
     # One architecture, or several at several T: against T, as before.
     assert set(plots.render(_trials(["small_cnn", "resnet_ws"], [1, 2]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
+
+
+def test_a_trial_that_did_not_run_all_its_epochs_is_a_hollow_marker():
+    # E.g. after Ctrl-C: a running trial's first epoch is not a tuned result, nor is a trial ASHA stopped.
+    trials = pd.concat([_trials(["small_cnn"], [1, 4]), _trials(["small_cnn"], [4]).assign(
+        best_test_acc=[0.95, 0.5], status=["running", "stopped_early"])])
+    ax = plots.accuracy_vs_axis(trials).axes[0]
+    filled = {line.get_label(): line for line in ax.get_lines()}
+    hollow = [line for line in ax.get_lines() if line.get_label().startswith("_")]
+    # ndot_A's T=4 point is the running trial's 95 %, drawn hollow; ottt_A's best (90 %) completed.
+    assert list(filled["ndot_A"].get_ydata()) == [90.0, 95.0] and filled["ndot_A"].get_markevery() == [0]
+    assert filled["ottt_A"].get_markevery() == [0, 1]
+    [h] = hollow
+    assert h.get_label() == "_ndot_A" and list(h.get_ydata()) == [95.0] and h.get_markerfacecolor() == "none"
+    assert ax.get_legend().get_texts()[-1].get_text() == "best trial did not run all its epochs"
+    lr = plots.accuracy_vs_lr(trials).axes[0]
+    faces = {(x, y): c[3] for coll in lr.collections for (x, y), c in zip(coll.get_offsets().tolist(), coll.get_facecolors())}
+    assert [faces[(0.4, 95.0)], faces[(0.4, 50.0)], faces[(0.4, 90.0)]] == [0.0, 0.0, 0.8]
+    assert lr.get_legend().get_texts()[-1].get_text() == "trial did not run all its epochs"
+    # Every trial completed: no hollow marker, no legend entry for one.
+    ax = plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4])).axes[0]
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("_")]
+    assert "did not run" not in " ".join(t.get_text() for t in ax.get_legend().get_texts())
 
 
 def test_learning_rate_figure_keeps_time_steps_apart():
