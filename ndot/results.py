@@ -241,10 +241,16 @@ def trials_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     return df
 
 
+# What a sweep may search besides lr (ndot.sweep.space): the summary names the best trial's where they vary.
+SEARCHED_TOO = ("momentum", "loss_alpha", "batch_size")
+
+
 def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per stratum: its best trial's best and last-epoch accuracy, learning rate and checkpoint, and how its
-    trials ended. Strata named in `order` come first, in that order; the others follow in the table's order."""
+    """One row per stratum: its best trial's best and last-epoch accuracy, learning rate (and momentum, loss alpha
+    and batch size where the table's trials differ in them) and checkpoint, and how its trials ended. Strata
+    named in `order` come first, in that order; the others follow in the table's order."""
     rows = []
+    searched = [k for k in SEARCHED_TOO if k in trials and trials[k].nunique() > 1]
     for stratum, g in trials.groupby("stratum", sort=False):
         scored = g.dropna(subset=["best_test_acc"]) if "best_test_acc" in g else g.iloc[:0]
         best = scored.loc[scored["best_test_acc"].idxmax()] if len(scored) else None
@@ -253,6 +259,7 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
             "best_test_acc": best["best_test_acc"] if best is not None else math.nan,
             "final_test_acc": best["final_test_acc"] if best is not None else math.nan,
             "lr": best["lr"] if best is not None else math.nan,
+            **{k: best[k] if best is not None else math.nan for k in searched},
             "best_epoch": best["best_epoch"] if best is not None else None,
             "checkpoint": best["checkpoint"] if best is not None else None,
             "outcomes": ", ".join(f"{n} {s}" for s, n in g["status"].value_counts().items()),
@@ -281,7 +288,8 @@ def plan_order(experiment: str) -> list[str]:
 
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
     acc = "{:.4f}".format
-    return summary(trials, order).to_string(formatters={"best_test_acc": acc, "final_test_acc": acc, "lr": "{:.3g}".format})
+    # lr to 6 digits: what a rerun of the best trial takes (the sweep draws it from a continuous range).
+    return summary(trials, order).to_string(formatters={"best_test_acc": acc, "final_test_acc": acc, "lr": "{:.6g}".format})
 
 
 # ----- files -----

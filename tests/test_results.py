@@ -29,11 +29,18 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
     assert list(results.summary(trials, order=["T=2,ndot_A"]).index) == ["T=2,ndot_A", "T=1,ndot_A"]
     assert table.loc["T=2,ndot_A", "best_test_acc"] == 0.5 and "1 errored" in table.loc["T=2,ndot_A", "outcomes"]
     assert table["best_epoch"].dtype == "Int64"
+    # What the sweep searched besides lr: the best trial's, where the trials differ in it.
+    assert "momentum" not in results.summary(trials.assign(momentum=0.9))
+    assert results.summary(trials.assign(momentum=[0.9, 0.85, 0.8, 0.95]))["momentum"].tolist() == [0.85, 0.95]
 
     trials.to_parquet(tmp_path / "trials.parquet")
     assert results.main(["summary", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "0.9500" in printed and "T=2,ndot_A" in printed
+    trials.assign(lr=[0.1, 0.0313982, 1.0, 0.2]).to_parquet(tmp_path / "trials.parquet")
+    assert results.main(["summary", str(tmp_path)]) == 0
+    assert "0.0313982" in capsys.readouterr().out
+    trials.to_parquet(tmp_path / "trials.parquet")
     # As the sweep printed it: in the plan's order, not the table's.
     (tmp_path / results.PLAN_FILE).write_text(json.dumps({"strata": [{"label": "T=2,ndot_A"}, {"label": "T=1,ndot_A"}]}))
     assert results.main(["summary", str(tmp_path)]) == 0
