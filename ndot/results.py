@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir.endswith(".parquet"):
         return refuse(f"{args.dir} is a table; give the experiment folder that holds it")
     try:
+        if kind(args.dir) == pafs.FileType.NotFound:
+            return refuse(f"{args.dir} does not exist")
         if args.command == "collect":
             if not is_experiment(args.dir):
                 return refuse(f"{args.dir} is not a sweep's experiment folder (it holds no {PLAN_FILE})")
@@ -354,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.dir}: no trial yet; the tables fill when the sweep's first epoch ends", file=sys.stderr)
                 return 1
             if args.command == "plot":
-                for uri in write_plots(args.dir):
+                uris = write_plots(args.dir)
+                if not uris:  # every trial pending, or diverged before its first measure
+                    print(f"{args.dir}: nothing to draw: no trial has an accuracy or a cost yet", file=sys.stderr)
+                    return 1
+                for uri in uris:
                     print(uri)
             else:
                 print(summary_text(trials, order=plan_order(args.dir)))

@@ -61,9 +61,13 @@ def test_load_names_the_tables_it_knows():
 
 
 def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):
-    assert results.main(["summary", str(tmp_path / "nothing")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert results.main(["summary", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "experiment folder" in err
+    for command in ("collect", "summary", "plot"):
+        assert results.main([command, str(tmp_path / "nothing")]) == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'} does not exist\n"
 
 
 def test_summary_and_plot_refuse_a_table_file_in_one_line(tmp_path, capsys):
@@ -91,6 +95,12 @@ def test_a_sweep_with_no_finished_epoch_says_so(tmp_path, capsys):
     for command in ("summary", "plot"):
         assert results.main([command, str(tmp_path)]) == 1
         assert "no trial yet" in capsys.readouterr().err
+    # Trials whose every value a figure draws is missing (pending, or diverged before a measure): no figure.
+    pd.DataFrame([{"stratum": "T=1,ndot_A", "T": 1, "arch": "small_cnn", "method": "ndot_A", "epochs_run": 0}]).to_parquet(
+        results.table_uri(str(tmp_path), results.TRIALS_TABLE))
+    assert results.main(["plot", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.endswith("nothing to draw: no trial has an accuracy or a cost yet\n")
+    assert not list(tmp_path.glob("*.png"))
 
 
 def _history(epochs: int, started_at: float) -> list[dict]:
