@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Any, Callable, NoReturn, Sequence
@@ -19,6 +20,10 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # A value that starts with a minus and a digit is a value, not a flag: argparse's own pattern takes
+        # only plain negative numbers, so `--lr -1e-3` and `--lr -0.1,0.3` got "expected one argument"
+        # instead of reaching the check that says what is wrong with them. (No flag here starts -<digit>.)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:  # type: ignore[override]
         args = sys.argv[1:] if args is None else list(args)

@@ -33,6 +33,15 @@ def test_dash_and_underscore_are_the_same_in_every_flag(argv, batch_size, readou
     assert (args.batch_size, args.readout_trace) == (batch_size, readout_trace)
 
 
+@pytest.mark.parametrize("value", ["-1e-3", "-0.1,0.3", "-.5", "-2"])
+def test_a_value_that_starts_with_a_minus_is_taken_as_the_value_for_its_check_to_judge(value):
+    p = parser()
+    p.add_argument("--lr")
+    assert p.parse_args(["--lr", value, "--tau", "-1.5"]).lr == value
+    with pytest.raises(SystemExit):  # a flag is still a flag
+        p.parse_args(["--lr", "--tau"])
+
+
 @pytest.mark.parametrize("argv", [["--t", "4"], ["--batch", "8"], ["--no-readout"]])
 def test_abbreviations_are_refused_in_one_line(argv, capsys):
     with pytest.raises(SystemExit) as e:
