@@ -247,9 +247,9 @@ FIELD_HELP = {
     "loader": "input pipeline: device (batches built on the training device), cpu (CIFAR: torchvision on CPU "
               "workers; CIFAR10-DVS: frames kept in host memory, moved per batch); auto is device",
     "workers": "CPU loader processes (loader cpu, DVS conversion)",
-    "crop": "augmentation: random crop, padding 4",
-    "flip": "augmentation: horizontal flip",
-    "autoaugment": "augmentation: AutoAugment, CIFAR-10 policy",
-    "cutout": "augmentation: Cutout 16x16",
+    "crop": "augmentation: random crop, padding 4 (CIFAR and CIFAR10-DVS; digits has none)",
+    "flip": "augmentation: horizontal flip (CIFAR only)",
+    "autoaugment": "augmentation: AutoAugment, CIFAR-10 policy (CIFAR only)",
+    "cutout": "augmentation: Cutout 16x16 (CIFAR only)",
     "dvs_encoding": "CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding",
 }
