@@ -307,6 +307,35 @@ def test_trial_resources_must_fit_some_node_now_or_launchable():
     assert not resources.fits(4, 0, [cpu_node, {"CPU": 3.0, "GPU": 4.0}]), "no single node has 4 CPUs"
 
 
+def test_trials_that_no_node_holds_are_refused_but_through_ray_client_only_warned_of(tmp_path, monkeypatch, capsys):
+    # A fresh `ray up` cluster is a head with no CPU for trials. Joined on the cluster, the launcher's config
+    # says what can be launched; through ray:// it is out of sight, and the autoscaler may launch a node that fits.
+    ran = []
+
+    def run(plan, resume, callbacks, launcher):
+        ran.append(launcher)
+        Path(plan.experiment).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": "completed", "best_test_acc": 0.5,
+                      "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
+                     ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
+        return []
+
+    for name, value in (("connect", lambda address: None), ("check_address", lambda address, **kw: None),
+                        ("head_address", lambda address: None), ("run", run)):
+        monkeypatch.setattr(runner, name, value)
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 0.0}])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(cli, "_settle_tables", lambda experiment: [])
+    argv = ["--T", "1", "--rules", "ndot_A", "--storage", str(tmp_path), "--gpus-per-trial", "1"]
+    assert exit_status(cli.main, TIMESTEPS, [*argv, "--name", "a", "--address", "10.0.0.1:6379"]) == 2
+    assert capsys.readouterr().err == ("error: no node of this cluster has, or can be launched with, 1 CPU and 1 GPU "
+                                       "for a trial: lower --cpus-per-trial or --gpus-per-trial\n")
+    assert not ran
+    assert exit_status(cli.main, TIMESTEPS, [*argv, "--name", "b", "--address", "ray://10.0.0.1:10001"]) == 0
+    assert ran == [False]
+    assert "no node up now has 1 CPU and 1 GPU for a trial; through ray://" in capsys.readouterr().err
+
+
 def test_trials_at_once_are_counted_node_by_node_within_the_clusters_max_workers():
     config = {"head_node_type": "head", "max_workers": 3, "available_node_types": {
         "head": {"resources": {"CPU": 16}, "max_workers": 0},

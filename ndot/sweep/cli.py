@@ -431,9 +431,15 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     ended = threading.Event()
     try:
         launcher = args.address is not None and not runner.through_client(args.address)
+        trial = f"{plan.cpus_per_trial:g} CPU and {plan.gpus_per_trial:g} GPU for a trial"
         if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes(launcher)):
-            return refuse(f"no node of this cluster has, or can be launched with, {plan.cpus_per_trial:g} CPU and "
-                          f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial")
+            if not runner.through_client(args.address):
+                return refuse(f"no node of this cluster has, or can be launched with, {trial}: "
+                              "lower --cpus-per-trial or --gpus-per-trial")
+            # The launcher's config is on the head, out of a ray:// client's sight: a fresh cluster (a head
+            # that runs no trial) has no such node yet, and its autoscaler may well launch one.
+            print(f"no node up now has {trial}; through ray:// the sweep cannot read what the cluster can launch: "
+                  "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
         logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
