@@ -1,6 +1,7 @@
 """cluster/gpu.yaml, checked offline: Ray's cluster-launcher schema, a head that runs no trials, security, versions."""
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -81,6 +82,38 @@ def test_every_node_installs_this_project_with_the_pinned_ray(config):
     # setup_commands run on every node, head and workers.
     setup = _commands(config, "setup_commands")
     assert re.search(rf"pip install .*-e \"?{re.escape(mounted[0])}\[cluster\]", setup)
+
+
+def _rsync_leaves_out(path: str, pattern: str) -> bool:
+    """Whether rsync's exclude `pattern` leaves out `path` (from the transfer's root), itself or a folder of it.
+    rsync's rules: a leading / anchors at the root; a pattern with another / or ** matches the end of a
+    path; one without matches a single name, at any depth."""
+    pattern, parts = pattern.rstrip("/"), path.split("/")
+    for i in range(1, len(parts) + 1):
+        if pattern.startswith("/"):
+            hit = fnmatch.fnmatchcase("/".join(parts[:i]), pattern[1:])
+        elif "/" in pattern or "**" in pattern:
+            hit = any(fnmatch.fnmatchcase("/".join(parts[j:i]), pattern) for j in range(i))
+        else:
+            hit = fnmatch.fnmatchcase(parts[i - 1], pattern)
+        if hit:
+            return True
+    return False
+
+
+def test_every_file_of_the_project_reaches_the_nodes(config):
+    # `ray up` copies the checkout with rsync_exclude and .gitignore's lines as rsync patterns: an unanchored
+    # "data" left out the package ndot/data, and `from ndot import data` in setup_commands failed on every node.
+    assert _rsync_leaves_out("ndot/data/cifar.py", "data") and not _rsync_leaves_out("ndot/data/cifar.py", "/data")
+    assert _rsync_leaves_out("data/cifar-10-batches-py/data_batch_1", "/data")
+    assert config["rsync_filter"] == [".gitignore"]
+    patterns = config["rsync_exclude"] + [
+        line for line in (ROOT / ".gitignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    shipped = [p.relative_to(ROOT).as_posix() for d in ("ndot", "sweeps") for p in (ROOT / d).rglob("*.py")]
+    shipped += ["pyproject.toml", "README.md"]
+    assert len(shipped) > 40
+    left_out = {(path, pattern) for path in shipped for pattern in patterns if _rsync_leaves_out(path, pattern)}
+    assert not left_out
 
 
 def test_a_paper_sweep_asks_for_every_slot_of_the_grown_cluster(config):
