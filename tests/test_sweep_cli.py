@@ -25,7 +25,7 @@ from helpers import exit_status
 from ndot import files, results
 from ndot.cli import show_progress
 from ndot.config import ConfigError
-from ndot.sweep import cli, resources, runner
+from ndot.sweep import cli, resources, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,6 +334,16 @@ def test_trials_that_no_node_holds_are_refused_but_through_ray_client_only_warne
     assert exit_status(cli.main, TIMESTEPS, [*argv, "--name", "b", "--address", "ray://10.0.0.1:10001"]) == 0
     assert ran == [False]
     assert "no node up now has 1 CPU and 1 GPU for a trial; through ray://" in capsys.readouterr().err
+
+
+def test_a_trial_given_gpus_that_torch_cannot_use_errors_instead_of_training_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(trainable.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="^Ray gave this trial GPU 0 on .* sees no CUDA device there"):
+        trainable.check_gpus_usable("auto", [0])
+    trainable.check_gpus_usable("cpu", [0])  # asked for
+    trainable.check_gpus_usable("auto", [])  # a CPU trial
+    monkeypatch.setattr(trainable.torch.cuda, "is_available", lambda: True)
+    trainable.check_gpus_usable("auto", [0])
 
 
 def test_trials_at_once_are_counted_node_by_node_within_the_clusters_max_workers():

@@ -29,10 +29,20 @@ def _node() -> dict[str, Any]:
     }
 
 
+def check_gpus_usable(device: str, gpu_ids: list) -> None:
+    """Raise where Ray gave the trial GPUs (`gpu_ids`) that torch cannot use and `device` ("auto") would
+    run it on the CPU instead: for days, unnoticed, where a node's NVIDIA driver is too old for torch's CUDA."""
+    if gpu_ids and device == "auto" and not torch.cuda.is_available():
+        raise RuntimeError(f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on {socket.gethostname()}, but torch "
+                           f"{torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device there: is the node's "
+                           "NVIDIA driver too old for it? (--set device=cpu runs on the CPU on purpose)")
+
+
 def run_trial(config: dict[str, Any]) -> None:
     # The trials of a sweep started before its searcher turned off the settings that change nothing
     # for their rule (ndot.sweep.searcher) hold them on, which train() refuses.
     cfg = TrainConfig.from_dict({**config, **rule_flags_off(config["rule"])})
+    check_gpus_usable(cfg.device, ray.get_gpu_ids())
     show_progress()  # into Ray's worker log: where a trial spends minutes converting data or waiting, it says so
     trial_id = tune.get_context().get_trial_id()
     # started_at: when this process began the trial, before data and model; a trial's first row
