@@ -23,7 +23,8 @@ class Parser(argparse.ArgumentParser):
         # A value that starts with a minus and a digit is a value, not a flag: argparse's own pattern takes
         # only plain negative numbers, so `--lr -1e-3` and `--lr -0.1,0.3` got "expected one argument"
         # instead of reaching the check that says what is wrong with them. (No flag here starts -<digit>.)
-        self._negative_number_matcher = re.compile(r"^-\.?\d")
+        # A private attribute of argparse, matched with .match, as in Python 3.8 to 3.13.
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:  # type: ignore[override]
         args = sys.argv[1:] if args is None else list(args)

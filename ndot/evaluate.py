@@ -100,7 +100,10 @@ def weights_file(path: str | os.PathLike) -> str:
 
 def load(path: str) -> dict[str, Any]:
     """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
-    raw = files.read_bytes(path)
+    try:
+        raw = files.read_bytes(path)
+    except files.STORAGE_ERRORS as e:  # e.g. no permission: one line, for ndot.train --resume too
+        raise ConfigError(f"{path} cannot be read: {e}") from None
     try:
         with warnings.catch_warnings():
             # torch.load warns of a pickle it did not write (a sweep's tuner.pkl) before it fails: the error says it.
@@ -117,12 +120,11 @@ def _unreadable(raw: bytes, e: Exception) -> str:
     # torch.load's own messages name its internals (a zip directory, a pickle's load key, weights_only).
     if not raw:
         return "the file is empty"
-    if raw.startswith(b"PK\x03\x04"):  # torch.save's zip
-        if isinstance(e, pickle.UnpicklingError):  # weights_only's refusal
-            return "it holds Python objects besides tensors and plain data, which are not loaded"
-        return "a file of torch.save cut short or damaged"
-    if raw.startswith(b"\x80"):  # a pickle's protocol opcode
-        return "a pickle, not a file of torch.save"
+    zipped = raw.startswith(b"PK\x03\x04")  # torch.save's format; b"\x80" opens a pickle (its legacy one, a tuner.pkl)
+    if isinstance(e, pickle.UnpicklingError) and (zipped or raw.startswith(b"\x80")):  # weights_only's refusal
+        return "it holds Python objects besides tensors and plain data, which are not loaded"
+    if zipped:
+        return "a zip archive that is no whole file of torch.save (cut short or damaged?)"
     return "not a file of torch.save"
 
 
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,
                       "device": str(device)}
     weights = path if "://" in path else os.path.abspath(path)
-    result = {"weights": weights, "epoch": state.get("epoch"), "config": trained.to_dict(),
+    result = {"weights": weights, "epoch": state.get("epoch"), "config": state["config"],
               "evaluated_with": evaluated_with, **m}
     files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""

@@ -2,8 +2,8 @@
 
 accuracy_vs_T       best test accuracy of each stratum against T, one line per rule (the paper's table)
 accuracy_vs_lr      every trial's best test accuracy against its learning rate, per rule and T
-                    (in both, a hollow marker is a trial that did not run all its epochs: stopped early,
-                    diverged, errored or still running, whose best is of fewer epochs)
+                    (in both, a hollow marker is a trial that did not complete: stopped early, diverged,
+                    errored or still running, whose best is of fewer epochs or of weights that diverged)
 cost_vs_T           peak memory and training throughput against T, per rule
 
 A line is a rule (method), and a rule on one architecture when the table holds several. A table
@@ -46,7 +46,7 @@ def _curves(trials: pd.DataFrame) -> pd.Series:
     return trials["method"]
 
 
-UNFINISHED = "did not run all its epochs"
+UNFINISHED = "did not complete"
 
 
 def _unfinished(trials: pd.DataFrame) -> pd.Series:

@@ -267,7 +267,8 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     rank = {label: i for i, label in enumerate(order)}
     rows.sort(key=lambda r: rank.get(r["stratum"], len(rank)))
     # Int64: a stratum with no scored trial yet must not turn every best_epoch into a float (1.0).
-    return pd.DataFrame(rows).astype({"best_epoch": "Int64"}).set_index("stratum")
+    counts = {k: "Int64" for k in ("best_epoch", "batch_size") if k in rows[0]} if rows else {"best_epoch": "Int64"}
+    return pd.DataFrame(rows).astype(counts).set_index("stratum")
 
 
 def _plan_uri(experiment: str) -> str:
@@ -288,8 +289,8 @@ def plan_order(experiment: str) -> list[str]:
 
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
     acc = "{:.4f}".format
-    # lr to 6 digits: what a rerun of the best trial takes (the sweep draws it from a continuous range).
-    return summary(trials, order).to_string(formatters={"best_test_acc": acc, "final_test_acc": acc, "lr": "{:.6g}".format})
+    # lr in full: the sweep draws it from a continuous range, and a rerun of the best trial takes it as it is.
+    return summary(trials, order).to_string(formatters={"best_test_acc": acc, "final_test_acc": acc, "lr": lambda v: repr(float(v))})
 
 
 # ----- files -----

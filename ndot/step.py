@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 import torch.nn as nn
@@ -108,7 +109,7 @@ def _check_rule(model: nn.Module, rule: str, mode: str) -> None:
 
 def _check_steps(x: Tensor, T: int, precision: str) -> None:
     # T = 0 would return a zero loss and no logits, and an unknown precision would run in fp32, silently.
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
     if x.dim() == 5 and x.shape[1] < T:
         raise ValueError(f"the event data has {x.shape[1]} frames per sample, fewer than T = {T}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import batch, exit_status, make_model
-from ndot import checkpoint, data, train as train_module
+from ndot import checkpoint, data, files, train as train_module
 from ndot.config import TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
 from ndot.layers import LIF
@@ -237,8 +237,9 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("garbage", [], "w.pt is not a readable checkpoint: not a file of torch.save"),
     ("empty", [], "w.pt is not a readable checkpoint: the file is empty"),
     # e.g. a sweep's tuner.pkl, of which torch.load warns too
-    ("pickle", [], "w.pt is not a readable checkpoint: a pickle, not a file of torch.save"),
-    ("cut", [], "w.pt is not a readable checkpoint: a file of torch.save cut short or damaged"),
+    ("pickle", [], "w.pt is not a readable checkpoint: it holds Python objects besides tensors and plain data"),
+    ("cut", [], "w.pt is not a readable checkpoint: a zip archive that is no whole file of torch.save"),
+    ("unreadable", [], "w.pt cannot be read: [Errno 13] Permission denied"),
     ("object", [], "w.pt is not a readable checkpoint: it holds Python objects besides tensors and plain data"),
     ("tensor", [], "no model weights and configuration"),
     ("run", ["--T", "0"], "T must be an integer in [1, 10000]"),
@@ -247,13 +248,16 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("cfgstr", [], "no model weights and configuration"),
     ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
 ])
-def test_bad_input_is_one_line(tmp_path, capsys, recwarn, make, args, message):
+def test_bad_input_is_one_line(tmp_path, capsys, recwarn, monkeypatch, make, args, message):
     path = tmp_path / "w.pt"
     if make == "dir":
         path = tmp_path
     elif make == "garbage":
         path.write_bytes(b"not a checkpoint")
     elif make == "empty":
+        path.write_bytes(b"")
+    elif make == "unreadable":
+        monkeypatch.setattr(files, "read_bytes", lambda uri: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
         path.write_bytes(b"")
     elif make == "pickle":
         path.write_bytes(pickle.dumps({"trials": [object]}, protocol=5))

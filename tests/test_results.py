@@ -206,7 +206,7 @@ def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
     assert set(plots.render(_trials(["small_cnn", "resnet_ws"], [1, 2]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
 
 
-def test_a_trial_that_did_not_run_all_its_epochs_is_a_hollow_marker():
+def test_a_trial_that_did_not_complete_is_a_hollow_marker():
     # E.g. after Ctrl-C: a running trial's first epoch is not a tuned result, nor is a trial ASHA stopped.
     trials = pd.concat([_trials(["small_cnn"], [1, 4]), _trials(["small_cnn"], [4]).assign(
         best_test_acc=[0.95, 0.5], status=["running", "stopped_early"])])
@@ -218,11 +218,11 @@ def test_a_trial_that_did_not_run_all_its_epochs_is_a_hollow_marker():
     assert filled["ottt_A"].get_markevery() == [0, 1]
     [h] = hollow
     assert h.get_label() == "_ndot_A" and list(h.get_ydata()) == [95.0] and h.get_markerfacecolor() == "none"
-    assert ax.get_legend().get_texts()[-1].get_text() == "best trial did not run all its epochs"
+    assert ax.get_legend().get_texts()[-1].get_text() == "best trial did not complete"
     lr = plots.accuracy_vs_lr(trials).axes[0]
     faces = {(x, y): c[3] for coll in lr.collections for (x, y), c in zip(coll.get_offsets().tolist(), coll.get_facecolors())}
     assert [faces[(0.4, 95.0)], faces[(0.4, 50.0)], faces[(0.4, 90.0)]] == [0.0, 0.0, 0.8]
-    assert lr.get_legend().get_texts()[-1].get_text() == "trial did not run all its epochs"
+    assert lr.get_legend().get_texts()[-1].get_text() == "trial did not complete"
     # Every trial completed: no hollow marker, no legend entry for one.
     ax = plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4])).axes[0]
     assert not [line for line in ax.get_lines() if line.get_label().startswith("_")]

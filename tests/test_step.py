@@ -2,6 +2,7 @@
 import functools
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -168,6 +169,12 @@ def test_training_and_evaluation_refuse_steps_they_cannot_run_before_any_work(T,
         with pytest.raises(ValueError, match=f"^{re.escape(says)}$"):
             run(x, y, T=T, loss_alpha=0.05, precision=precision)
     assert not calls and not opt.records
+
+
+def test_a_numpy_integer_is_a_T_like_any_other():
+    model, (x, y) = make_model(), batch()
+    assert eval_batch(model, x, y, T=np.int64(2), loss_alpha=0.05)[1].shape[0] == 2
+    train_batch(model, RecordingSGD(model.parameters()), x, y, rule="ndot", mode="O", T=np.int32(2), loss_alpha=0.05)
 
 
 def test_a_batch_that_raised_midway_leaves_no_gradient_to_the_next():

@@ -24,7 +24,7 @@ from data_fixtures import closed_port
 from helpers import exit_status
 from ndot import files, results
 from ndot.cli import show_progress
-from ndot.config import ConfigError
+from ndot.config import ConfigError, TrainConfig
 from ndot.sweep import cli, resources, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
@@ -338,8 +338,9 @@ def test_trials_that_no_node_holds_are_refused_but_through_ray_client_only_warne
 
 def test_a_trial_given_gpus_that_torch_cannot_use_errors_instead_of_training_on_the_cpu(monkeypatch):
     monkeypatch.setattr(trainable.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainable.ray, "get_gpu_ids", lambda: [0])
     with pytest.raises(RuntimeError, match="^Ray gave this trial GPU 0 on .* sees no CUDA device there"):
-        trainable.check_gpus_usable("auto", [0])
+        trainable.run_trial(TrainConfig().to_dict())  # before any work: no Tune session is needed to get there
     trainable.check_gpus_usable("cpu", [0])  # asked for
     trainable.check_gpus_usable("auto", [])  # a CPU trial
     monkeypatch.setattr(trainable.torch.cuda, "is_available", lambda: True)
