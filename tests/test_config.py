@@ -10,7 +10,7 @@ from ndot import checkpoint
 from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, RULES, ConfigError, TrainConfig, check_rule_flags, parse_field,
                          parse_method)
 from ndot.layers import neurons
-from ndot.models import from_config
+from ndot.models import ARCHS, from_config
 
 
 @pytest.mark.parametrize(
@@ -21,8 +21,8 @@ from ndot.models import from_config
         ({"T": 10**20}, "T must be an integer in [1, 10000]"),
         ({"epochs": 0}, "epochs must be an integer in [1, 100000]"),
         ({"epochs": 10**12}, "epochs must be an integer in [1, 100000]"),
-        ({"rule": "stdp"}, "unknown rule 'stdp'; valid rules: ndot, ndot_ref, ottt, sltt, bptt"),
-        ({"arch": "vgg99"}, "unknown architecture 'vgg99'; valid architectures: resnet_ws, small_cnn, vgg11_ws"),
+        ({"rule": "stdp"}, f"unknown rule 'stdp'; valid rules: {', '.join(RULES)}"),
+        ({"arch": "vgg99"}, f"unknown architecture 'vgg99'; valid architectures: {', '.join(sorted(ARCHS))}"),
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"lr": -0.1}, "lr must be > 0"),
@@ -129,6 +129,11 @@ def test_parse_method_splits_at_the_last_underscore():
     for bad in ("ndot", "_A"):
         with pytest.raises(ValueError, match="RULE_MODE"):
             parse_method(bad)
+    # A rule whose own name holds an underscore, without its mode: not "unknown mode 'ref'".
+    with pytest.raises(ValueError, match=r"^rule 'ndot_ref' needs its mode, written RULE_MODE: ndot_ref_A or ndot_ref_O$"):
+        parse_method("ndot_ref")
+    with pytest.raises(ValueError, match=r"^rule 'bptt' needs its mode, written RULE_MODE: bptt_A$"):
+        parse_method("bptt")
 
 
 def test_parse_field_reads_each_kind_of_field_from_command_line_text():

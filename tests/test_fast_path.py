@@ -22,7 +22,7 @@ from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_ba
 from ndot.bench.profile import backward_regions, labelled_model
 from ndot.bench import report
 from ndot.bench.report import _against_device, memory_checks
-from ndot.config import ConfigError, TrainConfig
+from ndot.config import ONLINE_RULES, RULES, ConfigError, TrainConfig
 from ndot import fast
 from ndot.fast import accelerate, fused_neuron_step, fused_standardise
 from ndot.graphs import GraphedStep
@@ -33,7 +33,7 @@ from ndot.step import train_batch
 from ndot.train import train
 
 CUDA = torch.cuda.is_available()
-CASES = [(r, m) for r in ("ndot", "ndot_ref", "ottt", "sltt") for m in "AO"] + [("bptt", "A")]
+CASES = [(r, m) for r in ONLINE_RULES for m in "AO"] + [("bptt", "A")]
 # float32 is held to 1e-5 per parameter, the fast path's contract; float64 on CUDA shows any float32 gap is rounding.
 PLACES = [("cpu", torch.float32)] + ([("cuda", torch.float32), ("cuda", torch.float64)] if CUDA else [])
 
@@ -227,7 +227,7 @@ def test_the_fused_step_without_a_flat_view_is_still_exact():
             assert_close(fused.detach(), eager.detach(), 1e-12)
 
 
-@pytest.mark.parametrize("rule", ["ndot", "ndot_ref", "ottt", "sltt", "bptt"])
+@pytest.mark.parametrize("rule", RULES)
 def test_channels_last_alone_is_exact_in_float64(rule):
     model, x, y = on("cpu", torch.float64)
     plain = grads(model(rule), rule, "A", x, y, T=3)

@@ -2,9 +2,8 @@
 import pytest
 
 from helpers import assert_close, batch, grads, make_model
+from ndot.config import RULES
 from ndot.layers import neurons
-
-RULES = ["ndot", "ndot_ref", "ottt", "sltt", "bptt"]
 
 
 # VGG-11-WS with a threshold of 0.5: at 1.0 no spike reaches its last four convs in one step, and their

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close, batch, grads, make_model
+from ndot.config import RULES
 from ndot.layers import neurons
 from ndot.step import train_batch
 
@@ -96,11 +97,13 @@ def reference_losses(p, layout, x, y, T, rule, readout_trace=False, detach_reset
             elif rule == "ndot":
                 trace = sd if st["a"] is None else st["e"] * st["a"] + sd
                 st["e"] = ndot_factor(A, A_prev.detach())
-            else:  # ndot_ref: the ratio of A − Vth·s at t and t−1, applied at once
+            elif rule == "ndot_ref":  # the ratio of A − Vth·s at t and t−1, applied at once
                 q = A - V_TH * sd
                 e = ndot_factor(q, torch.zeros_like(q) if st["q"] is None else st["q"])
                 trace = sd if st["a"] is None else e * st["a"] + sd
                 st["q"] = q
+            else:
+                raise ValueError(f"the reference has no trace for rule {rule!r}")
             st["A"], st["a"] = A, trace
             a = C * trace
         else:
@@ -155,8 +158,7 @@ def assert_gradients_equal_the_reference(model, arch, rule, x, y, T, **kw):
     return p
 
 
-VARIANTS = [
-    ("ndot", {}), ("ndot_ref", {}), ("ottt", {}), ("sltt", {}), ("bptt", {}),
+VARIANTS = [(rule, {}) for rule in RULES] + [
     ("ndot", {"readout_trace": True}), ("ndot_ref", {"readout_trace": True}),
     ("bptt", {"detach_reset": True}),
 ]

@@ -1,6 +1,7 @@
 """Datasets by name.
 
-Every dataset module exposes `INFO` (a DatasetInfo), `check(cfg)` which raises
+Every dataset module exposes `INFO` (a DatasetInfo, or a dict of them by name where one module
+serves several, as ndot.data.cifar does), `check(cfg)` which raises
 DataError with one line when the data is missing (before any work starts), and
 `loaders(cfg, device, input_size)` returning (train, test) loaders; `ndot.data.loaders(cfg, device)`
 picks input_size. A loader yields (x, y) on `device`: x is [B, C, H, W] for static
