@@ -280,6 +280,24 @@ def is_experiment(folder: str) -> bool:
     return kind(_plan_uri(folder)) == pafs.FileType.File
 
 
+def sweeps_in(folder: str) -> list[str]:
+    """The names of the experiment folders directly in `folder` (a sweep's --storage), sorted."""
+    fs, path = filesystem(folder)
+    subfolders = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+    return sorted(i.base_name for i in subfolders if is_experiment(f"{folder.rstrip('/')}/{i.base_name}"))
+
+
+def _not_a_sweep(folder: str, why: str) -> str:
+    # Pointed at the --storage folder (runs/sweeps), the user meant one of the sweeps in it. (Called while
+    # an error is handled: a folder that cannot be listed only goes without the names.)
+    try:
+        names = sweeps_in(folder)
+    except STORAGE_ERRORS:
+        names = []
+    inside = f"; the sweeps in it: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names else ""
+    return f"{folder} is not a sweep's experiment folder ({why}){inside}"
+
+
 def plan_order(experiment: str) -> list[str]:
     """The strata as the sweep's plan (PLAN_FILE) lists them, the order its own summary uses; [] without a plan."""
     if not is_experiment(experiment):
@@ -343,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             return refuse(f"{args.dir} does not exist")
         if args.command == "collect":
             if not is_experiment(args.dir):
-                return refuse(f"{args.dir} is not a sweep's experiment folder (it holds no {PLAN_FILE})")
+                return refuse(_not_a_sweep(args.dir, f"it holds no {PLAN_FILE}"))
             records = collect(args.dir)
             write_tables(args.dir, records)
             rows = sum(len(r.history) for r in records)
@@ -369,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "collect" and is_experiment(args.dir):
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
             return 1
-        return refuse(f"{args.dir} is not a sweep's experiment folder (not found: {e})")
+        return refuse(_not_a_sweep(args.dir, f"not found: {str(e).splitlines()[0]}"))
     except KeyError as e:
         return refuse(f"{args.dir}: a table lacks the column {e}: not the tables of a sweep "
                       f"(python -m ndot.results collect {args.dir} rebuilds them)")

@@ -51,7 +51,16 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
 def test_collect_refuses_a_folder_that_is_no_sweep_in_one_line(tmp_path, capsys):
     assert results.main(["collect", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a sweep's experiment folder" in err
+    assert err.count("\n") == 1 and "not a sweep's experiment folder" in err and "the sweeps in it" not in err
+    # The --storage folder, which holds the sweeps: the one line names them.
+    for name in ("t-smoke", "a-smoke"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / results.PLAN_FILE).write_text("{}")
+    (tmp_path / "not-a-sweep").mkdir()
+    for command in ("collect", "summary", "plot"):
+        assert results.main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.rstrip().endswith("; the sweeps in it: a-smoke, t-smoke"), err
 
 
 def test_load_names_the_tables_it_knows():
