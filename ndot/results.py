@@ -267,7 +267,7 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     rank = {label: i for i, label in enumerate(order)}
     rows.sort(key=lambda r: rank.get(r["stratum"], len(rank)))
     # Int64: a stratum with no scored trial yet must not turn every best_epoch into a float (1.0).
-    counts = {k: "Int64" for k in ("best_epoch", "batch_size") if k in rows[0]} if rows else {"best_epoch": "Int64"}
+    counts = {"best_epoch": "Int64", **({"batch_size": "Int64"} if "batch_size" in searched else {})}
     return pd.DataFrame(rows).astype(counts).set_index("stratum")
 
 
