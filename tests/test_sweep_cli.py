@@ -389,6 +389,9 @@ def test_presets_run_what_the_readme_says():
 
     dvs = plan(TIMESTEPS, "paper_dvs")
     assert sorted({s.values["T"] for s in dvs.strata}) == [2, 4, 6, 8, 10] and dvs.space.loss_alpha == (0.001, 0.001)
+    # Searched, the DVS loss alpha starts at the authors' DVS script's 0.001, not the CIFAR recipe's 0.05.
+    searched = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--preset", "paper_dvs", "--loss-alpha", "0,0.2"]))
+    assert searched.space.first_point() == {"lr": 0.1, "loss_alpha": 0.001}
     assert sorted({s.values["T"] for s in plan(TIMESTEPS, "paper").strata}) == [1, 2, 4, 6]
     # Each stratum's first trial runs the recipe's searched values, except in the learning-rate smoke sweep.
     assert plan(TIMESTEPS, "smoke").space.first_point() == {"lr": 0.1}
