@@ -1,9 +1,12 @@
 """Saved states: written atomically (a reader or a crash never sees half a file), and found again."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -11,6 +14,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ndot import files
+from ndot.config import ConfigError
 
 # File names of saved states. A run folder of python -m ndot.train holds LAST (the state after the
 # last epoch, for --resume) and BEST (the weights of the best epoch); a sweep trial's Tune
@@ -48,6 +52,36 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read(path: str) -> dict[str, Any]:
+    """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
+    try:
+        raw = files.read_bytes(path)
+    except files.STORAGE_ERRORS as e:  # e.g. no permission: one line, for ndot.train --resume too
+        raise ConfigError(f"{path} cannot be read: {e}") from None
+    try:
+        with warnings.catch_warnings():
+            # torch.load warns of a pickle it did not write (a sweep's tuner.pkl) before it fails: the error says it.
+            warnings.simplefilter("ignore")
+            state = load(io.BytesIO(raw))
+    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
+        raise ConfigError(f"{path} is not a readable checkpoint: {_unreadable(raw, e)}") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys() or not isinstance(state["config"], dict):
+        raise ConfigError(f"{path} has no model weights and configuration: not a checkpoint of python -m ndot.train")
+    return state
+
+
+def _unreadable(raw: bytes, e: Exception) -> str:
+    # torch.load's own messages name its internals (a zip directory, a pickle's load key, weights_only).
+    if not raw:
+        return "the file is empty"
+    zipped = raw.startswith(b"PK\x03\x04")  # torch.save's format; b"\x80" opens a pickle (its legacy one, a tuner.pkl)
+    if isinstance(e, pickle.UnpicklingError) and (zipped or raw.startswith(b"\x80")):  # weights_only's refusal
+        return "it holds Python objects besides tensors and plain data, which are not loaded"
+    if zipped:
+        return "a zip archive that is no whole file of torch.save (cut short or damaged?)"
+    return "not a file of torch.save"
 
 
 # A sweep trial's folder holds one folder per kept Tune checkpoint, numbered by epoch - 1, and the

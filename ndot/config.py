@@ -201,7 +201,7 @@ def parse_method(name: str) -> dict[str, str]:
 
 def parse_field(name: str, text: str) -> Any:
     """A TrainConfig field's value from command-line text; ConfigError for an unknown field or a malformed value."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     if name not in kinds:
         raise ConfigError(f"unknown setting {name!r}; settings are TrainConfig's fields: {', '.join(kinds)}")
     kind = kinds[name]

@@ -1,9 +1,5 @@
-"""Where a run executes and what memory it peaks at: the device a config names, and its high-water mark."""
+"""Where a run executes: the torch device a config names."""
 from __future__ import annotations
-
-import resource
-import sys
-from pathlib import Path
 
 import torch
 
@@ -26,27 +22,3 @@ def resolve_device(name: str) -> torch.device:
         if (device.index or 0) >= count:
             raise ConfigError(f"device {name!r} asked for, but torch sees {count} CUDA device(s) here")
     return device
-
-
-def reset_peak_mem(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    # Linux: restart the resident-set high-water mark, so that an epoch's figure
-    # is its own even when a process runs several trials (Tune reuses actors).
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: peak resident set of the process."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux

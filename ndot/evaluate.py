@@ -12,11 +12,8 @@ JSON beside the weights, a sweep trial's in the trial's folder (or to --out).
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
-import warnings
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -24,7 +21,7 @@ import torch
 
 from ndot import checkpoint, data, files
 from ndot.cli import Parser, refuse, run, show_progress, threads
-from ndot.config import PRECISIONS, ConfigError, TrainConfig
+from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
 from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
@@ -98,36 +95,6 @@ def weights_file(path: str | os.PathLike) -> str:
     return path
 
 
-def load(path: str) -> dict[str, Any]:
-    """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
-    try:
-        raw = files.read_bytes(path)
-    except files.STORAGE_ERRORS as e:  # e.g. no permission: one line, for ndot.train --resume too
-        raise ConfigError(f"{path} cannot be read: {e}") from None
-    try:
-        with warnings.catch_warnings():
-            # torch.load warns of a pickle it did not write (a sweep's tuner.pkl) before it fails: the error says it.
-            warnings.simplefilter("ignore")
-            state = checkpoint.load(io.BytesIO(raw))
-    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
-        raise ConfigError(f"{path} is not a readable checkpoint: {_unreadable(raw, e)}") from None
-    if not isinstance(state, dict) or not {"model", "config"} <= state.keys() or not isinstance(state["config"], dict):
-        raise ConfigError(f"{path} has no model weights and configuration: not a checkpoint of python -m ndot.train")
-    return state
-
-
-def _unreadable(raw: bytes, e: Exception) -> str:
-    # torch.load's own messages name its internals (a zip directory, a pickle's load key, weights_only).
-    if not raw:
-        return "the file is empty"
-    zipped = raw.startswith(b"PK\x03\x04")  # torch.save's format; b"\x80" opens a pickle (its legacy one, a tuner.pkl)
-    if isinstance(e, pickle.UnpicklingError) and (zipped or raw.startswith(b"\x80")):  # weights_only's refusal
-        return "it holds Python objects besides tensors and plain data, which are not loaded"
-    if zipped:
-        return "a zip archive that is no whole file of torch.save (cut short or damaged?)"
-    return "not a file of torch.save"
-
-
 def model_of(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     """cfg's network on `device` with the weights in `state`; ConfigError where they are another network's."""
     info = data.info(cfg.dataset)
@@ -138,12 +105,6 @@ def model_of(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> t
         raise ConfigError(f"the weights are not those of the network their config names, {cfg.arch} for {cfg.dataset} "
                           f"({str(e).strip().splitlines()[0]})") from None
     return model
-
-
-def evaluate_weights(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Metrics:
-    """Evaluate `model` on cfg's test set, with cfg's T and precision, on `device`."""
-    _, test_loader = data.loaders(cfg, device)
-    return evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True)
 
 
 def default_out(weights: str, T: int) -> str:
@@ -184,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(device=args.device or "auto", cuda_graph=False)
     try:
         path = weights_file(args.path)
-        state = load(path)
+        state = checkpoint.read(path)
         cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
         device = resolve_device(cfg.device)
         model = model_of(state, cfg, device)
@@ -202,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(f"{args.path}: {e}")
     trained = TrainConfig.from_dict(state["config"])
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
-    print(f"{path} ({epoch}{trained.rule}_{trained.mode} T={trained.T} {trained.arch} on {trained.dataset}): "
+    print(f"{path} ({epoch}{method(trained.rule, trained.mode)} T={trained.T} {trained.arch} on {trained.dataset}): "
           f"evaluating with T={cfg.T} on {device}", flush=True)
-    m = evaluate_weights(model, cfg, device)
+    _, test_loader = data.loaders(cfg, device)
+    m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True)
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
     # The run's own config (what trained the weights) and, apart, what this evaluation ran with.
     evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,

@@ -125,9 +125,6 @@ class WholeLocalFiles(pafs.FileSystemHandler):
     def __eq__(self, other: object) -> bool:
         return isinstance(other, WholeLocalFiles)
 
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
     def get_type_name(self) -> str:
         return "ndot-whole-local"
 

@@ -5,10 +5,15 @@
 - AllocationMeter: the most memory a block allocates at any one time, the neuron state
   and every temporary included: CUDA's allocator statistics on a GPU, the profiler's
   record of each allocation and free on a CPU, which keeps no statistics of its own.
+- reset_peak_mem, peak_mem_mb: the high-water mark of a whole epoch, which the trainer
+  reports: CUDA's peak allocated on a GPU, the process's peak resident set on a CPU.
 """
 from __future__ import annotations
 
 import os
+import resource
+import sys
+from pathlib import Path
 
 import torch
 
@@ -100,3 +105,27 @@ class AllocationMeter:
         for e in sorted(events, key=lambda e: e.start_ns()):
             live += e.nbytes()
             self.peak = max(self.peak, live)
+
+
+def reset_peak_mem(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: restart the resident-set high-water mark, so that an epoch's figure
+    # is its own even when a process runs several trials (Tune reuses actors).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: peak resident set of the process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux

@@ -177,7 +177,7 @@ def record(trial: Any) -> TrialRecord:
             # which is expected; or damaged, which is worth a word. The newest whole one stands in.
             path, history = checkpoint.newest(fs, trial.path)
             if isinstance(e, ValueError):
-                log.warning(f"warning: trial {trial.trial_id}: {e}; read from {path or 'no checkpoint'} instead")
+                log.warning("trial %s: %s; read from %s instead", trial.trial_id, e, path or "no checkpoint")
     # Tune reads a saved state's RUNNING as PENDING, ready to restart: a trial with epochs had begun, and is
     # `running`, as the tables written when the sweep stopped say.
     status = "RUNNING" if trial.status == "PENDING" and history else None
@@ -271,13 +271,14 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
     return pd.DataFrame(rows).astype(counts).set_index("stratum")
 
 
-def _plan_uri(experiment: str) -> str:
+def plan_uri(experiment: str) -> str:
+    """Where an experiment keeps its plan (PLAN_FILE), written by ndot.sweep.runner."""
     return f"{experiment.rstrip('/')}/{PLAN_FILE}"
 
 
 def is_experiment(folder: str) -> bool:
     """Whether `folder` is a sweep's experiment folder: the one that holds its plan (PLAN_FILE)."""
-    return kind(_plan_uri(folder)) == pafs.FileType.File
+    return kind(plan_uri(folder)) == pafs.FileType.File
 
 
 def sweeps_in(folder: str) -> list[str]:
@@ -302,7 +303,7 @@ def plan_order(experiment: str) -> list[str]:
     """The strata as the sweep's plan (PLAN_FILE) lists them, the order its own summary uses; [] without a plan."""
     if not is_experiment(experiment):
         return []
-    return [s["label"] for s in json.loads(read_bytes(_plan_uri(experiment))).get("strata", [])]
+    return [s["label"] for s in json.loads(read_bytes(plan_uri(experiment))).get("strata", [])]
 
 
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:

@@ -72,17 +72,14 @@ def train_batch(
         loss_sum = loss_sum + loss.detach()
         return loss
 
-    if rule == "bptt":
+    if rule == "bptt" or mode == "A":
         with standardised_weights(model):
-            sum(forward(t) for t in range(T)).backward()
+            if rule == "bptt":
+                sum(forward(t) for t in range(T)).backward()
+            else:
+                for t in range(T):
+                    forward(t).backward()
             reset_state(model)  # read by nothing now: freed before Ŵ's backward and the SGD step
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    elif mode == "A":
-        with standardised_weights(model):
-            for t in range(T):
-                forward(t).backward()
-            reset_state(model)
         opt.step()
         opt.zero_grad(set_to_none=True)
     else:

@@ -8,6 +8,7 @@ Ray: a sweep passes a callback that reports the metrics and stores the state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -18,19 +19,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
 from ndot.cli import Parser, refuse, run, show_progress, threads
-from ndot.config import DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, check_rule_flags
-from ndot.device import peak_mem_mb, reset_peak_mem, resolve_device
+from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
+                         check_rule_flags, method)
+from ndot.device import resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
-from ndot.evaluate import load as load_state
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
+from ndot.memory import peak_mem_mb, reset_peak_mem
 from ndot.models import ARCHS, from_config
 from ndot.step import train_batch
 
@@ -187,16 +189,16 @@ def train(
         }
         if not math.isfinite(train_loss):
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
-            _call(on_epoch, metrics, model, opt, epoch, best, cfg)
+            _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
             return TrainResult("diverged", epoch, metrics, best)
         metrics.update(evaluate(model, test_loader, cfg, info.num_classes))
         best = max(best, metrics["test_acc"])
         metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
-        _call(on_epoch, metrics, model, opt, epoch, best, cfg)
+        _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
     return TrainResult("completed", cfg.epochs, metrics, best)
 
 
-def _call(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:
+def _report_epoch(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:
     if on_epoch is None:
         return
     state = {
@@ -220,7 +222,7 @@ DEFAULT_OUT = "runs/{dataset}-{arch}-{rule}_{mode}-T{T}-seed{seed}"
 LOG = "metrics.jsonl"
 # What a run leaves in its folder; a fresh run refuses a folder holding any of them.
 _RUN_FILES = (checkpoint.LAST, checkpoint.BEST, LOG)
-# What a resume reads of checkpoint.pt besides the weights and the config (see _call).
+# What a resume reads of checkpoint.pt besides the weights and the config (see _report_epoch).
 _RESUMED = ("epoch", "metrics", "best_test_acc", "optimizer", "rng")
 
 _CHOICES = {"dataset": sorted(data.DATASETS), "arch": sorted(ARCHS), "rule": RULES, "mode": MODES,
@@ -248,12 +250,12 @@ def _parser() -> argparse.ArgumentParser:
                            "--batch_size and --batch-size are the same flag.")
     for f in dataclasses.fields(TrainConfig):
         flags = ["--" + f.name]
-        if f.type in ("bool", bool):
+        if f.type == "bool":  # a string: `from __future__ import annotations` in ndot.config
             p.add_argument(*flags, action=argparse.BooleanOptionalAction, help=_help(f))
         elif f.name == "data_root":
             p.add_argument(*flags, help=_help(f))
         else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            kind = {"int": int, "float": float, "str": str}[f.type]
             p.add_argument(*flags, type=kind, help=_help(f))
     p.add_argument("--out", type=_folder, help=f"run folder: {LOG} (a line per epoch), {checkpoint.LAST} (the last "
                                             f"epoch) and {checkpoint.BEST} (the best epoch's weights) "
@@ -276,15 +278,13 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         ckpt_path = out / checkpoint.LAST
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume given but {ckpt_path} does not exist")
-        state = load_state(str(ckpt_path))
+        state = checkpoint.read(str(ckpt_path))
         missing = [k for k in _RESUMED if k not in state]
         if missing:  # e.g. best.pt copied over it: weights without the run's state
             raise ConfigError(f"{ckpt_path} holds no {', '.join(missing)}: not the {checkpoint.LAST} of a run to resume")
         # Before any refusal: a run that stopped at its last epoch is only ever resumed to be refused.
-        try:
+        with _writing_in(out):
             _mend(out, state)
-        except OSError as e:
-            raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
         cfg = TrainConfig.from_dict({**state["config"], **given})
         try:
             # Another run's flags are named as such before its data is looked for.
@@ -304,11 +304,18 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
             # A fresh run would overwrite them: that run's results are not this one's to discard.
             then = "--resume to continue it" if checkpoint.LAST in held else "remove them to start afresh"
             raise ConfigError(f"{out} holds a run already ({', '.join(held)}): {then}, or another --out")
-    try:
+    with _writing_in(out):
         files.check_writable(str(out))
+    return cfg, device, state
+
+
+@contextlib.contextmanager
+def _writing_in(out: Path) -> Iterator[None]:
+    """An OSError inside the block becomes the ConfigError of an --out that cannot be written."""
+    try:
+        yield
     except OSError as e:
         raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
-    return cfg, device, state
 
 
 def _mend(out: Path, state: dict[str, Any]) -> None:
@@ -335,7 +342,7 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
     if logged != text:
         files.write_local(log_path, lambda f: f.write(text.encode()))
     if checkpoint.is_best(state["metrics"]) and not (
-            best_path.is_file() and load_state(str(best_path))["epoch"] == state["epoch"]):
+            best_path.is_file() and checkpoint.read(str(best_path))["epoch"] == state["epoch"]):
         checkpoint.save(best_path, checkpoint.best_of(state))
 
 
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             last[0] = time.monotonic()
             print(f"epoch {epoch:3d}/{cfg.epochs}  batch {done}/{total}", flush=True)
 
-    print(f"{cfg.rule}_{cfg.mode} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
+    print(f"{method(cfg.rule, cfg.mode)} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
     try:
         result = train(cfg, on_epoch, state, on_batch)
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # A sweep without --address joins the cluster $RAY_ADDRESS names: the suite's sweeps run on the Ray
 # each test starts, never on a cluster the shell that runs the suite points at.
 os.environ.pop("RAY_ADDRESS", None)
-# Installed here for the sweeps and the event data, absent from the GPU machine's image
-# (/work/.library/device/KINDS.md lists what it holds).
+# Installed here for the sweeps and the event data, absent from the GPU machine's image:
+# bench/gpu_check.sh must run without them.
 NOT_ON_THE_GPU_MACHINE = ("ray", "optuna", "tonic", "faery", "aedat", "expelliarmus", "importRosbag",
                           "jsonschema", "moto", "boto3")
 

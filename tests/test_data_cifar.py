@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
@@ -292,7 +292,7 @@ def served(root, tmp_path, monkeypatch) -> list[tuple]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_address[1]}/{archive.name}")
-    monkeypatch.setattr(CIFAR10, "tgz_md5", fixtures._md5(archive))
+    monkeypatch.setattr(CIFAR10, "tgz_md5", calculate_md5(archive))
     yield downloads
     server.shutdown()
 

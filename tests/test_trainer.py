@@ -209,7 +209,7 @@ def test_train_metrics_are_per_sample_and_throughput_counts_time_steps(monkeypat
 
 def test_peak_memory_is_in_megabytes():
     # /proc's VmHWM is in KiB: a process that has imported torch holds tens of MB at least, not a fraction of one.
-    from ndot.device import peak_mem_mb
+    from ndot.memory import peak_mem_mb
     assert 20 < peak_mem_mb(torch.device("cpu")) < 1e6
 
 

@@ -112,7 +112,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         # trains, not one the SNN's own levers outrun (fused_ws compiles the ANN's standardisation too).
         "ann_levers": [Levers(channels_last=c, fused_ws=w, cuda_graph=g) for c, w in ((False, False), (True, False), (True, True))
                        for g in ((False, True) if cuda else (False,))],
-        # Large enough to fill a GPU (8192 is the size of the H200 reading in .library/device/KINDS.md);
+        # Large enough to fill a GPU (8192: the size of the H200 reading bench/NOTES.md compares with);
         # small on a CPU, where the product is timed at least three times after the warm-up.
         "matmul_n": 8192 if cuda else (512 if small else 2048),
         "warmup": args.warmup if args.warmup is not None else (1 if small else 3),

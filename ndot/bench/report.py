@@ -6,6 +6,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ndot.bench.measure import Levers, Row
+from ndot.config import method
 
 # The throughput targets for one H200: NDOT_A in bf16 against the ANN ceiling,
 # NDOT_O against NDOT_A (both bf16), and NDOT_A's fp32 image-steps/s.
@@ -131,13 +132,13 @@ def table(rows: list[Row]) -> str:
              for r in rows if r["kind"] == "ann"))
     section("Training", ["arch", "rule", "T", "batch", "precision", "levers", "image-steps/s", "x ceiling", "peak MB",
                          "batch peak MB", "saved MB"],
-            ([r["arch"], f"{r['rule']}_{r['mode']}", r["T"], r["batch"], r["precision"], _levers_name(r),
+            ([r["arch"], method(r["rule"], r["mode"]), r["T"], r["batch"], r["precision"], _levers_name(r),
               r["image_steps_per_s"], _ratio(r["ratio_to_ceiling"]), r["peak_mem_mb"], r.get("batch_peak_mb"), r["saved_mb"]]
              for r in rows if r["kind"] == "snn"))
     section("Against the device (the convolutions' FLOPs per image-step x image-steps/s)",
             ["precision", "case", "levers", "TFLOP/s", "x matrix product"], _against_device(rows, env))
     section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MB", "judged", "ok"],
-            ([f"{r['rule']}_{r['mode']}", r["precision"], _levers_name(r), r["metric"], r["T"],
+            ([method(r["rule"], r["mode"]), r["precision"], _levers_name(r), r["metric"], r["T"],
               [round(m, 1) for m in r["mb"]], "linear" if r["rule"] == "bptt" else "flat", r["ok"]]
              for r in rows if r["kind"] == "memory_vs_T"))
     profiles = [r for r in rows if r["kind"] == "profile"]
@@ -145,7 +146,7 @@ def table(rows: list[Row]) -> str:
     categories = list(profiles[0]["fraction"]) if profiles else []
     section("Profile (fraction of the batch)", ["rule", "T", "precision", "levers", "batch ms",
                                                 *(c.replace("_", " ") for c in categories), "neuron / conv"],
-            ([f"{r['rule']}_{r['mode']}", r["T"], r["precision"], _levers_name(r), r["batch_ms"],
+            ([method(r["rule"], r["mode"]), r["T"], r["precision"], _levers_name(r), r["batch_ms"],
               *(_ratio(r["fraction"].get(c)) for c in categories), _ratio(r["neuron_over_conv"])] for r in profiles))
     section("Targets", ["target", "value"], ([k, v] for r in rows if r["kind"] == "targets" for k, v in r.items() if k != "kind"))
     section("Errors", ["case", "args", "error"], ([r["case"], r["args"], r["error"]] for r in rows if r["kind"] == "error"))

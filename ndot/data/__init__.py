@@ -28,7 +28,6 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    name: str
     num_classes: int
     in_channels: int
     # Native side length; None where the model's preferred size is used instead.

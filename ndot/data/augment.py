@@ -53,9 +53,9 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator | None) -> T
     return crop_at(x, padding, offsets[0], offsets[1])
 
 
-def random_flip(x: Tensor, generator: torch.Generator | None, p: float = 0.5) -> Tensor:
-    """Horizontal flip of each sample with probability p."""
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
+def random_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Horizontal flip of each sample with probability 1/2, as torchvision's RandomHorizontalFlip()."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
     return torch.where(_per_sample(flip, x), x.flip(-1), x)
 
 

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from ndot.config import TrainConfig
 
 INFO = {
-    "cifar10": DatasetInfo("cifar10", num_classes=10, in_channels=3, image_size=32),
-    "cifar100": DatasetInfo("cifar100", num_classes=100, in_channels=3, image_size=32),
+    "cifar10": DatasetInfo(num_classes=10, in_channels=3, image_size=32),
+    "cifar100": DatasetInfo(num_classes=100, in_channels=3, image_size=32),
 }
 _CLASSES: dict[str, type[CIFAR10]] = {"cifar10": CIFAR10, "cifar100": CIFAR100}
 NORMALISATION = {

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFO = DatasetInfo("cifar10dvs", num_classes=10, in_channels=2, image_size=48)
+INFO = DatasetInfo(num_classes=10, in_channels=2, image_size=48)
 CLASSES = tuple(sorted(CIFAR10DVS.classes, key=CIFAR10DVS.classes.__getitem__))
 SENSOR_SIZE: tuple[int, int, int] = CIFAR10DVS.sensor_size  # (W, H, polarities)
 RECORDINGS_PER_CLASS = 1000
@@ -140,9 +140,9 @@ def split(paths: list[str], labels: list[int]) -> tuple[list[int], list[int]]:
     return train, test
 
 
-def count_frames(events: np.ndarray, T: int, sensor_size: tuple[int, int, int] = SENSOR_SIZE) -> torch.Tensor:
+def count_frames(events: np.ndarray, T: int) -> torch.Tensor:
     """Events (fields x, y, p, in time order) -> float32 counts [T, polarities, H, W] over T equal-count bins."""
-    w, h, polarities = sensor_size
+    w, h, polarities = SENSOR_SIZE
     n = len(events)
     bins = np.arange(n, dtype=np.int64) * T // max(n, 1)
     flat = ((bins * polarities + events["p"].astype(np.int64)) * h + events["y"]) * w + events["x"]

@@ -7,13 +7,13 @@ dependency) and its `CIFAR10DVS.zip` marker.
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import calculate_md5
 
 from ndot.data import dvs
 
@@ -23,14 +23,10 @@ _LAYOUT: dict[str, dict[str, Any]] = {
 }
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def _dump(path: Path, obj: dict[str, Any]) -> str:
     with open(path, "wb") as f:
         pickle.dump(obj, f, protocol=2)
-    return _md5(path)
+    return calculate_md5(path)
 
 
 def write_cifar(root: Path, name: str, train: tuple[np.ndarray, np.ndarray],
@@ -62,11 +58,11 @@ def write_cifar(root: Path, name: str, train: tuple[np.ndarray, np.ndarray],
     return {"train_list": train_list, "test_list": test_list, "meta": meta}
 
 
-def recording_events(n: int, rng: np.random.Generator, sensor_size: tuple[int, int, int] = dvs.SENSOR_SIZE) -> np.ndarray:
+def recording_events(n: int, rng: np.random.Generator) -> np.ndarray:
     """n events in faery's dtype, uniform over the sensor, timestamps increasing."""
     import faery
 
-    w, h, _ = sensor_size
+    w, h, _ = dvs.SENSOR_SIZE
     events = np.zeros(n, dtype=faery.EVENTS_DTYPE)
     events["t"] = np.cumsum(rng.integers(1, 50, n))
     events["x"] = rng.integers(0, w, n)

@@ -71,11 +71,10 @@ class DeviceLoader:
         g_prepare = g if self.device == home else epoch_generator(self.seed, self.epoch, self.device)
         order = torch.randperm(self.num_samples, generator=g, device=home) if self.shuffle else None
         for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = order[sl] if order is not None else None
-            x = self.x[idx] if idx is not None else self.x[sl]
-            y = self.y[idx] if idx is not None else self.y[sl]
-            x, y = x.to(self.device), y.to(self.device)
+            idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if order is not None:
+                idx = order[idx]
+            x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
             if self.prepare is not None:
                 x = self.prepare(x, g_prepare)
             yield x, y

@@ -68,11 +68,11 @@ class Plan:
 
 def save_plan(plan: Plan) -> None:
     """Store the plan in the experiment, readable, so that a resume runs what was started."""
-    files.write_bytes(f"{plan.experiment}/{results.PLAN_FILE}", json.dumps(asdict(plan), indent=1).encode())
+    files.write_bytes(results.plan_uri(plan.experiment), json.dumps(asdict(plan), indent=1).encode())
 
 
 def load_plan(experiment: str) -> Plan:
-    d = json.loads(files.read_bytes(f"{experiment}/{results.PLAN_FILE}"))
+    d = json.loads(files.read_bytes(results.plan_uri(experiment)))
     d["strata"] = tuple(Stratum(**s) for s in d["strata"])
     # JSON turned the space's tuples into lists.
     d["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["space"].items()})
