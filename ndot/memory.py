@@ -61,7 +61,7 @@ class SavedTensorMeter:
         self.hooks.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.hooks.__exit__(*exc)
 
 
@@ -93,7 +93,7 @@ class AllocationMeter:
             self.prof.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base

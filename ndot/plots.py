@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -53,7 +54,7 @@ def _unfinished(trials: pd.DataFrame) -> pd.Series:
     return trials["status"] != COMPLETED
 
 
-def _lines(ax: plt.Axes, series: pd.Series, x: str, ylabel: str, hollow: pd.Series | None = None) -> None:
+def _lines(ax: Axes, series: pd.Series, x: str, ylabel: str, hollow: pd.Series | None = None) -> None:
     """`series` is indexed by (curve, x); so is `hollow`, True where the point's marker is to be hollow."""
     for name, s in series.groupby(level="curve"):
         s = s.droplevel("curve").sort_index()

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -404,5 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.status == "completed" else 3
 
 
-if __name__ == "__main__":
+def cli() -> NoReturn:
+    """The ndot-train console script: main() as `python -m ndot.train` runs it (a closed stdout ends it quietly)."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,6 +2,10 @@
 import dataclasses
 import json
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +279,17 @@ def test_an_out_of_blanks_is_refused_too(tmp_path, capsys, monkeypatch):
     assert exit_status(main, [*RUN, "--out", " "]) == 2
     assert "argument --out: must name a folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_script_ends_quietly_when_its_reader_goes_away(tmp_path):
+    # pyproject's ndot-train runs as pip's wrapper runs it, sys.exit(entry()): the entry must be the one that
+    # turns a closed stdout (`ndot-train ... | head -1`) into SIGPIPE's status rather than a traceback.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    module, entry = pyproject["project"]["scripts"]["ndot-train"].split(":")
+    code = f"import sys; from {module} import {entry}; sys.argv[0] = 'ndot-train'; sys.exit({entry}())"
+    proc = subprocess.Popen([sys.executable, "-c", code, *RUN, "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "-> " in proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and proc.stderr.read() == ""

@@ -6,7 +6,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow.fs as pafs
 import ray
@@ -29,7 +29,7 @@ def _node() -> dict[str, Any]:
     }
 
 
-def check_gpus_usable(device: str, gpu_ids: list[int | str]) -> None:
+def check_gpus_usable(device: str, gpu_ids: Sequence[int | str]) -> None:
     """Raise where Ray gave the trial GPUs (`gpu_ids`) that torch cannot use and `device` ("auto") would
     run it on the CPU instead: for days, unnoticed, where a node's NVIDIA driver is too old for torch's CUDA."""
     if gpu_ids and device == "auto" and not torch.cuda.is_available():
