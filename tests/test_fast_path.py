@@ -256,6 +256,9 @@ def test_bf16_fast_path_is_finite_and_close_to_fp32(mode, device):
     ref = grads(model("ndot"), "ndot", mode, x, y, T=3)
     fast_model, x, y = on(device, torch.float32, channels_last=True, fused_neuron=True, fused_ws=True)
     low = grads(fast_model("ndot"), "ndot", mode, x, y, T=3, precision="bf16")
+    # bf16 ran: its rounding shows far beyond the fp32 fast path's 1e-5 (a run left in fp32 passes the rest).
+    rel = max(((low[n] - ref[n]).abs().max() / ref[n].abs().max()).item() for n in ref)
+    assert rel > 1e-3, f"gradients within {rel:.1e} of fp32: did bf16 run?"
     for name in ref:
         assert torch.isfinite(low[name]).all(), name
         # bf16 moves potentials across the threshold, so spikes (and with them
@@ -264,7 +267,11 @@ def test_bf16_fast_path_is_finite_and_close_to_fp32(mode, device):
         assert cos > 0.8, f"{name}: cosine {cos:.3f} to the fp32 gradient"
 
 
-def test_trainer_applies_the_levers_and_trains_alike():
+def test_trainer_applies_the_levers_and_trains_alike(monkeypatch):
+    import ndot.train as train_module
+    built = []  # the model each run trains: the real one, kept to see which functions its layers run
+    real_from_config = train_module.from_config
+    monkeypatch.setattr(train_module, "from_config", lambda *a: built.append(real_from_config(*a)) or built[-1])
     base = dict(dataset="digits", arch="small_cnn", T=1, batch_size=32, epochs=1, seed=3, device="cpu")
     runs = []
     for levers in ({}, {"channels_last": True, "fused_neuron": True, "fused_ws": True}):
@@ -273,6 +280,13 @@ def test_trainer_applies_the_levers_and_trains_alike():
         runs.append(seen[-1])
     (plain, _), (fast, state) = runs
     assert state["model"]["features.2.weight"].is_contiguous(memory_format=torch.channels_last)
+    # Each lever reached the layers: a trainer that dropped the fused ones would train alike too.
+    plain_model, fast_model = built
+    convs = lambda m: [c for c in m.modules() if isinstance(c, WSConv2d)]  # noqa: E731
+    assert all(n.step_fn is fused_neuron_step() for n in neurons(fast_model))
+    assert all(c.standardise_fn is fused_standardise() for c in convs(fast_model))
+    assert all(n.step_fn is neuron_step for n in neurons(plain_model))
+    assert all(c.standardise_fn is standardise for c in convs(plain_model))
     # One epoch of updates on gradients equal to rounding: the same loss to rounding.
     assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
 

@@ -237,10 +237,13 @@ def test_bf16_keeps_the_membrane_in_fp32():
     model = make_model(rule="ndot", dtype=torch.float32)
     x, y = batch(dtype=torch.float32)
     from ndot.layers import neurons
-    dtypes = set()
+    dtypes, currents = set(), set()
     for n in neurons(model):
         n.register_forward_hook(lambda m, i, o: dtypes.update(v.dtype for v in m.state.values() if v is not None))
+        n.register_forward_hook(lambda m, i, o: currents.add(i[0].dtype))
     train_batch(model, RecordingSGD(model.parameters()), x, y, rule="ndot", mode="A", T=2, loss_alpha=0.05, precision="bf16")
+    # The currents arrive in bf16 (else the run was fp32 throughout and the check below shows nothing).
+    assert currents == {torch.bfloat16}
     assert dtypes == {torch.float32}
 
 
