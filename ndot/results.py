@@ -177,7 +177,8 @@ def record(trial: Any) -> TrialRecord:
             # which is expected; or damaged, which is worth a word. The newest whole one stands in.
             path, history = checkpoint.newest(fs, trial.path)
             if isinstance(e, ValueError):
-                log.warning("trial %s: %s; read from %s instead", trial.trial_id, e, path or "no checkpoint")
+                # Shown by logging's last-resort handler, message only: the word says what it is.
+                log.warning("warning: trial %s: %s; read from %s instead", trial.trial_id, e, path or "no checkpoint")
     # Tune reads a saved state's RUNNING as PENDING, ready to restart: a trial with epochs had begun, and is
     # `running`, as the tables written when the sweep stopped say.
     status = "RUNNING" if trial.status == "PENDING" and history else None

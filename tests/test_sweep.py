@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -255,6 +256,41 @@ def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster,
     best, last = checkpoint.load(folder / checkpoint.BEST), checkpoint.load(folder / checkpoint.TRIAL)
     assert (best["epoch"], best["metrics"]["test_acc"], last["epoch"]) == (best_epoch, 0.9, 4)
     assert any((best["model"][k] != last["model"][k]).any() for k in best["model"])
+
+
+# A file the test creates: while it exists, every trial fails at its start.
+FAIL_WHILE: str | None = None
+
+
+def _trial_failing_while_flagged(config: dict) -> None:
+    if FAIL_WHILE is not None and Path(FAIL_WHILE).exists():
+        raise RuntimeError("failure injected")
+    runner.run_trial(config)
+
+
+def test_an_errored_trial_exits_1_with_the_retry_command_which_runs_it_again(cluster, tmp_path, monkeypatch, capsys):
+    flag = tmp_path / "fail"
+    flag.touch()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(sys.modules[__name__], "FAIL_WHILE", str(flag))
+    monkeypatch.setattr(runner, "run_trial", _trial_failing_while_flagged)
+    monkeypatch.setattr(runner, "MAX_FAILURES", 0)  # Tune's own retries would only repeat the failure
+    argv = ["--preset", "smoke", "--T", "1", "--rules", "ndot_A", "--epochs", "2",
+            "--storage", str(tmp_path), "--name", "errored", "--address", cluster.address]
+    try:
+        assert cli.main(TIMESTEPS, argv) == 1
+        err = capsys.readouterr().err
+        errored = results.load(str(tmp_path / "errored"), results.TRIALS_TABLE)
+        # What the line says to run, run: the trial that errored trains again, now without the failure.
+        again = shlex.split(err.split("1 trials errored: retry them with ")[1].splitlines()[0])
+        flag.unlink()
+        assert cli.main(TIMESTEPS, again[again.index("--resume"):]) == 0  # after `python SCRIPT`
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    retried = results.load(str(tmp_path / "errored"), results.TRIALS_TABLE)
+    assert list(errored["status"]) == [results.ERRORED]
+    assert list(retried["trial_id"]) == list(errored["trial_id"])
+    assert (retried.iloc[0]["status"], retried.iloc[0]["epochs_run"]) == (results.COMPLETED, 2)
 
 
 def _overlapping(epochs: pd.DataFrame) -> list[tuple[str, str]]:
