@@ -667,3 +667,15 @@ def test_the_profile_puts_each_part_of_a_batch_in_its_category():
     from ndot.bench.profile import _category
     assert _category(SimpleNamespace(name="Optimizer.step#SGD.step", sequence_nr=-1), {}) == "sgd"
     assert _category(SimpleNamespace(name="Optimizer.zero_grad#SGD.zero_grad", sequence_nr=-1), {}) is None
+
+
+def test_the_fused_standardisation_of_the_parameters_themselves_shares_its_graphs():
+    # The test above passes detached copies; the model passes its parameters, whose shapes Dynamo holds
+    # static (a graph per layer shape, all of VGG-11's in one epoch) unless fused_standardise hides them.
+    convs = [m for m in build("vgg11_ws", 3, 10).double().modules() if isinstance(m, WSConv2d)]
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for c in convs:
+        w_hat = fused_standardise()(c.weight, c.gain, c.eps)
+        assert_close(w_hat.detach(), standardise(c.weight, c.gain, c.eps).detach(), 1e-12, str(tuple(c.weight.shape)))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    assert graphs <= 3, f"{graphs} graphs for the {len(convs)} convs' parameters"

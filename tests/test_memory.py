@@ -88,3 +88,16 @@ def test_saved_tensor_meter_counts_each_storage_once():
         assert m.live == w.nbytes + x.nbytes
         loss.backward()
     assert m.peak == w.nbytes + x.nbytes and m.live == 0
+
+
+def test_sltt_keeps_nothing_of_its_trace_between_steps():
+    # SLTT's trace is the step's own spikes, which the next step never reads: kept in the state, they
+    # would stay alive through the next step, a layer of spikes per neuron that the 5% margin above
+    # (and a peak that does not grow with T) would let pass.
+    from ndot.layers import LIF
+    lif = LIF().train()
+    lif.rule = "sltt"
+    for _ in range(2):
+        s, a = lif(torch.full((8,), 1.5))
+        assert a is not None and torch.equal(a, s)
+        assert lif.state.get("a") is None and lif.state.get("e") is None

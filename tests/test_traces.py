@@ -252,3 +252,15 @@ def test_a_rule_registered_without_its_trace_is_refused_not_run_as_another(monke
     for a, A_prev, e_prev in ((None, None, None), (torch.ones(3), torch.ones(3), torch.ones(3))):
         with pytest.raises(ValueError, match="^no trace for rule 'ottt_decay2'; online rules: .*ottt_decay2"):
             neuron.trace_step("ottt_decay2", a, s, torch.ones(3), A_prev, e_prev, 0.5, 1.0)
+
+
+def test_the_authors_rule_takes_lambda_on_a_zero_denominator_whatever_the_signed_flag():
+    # The signed reading (λ·sign) is an option of NDOT's factor only; the authors' e_ref takes λ.
+    # q = A - Vth s is 0 with a spike at u = 2 Vth, so the trace it scales is not 0 there (with
+    # s = 0 and q = 0 it is, and no reading of the fill could show).
+    # t=1: u = 2, s = 1, A = 1, q = 0, â = 1.   t=2: u = 0.5 - 1 = -0.5, q = -0.5, e_ref = -0.5/0 -> λ, â = 0.5
+    currents = np.array([[2.0], [-1.0]])
+    for signed in (False, True):
+        s, _, a = run_lif(currents, "ndot_ref", signed)
+        np.testing.assert_array_equal(s[:, 0], [1, 0])
+        np.testing.assert_array_equal(a[:, 0], [1.0, 0.5])
