@@ -263,6 +263,30 @@ def test_cache_is_reused_and_a_changed_T_never_reads_it(dataset_root, private_ca
     assert not list(private_cache.glob("*.tmp")), "no temporary file left behind"
 
 
+def test_building_the_cache_leaves_torchs_generator_where_it_was(dataset_root, private_cache):
+    # The trainer seeds it and then loads the data, and builds the weights from it after.
+    for _ in range(2):  # the first builds the cache, the second reads it
+        before = torch.get_rng_state()
+        dvs.load_frames(config(dataset_root, T=1), 48)
+        assert torch.equal(torch.get_rng_state(), before)
+    assert len(cache_files(private_cache)) == 1
+
+
+def test_the_run_that_builds_the_cache_trains_as_the_runs_that_read_it(dataset_root, private_cache):
+    # Tune runs a sweep's trials one after another in a worker: the first of each T builds the frame cache,
+    # the others read it. A run's results must not depend on which it was.
+    cfg = config(dataset_root, arch="small_cnn", T=1, epochs=1, batch_size=128, device="cpu")
+    states = []
+    for _ in range(2):
+        train(cfg, lambda m, s: states.append(s))
+    assert len(cache_files(private_cache)) == 1
+    built, read = states
+    timing = {"epoch_seconds", "image_steps_per_s", "peak_mem_mb"}
+    assert {k: v for k, v in built["metrics"].items() if k not in timing} == \
+        {k: v for k, v in read["metrics"].items() if k not in timing}
+    assert all(torch.equal(built["model"][k], read["model"][k]) for k in built["model"])
+
+
 def test_cache_follows_the_recordings(dataset_root, private_cache, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(dataset_root / "CIFAR10DVS", copy / "CIFAR10DVS")

@@ -204,7 +204,11 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[tor
     x = torch.empty(len(indices), t.T, 2, t.size, t.size, dtype=FRAME_DTYPES[t.encoding])
     y = torch.empty(len(indices), dtype=torch.long)
     unreadable = []
-    batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list)
+    # A generator of its own: a DataLoader draws its workers' base seed from the one it is given, else from
+    # torch's global generator, which the trainer has seeded for the weights it builds next. Moved only where
+    # the cache is built, it gave the run that built it other weights than every run that read it.
+    batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list,
+                         generator=torch.Generator())
     last = time.monotonic()
     for k, (frames, label, error) in enumerate(item for batch in batches for item in batch):
         # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
