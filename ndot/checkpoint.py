@@ -1,4 +1,5 @@
-"""Saved states: written atomically (a reader or a crash never sees half a file), and found again."""
+"""Saved states: written atomically (a reader or a crash never sees half a file), read back with
+one-line errors (read), and found again."""
 from __future__ import annotations
 
 import io
@@ -58,7 +59,7 @@ def read(path: str) -> dict[str, Any]:
     """A saved state with the weights ("model") and the run's configuration ("config"); ConfigError otherwise."""
     try:
         raw = files.read_bytes(path)
-    except files.STORAGE_ERRORS as e:  # e.g. no permission: one line, for ndot.train --resume too
+    except files.STORAGE_ERRORS as e:  # e.g. no permission: one line, for ndot.evaluate and ndot.train --resume alike
         raise ConfigError(f"{path} cannot be read: {e}") from None
     try:
         with warnings.catch_warnings():

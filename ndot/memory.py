@@ -1,4 +1,4 @@
-"""Memory of a training batch, measured the same way on every device.
+"""Memory of a training batch, measured the same way on every device; and an epoch's high-water mark.
 
 - SavedTensorMeter: the storage autograd holds for backward, through saved-tensor hooks:
   exact and device-independent, the figure that separates online rules (flat in T) from BPTT.
@@ -108,6 +108,7 @@ class AllocationMeter:
 
 
 def reset_peak_mem(device: torch.device) -> None:
+    """Start the high-water mark that peak_mem_mb reads: at the start of each epoch."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return

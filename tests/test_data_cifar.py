@@ -331,9 +331,11 @@ def test_stalled_download_times_out(tmp_path, monkeypatch):
     in_effect = []
     real_connect = socket.create_connection
 
-    def connect(*args, **kwargs):
-        in_effect.append(socket.getdefaulttimeout())
-        return real_connect(*args, **kwargs)
+    def connect(address, *args, **kwargs):
+        # The timeout passed, or where it is left to the default (urllib's way), the process-wide one.
+        timeout = args[0] if args else kwargs.get("timeout", socket._GLOBAL_DEFAULT_TIMEOUT)
+        in_effect.append(socket.getdefaulttimeout() if timeout is socket._GLOBAL_DEFAULT_TIMEOUT else timeout)
+        return real_connect(address, *args, **kwargs)
 
     monkeypatch.setattr(socket, "create_connection", connect)
     with socket.socket() as server:
