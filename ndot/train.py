@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
     saved = [state["epoch"] if state is not None else 0]
+    # When the last line was printed: a batch line comes only after 10 s without any line.
+    last = [time.monotonic()]
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
         # In the order _mend repairs from: a run killed after the log's line redoes the epoch, and
@@ -378,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['epoch_seconds']:.1f}s  {m['image_steps_per_s']:.0f} img-steps/s",
             flush=True,
         )
-
-    last = [time.monotonic()]
+        last[0] = time.monotonic()
 
     def on_batch(epoch: int, done: int, total: int) -> None:
         # A line every 10 s keeps long epochs visible without flooding short ones.
