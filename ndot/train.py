@@ -243,9 +243,14 @@ def _help(f: dataclasses.Field) -> str:
     return text if f.default is None else f"{text} (default: {f.default})"
 
 
+def _prog() -> str:
+    # The command as the user typed it: help and the resume line name the console script when it ran.
+    return "ndot-train" if Path(sys.argv[0]).name == "ndot-train" else "python -m ndot.train"
+
+
 def _parser() -> argparse.ArgumentParser:
     # No defaults in the namespace: it holds the flags given, which are all that override a checkpoint's config.
-    p = Parser(prog="python -m ndot.train", argument_default=argparse.SUPPRESS,
+    p = Parser(prog=_prog(), argument_default=argparse.SUPPRESS,
                description="Train one spiking network online. Each setting is a field of ndot.config.TrainConfig; "
                            "--batch_size and --batch-size are the same flag.")
     for f in dataclasses.fields(TrainConfig):
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every finished epoch is saved; the one cut short is run again by a resume.
         # --threads is not saved with the run, and another count can move its results.
         same_threads = f" --threads {n_threads}" if n_threads is not None else ""
-        again = (f"continue with python -m ndot.train --out {shlex.quote(str(out))} --resume{same_threads}"
+        again = (f"continue with {_prog()} --out {shlex.quote(str(out))} --resume{same_threads}"
                  if saved[0] else "no epoch finished: start it again")
         print(f"interrupted after epoch {saved[0]} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
         return 130

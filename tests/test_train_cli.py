@@ -297,6 +297,14 @@ def test_the_console_script_ends_quietly_when_its_reader_goes_away(tmp_path):
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
 
 
+@pytest.mark.parametrize("argv0, prog", [("/venv/bin/ndot-train", "ndot-train"),
+                                          ("/repo/ndot/train.py", "python -m ndot.train")])
+def test_help_names_the_command_as_it_was_run(capsys, monkeypatch, argv0, prog):
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert exit_status(main, ["--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+
+
 @pytest.mark.parametrize("seconds_per_reading, batch_lines", [(0.3, False), (2.0, True)], ids=["short-epochs", "long-epochs"])
 def test_a_batch_line_comes_only_after_10_s_without_any_line(tmp_path, capsys, monkeypatch, seconds_per_reading, batch_lines):
     # The clock moves at each reading (one per batch): at 0.3 s an epoch of 23 batches lasts 7 s, under the
