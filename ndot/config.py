@@ -133,8 +133,10 @@ class TrainConfig:
             bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not 0 <= self.loss_alpha <= 1:
             bad(f"loss_alpha must be in [0, 1], got {self.loss_alpha!r}")
-        if not self.surrogate_alpha > 0:
-            bad(f"surrogate_alpha must be > 0, got {self.surrogate_alpha!r}")
+        if not 0 < self.surrogate_alpha <= FLOAT32_MAX:
+            # The surrogate multiplies fp32 tensors by it: past float32's largest it is inf there, and
+            # inf·0 makes every gradient NaN (a silent network, ndot.train._finite).
+            bad(f"surrogate_alpha must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.surrogate_alpha!r}")
         if not self.tau > 1:
             bad(f"tau must be > 1 (lambda = 1 - 1/tau in (0, 1)), got {self.tau!r}")
         if not self.v_th > 0:

@@ -187,7 +187,7 @@ def train(
             "epoch_seconds": seconds,
             "image_steps_per_s": train_loader.num_samples * cfg.T / seconds,
         }
-        if not math.isfinite(train_loss):
+        if not math.isfinite(train_loss) or not _finite(model):
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
             _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
             return TrainResult("diverged", epoch, metrics, best)
@@ -196,6 +196,16 @@ def train(
         metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
         _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
     return TrainResult("completed", cfg.epochs, metrics, best)
+
+
+def _finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one device sync).
+
+    The loss alone misses a network whose convolutions went non-finite: a NaN membrane never
+    reaches the threshold, so such a layer is silent, the readout sees zeros and its bias alone
+    gives finite logits and a finite loss, epoch after epoch, at chance.
+    """
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
 def _report_epoch(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:

@@ -82,6 +82,25 @@ def test_divergence_is_a_status_not_a_crash():
     assert (again.status, again.epochs_run) == ("diverged", result.epochs_run)
 
 
+def test_weights_gone_nan_are_divergence_though_the_loss_stays_finite(monkeypatch):
+    # A NaN membrane never reaches the threshold: the poisoned layer falls silent, the readout's bias
+    # alone gives the logits, and the loss stays finite, so the loss cannot be what tells.
+    import ndot.train
+    real = ndot.train.train_batch
+
+    def poisoned(model, *args, **kw):
+        out = real(model, *args, **kw)
+        with torch.no_grad():
+            model.features[0].weight[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(ndot.train, "train_batch", poisoned)
+    seen = []
+    result = train(TrainConfig(**{**FAST, "T": 1, "batch_size": 256, "epochs": 1}), lambda m, s: seen.append(m))
+    assert math.isfinite(seen[0]["train_loss"])
+    assert (result.status, result.epochs_run) == ("diverged", 1) and seen[0]["status"] == "diverged"
+
+
 def test_resume_refuses_another_runs_checkpoint_but_may_extend_it():
     states = []
     train(TrainConfig(**{**FAST, "epochs": 1}), lambda m, s: states.append(s))
