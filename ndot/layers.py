@@ -33,6 +33,11 @@ class WSConv2d(nn.Conv2d):
     """Conv with scaled weight standardisation (`standardise`)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1, eps: float = 1e-4) -> None:
+        if c_in * kernel_size**2 < 2:
+            # One weight per output channel: W - mean is 0 and its unbiased variance NaN, so Ŵ would be NaN
+            # (and with any variance, 0): the standardisation leaves nothing to learn.
+            raise ValueError(f"scaled weight standardisation needs at least 2 weights per output channel, "
+                             f"got {c_in} input channel(s) x {kernel_size}x{kernel_size}")
         super().__init__(c_in, c_out, kernel_size, stride=stride, padding=padding, bias=True)
         self.gain = nn.Parameter(torch.ones(c_out, 1, 1, 1))
         self.eps = eps

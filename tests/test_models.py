@@ -63,6 +63,13 @@ def test_scaled_weight_standardisation():
     assert w.requires_grad, "the standardisation must stay differentiable"
 
 
+def test_a_conv_with_one_weight_per_output_channel_is_refused_not_standardised_to_nan():
+    with pytest.raises(ValueError, match="at least 2 weights per output channel, got 1 input channel"):
+        WSConv2d(1, 4, kernel_size=1, padding=0)
+    w = WSConv2d(2, 4, kernel_size=1, padding=0).standardise()  # the smallest that standardises
+    assert torch.isfinite(w).all()
+
+
 def test_neuron_dropout_mask_is_fixed_over_time_and_training_only():
     torch.manual_seed(0)
     lif = LIF(dropout=0.5).train()
