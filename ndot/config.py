@@ -139,8 +139,10 @@ class TrainConfig:
             bad(f"surrogate_alpha must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.surrogate_alpha!r}")
         if not self.tau > 1:
             bad(f"tau must be > 1 (lambda = 1 - 1/tau in (0, 1)), got {self.tau!r}")
-        if not self.v_th > 0:
-            bad(f"v_th must be > 0, got {self.v_th!r}")
+        if not 0 < self.v_th <= FLOAT32_MAX:
+            # Past float32's largest the threshold is inf in the membrane's dtype: nothing ever fires, and
+            # BPTT's reset u - Vth·s is inf·0 = NaN (a silent network, ndot.train._finite).
+            bad(f"v_th must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.v_th!r}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:

@@ -92,6 +92,8 @@ def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
     ({"surrogate_alpha": float("inf")}, "surrogate_alpha must be a finite number"),
     # Finite as a Python float, inf as the fp32 the surrogate multiplies by: every gradient NaN.
     ({"surrogate_alpha": 1e39}, "surrogate_alpha must be > 0 and at most float32's largest"),
+    # The same for the threshold: nothing fires, and BPTT's reset is inf·0 = NaN.
+    ({"v_th": 1e39}, "v_th must be > 0 and at most float32's largest"),
     ({"cuda_graph": True, "device": "cpu"}, "cuda_graph replays CUDA graphs"),
     # A bool is an int to Python, not a count to a run.
     ({"T": True}, "T must be an integer"), ({"epochs": True}, "epochs must be an integer"),
@@ -111,7 +113,7 @@ def test_each_range_is_refused_just_past_its_edge(kw, words):
 @pytest.mark.parametrize("kw", [
     # ... and accepted on its edge: the limits the help and the messages state are inclusive where they say so.
     {"T": MAX_T}, {"epochs": MAX_EPOCHS}, {"seed": 2**32 - 1}, {"workers": 0}, {"momentum": 0.0},
-    {"loss_alpha": 0.0}, {"loss_alpha": 1.0}, {"lr": FLOAT32_MAX}, {"surrogate_alpha": FLOAT32_MAX}, {"dropout": 0.0}, {"batch_size": 1},
+    {"loss_alpha": 0.0}, {"loss_alpha": 1.0}, {"lr": FLOAT32_MAX}, {"surrogate_alpha": FLOAT32_MAX}, {"v_th": FLOAT32_MAX}, {"dropout": 0.0}, {"batch_size": 1},
 ])
 def test_each_range_accepts_its_edge(kw):
     TrainConfig(**kw).validate()
