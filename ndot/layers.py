@@ -84,8 +84,9 @@ class LIF(nn.Module):
         self.state: dict[str, Tensor | None] | None = None
         # The elementwise work of one step; ndot.fast swaps in a compiled version of the same function.
         self.step_fn: Callable[..., Step] = neuron_step
-        # Spike counts for the mean firing rate, accumulated in evaluation only.
-        self.spikes = torch.zeros(())
+        # Spike counts for the mean firing rate, accumulated in evaluation only. Integers: a float32 sum
+        # rounds once past 2**24 (a VGG layer's count over a test set is ~1e8).
+        self.spikes = torch.zeros((), dtype=torch.long)
         self.neuron_steps = 0
 
     def forward(self, current: Tensor, a_in: Tensor | None = None) -> Pair:
@@ -183,7 +184,7 @@ def firing_rate(model: nn.Module) -> float:
 def clear_spike_counts(model: nn.Module) -> None:
     """Forget the spikes counted so far, which firing_rate and layer_firing_rates read."""
     for n in neurons(model):
-        n.spikes, n.neuron_steps = torch.zeros(()), 0
+        n.spikes, n.neuron_steps = torch.zeros((), dtype=torch.long), 0
 
 
 @contextlib.contextmanager

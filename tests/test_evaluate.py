@@ -79,6 +79,13 @@ def test_top5_of_the_detailed_evaluation_is_that_of_all_steps_summed_and_only_be
     assert "test_top5" not in evaluate(make_model().eval(), Batches([(x, y)]), TrainConfig(T=2), 10, detail=True)
 
 
+def test_spike_counts_are_exact_past_float32s_integers():
+    # 2**24 + 1 neurons, every one firing: a float32 count would hold 2**24 and report a rate below 1.
+    n = LIF().eval()
+    n(torch.full((97, 257, 673), 5.0))
+    assert int(n.spikes) == 97 * 257 * 673 == 2**24 + 1 and n.spikes.dtype == torch.long
+
+
 def test_firing_rates_are_spikes_per_neuron_per_step_counted_at_each_spiking_layers_output():
     # Counted independently here from what each LIF module emits (scaled by 2.74, so a sum would not be a
     # count); the network's rate weighs each layer by its neurons, it is no mean of the layers' rates.
