@@ -151,7 +151,10 @@ def train(
     start, best = 1, 0.0
     if resume is not None:
         model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        # A copy: torch's load_state_dict keeps the very tensors it is given where they already have the
+        # parameters' device and dtype (on the CPU), and SGD then updates its momentum in place: the caller's
+        # state would no longer be its epoch's, and a second resume from it (or its save) another run.
+        opt.load_state_dict(checkpoint.on_cpu(resume["optimizer"]))
         _set_rng_state(resume["rng"])
         start, best = resume["epoch"] + 1, resume["best_test_acc"]
         if resume.get("status") == "diverged":

@@ -54,11 +54,43 @@ def test_resume_equals_uninterrupted(rule, mode):
     full, states = [], []
     train(cfg, lambda m, s: (full.append(m), states.append(s)))
     # Epoch 2's state, kept while the run went on (as in a notebook): later epochs leave it alone.
-    resumed = []
-    train(cfg, lambda m, s: resumed.append(m), resume=states[1])
+    resumed, resumed_states = [], []
+    train(cfg, lambda m, s: (resumed.append(m), resumed_states.append(s)), resume=states[1])
     assert [m["epoch"] for m in resumed] == [3]
     for k in ("train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "firing_rate"):
         assert resumed[0][k] == full[2][k], k
+    # Bit for bit, not only the metrics: every weight, momentum buffer and generator state of the last epoch.
+    for part in ("model", "optimizer", "rng"):
+        assert_same_tensors(resumed_states[0][part], states[2][part], part)
+
+
+def test_a_state_resumed_from_is_left_alone_and_resumes_alike_again():
+    # As in a notebook: two continuations of one epoch's state, or the state saved after a resume from it.
+    cheap = {**FAST, "T": 1, "batch_size": 128}
+    states, runs = [], []
+    train(TrainConfig(**{**cheap, "epochs": 1}), lambda m, s: states.append(s))
+    kept = checkpoint_round_trip(states[0])
+    for _ in range(2):
+        train(TrainConfig(**{**cheap, "epochs": 2}), lambda m, s: runs.append(s), resume=states[0])
+        assert_same_tensors(states[0], kept)
+    for part in ("model", "optimizer", "rng"):
+        assert_same_tensors(runs[1][part], runs[0][part], part)
+
+
+def assert_same_tensors(got, want, where: str = "") -> None:
+    """Equal nested dicts and lists, their tensors bit for bit (dtype and shape included)."""
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for k in want:
+            assert_same_tensors(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_tensors(g, w, f"{where}/{i}")
+    else:
+        assert got == want, where
 
 
 def test_a_resume_keeps_the_best_accuracy_of_the_epochs_before_it():
