@@ -49,23 +49,25 @@ class TrainResult:
     best_test_acc: float
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     # Whole generator states, position and cached Gaussian included, as plain
-    # lists and numbers (checkpoints load with weights_only).
+    # lists and numbers (checkpoints load with weights_only). Of the GPUs, only the run's own:
+    # restored by position, every visible GPU's would fail where a resume sees fewer, and give a
+    # run moved from cuda:1 to cuda:0 another GPU's draws.
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "numpy": [keys.tolist(), pos, has_gauss, gauss],
         "python": [version, list(internal), gauss_next],
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
@@ -155,7 +157,7 @@ def train(
         # parameters' device and dtype (on the CPU), and SGD then updates its momentum in place: the caller's
         # state would no longer be its epoch's, and a second resume from it (or its save) another run.
         opt.load_state_dict(checkpoint.on_cpu(resume["optimizer"]))
-        _set_rng_state(resume["rng"])
+        _set_rng_state(resume["rng"], device)
         start, best = resume["epoch"] + 1, resume["best_test_acc"]
         if resume.get("status") == "diverged":
             # Its weights are not finite: the run ended there, and continuing cannot change that.
@@ -222,7 +224,7 @@ def _report_epoch(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch:
         # Copies: a state kept while training goes on (a list of them in a notebook) must stay its epoch's.
         "model": checkpoint.on_cpu(model.state_dict()),
         "optimizer": checkpoint.on_cpu(opt.state_dict()),
-        "rng": _rng_state(),
+        "rng": _rng_state(next(model.parameters()).device),
         "config": cfg.to_dict(),
     }
     on_epoch(metrics, state)

@@ -159,11 +159,29 @@ def test_random_states_round_trip_exactly():
     np.random.standard_normal(3)  # leaves a cached Gaussian and a position inside the key block
     random.seed(0)
     random.gauss(0, 1)
-    saved = _rng_state()
+    saved = _rng_state(torch.device("cpu"))
     expected = (np.random.standard_normal(5).tolist(), random.gauss(0, 1), torch.rand(3))
-    _set_rng_state(checkpoint_round_trip(saved))
+    _set_rng_state(checkpoint_round_trip(saved), torch.device("cpu"))
     assert (np.random.standard_normal(5).tolist(), random.gauss(0, 1)) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_only_the_runs_own_gpu_generator_is_saved_and_restored_to_the_gpu_it_resumes_on(monkeypatch):
+    # No GPU here: torch.cuda's per-device generator calls are stood in for by a table of states. A run on
+    # cuda:1 keeps cuda:1's draws and continues them on cuda:0 (a node with one GPU visible), where
+    # every visible GPU's states, restored by position, failed there and gave cuda:0 its own draws.
+    gpus = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpus[torch.device(device).index].clone())
+
+    def set_rng_state(state, device):
+        gpus[torch.device(device).index] = state
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    saved = checkpoint_round_trip(_rng_state(torch.device("cuda:1")))
+    assert [s.tolist() for s in saved["cuda"]] == [[1]]
+    _set_rng_state(saved, torch.device("cuda:0"))
+    assert gpus[0].tolist() == [1]
+    assert _rng_state(torch.device("cpu"))["cuda"] == []
 
 
 def checkpoint_round_trip(obj):
