@@ -48,7 +48,17 @@ def best_of(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    files.write_local(path, lambda f: torch.save(state, f))
+    def write(f: BinaryIO) -> None:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            # A write that failed (a full disk) leaves torch's zip writer to fail again as it closes, with a
+            # message of its internals ("unexpected pos 465152 vs 465040"): the write's own error says what happened.
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+    files.write_local(path, write)
 
 
 def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:

@@ -338,6 +338,10 @@ def _writing_in(out: Path) -> Iterator[None]:
         raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
 
 
+class _NotSaved(Exception):
+    """An epoch's files could not be written in --out: the run ends in one line, its saved epochs standing."""
+
+
 def _mend(out: Path, state: dict[str, Any]) -> None:
     """Make the folder of a run killed at any moment agree with its checkpoint, before it resumes.
 
@@ -387,11 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
         # In the order _mend repairs from: a run killed after the log's line redoes the epoch, and
         # one killed after checkpoint.pt has there the weights best.pt then lacks.
-        with open(log_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        checkpoint.save(ckpt_path, st)
-        if checkpoint.is_best(m):
-            checkpoint.save(best_path, checkpoint.best_of(st))
+        try:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            checkpoint.save(ckpt_path, st)
+            if checkpoint.is_best(m):
+                checkpoint.save(best_path, checkpoint.best_of(st))
+        except OSError as e:
+            # A full disk, say. Each file lands whole or not at all: the folder holds the epochs saved
+            # before this one, which a resume continues from (_mend drops this epoch's line).
+            raise _NotSaved(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
         saved[0] = m["epoch"]
         top5 = f" top5 {m['test_top5']:.3f}" if "test_top5" in m else ""
         test = f"test {m['test_acc']:.4f}{top5} (best {m['best_test_acc']:.4f}) " if m["status"] == "ok" else "DIVERGED "
@@ -413,12 +422,17 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg, on_epoch, state, on_batch)
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
         return refuse(e)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _NotSaved) as e:
         # Every finished epoch is saved; the one cut short is run again by a resume.
         # --threads is not saved with the run, and another count can move its results.
         same_threads = f" --threads {n_threads}" if n_threads is not None else ""
         again = (f"continue with {_prog()} --out {shlex.quote(str(out))} --resume{same_threads}"
                  if saved[0] else "no epoch finished: start it again")
+        if isinstance(e, _NotSaved):
+            kept = f"epoch {saved[0]} of {cfg.epochs} is the last saved: once it can be written, {again}" if saved[0] else \
+                "no epoch was saved: once it can be written, start it again"
+            print(f"error: {e}; {kept}", file=sys.stderr, flush=True)
+            return 1
         print(f"interrupted after epoch {saved[0]} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
         return 130
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")

@@ -1,6 +1,8 @@
 """python -m ndot.train: bad input refused in one line before the run folder is touched, resume, --help."""
 import dataclasses
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from helpers import exit_status
-from ndot import checkpoint, data
+from ndot import checkpoint, data, files
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
 from ndot.train import DEFAULT_OUT, main, train
@@ -320,3 +322,26 @@ def test_a_batch_line_comes_only_after_10_s_without_any_line(tmp_path, capsys, m
     assert main([*RUN, "--epochs", "1" if batch_lines else "3", "--out", str(tmp_path)]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if " batch " in line]
     assert bool(printed) == batch_lines, printed
+
+
+def test_a_full_disk_ends_the_run_in_one_line_keeping_the_epochs_saved_before(tmp_path, capsys, monkeypatch):
+    # ENOSPC from the second epoch's checkpoint.pt on, in mid-file as a filling disk gives it: torch's zip
+    # writer then failed again on closing, and the run ended in two tracebacks ending in torch's internals.
+    real = files._Landing.write
+
+    def full_from_epoch_2(self, b):
+        if self._path.endswith(checkpoint.LAST) and Path(self._path).exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, b)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(files._Landing, "write", full_from_epoch_2)
+    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write in --out {run}: [Errno 28] No space left on device; epoch 1 of 2 is the last "
+                   f"saved: once it can be written, continue with python -m ndot.train --out {run} --resume\n"), err
+    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES), "a stray temporary file"
+    assert checkpoint.load(run / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.setattr(files._Landing, "write", real)
+    assert main(["--out", str(run), "--resume"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
