@@ -10,6 +10,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,10 +40,25 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path
 
 
+# What a URI's path may hold unescaped besides letters, digits and "-._~" (RFC 3986's pchar, which pyarrow
+# parses): a trial's folder, "<id>_T=4,ndot_A", stays as it reads. A space or a non-ASCII letter does not,
+# and pyarrow refuses a URI that holds one ("Cannot parse URI").
+_URI_SAFE = "!$&'()*+,;=:@"
+
+
 def uri_of(fs: pafs.FileSystem, path: str) -> str:
-    """The inverse of `filesystem`: a local path as it is, else `scheme://path`."""
+    """The inverse of `filesystem`: a local path as it is, else `scheme://path`, escaped where the URI syntax needs it.
+
+    Tune hands over paths as pyarrow parsed them out of the URI, unescaped: s3://bucket/my%20sweeps is
+    the path "bucket/my sweeps", which put back as it is makes no URI.
+    """
     local = isinstance(fs, pafs.LocalFileSystem) or isinstance(getattr(fs, "handler", None), WholeLocalFiles)
-    return path if local else f"{fs.type_name}://{path}"
+    return path if local else f"{fs.type_name}://{quote(path, safe='/' + _URI_SAFE)}"
+
+
+def join(folder: str, name: str) -> str:
+    """The entry `name` of `folder`: a local path joined as it is, a URI's escaped where the URI syntax needs it."""
+    return f"{folder.rstrip('/')}/{quote(name, safe=_URI_SAFE) if '://' in folder else name}"
 
 
 class _Landing(io.BufferedWriter):

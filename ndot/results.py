@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 from ndot import checkpoint
 from ndot.cli import Parser, refuse, run
 from ndot.config import TrainConfig, method
-from ndot.files import STORAGE_ERRORS, filesystem, kind, read_bytes, uri_of, write_bytes
+from ndot.files import STORAGE_ERRORS, filesystem, join, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ def sweeps_in(folder: str) -> list[str]:
     """The names of the experiment folders directly in `folder` (a sweep's --storage), sorted."""
     fs, path = filesystem(folder)
     subfolders = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
-    return sorted(i.base_name for i in subfolders if is_experiment(f"{folder.rstrip('/')}/{i.base_name}"))
+    return sorted(i.base_name for i in subfolders if is_experiment(join(folder, i.base_name)))
 
 
 def _not_a_sweep(folder: str, why: str) -> str:

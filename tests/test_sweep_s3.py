@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import boto3
 import pandas as pd
@@ -19,6 +20,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from ndot import evaluate, files, results
+from ndot.sweep import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +91,18 @@ def test_a_missing_bucket_is_refused_in_one_line_before_ray_starts(bucket, capsy
     assert "no-such-bucket" in done.stderr and "not writable" in done.stderr
     assert evaluate.main(["s3://no-such-bucket/sweeps/s3/x/checkpoint_000000"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_sweep_in_a_prefix_and_a_name_a_uri_escapes_keeps_its_tables_there(bucket):
+    # s3://ndot/sweeps/my%20sweeps is the prefix "my sweeps": Tune names its experiment folder by that path,
+    # which the tables' URI put back unescaped ("Cannot parse URI"), and a sweep's tables were never written.
+    storage = f"{bucket}/my%20sweeps"
+    experiment = runner.Plan("T=1 ü", storage, {}, (), None, 1, 1.0, 0.0).experiment
+    assert experiment == f"{bucket}/my%20sweeps/T=1%20%C3%BC"
+    fs, path = files.filesystem(experiment)
+    assert path == "ndot/sweeps/my sweeps/T=1 ü"
+    trial = SimpleNamespace(storage=SimpleNamespace(storage_filesystem=fs, experiment_fs_path=path))
+    assert results.experiment_of(trial) == experiment
+    files.write_bytes(results.plan_uri(experiment), b"{}")
+    results.write_tables(results.experiment_of(trial), [])
+    assert results.load(experiment).empty and results.sweeps_in(storage) == ["T=1 ü"]

@@ -217,7 +217,7 @@ def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The plan an experiment was started with; only the resources per trial and the trials at once may change on resume."""
     if not args.name:
         raise InputError("--resume needs the --name of the experiment to continue")
-    experiment = f"{_storage(args).rstrip('/')}/{_name(args.name)}"
+    experiment = files.join(_storage(args), _name(args.name))
     if not tune.Tuner.can_restore(experiment):
         raise InputError(f"no experiment to resume at {experiment}")
     try:

@@ -59,7 +59,7 @@ class Plan:
 
     @property
     def experiment(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
+        return files.join(self.storage, self.name)
 
     @property
     def num_trials(self) -> int:
