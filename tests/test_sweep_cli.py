@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -513,3 +514,28 @@ def test_ending_the_local_ray_kills_its_processes_orphans_included_and_no_other(
                 os.kill(pid, signal.SIGKILL)
         before.kill()
         before.wait()
+
+
+def test_storage_that_fails_as_the_sweep_ends_costs_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, caplog):
+    # Seen on a full disk: every trial completed into its checkpoint, then the figures' write raised out of
+    # the sweep (a traceback, no summary), and where the tables had never been written, so did reading them.
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "_new_tuner", lambda plan, callbacks, launcher: types.SimpleNamespace(fit=lambda: None))
+    monkeypatch.setattr(results, "write_plots", no_space)
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--T", "1", "--storage", str(tmp_path), "--name", "s"]))
+    assert runner.run(plan) == []
+    assert "could not write the figures" in caplog.text and "No space left on device" in caplog.text
+
+    monkeypatch.setattr(runner, "connect", lambda address: None)
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "run", lambda plan, resume, callbacks, launcher: [])
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(results, "write_bytes", no_space)  # the tables, rebuilt from the checkpoints at the end
+    capsys.readouterr()
+    assert exit_status(cli.main, TIMESTEPS, ["--T", "1", "--storage", str(tmp_path), "--name", "t"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: no tables in {tmp_path / 't'} (") and "Traceback" not in err, err
+    assert f"python -m ndot.results collect {tmp_path / 't'} writes the tables" in err

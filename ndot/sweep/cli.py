@@ -448,10 +448,19 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
         # ray.shutdown() ends the local Ray's daemons; its workers it leaves to end on their own.
         _end_local_ray(plan.experiment)
-    trials = results.load(plan.experiment, results.TRIALS_TABLE)
-    if len(trials) < plan.num_trials or not trials["status"].isin(results.FINAL).all():
-        figures = _settle_tables(plan.experiment) or figures
+    try:
         trials = results.load(plan.experiment, results.TRIALS_TABLE)
+    except files.STORAGE_ERRORS:  # never written: storage that failed all along (a full disk)
+        trials = None
+    if trials is None or len(trials) < plan.num_trials or not trials["status"].isin(results.FINAL).all():
+        figures = _settle_tables(plan.experiment) or figures
+        try:
+            trials = results.load(plan.experiment, results.TRIALS_TABLE)
+        except files.STORAGE_ERRORS as e:
+            print(f"error: no tables in {plan.experiment} ({str(e).splitlines()[0]}); the trials' checkpoints hold every "
+                  f"epoch they stored: python -m ndot.results collect {plan.experiment} writes the tables once storage "
+                  f"takes them, and {again} continues the sweep", file=sys.stderr)
+            return 1
     counts = trials["status"].value_counts().to_dict()
     print(f"ran for {time.monotonic() - start:.0f} s: {', '.join(f'{n} {s}' for s, n in counts.items())}")
     print(results.summary_text(trials, order=[s.label for s in plan.strata]))

@@ -28,6 +28,8 @@ from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_tr
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
 from ndot.sweep.trainable import run_trial
 
+log = logging.getLogger(__name__)
+
 # What Optuna maximises and ASHA compares: the best test accuracy so far, as
 # the paper reports it; unlike the last epoch's accuracy it is defined (and
 # meaningful) for a trial that diverged.
@@ -294,4 +296,10 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
         save_plan(plan)
         tuner = _new_tuner(plan, callbacks, launcher)
     tuner.fit()
-    return results.write_plots(plan.experiment)
+    try:
+        return results.write_plots(plan.experiment)
+    except files.STORAGE_ERRORS as e:
+        # Storage that fails now (a full disk) has lost no trial: the checkpoints hold them, and the
+        # figures can be drawn again (python -m ndot.results plot), which the driver says.
+        log.warning("ndot: could not write the figures to %s (%s)", plan.experiment, str(e).splitlines()[0])
+        return []
