@@ -3,6 +3,7 @@ and local files written atomically."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -69,8 +70,9 @@ class _Landing(io.BufferedWriter):
     failed), or when a `with` block on it raises.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, new: bool = False) -> None:
         self._path = path
+        self._new = new  # published only where no file is at the path yet (FileExistsError)
         self._tmp = str(PurePosixPath(path).with_name(f".{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp"))
         self._failed = False
         # "x": a new file, created as any other (the umask decides its mode).
@@ -93,7 +95,18 @@ class _Landing(io.BufferedWriter):
             self.flush()
             os.fsync(self.fileno())
             super().close()
-            os.replace(self._tmp, self._path)
+            if self._new:
+                try:
+                    os.link(self._tmp, self._path)  # a hard link, unlike a rename, fails on a file already there
+                except FileExistsError:
+                    raise
+                except OSError:  # a filesystem without hard links (FAT, some FUSE mounts): claim the path, then fill it
+                    os.close(os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    os.replace(self._tmp, self._path)
+                else:
+                    os.unlink(self._tmp)
+            else:
+                os.replace(self._tmp, self._path)
         except BaseException:
             # A full disk found only at the flush, or a path no file can replace (a folder): the old stays.
             self._discard()
@@ -211,6 +224,22 @@ def write_bytes(uri: str, data: bytes) -> None:
         with contextlib.suppress(*STORAGE_ERRORS):
             fs.delete_file(tmp)
         raise
+
+
+def write_new(uri: str, data: bytes) -> None:
+    """Write a whole file where there is none yet; FileExistsError, the file there left alone, where there is one.
+
+    Of two processes that write the same local path at once, one gets the error. An object store has no
+    "create if absent" that pyarrow reaches: two writes there within the moment of a look-up can both land.
+    """
+    if "://" not in uri:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        with _Landing(uri, new=True) as f:
+            f.write(data)
+        return
+    if kind(uri) != pafs.FileType.NotFound:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), uri)
+    write_bytes(uri, data)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -175,3 +175,21 @@ def test_a_write_to_a_uri_lands_at_its_path_and_leaves_no_temporary_file(tmp_pat
     files.write_bytes(f"file://{tmp_path}/sweep/trials.parquet", b"new")
     assert os.listdir(tmp_path / "sweep") == ["trials.parquet"]
     assert files.read_bytes(f"file://{tmp_path}/sweep/trials.parquet") == b"new"
+
+
+@pytest.mark.parametrize("through", ["path", "uri"])
+def test_a_new_file_is_written_whole_once_and_a_second_writer_gets_file_exists(tmp_path, through, monkeypatch):
+    target = str(tmp_path / "sweep" / "sweep.json")
+    uri = target if through == "path" else f"file://{target}"
+    files.write_new(uri, b"first")
+    with pytest.raises(FileExistsError):
+        files.write_new(uri, b"second")
+    assert Path(target).read_bytes() == b"first" and os.listdir(tmp_path / "sweep") == ["sweep.json"]
+    if through == "path":  # a filesystem without hard links claims the path instead
+        def no_links(*args):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+        files.write_new(str(tmp_path / "other.json"), b"x")
+        with pytest.raises(FileExistsError):
+            files.write_new(str(tmp_path / "other.json"), b"y")
+        assert (tmp_path / "other.json").read_bytes() == b"x" and sorted(os.listdir(tmp_path)) == ["other.json", "sweep"]

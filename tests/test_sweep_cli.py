@@ -539,3 +539,26 @@ def test_storage_that_fails_as_the_sweep_ends_costs_one_line_not_a_traceback(tmp
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(f"error: no tables in {tmp_path / 't'} (") and "Traceback" not in err, err
     assert f"python -m ndot.results collect {tmp_path / 't'} writes the tables" in err
+
+
+def test_two_drivers_started_at_once_with_one_name_run_one_sweep_and_refuse_the_other(tmp_path, monkeypatch, capsys):
+    # Both used to pass the check of the folder (Tune's files appear only once Ray has started) and both ran
+    # into one folder: Tune's state and the tables then held one driver's trials, the other's were lost to them.
+    argv = ["--T", "1", "--storage", str(tmp_path), "--name", "s"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(argv))
+    other = dataclasses.replace(plan, seed=7)
+    started = []
+    monkeypatch.setattr(runner, "connect", lambda address: runner.save_plan(other, new=True))  # the other one, meanwhile
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "_new_tuner", lambda *args: started.append(args))
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    assert exit_status(cli.main, TIMESTEPS, argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: experiment {plan.experiment} was started meanwhile, by another driver: pass another --name\n", err
+    assert not started and runner.load_plan(plan.experiment) == other
+    # A driver started later is refused before Ray starts, though Tune has written nothing yet.
+    monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("Ray started"))
+    assert exit_status(cli.main, TIMESTEPS, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is being started by another driver" in err, err

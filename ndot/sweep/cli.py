@@ -266,6 +266,11 @@ def check(plan: Plan, resume: bool) -> None:
         slow.cancel()
     if not resume and tune.Tuner.can_restore(plan.experiment):
         raise InputError(f"experiment {plan.experiment} exists: pass --resume to continue it, or another --name")
+    if not resume and results.is_experiment(plan.experiment):
+        # The plan is written once Ray has started, Tune's first file just after it: a driver is starting the
+        # sweep now, or one died in between, before any trial could run.
+        raise InputError(f"experiment {plan.experiment} is being started by another driver, or one that died before "
+                         f"its first trial left it (then remove it and start again): else pass another --name")
 
 
 class Progress(tune.Callback):
@@ -443,6 +448,8 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
         logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
+    except FileExistsError as e:  # runner.save_plan: another driver with this --name got there first
+        return refuse(e)
     finally:
         ended.set()
         ray.shutdown()

@@ -68,9 +68,22 @@ class Plan:
         return len(self.strata) * self.trials_per_stratum
 
 
-def save_plan(plan: Plan) -> None:
-    """Store the plan in the experiment, readable, so that a resume runs what was started."""
-    files.write_bytes(results.plan_uri(plan.experiment), json.dumps(asdict(plan), indent=1).encode())
+def save_plan(plan: Plan, new: bool = False) -> None:
+    """Store the plan in the experiment, readable, so that a resume runs what was started.
+
+    `new`: the plan of a sweep starting, which claims its folder: FileExistsError where a plan is there,
+    as where another driver started with the same --name got there first (both pass the check of the
+    folder before Ray starts, and both drivers' trials then went to one folder, the tables holding one's).
+    """
+    data = json.dumps(asdict(plan), indent=1).encode()
+    if not new:
+        files.write_bytes(results.plan_uri(plan.experiment), data)
+        return
+    try:
+        files.write_new(results.plan_uri(plan.experiment), data)
+    except FileExistsError:
+        raise FileExistsError(f"experiment {plan.experiment} was started meanwhile, by another driver: "
+                              "pass another --name") from None
 
 
 def load_plan(experiment: str) -> Plan:
@@ -293,7 +306,7 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     if resume:
         tuner = _restored_tuner(plan, launcher)
     else:
-        save_plan(plan)
+        save_plan(plan, new=True)
         tuner = _new_tuner(plan, callbacks, launcher)
     tuner.fit()
     try:
