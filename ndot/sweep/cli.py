@@ -448,7 +448,7 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
         logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
         figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
-    except FileExistsError as e:  # runner.save_plan: another driver with this --name got there first
+    except runner.Claimed as e:  # another driver with this --name got there first
         return refuse(e)
     finally:
         ended.set()

@@ -68,10 +68,14 @@ class Plan:
         return len(self.strata) * self.trials_per_stratum
 
 
+class Claimed(FileExistsError):
+    """A new sweep's folder holds a plan already: another driver with its --name got there first."""
+
+
 def save_plan(plan: Plan, new: bool = False) -> None:
     """Store the plan in the experiment, readable, so that a resume runs what was started.
 
-    `new`: the plan of a sweep starting, which claims its folder: FileExistsError where a plan is there,
+    `new`: the plan of a sweep starting, which claims its folder: Claimed where a plan is there,
     as where another driver started with the same --name got there first (both pass the check of the
     folder before Ray starts, and both drivers' trials then went to one folder, the tables holding one's).
     """
@@ -82,7 +86,7 @@ def save_plan(plan: Plan, new: bool = False) -> None:
     try:
         files.write_new(results.plan_uri(plan.experiment), data)
     except FileExistsError:
-        raise FileExistsError(f"experiment {plan.experiment} was started meanwhile, by another driver: "
+        raise Claimed(f"experiment {plan.experiment} was started meanwhile, by another driver: "
                               "pass another --name") from None
 
 
