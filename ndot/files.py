@@ -257,7 +257,7 @@ def kind(uri: str) -> pafs.FileType:
 def check_writable(folder: str) -> None:
     """Raise now, not after hours of work, when nothing can be written in `folder` (created if missing): OSError,
     or for a URI any of STORAGE_ERRORS."""
-    probe = f"{folder.rstrip('/')}/.ndot-write-probe"
+    probe = join(folder, ".ndot-write-probe")
     write_bytes(probe, b"")
     fs, path = filesystem(probe)
     fs.delete_file(path)

@@ -274,7 +274,7 @@ def summary(trials: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
 
 def plan_uri(experiment: str) -> str:
     """Where an experiment keeps its plan (PLAN_FILE), written by ndot.sweep.runner."""
-    return f"{experiment.rstrip('/')}/{PLAN_FILE}"
+    return join(experiment, PLAN_FILE)
 
 
 def is_experiment(folder: str) -> bool:
@@ -316,7 +316,7 @@ def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
 # ----- files -----
 
 def table_uri(experiment: str, table: str) -> str:
-    return f"{experiment.rstrip('/')}/{table}.parquet"
+    return join(experiment, f"{table}.parquet")
 
 
 def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
@@ -341,7 +341,7 @@ def write_plots(experiment: str) -> list[str]:
 
     out = []
     for name, png in plots.render(load(experiment, TRIALS_TABLE)).items():
-        uri = f"{experiment.rstrip('/')}/{name}.png"
+        uri = join(experiment, f"{name}.png")
         write_bytes(uri, png)
         out.append(uri)
     return out

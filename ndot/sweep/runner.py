@@ -87,7 +87,7 @@ def save_plan(plan: Plan, new: bool = False) -> None:
         files.write_new(results.plan_uri(plan.experiment), data)
     except FileExistsError:
         raise Claimed(f"experiment {plan.experiment} was started meanwhile, by another driver: "
-                              "pass another --name") from None
+                      "pass another --name") from None
 
 
 def load_plan(experiment: str) -> Plan:

@@ -210,7 +210,7 @@ class StratifiedGenerator(SearchGenerator):
         return self.searcher.searcher
 
     def _spec_uri(self) -> str:
-        return f"{self._search.experiment.rstrip('/')}/{SPEC_FILE}"
+        return files.join(self._search.experiment, SPEC_FILE)
 
     def add_configurations(self, experiments: Any) -> None:
         super().add_configurations(experiments)
