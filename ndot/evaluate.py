@@ -25,7 +25,7 @@ from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
 from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
-from ndot.models import from_config
+from ndot.models import finite, from_config
 from ndot.step import eval_batch
 
 Metrics = dict[str, Any]
@@ -104,6 +104,10 @@ def model_of(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> t
     except (RuntimeError, TypeError, AttributeError) as e:  # another shape, missing keys, not a state dict
         raise ConfigError(f"the weights are not those of the network their config names, {cfg.arch} for {cfg.dataset} "
                           f"({str(e).strip().splitlines()[0]})") from None
+    if not finite(model):
+        # A silent network scores chance with a finite loss: a number that looks like a result.
+        epoch = f" at epoch {state['epoch']}" if "epoch" in state else ""
+        raise ConfigError(f"the weights are not finite (a run that diverged{epoch}): nothing to evaluate")
     return model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -148,3 +149,13 @@ def from_config(cfg: "TrainConfig", in_channels: int, num_classes: int) -> Spiki
     net = build(cfg.arch, in_channels, num_classes, neuron, cfg.readout_trace)
     configure(net, cfg.rule, cfg.signed_factor, cfg.detach_reset)
     return net
+
+
+def finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite (one device sync).
+
+    The loss alone misses a network whose convolutions went non-finite: a NaN membrane never
+    reaches the threshold, so such a layer is silent, the readout sees zeros and its bias alone
+    gives finite logits and a finite loss, epoch after epoch, at chance.
+    """
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())

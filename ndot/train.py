@@ -33,7 +33,7 @@ from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.memory import peak_mem_mb, reset_peak_mem
-from ndot.models import ARCHS, from_config
+from ndot.models import ARCHS, finite, from_config
 from ndot.step import train_batch
 
 OnEpoch = Callable[[Metrics, dict[str, Any]], None]
@@ -192,7 +192,7 @@ def train(
             "epoch_seconds": seconds,
             "image_steps_per_s": train_loader.num_samples * cfg.T / seconds,
         }
-        if not math.isfinite(train_loss) or not _finite(model):
+        if not math.isfinite(train_loss) or not finite(model):
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
             _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
             return TrainResult("diverged", epoch, metrics, best)
@@ -201,16 +201,6 @@ def train(
         metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
         _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
     return TrainResult("completed", cfg.epochs, metrics, best)
-
-
-def _finite(model: torch.nn.Module) -> bool:
-    """Whether every parameter is finite (one device sync).
-
-    The loss alone misses a network whose convolutions went non-finite: a NaN membrane never
-    reaches the threshold, so such a layer is silent, the readout sees zeros and its bias alone
-    gives finite logits and a finite loss, epoch after epoch, at chance.
-    """
-    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
 def _report_epoch(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:

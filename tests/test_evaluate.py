@@ -253,6 +253,7 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("run", ["--device", "cuda:7"], "CUDA device"),
     ("otherarch", [], "the weights are not those of the network their config names, resnet_ws for digits"),
     ("cfgstr", [], "no model weights and configuration"),
+    ("nan", [], "the weights are not finite (a run that diverged at epoch 3): nothing to evaluate"),
     ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, recwarn, monkeypatch, make, args, message):
@@ -274,11 +275,13 @@ def test_bad_input_is_one_line(tmp_path, capsys, recwarn, monkeypatch, make, arg
             path.write_bytes(path.read_bytes()[:200])
     elif make == "tensor":
         torch.save(torch.zeros(3), path)
-    elif make in ("run", "otherarch", "cfgstr"):
+    elif make in ("run", "otherarch", "cfgstr", "nan"):
         cfg = TrainConfig(dataset="digits", arch="small_cnn")
         weights = from_config(cfg, 1, 10).state_dict()
-        config = {"run": cfg.to_dict(), "otherarch": {**cfg.to_dict(), "arch": "resnet_ws"}, "cfgstr": "small_cnn"}[make]
-        checkpoint.save(path, {"model": weights, "config": config})
+        config = {"otherarch": {**cfg.to_dict(), "arch": "resnet_ws"}, "cfgstr": "small_cnn"}.get(make, cfg.to_dict())
+        if make == "nan":  # the checkpoint.pt of a run that diverged in its third epoch
+            weights["features.0.weight"][0] = float("nan")
+        checkpoint.save(path, {"model": weights, "config": config, "epoch": 3})
     assert exit_status(evaluate_main, [str(path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
