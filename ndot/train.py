@@ -15,7 +15,9 @@ import json
 import math
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +330,27 @@ def _writing_in(out: Path) -> Iterator[None]:
         raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, how a scheduler (SLURM, Kubernetes) or `kill` stops a job: the run ends as at Ctrl-C,
+    saying how to continue, rather than at once without a word."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 class _NotSaved(Exception):
     """An epoch's files could not be written in --out: the run ends in one line, its saved epochs standing."""
 
@@ -409,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{method(cfg.rule, cfg.mode)} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
     try:
-        result = train(cfg, on_epoch, state, on_batch)
+        with _sigterm_interrupts():
+            result = train(cfg, on_epoch, state, on_batch)
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
         return refuse(e)
     except (KeyboardInterrupt, _NotSaved) as e:
@@ -424,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}; {kept}", file=sys.stderr, flush=True)
             return 1
         print(f"interrupted after epoch {saved[0]} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
 

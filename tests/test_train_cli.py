@@ -220,6 +220,22 @@ def test_ctrl_c_ends_the_run_in_one_line_that_says_how_to_continue(tmp_path, cap
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_status(tmp_path):
+    # How a scheduler stops a job (SLURM, Kubernetes, `kill`): the run says how to continue, its epochs saved.
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ndot.train", *RUN, "--epochs", "50", "--threads", "1", "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not proc.stdout.readline().startswith("epoch"):
+        pass
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert err == (f"interrupted after epoch {epochs[-1]} of 50: continue with python -m ndot.train --out {run} "
+                   f"--resume --threads 1\n"), err
+    assert epochs == list(range(1, len(epochs) + 1)) and checkpoint.load(run / "checkpoint.pt")["epoch"] == epochs[-1]
+
+
 def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp_path, capsys):
     run = tmp_path / "run"
     assert main([*RUN, "--out", str(run)]) == 0
