@@ -154,6 +154,14 @@ def test_storage_that_names_nothing_writable_is_refused_in_one_line(storage, say
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("storage", ["file://", "file://  "])
+def test_a_file_uri_that_names_no_path_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch, storage):
+    # abspath("") is the folder the sweep was typed in: the experiment would have landed there.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cli.InputError, match=f"--storage must name a folder or a URI, got {storage!r}"):
+        cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", storage]))
+
+
 def test_a_resume_whose_plan_is_not_readable_is_refused_in_one_line(tmp_path, capsys):
     flags = ["--storage", str(tmp_path), "--name", "s"]
     runner.save_plan(cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(flags)))

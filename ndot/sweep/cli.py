@@ -128,10 +128,12 @@ def _max_concurrent(n: int | None) -> int | None:
 
 
 def _storage(args: argparse.Namespace) -> str:
-    if not args.storage.strip():
-        raise InputError("--storage must name a folder or a URI, got an empty string")
     # file:// is a local path, kept plain: Tune then writes it through ndot.files.WholeLocalFiles.
     storage = args.storage.removeprefix("file://")
+    if not storage.strip():
+        # Checked after file:// is cut off: `file://` alone is no path either, and abspath("") is the
+        # folder the sweep was typed in, where the experiment would land.
+        raise InputError(f"--storage must name a folder or a URI, got {args.storage!r}")
     if "://" not in storage:
         return os.path.abspath(os.path.expanduser(storage))  # ~ too: the shell leaves it in --storage=~/x
     if not storage.partition("://")[2].strip("/"):
