@@ -291,6 +291,26 @@ def test_an_address_nothing_answers_at_is_refused_before_ray_starts(storage, cap
     assert _sessions() == before, "a Ray session was started"
 
 
+@pytest.mark.parametrize("recorded, says", [
+    (None, "error: --address 'auto': no Ray cluster runs on this node"),
+    # The cluster this node last joined, recorded by Ray, gone since: ray.init would wait on it for minutes.
+    ("127.0.0.1:{port}", "error: --address 'auto', which found '127.0.0.1:{port}': no Ray cluster answers"),
+], ids=["none", "gone"])
+def test_auto_where_no_ray_runs_is_refused_before_the_sweep_starts(storage, capsys, monkeypatch, recorded, says):
+    # What ray.init("auto") looks at: $RAY_ADDRESS, this node's record of its cluster, Ray's processes here
+    # (another test session's Ray would be found: none is).
+    port = closed_port()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: [])
+    monkeypatch.setattr(ray._private.utils, "read_ray_address", lambda temp_dir=None: recorded and recorded.format(port=port))
+    before = _sessions()
+    rc = exit_status(cli.main, TIMESTEPS, ["--address", "auto", *storage])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(says.format(port=port)), err
+    assert "starting" not in out, "refused only after the sweep said that it starts"
+    assert _sessions() == before and not ray.is_initialized()
+
+
 @pytest.mark.parametrize("address,says", [
     ("127.0.0.1:{port}", "no Ray cluster answers at 127.0.0.1:"),
     ("http://127.0.0.1:8265", "'http://127.0.0.1:8265' is a dashboard's URL, for `ray job`"),

@@ -17,6 +17,8 @@ import pyarrow.fs as pafs
 import ray
 import psutil  # after ray, as Ray's own modules import it: Ray ships its copy and puts it on the path
 from ray import tune
+# What ray.init does with "auto" (Ray is pinned to one version in pyproject.toml).
+from ray._private import services as ray_services
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
@@ -133,10 +135,22 @@ GCS_PORT, CLIENT_PORT = 6379, 10001
 def check_address(address: str | None, timeout_s: float = 10.0, source: str = "--address") -> None:
     """Raise ConnectionError when nothing listens at a cluster address; ray.init would wait on it for minutes.
 
-    None ("start a local Ray") and "auto" (found on this node, or refused at once by Ray) pass.
+    None ("start a local Ray") and "local" pass. "auto" is looked up as ray.init looks it up ($RAY_ADDRESS,
+    then the cluster this node last started or joined, then any running here), and what it finds is checked.
     `source` names where the address came from, for the error.
     """
-    if address in (None, "auto", "local"):
+    if address in (None, "local"):
+        return
+    if address == "auto":
+        # ray.init refuses "auto" at once where no Ray runs here, but after the sweep has said that it starts,
+        # in Ray's words that name no flag; and it waits minutes on a recorded cluster that has gone since.
+        try:
+            found = ray_services.get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise ConnectionError(f"{source} 'auto': no Ray cluster runs on this node: start one (ray start --head), "
+                                  "or give HOST:PORT of its head") from None
+        if found != "auto":  # an address, from $RAY_ADDRESS or this node's record
+            check_address(found, timeout_s, f"{source} 'auto', which found")
         return
     if address.startswith(("http://", "https://")):
         # What `ray job` takes (and many export as RAY_ADDRESS): the dashboard, where no driver can join.
