@@ -393,10 +393,17 @@ def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys, tmp
     # of a launched cluster too (its config beside it): without --address the sweep runs on a Ray of its own.
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU for Ray here, on a machine with one too
+    before = _sessions()
     rc = exit_status(cli.main, TIMESTEPS, ["--gpus-per-trial", "1", *storage])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "no node of this cluster" in err
-    assert not ray.is_initialized()
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "0 GPU, too few for 1 CPU and 1 GPU for a trial: lower --cpus-per-trial or --gpus-per-trial" in err, err
+    # Known before Ray starts: the Ray is the one the sweep would start on this machine.
+    assert "starting" not in out and _sessions() == before and not ray.is_initialized()
+    cpus = exit_status(cli.main, TIMESTEPS, ["--cpus-per-trial", str(resources.local_ray()["CPU"] + 1), *storage])
+    assert cpus == 2 and "too few for" in capsys.readouterr().err and _sessions() == before
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -417,6 +417,9 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         check(plan, args.resume)
         args.address, source = cluster_address(args.address)
         runner.check_address(args.address, source=source)
+        if args.address is None:
+            # The cluster is a Ray this sweep would start here: what it has is known before it starts.
+            _check_fits_here(plan)
     except (InputError, ConfigError, data.DataError, ConnectionError) as e:
         return refuse(e)
 
@@ -483,6 +486,15 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         print(f"{counts[results.ERRORED]} trials errored: retry them with {again}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_fits_here(plan: Plan) -> None:
+    here = resources.local_ray()
+    if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, [here]):
+        raise InputError(f"the Ray a sweep without --address starts here has {here.get('CPU', 0):g} CPU and "
+                         f"{here.get('GPU', 0):g} GPU, too few for {plan.cpus_per_trial:g} CPU and "
+                         f"{plan.gpus_per_trial:g} GPU for a trial: lower --cpus-per-trial or --gpus-per-trial, "
+                         "or join a cluster with --address")
 
 
 # Flags that define what a sweep runs: a resume takes them from the experiment's sweep.json.

@@ -64,6 +64,15 @@ def slots(cpus_per_trial: float, gpus_per_trial: float, launcher: bool) -> int:
     return max(1, now, grown_slots(cpus_per_trial, gpus_per_trial, _launcher_config(launcher)))
 
 
+def local_ray() -> dict[str, float]:
+    """The resources of the private local Ray that a sweep without --address starts on this machine, as
+    ray.init would count them (a container's CPU quota, CUDA_VISIBLE_DEVICES), without starting it."""
+    # Ray's own count (Ray is pinned to one version in pyproject.toml): os.cpu_count() and torch's GPUs can differ from it.
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    return ResourceAndLabelSpec().resolve(is_head=True).to_resource_dict()
+
+
 def fits(cpus_per_trial: float, gpus_per_trial: float, shapes: list[dict[str, float]]) -> bool:
     """Whether some node can hold one trial: Tune would otherwise wait for one forever."""
     return any(node_slots(cpus_per_trial, gpus_per_trial, s) >= 1 for s in shapes)
