@@ -81,6 +81,14 @@ def threads(text: str) -> int:
     return n
 
 
+def named(text: str) -> str:
+    """An argparse type: a path or URI, not empty. An unset shell variable gives "", which would read as
+    nothing given (a default taken instead) or as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file or folder, got an empty string")
+    return text
+
+
 def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
     """An argparse type: a comma-separated list of `kind`, repeats dropped, order kept."""
     def parse(text: str) -> tuple:

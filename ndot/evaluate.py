@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, run, show_progress, threads
+from ndot.cli import Parser, named, refuse, run, show_progress, threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
@@ -124,7 +124,7 @@ def default_out(weights: str, T: int) -> str:
 
 def _parser() -> Parser:
     p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
-    p.add_argument("path", help="a saved state, or a folder to take the best epoch's weights from: a run folder, a "
+    p.add_argument("path", type=named, help="a saved state, or a folder to take the best epoch's weights from: a run folder, a "
                                "sweep trial's folder (its newest checkpoint) or one of its checkpoints; local or a URI (s3://...)")
     p.add_argument("--T", type=int, default=None,
                    help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
@@ -133,7 +133,7 @@ def _parser() -> Parser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
     p.add_argument("--threads", type=threads, default=None, help="torch's CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
+    p.add_argument("--out", type=named, default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
                         "trial's checkpoint, eval-<checkpoint>-<weights>-T<T>.json in the trial's folder)")
     return p
 
@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("T", args.T), ("precision", args.precision), ("batch_size", args.batch_size),
                                    ("data_root", args.data_root)) if v is not None}
-    # Where the run trained says nothing about where its weights are read: auto unless asked.
-    overrides.update(device=args.device or "auto", cuda_graph=False)
+    # Where the run trained says nothing about where its weights are read: auto unless asked
+    # (an empty --device is asked, and refused, not auto).
+    overrides.update(device="auto" if args.device is None else args.device, cuda_graph=False)
     try:
         path = weights_file(args.path)
         state = checkpoint.read(path)
@@ -155,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         model = model_of(state, cfg, device)
         data.check(cfg)
         out = args.out or default_out(path, cfg.T)
-        if files.kind(out) == pafs.FileType.Directory:
-            raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
         try:
-            files.check_writable(out.rpartition("/")[0] or ".")
+            # Errors of the result's storage (a scheme pyarrow lacks, a URI without bucket) are named as
+            # the result's: the handler below names the weights.
+            is_folder = files.kind(out) == pafs.FileType.Directory
+            if not is_folder:
+                files.check_writable(out.rpartition("/")[0] or ".")
         except files.STORAGE_ERRORS as e:
             raise ConfigError(f"cannot write the result to {out}: {str(e).splitlines()[0]}") from None
+        if is_folder:
+            raise ConfigError(f"--out {out} is a folder: name the JSON file to write")
     except (ConfigError, data.DataError) as e:
         return refuse(e)
     except files.STORAGE_ERRORS as e:  # storage that cannot be reached or read (credentials, network, scheme)

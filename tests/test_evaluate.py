@@ -255,6 +255,13 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("cfgstr", [], "no model weights and configuration"),
     ("nan", [], "the weights are not finite (a run that diverged at epoch 3): nothing to evaluate"),
     ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
+    # The storage of the result, not the weights, is named.
+    ("run", ["--out", "foo://x/y.json"], "error: cannot write the result to foo://x/y.json: Unrecognized filesystem type"),
+    ("run", ["--out", "s3:///y.json"], "error: cannot write the result to s3:///y.json: "),
+    # An unset shell variable: neither the default place nor auto.
+    ("run", ["--out", ""], "error: argument --out: must name a file or folder, got an empty string"),
+    ("run", ["--device", ""], "device must be 'auto', 'cpu' or 'cuda[:N]', got ''"),
+    ("none", [""], "error: argument path: must name a file or folder, got an empty string"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, recwarn, monkeypatch, make, args, message):
     path = tmp_path / "w.pt"
@@ -282,7 +289,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, recwarn, monkeypatch, make, arg
         if make == "nan":  # the checkpoint.pt of a run that diverged in its third epoch
             weights["features.0.weight"][0] = float("nan")
         checkpoint.save(path, {"model": weights, "config": config, "epoch": 3})
-    assert exit_status(evaluate_main, [str(path), *args]) == 2
+    assert exit_status(evaluate_main, ([] if make == "none" else [str(path)]) + args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not [w for w in recwarn if "pickle" in str(w.message)], "a warning on stderr before the one line"
