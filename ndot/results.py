@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from ndot import checkpoint
-from ndot.cli import Parser, refuse, run
+from ndot.cli import Parser, named, refuse, run
 from ndot.config import TrainConfig, method
 from ndot.files import STORAGE_ERRORS, filesystem, join, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
@@ -352,9 +352,9 @@ def write_plots(experiment: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m ndot.results", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("collect", help="rebuild epochs.parquet and trials.parquet from a Tune experiment directory").add_argument("dir")
-    sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir")
-    sub.add_parser("summary", help="print each stratum's best trial from the tables in DIR").add_argument("dir")
+    sub.add_parser("collect", help="rebuild epochs.parquet and trials.parquet from a Tune experiment directory").add_argument("dir", type=named)
+    sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir", type=named)
+    sub.add_parser("summary", help="print each stratum's best trial from the tables in DIR").add_argument("dir", type=named)
     args = p.parse_args(argv)
     if args.dir.endswith(".parquet"):
         return refuse(f"{args.dir} is a table; give the experiment folder that holds it")
@@ -393,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as e:
         return refuse(f"{args.dir}: a table lacks the column {e}: not the tables of a sweep "
                       f"(python -m ndot.results collect {args.dir} rebuilds them)")
-    except STORAGE_ERRORS as e:
-        return refuse(e)
+    except STORAGE_ERRORS as e:  # pyarrow's words name a table's path at most (s3:// reads 's3:/trials.parquet')
+        return refuse(f"{args.dir}: {e}")
     return 0
 
 

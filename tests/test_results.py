@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from helpers import exit_status
 from ndot import plots, results
 
 
@@ -77,6 +78,18 @@ def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):
     for command in ("collect", "summary", "plot"):
         assert results.main([command, str(tmp_path / "nothing")]) == 2
         assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'} does not exist\n"
+
+
+@pytest.mark.parametrize("folder, says", [
+    ("", "error: argument dir: must name a file or folder, got an empty string"),  # an unset shell variable
+    ("foo://x", "error: foo://x: Unrecognized filesystem type"),
+    ("s3://", "error: s3://: "),
+])
+def test_a_dir_that_names_no_folder_is_named_in_the_one_line(capsys, folder, says):
+    for command in ("collect", "summary", "plot"):
+        assert exit_status(results.main, [command, folder]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(says), err
 
 
 def test_summary_and_plot_refuse_a_table_file_in_one_line(tmp_path, capsys):
