@@ -533,6 +533,8 @@ def test_the_flop_count_is_vgg11s_convolutions_and_readout_forward_and_backward(
     (["--min-seconds", "nan"], "--min-seconds must be a finite number > 0"),
     (["--min-seconds", "inf"], "--min-seconds must be a finite number > 0"),
     (["--out", "/nonexistent/rows.jsonl"], "cannot open --out /nonexistent/rows.jsonl"),
+    (["--out", ""], "--out: must name a file or folder, got an empty string"),  # not: no --out at all
+    (["--table", "rows.jsonl"], "--table prints a run's rows and measures nothing: --small would be ignored"),
 ] + ([] if CUDA else [(["--levers", "cuda_graph"], "CUDA device"), (["--device", "cuda"], "CUDA device")]))
 def test_bench_refuses_bad_input_in_one_line_before_measuring(argv, says, capsys):
     assert exit_status(bench_main, ["--small", *argv]) == 2
@@ -558,6 +560,16 @@ def test_bench_table_refuses_a_file_that_is_not_a_run_in_one_line(content, says,
     assert exit_status(bench_main, ["--table", "" if content == "no path" else str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and says in captured.err
+
+
+def test_bench_table_refuses_the_flags_of_a_measurement_in_one_line(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"kind": "env", "device": "cpu"}\n')
+    argv = ["--table", str(rows), "--out", str(tmp_path / "tables.md"), "--T", "2"]
+    assert exit_status(bench_main, argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert "measures nothing: --T, --out would be ignored" in captured.err, captured.err
 
 
 def test_bench_table_reads_a_run_whose_last_row_was_cut_off(tmp_path):

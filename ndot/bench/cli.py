@@ -47,7 +47,7 @@ import torch
 from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_matmul, bench_snn, env_row
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
-from ndot.cli import Parser, listed, refuse, threads
+from ndot.cli import Parser, listed, named, refuse, threads
 from ndot.config import MAX_T, PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=threads, default=None,
                    help="CPU threads for torch (default: torch's; --small: 1, as a smoke run on a shared machine "
                         "crawls when its threads wait on each other)")
-    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--out", type=named, default=None, help="also append the JSON lines to this file")
     p.add_argument("--table", default=None, metavar="FILE", help="print the JSON lines in FILE as Markdown tables; measure nothing")
     return p
 
@@ -236,7 +236,14 @@ def _open_out(path: str | None) -> contextlib.AbstractContextManager:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.table is not None:
+        # --table measures nothing: a flag of a measurement given with it (--out, say, where the tables
+        # were meant to go) would be ignored without a word.
+        ignored = ["--" + k.replace("_", "-") for k, v in vars(args).items() if k != "table" and v != parser.get_default(k)]
+        if ignored:
+            parser.error(f"--table prints a run's rows and measures nothing: {', '.join(ignored)} would be ignored")
     try:
         if args.table is not None:  # an empty path too: it must not start the full-size benchmark
             print_table(read_run(args.table))
