@@ -195,6 +195,10 @@ def epochs_frame(records: Sequence[TrialRecord]) -> pd.DataFrame:
     df = pd.DataFrame([row for r in records for row in r.history])
     if len(df):
         df = df.assign(**{col: math.nan for col in _TESTED if col not in df})
+    if "best_test_acc" in df:
+        # train() starts a run's best at 0: before its trial's first tested epoch (one that diverged in
+        # epoch 1) a row has no best, as the trials table has none, not an accuracy of 0.
+        df["best_test_acc"] = df["best_test_acc"].where(df["test_acc"].notna().groupby(df["trial_id"]).cummax())
     for col in ("started_at", "timestamp"):
         if col in df:
             df[col] = pd.to_datetime(df[col], unit="s", utc=True)

@@ -293,6 +293,21 @@ def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_
     assert {"test_loss", "test_acc", "firing_rate"} <= set(epochs) and epochs["test_acc"].isna().all()
 
 
+def test_an_epoch_before_its_trials_first_test_has_no_best_accuracy():
+    # train() starts a run's best at 0 and reports it with an epoch that diverged: in epoch 1, never
+    # tested, the row's best is missing, as the trials table's is, not 0; later, the best of the tested epochs.
+    def diverged(row: dict, trial_id: str) -> dict:
+        return {**{k: v for k, v in row.items() if k not in ("test_loss", "test_acc", "firing_rate")},
+                "trial_id": trial_id, "status": "diverged"}
+    at_once = [diverged({**_history(1, started_at=0.0)[0], "best_test_acc": 0.0}, "t0")]
+    later = [{**row, "trial_id": "t1"} for row in _history(2, started_at=0.0)]
+    later[1] = diverged({**later[1], "best_test_acc": later[0]["test_acc"]}, "t1")
+    records = [results.TrialRecord(h[0]["trial_id"], h[0], "TERMINATED", 0, h, None) for h in (at_once, later)]
+    epochs = results.epochs_frame(records)
+    assert epochs["best_test_acc"].tolist()[1:] == [0.6, 0.6] and math.isnan(epochs["best_test_acc"].iloc[0])
+    assert math.isnan(results.trials_frame(records)["best_test_acc"].iloc[0])
+
+
 def test_tables_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
     for command in ("collect", "summary", "plot"):
