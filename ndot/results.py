@@ -13,6 +13,7 @@ local folder or a URI such as s3://bucket/sweeps/name.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +25,9 @@ from pathlib import PurePosixPath
 from typing import Any, Sequence
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from ndot import checkpoint
 from ndot.cli import Parser, named, refuse, run
@@ -323,11 +326,26 @@ def table_uri(experiment: str, table: str) -> str:
     return join(experiment, f"{table}.parquet")
 
 
+# TrainConfig's fields that may be None (data_root, where the trials read the data module's root).
+_OPTIONAL_STR = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "str | None")
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # A column that no row has a value in would be of Arrow's type null, to which a dataset over several
+    # sweeps' tables cannot cast the strings of a sweep that set it: a string column, as where one did.
+    for name in _OPTIONAL_STR:
+        if name in table.column_names and pa.types.is_null(table.schema.field(name).type):
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, table.column(i).cast(table.schema.field("trial_id").type))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
 def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
     for table, frame in ((EPOCHS_TABLE, epochs_frame(records)), (TRIALS_TABLE, trials_frame(records))):
-        buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
-        write_bytes(table_uri(experiment, table), buf.getvalue())
+        write_bytes(table_uri(experiment, table), _parquet(frame))
 
 
 def load(path: str, table: str = EPOCHS_TABLE) -> pd.DataFrame:

@@ -308,6 +308,19 @@ def test_an_epoch_before_its_trials_first_test_has_no_best_accuracy():
     assert math.isnan(results.trials_frame(records)["best_test_acc"].iloc[0])
 
 
+def test_tables_of_a_sweep_that_set_a_data_root_and_one_that_did_not_read_as_one_dataset(tmp_path):
+    # data_root is None in every row of a sweep that read the data module's root: a column Arrow would type
+    # null, to which a dataset over both sweeps' tables (the one without first) cannot cast the other's strings.
+    import pyarrow.dataset as ds
+    for name, root in (("default", None), ("given", "/data")):
+        history = [{**row, "data_root": root} for row in _history(1, started_at=0.0)]
+        results.write_tables(str(tmp_path / name), [results.TrialRecord("t0", history[0], "TERMINATED", 0, history, "t0/c")])
+    for table in (results.EPOCHS_TABLE, results.TRIALS_TABLE):
+        tables = [results.table_uri(str(tmp_path / name), table) for name in ("default", "given")]
+        assert ds.dataset(tables).to_table().column("data_root").to_pylist() == [None, "/data"]
+        assert results.load(tables[0])["data_root"].isna().all()
+
+
 def test_tables_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
     for command in ("collect", "summary", "plot"):
