@@ -343,7 +343,19 @@ def _parquet(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
+def _began(r: TrialRecord) -> tuple[bool, float, str]:
+    """The order of the trials in the tables: as they began, those that have not yet last (by id)."""
+    if not r.history:
+        return True, 0.0, r.trial_id
+    first = r.history[0]
+    return False, first["started_at"] if "started_at" in first else first["timestamp"] - first["epoch_seconds"], r.trial_id
+
+
 def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
+    # Tune lists the trials in one order while the sweep runs (a restarted trial moved last) and in another
+    # in the experiment state that collect reads: in the order they began, both write the same tables, and
+    # the summary picks the same one of two trials that tie.
+    records = sorted(records, key=_began)
     for table, frame in ((EPOCHS_TABLE, epochs_frame(records)), (TRIALS_TABLE, trials_frame(records))):
         write_bytes(table_uri(experiment, table), _parquet(frame))
 

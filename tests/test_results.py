@@ -321,6 +321,23 @@ def test_tables_of_a_sweep_that_set_a_data_root_and_one_that_did_not_read_as_one
         assert results.load(tables[0])["data_root"].isna().all()
 
 
+def test_tables_list_the_trials_in_the_order_they_began_however_tune_listed_them(tmp_path):
+    # Tune's live list (which moves a restarted trial last) and the experiment state that collect reads
+    # list the trials in different orders: the tables written during a sweep and rebuilt after it must be
+    # the same, and the summary's pick among trials that tie with them.
+    records = []
+    for trial_id, started, acc in (("b", 100.0, 0.9), ("a", 200.0, 0.9), ("c", 300.0, 0.8)):
+        history = [{**row, "trial_id": trial_id, "test_acc": acc, "lr": started / 1000} for row in _history(2, started_at=started)]
+        records.append(results.TrialRecord(trial_id, history[0], "TERMINATED", 0, history, f"{trial_id}/c"))
+    records.append(results.TrialRecord("p", records[0].config, "PENDING", 0, [], None))
+    for listed in (records, records[::-1], [records[1], records[3], records[2], records[0]]):
+        results.write_tables(str(tmp_path), listed)
+        trials = results.load(str(tmp_path), results.TRIALS_TABLE)
+        assert trials["trial_id"].tolist() == ["b", "a", "c", "p"]
+        assert results.load(str(tmp_path))["trial_id"].tolist() == ["b", "b", "a", "a", "c", "c"]
+        assert results.summary(trials.assign(stratum="T=2,ndot_A"))["lr"].tolist() == [0.1]
+
+
 def test_tables_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
     for command in ("collect", "summary", "plot"):
