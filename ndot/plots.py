@@ -138,7 +138,7 @@ def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     x = axis(trials)
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.4))
     by = _by_curve_and(trials, x)
-    _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MB)")
+    _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MiB)")  # ndot.memory: 2**20 bytes
     _lines(speed, by["image_steps_per_s"].median(), x, "training image-steps / s")
     along = "T" if x == "T" else "architecture"
     mem.set_title(f"memory against {along} (median over trials)", fontsize=10)

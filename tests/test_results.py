@@ -194,6 +194,8 @@ def test_figures_show_each_points_best_trial_and_the_memory_column():
     assert all(list(line.get_ydata()) == [90.0, 90.0] for line in ax.get_lines())
     mem, speed = plots.cost_vs_axis(trials).axes
     assert all(list(line.get_ydata()) == [20.0, 20.0] for line in mem.get_lines())  # the median of 10 and 30
+    # peak_mem_mb counts 2**20 bytes (ndot.memory), 4.9 % more than an MB.
+    assert (mem.get_ylabel(), speed.get_ylabel()) == ("peak memory (MiB)", "training image-steps / s")
     assert all(list(line.get_ydata()) == [200.0, 200.0] for line in speed.get_lines())
 
 
