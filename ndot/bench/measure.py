@@ -57,7 +57,7 @@ def allocated(device: torch.device) -> int:
 
 def timed(run: Callable[[], object], device: torch.device, warmup: int, min_seconds: float,
           base: int = 0) -> tuple[float, float | None]:
-    """Seconds per call of `run` after warm-up, and the CUDA peak MB over the timed calls above `base` bytes."""
+    """Seconds per call of `run` after warm-up, and the CUDA peak MiB over the timed calls above `base` bytes."""
     for _ in range(warmup):
         run()
     sync(device)

@@ -127,17 +127,17 @@ def table(rows: list[Row]) -> str:
 
     env = next((r for r in rows if r["kind"] == "env"), {})
     out.append(" ".join(f"{k}={v}" for k, v in env.items() if k != "kind"))
-    section("ANN step (the ceiling)", ["arch", "batch", "precision", "levers", "images/s", "peak MB"],
+    section("ANN step (the ceiling)", ["arch", "batch", "precision", "levers", "images/s", "peak MiB"],
             ([r["arch"], r["batch"], r["precision"], _levers_name(r), r["images_per_s"], r["peak_mem_mb"]]
              for r in rows if r["kind"] == "ann"))
-    section("Training", ["arch", "rule", "T", "batch", "precision", "levers", "image-steps/s", "x ceiling", "peak MB",
-                         "batch peak MB", "saved MB"],
+    section("Training", ["arch", "rule", "T", "batch", "precision", "levers", "image-steps/s", "x ceiling", "peak MiB",
+                         "batch peak MiB", "saved MiB"],
             ([r["arch"], method(r["rule"], r["mode"]), r["T"], r["batch"], r["precision"], _levers_name(r),
               r["image_steps_per_s"], _ratio(r["ratio_to_ceiling"]), r["peak_mem_mb"], r.get("batch_peak_mb"), r["saved_mb"]]
              for r in rows if r["kind"] == "snn"))
     section("Against the device (the convolutions' FLOPs per image-step x image-steps/s)",
             ["precision", "case", "levers", "TFLOP/s", "x matrix product"], _against_device(rows, env))
-    section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MB", "judged", "ok"],
+    section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MiB", "judged", "ok"],
             ([method(r["rule"], r["mode"]), r["precision"], _levers_name(r), r["metric"], r["T"],
               [round(m, 1) for m in r["mb"]], "linear" if r["rule"] == "bptt" else "flat", r["ok"]]
              for r in rows if r["kind"] == "memory_vs_T"))
