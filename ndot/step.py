@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ndot.config import MODES, PRECISIONS
+from ndot.config import MODES, PRECISIONS, RULES
 from ndot.layers import neurons, reset_state, standardised_weights
 
 
@@ -56,7 +56,7 @@ def train_batch(
     parameters (by a call that raised midway, e.g. out of memory) are dropped first.
     """
     _check_rule(model, rule, mode)
-    _check_steps(x, T, precision)
+    _check_steps(x, y, T, precision)
     model.train()
     reset_state(model)
     opt.zero_grad(set_to_none=True)
@@ -96,6 +96,8 @@ def train_batch(
 def _check_rule(model: nn.Module, rule: str, mode: str) -> None:
     # The argument only picks BPTT's single backward or the online steps: a model configured for another
     # rule would train by that one's gradient (or fail in autograd), whatever the caller asked for.
+    if rule not in RULES:  # before the neurons' rule: configure() would refuse the name it would suggest
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}")
     ran = {n.rule for n in neurons(model)}
     if ran and ran != {rule}:  # (a network without spiking neurons has no rule of its own)
         raise ValueError(f"the model's neurons run rule {', '.join(sorted(ran))}, not {rule!r}: "
@@ -104,10 +106,15 @@ def _check_rule(model: nn.Module, rule: str, mode: str) -> None:
         raise ValueError(f"mode must be {' or '.join(MODES) if rule != 'bptt' else 'A for bptt'}, got {mode!r}")
 
 
-def _check_steps(x: Tensor, T: int, precision: str) -> None:
+def _check_steps(x: Tensor, y: Tensor, T: int, precision: str) -> None:
     # T = 0 would return a zero loss and no logits, and an unknown precision would run in fp32, silently.
     if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
+    # Labels that are not one class index per sample (one-hot, or a batch of [T, B, ...] frames whose first
+    # axis is T) failed in the loss, after the first step's forward, as a size mismatch inside torch.
+    if y.dim() != 1 or x.dim() < 1 or len(y) != len(x):
+        raise ValueError(f"y must hold one class index per sample of x, shape [{len(x) if x.dim() else ''}], "
+                         f"got {list(y.shape)} (x: {list(x.shape)}, [B, C, H, W] or [B, T, C, H, W])")
     if x.dim() == 5 and x.shape[1] < T:
         raise ValueError(f"the event data has {x.shape[1]} frames per sample, fewer than T = {T}")
     if precision not in PRECISIONS:
@@ -118,7 +125,7 @@ def _check_steps(x: Tensor, T: int, precision: str) -> None:
 def eval_batch(model: nn.Module, x: Tensor, y: Tensor, *, T: int, loss_alpha: float, precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """Evaluate one batch in evaluation mode (no traces, no dropout), without a graph; the model is left
     in that mode. Returns (Σ_t L[t], o) with o[t] the logits of step t, [T, B, classes]."""
-    _check_steps(x, T, precision)
+    _check_steps(x, y, T, precision)
     model.eval()
     reset_state(model)
     loss_sum = torch.zeros((), device=x.device)

@@ -172,6 +172,42 @@ def test_training_and_evaluation_refuse_steps_they_cannot_run_before_any_work(T,
     assert not calls and not opt.records
 
 
+@pytest.mark.parametrize("rule", ["ndto", "ndot_O", "NDOT"])
+@pytest.mark.parametrize("spiking", [True, False])
+def test_an_unknown_rule_is_named_as_such_not_as_one_to_configure(rule, spiking):
+    # Before, a typo read "the model's neurons run rule ndot, not 'ndto': ndot.layers.configure(model, 'ndto')
+    # sets it", a call that refuses the name; a model without spiking neurons trained under it silently.
+    model = make_model() if spiking else torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10)).double()
+    opt = RecordingSGD(model.parameters())
+    with pytest.raises(ValueError, match=f"^unknown rule {rule!r}; valid rules: ndot, ndot_ref, ottt, sltt, bptt$"):
+        train_batch(model, opt, *batch(), rule=rule, mode="A", T=2, loss_alpha=0.05)
+    assert not opt.records
+
+
+@pytest.mark.parametrize("shape,says", [
+    ("half", "y must hold one class index per sample of x, shape [6], got [3] (x: [6, 1, 16, 16]"),
+    ("one_hot", "y must hold one class index per sample of x, shape [6], got [6, 10] (x: [6, 1, 16, 16]"),
+    ("time_first", "y must hold one class index per sample of x, shape [4], got [6] (x: [4, 6, 1, 16, 16]"),
+])
+def test_labels_that_do_not_match_the_batch_are_refused_before_any_work(shape, says):
+    # Before, each failed in the loss after the first step's forward, as a size mismatch inside torch
+    # ("The size of tensor a (6) must match the size of tensor b (3) at non-singleton dimension 0").
+    model, (x, y) = make_model(), batch()
+    if shape == "half":
+        y = y[:3]
+    elif shape == "one_hot":
+        y = torch.nn.functional.one_hot(y, 10)
+    else:  # event frames laid out [T, B, C, H, W]
+        x = x[None].expand(4, -1, -1, -1, -1)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    opt = RecordingSGD(model.parameters())
+    for run in (functools.partial(train_batch, model, opt, rule="ndot", mode="A"), functools.partial(eval_batch, model)):
+        with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
+            run(x, y, T=2, loss_alpha=0.05)
+    assert not calls and not opt.records
+
+
 def test_a_numpy_integer_is_a_T_like_any_other():
     model, (x, y) = make_model(), batch()
     assert eval_batch(model, x, y, T=np.int64(2), loss_alpha=0.05)[1].shape[0] == 2
