@@ -69,6 +69,8 @@ class LIF(nn.Module):
 
     def __init__(self, tau: float = 2.0, v_th: float = 1.0, alpha: float = 4.0, dropout: float = 0.0, out_scale: float = 1.0) -> None:
         super().__init__()
+        if not tau > 1:  # as TrainConfig refuses it: tau 0 divided by zero, any other tau <= 1 gave lambda outside (0, 1)
+            raise ValueError(f"tau must be > 1 (lambda = 1 - 1/tau in (0, 1)), got {tau!r}")
         self.lam = 1.0 - 1.0 / tau
         self.v_th = v_th
         self.alpha = alpha
@@ -91,7 +93,15 @@ class LIF(nn.Module):
 
     def forward(self, current: Tensor, a_in: Tensor | None = None) -> Pair:
         # a_in, the trace of the spikes before the synapse, was spent there: the neuron emits its own.
+        if not isinstance(current, Tensor):
+            # A layer's (y, trace) pair handed on whole, as nn.Sequential does: it failed inside the step.
+            raise TypeError(f"LIF takes a current tensor, got {type(current).__name__}: ndot's layers pass "
+                            "(x, trace) pairs, chained by ndot.layers.Seq, not nn.Sequential")
         first = self.state is None
+        if not first and self.state["v"].shape != current.shape:
+            # The state of another batch: it failed inside the membrane update as a size mismatch.
+            raise ValueError(f"the neurons hold the state of a batch of shape {list(self.state['v'].shape)}, "
+                             f"not {list(current.shape)}: ndot.layers.reset_state(model) drops it before a new batch")
         # At t = 1 there is no state: A[0] = 0 and no trace yet (neuron_step takes None for each).
         st = {} if first else self.state
         if first and self.training and self.dropout > 0:

@@ -91,6 +91,33 @@ def test_dropout_mask_keeps_its_scale_under_a_bf16_current():
     assert set(s.unique().tolist()) == {0.0, torch.tensor(1 / 0.9, dtype=torch.float32).item()}
 
 
+@pytest.mark.parametrize("tau", [0.0, 1.0, 0.5, -2.0])
+def test_a_neuron_without_a_decay_in_0_1_is_refused_as_trainconfig_refuses_it(tau):
+    # Before, tau 0 raised ZeroDivisionError and any other tau <= 1 built a neuron with lambda outside (0, 1).
+    with pytest.raises(ValueError, match=rf"^tau must be > 1 \(lambda = 1 - 1/tau in \(0, 1\)\), got {tau!r}$"):
+        LIF(tau=tau)
+
+
+def test_a_neuron_handed_a_pair_names_seq_not_a_failure_inside_its_step():
+    # nn.Sequential hands a conv's (y, trace) pair on whole; it failed as "'tuple' object has no attribute 'to'".
+    net = torch.nn.Sequential(WSConv2d(1, 4), LIF())
+    with pytest.raises(TypeError, match=r"^LIF takes a current tensor, got tuple: .* ndot.layers.Seq, not nn.Sequential$"):
+        net(torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_batch_of_another_shape_without_reset_state_is_refused_by_name(training):
+    # A hand-written loop that forgets reset_state between batches failed inside the membrane update
+    # ("The size of tensor a (2) must match the size of tensor b (4)").
+    m = build("small_cnn", 1, 10).train(training)
+    m(torch.randn(4, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"^the neurons hold the state of a batch of shape \[4, 32, 16, 16\], not "
+                                         r"\[2, 32, 16, 16\]: ndot.layers.reset_state\(model\) drops it before a new batch$"):
+        m(torch.randn(2, 1, 16, 16))
+    reset_state(m)
+    assert m(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
 def test_last_neuron_emits_no_trace():
     m = build("small_cnn", 1, 10)
     flags = [n.emit_trace for n in neurons(m)]
