@@ -48,6 +48,7 @@ def best_of(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write `state` (e.g. the one train's on_epoch gets) to the local `path` with torch.save, atomically."""
     def write(f: BinaryIO) -> None:
         try:
             torch.save(state, f)
@@ -62,6 +63,7 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
+    """A state that `save` wrote, on the CPU, tensors and plain data only (weights_only); `read` adds one-line errors."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -150,10 +150,13 @@ class Both(nn.Module):
 
 
 def avg_pool(k: int = 2) -> Both:
+    """k x k average pooling of the spikes and of their trace."""
     return Both(lambda x: F.avg_pool2d(x, k), f"avg_pool={k}")
 
 
 class Seq(nn.Sequential):
+    """nn.Sequential for this module's layers: hands each one's (x, â) pair on to the next as two arguments."""
+
     def forward(self, x: Tensor, a: Tensor | None = None) -> Pair:  # type: ignore[override]
         for m in self:
             x, a = m(x, a)
@@ -161,6 +164,7 @@ class Seq(nn.Sequential):
 
 
 def neurons(model: nn.Module) -> Iterator[LIF]:
+    """The spiking layers (LIF) of `model`, in module order."""
     return (m for m in model.modules() if isinstance(m, LIF))
 
 
@@ -174,6 +178,11 @@ def configure(model: nn.Module, rule: str, signed: bool = False, detach_reset: b
 
 
 def reset_state(model: nn.Module) -> None:
+    """Drop every neuron's state (u, â, e, dropout mask): the next call is step t = 1 of a new batch.
+
+    ndot.step's train_batch and eval_batch call it first; a loop of your own over time steps calls it
+    before each batch.
+    """
     for n in neurons(model):
         n.state = None
 

@@ -38,6 +38,14 @@ class NeuronArgs:
 
 
 class SpikingNet(nn.Module):
+    """features (a module of ndot.layers taking and returning (x, â) pairs, e.g. a Seq of WSConv2d and LIF),
+    then global average pooling and a Linear readout from `width` channels to `num_classes` logits.
+
+    One call is one time step: [B, C, H, W] in, o[t] of shape [B, num_classes] out. The neurons keep
+    their state between calls (ndot.layers.reset_state drops it); ndot.step runs the T steps of a batch.
+    The last neuron emits no trace (set_readout_trace), and the initialisation is the spec's.
+    """
+
     def __init__(self, features: nn.Module, width: int, num_classes: int) -> None:
         super().__init__()
         self.features = features
@@ -136,6 +144,10 @@ ARCHS: dict[str, Arch] = {
 
 def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | None = None,
           readout_trace: bool = False) -> SpikingNet:
+    """The architecture `name` (one of ARCHS) for `in_channels` x H x W input and `num_classes` classes.
+
+    Its neurons run rule "ndot" until ndot.layers.configure sets another.
+    """
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; valid architectures: {', '.join(sorted(ARCHS))}")
     net = ARCHS[name].build(in_channels, num_classes, neuron or NeuronArgs())

@@ -47,6 +47,7 @@ class SpikeFn(torch.autograd.Function):
 
 
 def spike(u: Tensor, v_th: float, alpha: float, scale: float = 1.0) -> Tensor:
+    """scale·H(u - Vth), H(0) = 1, with the sigmoid surrogate gradient of slope α (SpikeFn)."""
     return SpikeFn.apply(u, v_th, alpha, scale)
 
 

@@ -45,5 +45,6 @@ class TracedConv2d(torch.autograd.Function):
 
 
 def traced_conv2d(s: Tensor, a: Tensor, w: Tensor, b: Tensor | None, stride: int = 1, padding: int = 0) -> Tensor:
+    """conv2d(s, w, b) forward; backward: the weight gradient from the trace `a`, the input gradient from w."""
     return TracedConv2d.apply(s, a, w, b, stride, padding)
 

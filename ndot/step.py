@@ -48,6 +48,8 @@ def train_batch(
 ) -> tuple[Tensor, Tensor]:
     """Train on one batch; returns (Σ_t L[t], Σ_t o[t]) detached, without a device sync.
 
+    x: [B, C, H, W], the input of every step (static images), or [B, T', C, H, W] with T' >= T, frame t
+    the input of step t (event data); y: [B] class indices. The model maps one step's input to o[t].
     Online rules run backward at every step (the graph never spans two steps);
     mode "O" also steps the optimiser at every step, mode "A" once per batch.
     BPTT builds the whole sequence and runs one backward. The model's neurons compute the

@@ -1,6 +1,7 @@
 """One forward per step, optimiser steps per mode."""
 import functools
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -401,3 +402,11 @@ def test_the_state_is_freed_before_the_weights_backward_and_no_gradient_outlives
     assert all(s is None for states in states_at_exit for s in states)
     assert mode == "O" or states_at_exit
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_readmes_network_of_ones_own_trains_and_evaluates_as_written():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [example] = re.findall(r"```python\n(import torch\nfrom ndot.layers import .*?)```", readme, re.S)
+    scope: dict = {}
+    exec(example, scope)
+    assert scope["o"].shape == (4, 8, 10) and torch.isfinite(scope["loss"])
