@@ -55,7 +55,8 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
         except RuntimeError as e:
             # A write that failed (a full disk) leaves torch's zip writer to fail again as it closes, with a
             # message of its internals ("unexpected pos 465152 vs 465040"): the write's own error says what happened.
-            if isinstance(e.__context__, OSError):
+            # So does Ctrl-C or SIGTERM, whose handler raises in the write, where a large save spends its time.
+            if isinstance(e.__context__, (OSError, KeyboardInterrupt)):
                 raise e.__context__ from None
             raise
 

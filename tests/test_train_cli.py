@@ -236,6 +236,27 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     assert epochs == list(range(1, len(epochs) + 1)) and checkpoint.load(run / "checkpoint.pt")["epoch"] == epochs[-1]
 
 
+def test_sigterm_while_a_checkpoint_is_written_ends_the_run_as_between_epochs(tmp_path, capsys, monkeypatch):
+    # Most of a large model's save is spent in torch's zip writer, which calls the file's Python write:
+    # that is where the signal's handler raises, and the writer then failed on closing, its words
+    # ("unexpected pos") in a traceback in place of the line that says how to continue.
+    import ndot.train
+    real = files._Landing.write
+
+    def terminated_in_epoch_2s_checkpoint(self, b):
+        if self._path.endswith(checkpoint.LAST) and Path(self._path).exists() and self.tell() > 0:
+            raise ndot.train._Terminated
+        return real(self, b)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(files._Landing, "write", terminated_in_epoch_2s_checkpoint)
+    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err == f"interrupted after epoch 1 of 2: continue with python -m ndot.train --out {run} --resume\n", err
+    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES), "a stray temporary file"
+    assert checkpoint.load(run / "checkpoint.pt")["epoch"] == 1
+
+
 def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp_path, capsys):
     run = tmp_path / "run"
     assert main([*RUN, "--out", str(run)]) == 0
