@@ -135,13 +135,13 @@ class TrainConfig:
             bad(f"loss_alpha must be in [0, 1], got {self.loss_alpha!r}")
         if not 0 < self.surrogate_alpha <= FLOAT32_MAX:
             # The surrogate multiplies fp32 tensors by it: past float32's largest it is inf there, and
-            # inf·0 makes every gradient NaN (a silent network, ndot.train._finite).
+            # inf·0 makes every gradient NaN (a silent network, which ndot.models.finite tells).
             bad(f"surrogate_alpha must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.surrogate_alpha!r}")
         if not self.tau > 1:
             bad(f"tau must be > 1 (lambda = 1 - 1/tau in (0, 1)), got {self.tau!r}")
         if not 0 < self.v_th <= FLOAT32_MAX:
             # Past float32's largest the threshold is inf in the membrane's dtype: nothing ever fires, and
-            # BPTT's reset u - Vth·s is inf·0 = NaN (a silent network, ndot.train._finite).
+            # BPTT's reset u - Vth·s is inf·0 = NaN (a silent network, which ndot.models.finite tells).
             bad(f"v_th must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.v_th!r}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout must be in [0, 1), got {self.dropout!r}")
