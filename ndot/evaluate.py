@@ -133,7 +133,8 @@ def _parser() -> Parser:
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
     p.add_argument("--threads", type=threads, default=None, help="torch's CPU threads (default: torch's)")
-    p.add_argument("--out", type=named, default=None, help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
+    p.add_argument("--out", type=named, default=None,
+                   help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
                         "trial's checkpoint, eval-<checkpoint>-<weights>-T<T>.json in the trial's folder)")
     return p
 

@@ -113,7 +113,8 @@ def test_each_range_is_refused_just_past_its_edge(kw, words):
 @pytest.mark.parametrize("kw", [
     # ... and accepted on its edge: the limits the help and the messages state are inclusive where they say so.
     {"T": MAX_T}, {"epochs": MAX_EPOCHS}, {"seed": 2**32 - 1}, {"workers": 0}, {"momentum": 0.0},
-    {"loss_alpha": 0.0}, {"loss_alpha": 1.0}, {"lr": FLOAT32_MAX}, {"surrogate_alpha": FLOAT32_MAX}, {"v_th": FLOAT32_MAX}, {"dropout": 0.0}, {"batch_size": 1},
+    {"loss_alpha": 0.0}, {"loss_alpha": 1.0}, {"lr": FLOAT32_MAX}, {"surrogate_alpha": FLOAT32_MAX}, {"v_th": FLOAT32_MAX},
+    {"dropout": 0.0}, {"batch_size": 1},
 ])
 def test_each_range_accepts_its_edge(kw):
     TrainConfig(**kw).validate()
