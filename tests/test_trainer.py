@@ -181,6 +181,11 @@ def test_only_the_runs_own_gpu_generator_is_saved_and_restored_to_the_gpu_it_res
     assert [s.tolist() for s in saved["cuda"]] == [[1]]
     _set_rng_state(saved, torch.device("cuda:0"))
     assert gpus[0].tolist() == [1]
+    # And to a GPU other than the first, which a state restored by position would leave alone for cuda:0's.
+    saved = checkpoint_round_trip(_rng_state(torch.device("cuda:0")))
+    gpus[0] = torch.tensor([7], dtype=torch.uint8)
+    _set_rng_state(saved, torch.device("cuda:1"))
+    assert (gpus[0].tolist(), gpus[1].tolist()) == ([7], [1])
     assert _rng_state(torch.device("cpu"))["cuda"] == []
 
 
