@@ -562,6 +562,11 @@ def test_storage_that_fails_as_the_sweep_ends_costs_one_line_not_a_traceback(tmp
     plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--T", "1", "--storage", str(tmp_path), "--name", "s"]))
     assert runner.run(plan) == []
     assert "could not write the figures" in caplog.text and "No space left on device" in caplog.text
+    assert f"python -m ndot.results plot {plan.experiment} draws them" in caplog.text
+    # A bug in drawing them is no storage that failed: it is not passed off as one.
+    monkeypatch.setattr(results, "write_plots", lambda experiment: int("not a number"))
+    with pytest.raises(ValueError, match="invalid literal"):
+        runner.run(dataclasses.replace(plan, name="u"))
 
     monkeypatch.setattr(runner, "connect", lambda address: None)
     monkeypatch.setattr(runner, "head_address", lambda address: None)

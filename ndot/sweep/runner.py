@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import psutil  # after ray, as Ray's own modules import it: Ray ships its copy and puts it on the path
@@ -329,8 +330,9 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     tuner.fit()
     try:
         return results.write_plots(plan.experiment)
-    except files.STORAGE_ERRORS as e:
+    except (OSError, pa.ArrowException) as e:
         # Storage that fails now (a full disk) has lost no trial: the checkpoints hold them, and the
-        # figures can be drawn again (python -m ndot.results plot), which the driver says.
-        log.warning("ndot: could not write the figures to %s (%s)", plan.experiment, str(e).splitlines()[0])
+        # figures can be drawn again. Not STORAGE_ERRORS' bare ValueError: drawing raises that for a bug.
+        log.warning("ndot: could not write the figures to %s (%s): python -m ndot.results plot %s draws them",
+                    plan.experiment, str(e).splitlines()[0], plan.experiment)
         return []
