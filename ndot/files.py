@@ -62,6 +62,10 @@ def join(folder: str, name: str) -> str:
     return f"{folder.rstrip('/')}/{quote(name, safe=_URI_SAFE) if '://' in folder else name}"
 
 
+# How a filesystem without hard links refuses one.
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
 class _Landing(io.BufferedWriter):
     """A file written under a temporary name beside its path, synced, and renamed over it once closed whole.
 
@@ -98,9 +102,10 @@ class _Landing(io.BufferedWriter):
             if self._new:
                 try:
                     os.link(self._tmp, self._path)  # a hard link, unlike a rename, fails on a file already there
-                except FileExistsError:
-                    raise
-                except OSError:  # a filesystem without hard links (FAT, some FUSE mounts): claim the path, then fill it
+                except OSError as e:
+                    if e.errno not in _NO_HARD_LINKS:  # a file already there, or a real failure (a full disk)
+                        raise
+                    # A filesystem without hard links (FAT, some FUSE mounts): claim the path, then fill it.
                     os.close(os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
                     os.replace(self._tmp, self._path)
                 else:

@@ -1,6 +1,7 @@
 """Files written through the filesystem the sweeps give Ray Tune: whole or not at all, even when the writer is killed."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import subprocess
@@ -193,3 +194,13 @@ def test_a_new_file_is_written_whole_once_and_a_second_writer_gets_file_exists(t
         with pytest.raises(FileExistsError):
             files.write_new(str(tmp_path / "other.json"), b"y")
         assert (tmp_path / "other.json").read_bytes() == b"x" and sorted(os.listdir(tmp_path)) == ["other.json", "sweep"]
+
+
+def test_a_new_file_that_fails_to_land_is_not_claimed_another_way(tmp_path, monkeypatch):
+    # Only a filesystem without hard links takes the fallback: a real failure is the writer's error, no file left.
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "link", full)
+    with pytest.raises(OSError, match="No space left"):
+        files.write_new(str(tmp_path / "sweep.json"), b"x")
+    assert os.listdir(tmp_path) == []
