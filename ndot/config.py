@@ -194,12 +194,14 @@ def method(rule: str, mode: str) -> str:
 
 
 def parse_method(name: str) -> dict[str, str]:
-    """"ndot_O" -> {"rule": "ndot", "mode": "O"}; validity is TrainConfig's to judge."""
+    """"ndot_O" -> {"rule": "ndot", "mode": "O"}; ValueError where it is no RULE_MODE that TrainConfig runs,
+    raised here so that the flag that gave it can be named (--rules)."""
     rule, sep, mode = name.rpartition("_")
     if name in RULES:  # e.g. ndot_ref, whose "_ref" would read as a mode
         raise ValueError(f"rule {name!r} needs its mode, written RULE_MODE: {name}_A" + ("" if name == "bptt" else f" or {name}_O"))
     if not sep or not rule:
         raise ValueError(f"rule {name!r} must be written RULE_MODE, e.g. ndot_O or bptt_A")
+    TrainConfig(rule=rule, mode=mode).validate()  # an unknown rule or mode, or bptt_O
     return {"rule": rule, "mode": mode}
 
 

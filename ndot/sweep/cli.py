@@ -187,8 +187,8 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
             base.update(parse_method(value[0]) if axis == "method" else {axis: value[0]})
     try:
         cells = strata({axis: axes[axis] for axis in sweep.strata})
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    except ValueError as e:  # parse_method's, of a RULE_MODE
+        raise InputError(f"--rules: {e}") from None
     space = SearchSpace(
         lr=_given(args.lr, preset.lr), momentum=_given(args.momentum, preset.momentum),
         loss_alpha=_given(args.loss_alpha, preset.loss_alpha), batch_size=_given(args.batch_size, preset.batch_size),
