@@ -38,7 +38,8 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
-    "str | None": (lambda v: v is None or isinstance(v, str), "a folder or None"),
+    # An empty folder name would read as none given: the data root would silently be $NDOT_DATA's.
+    "str | None": (lambda v: v is None or (isinstance(v, str) and v != ""), "a folder or None"),
 }
 
 
@@ -183,6 +184,18 @@ def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], spelled:
     for name, applies in RULE_FLAGS.items():
         if settings.get(name) and not set(rules) & set(applies):
             raise ConfigError(f"{spelled(name)} applies to rule {' or '.join(applies)} only, not {', '.join(rules)}")
+
+
+def check_data_flags(settings: Mapping[str, Any], dataset: str, spelled: Callable[[str], str]) -> None:
+    """ConfigError when data_root or download is set for `dataset` (a valid one) and the dataset reads no
+    data folder (digits ships inside scikit-learn): the setting would change nothing."""
+    from ndot import data
+
+    if data.info(dataset).in_data_root:
+        return
+    for name in ("data_root", "download"):
+        if settings.get(name):
+            raise ConfigError(f"{spelled(name)} does not apply to dataset {dataset!r}, which reads no data folder")
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -29,7 +29,7 @@ import torch
 from ndot import checkpoint, data, files
 from ndot.cli import Parser, refuse, run, show_progress, threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
-                         check_rule_flags, method)
+                         check_data_flags, check_rule_flags, method)
 from ndot.device import resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
@@ -305,11 +305,13 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         except ConfigError as e:
             # Most of the config came from the checkpoint, not from the command line: say so.
             raise ConfigError(f"{e} (resuming {ckpt_path})") from None
+        check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         if state["epoch"] == cfg.epochs and state.get("status") != "diverged":
             raise ConfigError(f"the run in {out} has done its {cfg.epochs} epochs: --epochs N (more) extends it")
     else:
         cfg = TrainConfig(**given)
         check_rule_flags(given, [cfg.validate().rule], lambda name: f"--{name}")
+        check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         device = runnable_device(cfg)
         held = [name for name in _RUN_FILES if (out / name).exists()]
         if held:

@@ -104,6 +104,8 @@ def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
     ({"signed_factor": "false"}, "signed_factor must be true or false, got 'false'"),
     ({"fused_neuron": 1}, "fused_neuron must be true or false"),
     ({"device": 0}, "device must be a string, got 0"), ({"data_root": 3}, "data_root must be a folder or None"),
+    # An empty name would read as none given, and $NDOT_DATA's folder be read instead.
+    ({"data_root": ""}, "data_root must be a folder or None, got ''"),
 ])
 def test_each_range_is_refused_just_past_its_edge(kw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

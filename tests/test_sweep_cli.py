@@ -225,12 +225,27 @@ def test_trials_read_the_data_root_the_driver_checked(tmp_path, monkeypatch):
     monkeypatch.delenv("NDOT_DATA", raising=False)
 
     def root(*flags: str) -> str | None:
-        return cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(list(flags))).base.get("data_root")
+        args = cli.parser(TIMESTEPS).parse_args(["--dataset", "cifar10", *flags])
+        return cli.build_plan(TIMESTEPS, args).base.get("data_root")
 
     assert root() is None  # each node's ~/data, the same path on nodes of one image
     assert root("--data-root", "data") == str(tmp_path / "data")
     monkeypatch.setenv("NDOT_DATA", "shared/data")
     assert root() == str(tmp_path / "shared" / "data")
+    # digits ships inside scikit-learn: its trials record no root, which they would not read.
+    assert cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--dataset", "digits"])).base.get("data_root") is None
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--dataset", "digits", "--data-root", "data"], "--data-root does not apply to dataset 'digits'"),
+    (["--dataset", "digits", "--download"], "--download does not apply to dataset 'digits'"),
+    (["--dataset", "cifar10", "--data-root", ""], "--data-root must name a folder, got ''"),
+])
+def test_a_data_flag_that_would_change_nothing_is_refused(tmp_path, capsys, flags, says):
+    assert exit_status(cli.main, TIMESTEPS, [*flags, "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_set_fixes_any_other_field_for_every_trial(tmp_path):

@@ -150,6 +150,18 @@ def test_a_flag_that_cannot_change_the_rule_is_refused(tmp_path, capsys, flag, r
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags,words", [(["--data_root", "data"], "--data_root does not apply to dataset 'digits'"),
+                                         (["--download"], "--download does not apply to dataset 'digits'"),
+                                         (["--data_root", ""], "data_root must be a folder or None, got ''")])
+def test_a_data_flag_digits_would_ignore_is_refused_fresh_and_on_resume(tmp_path, capsys, flags, words):
+    refused(capsys, [*RUN, *flags, "--out", str(tmp_path / "run")], words)
+    assert not (tmp_path / "run").exists()
+    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    before = contents(tmp_path)
+    refused(capsys, ["--out", str(tmp_path), "--resume", "--epochs", "2", *flags], words)
+    assert contents(tmp_path) == before
+
+
 def test_resume_refuses_fewer_epochs_a_finished_run_and_names_another_run_before_its_data(tmp_path, capsys):
     assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
     before = contents(tmp_path)
@@ -225,8 +237,8 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "ndot.train", *RUN, "--epochs", "50", "--threads", "1", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not proc.stdout.readline().startswith("epoch"):
-        pass
+    # After the first epoch's line; a slow machine prints a batch line ("epoch   1/50  batch …") before it.
+    next(line for line in proc.stdout if line.startswith("epoch") and " loss " in line)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err

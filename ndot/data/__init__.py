@@ -32,6 +32,8 @@ class DatasetInfo:
     in_channels: int
     # Native side length; None where the model's preferred size is used instead.
     image_size: int | None
+    # Whether it is read from the data folder (data_root), and so whether a download applies.
+    in_data_root: bool = True
 
 
 # name -> module under ndot.data, imported on first use so that a run on

@@ -16,7 +16,7 @@ from ndot.data.loader import DeviceLoader
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
 
-INFO = DatasetInfo(num_classes=10, in_channels=1, image_size=None)
+INFO = DatasetInfo(num_classes=10, in_channels=1, image_size=None, in_data_root=False)
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 

@@ -24,7 +24,7 @@ from ray.tune.experiment import Trial
 
 from ndot import data, files, results
 from ndot.cli import Parser, listed, refuse, show_progress
-from ndot.config import ConfigError, TrainConfig, check_rule_flags, parse_field, parse_method
+from ndot.config import ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
 from ndot.sweep import resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
@@ -175,13 +175,6 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         **preset.config, **_settings(args.set),
         "dataset": _given(args.dataset, preset.dataset), "epochs": _given(args.epochs, preset.epochs), "seed": seed,
     }
-    # The root the driver checks is the one every trial reads: absolute, as Tune runs each trial in a folder of
-    # its own, and named in the config, as $NDOT_DATA does not reach the processes of a cluster's other nodes.
-    root = args.data_root if args.data_root is not None else os.environ.get("NDOT_DATA")
-    if root:
-        base["data_root"] = os.path.abspath(os.path.expanduser(root))
-    if args.download:
-        base["download"] = True
     for axis, value in axes.items():
         if axis not in sweep.strata:
             base.update(parse_method(value[0]) if axis == "method" else {axis: value[0]})
@@ -207,6 +200,16 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
             TrainConfig(**{**base, **cell.values, **corner}).validate()
     rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
     check_rule_flags(base, rules, lambda name: f"--set {name}")
+    if args.data_root == "":
+        raise InputError("--data-root must name a folder, got ''")
+    check_data_flags(vars(args), base["dataset"], lambda name: _FLAGGED[name])
+    # The root the driver checks is the one every trial reads: absolute, as Tune runs each trial in a folder of
+    # its own, and named in the config, as $NDOT_DATA does not reach the processes of a cluster's other nodes.
+    root = args.data_root if args.data_root is not None else os.environ.get("NDOT_DATA")
+    if root and data.info(base["dataset"]).in_data_root:
+        base["data_root"] = os.path.abspath(os.path.expanduser(root))
+    if args.download:
+        base["download"] = True
     return Plan(
         name=_name(args.name) or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
