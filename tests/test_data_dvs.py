@@ -437,6 +437,22 @@ def test_the_train_command_refuses_recordings_cut_short_in_one_line(cut_short, p
     assert converting.startswith("cifar10dvs: converting") and error.startswith("error: ") and "cannot be read" in error
 
 
+def test_a_recording_without_events_is_named_as_such_not_sent_to_download(cut_short, private_cache):
+    # A sound AEDAT4 file whose event stream is empty is no damaged download: the line says what it holds,
+    # apart from the recordings cut short, which a download does repair.
+    fixtures.write_recording(cut_short / "CIFAR10DVS" / "dog" / "cifar10_dog_2.aedat4",
+                             fixtures.recording_events(0, np.random.default_rng(0)))
+    with pytest.raises(DataError) as err:
+        dvs.loaders(config(cut_short), CPU, 48)
+    message = one_line(err)
+    cannot_read, no_events = message.split("; 1 cifar10dvs recordings")
+    assert cannot_read.startswith("2 cifar10dvs recordings") and "--download" in cannot_read
+    assert "dog/cifar10_dog_2.aedat4" not in cannot_read
+    assert no_events.startswith(f" in {cut_short / 'CIFAR10DVS'} hold no events")
+    assert "dog/cifar10_dog_2.aedat4" in no_events and "--download" not in no_events
+    assert not cache_files(private_cache)
+
+
 def test_an_empty_recording_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
     folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)

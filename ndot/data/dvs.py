@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aedat
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
@@ -179,8 +180,24 @@ class Frames:
     std: torch.Tensor
 
 
+# The fault of a sound AEDAT4 file without events: a download would not change it, so it is told apart.
+NO_EVENTS = "no events"
+
+
+def _fault(path: str) -> str | None:
+    """What is wrong with the file of a recording tonic failed to read, in words, or None where the file is sound."""
+    try:
+        decoder = aedat.Decoder(path)
+        # tonic reads the events stream of the lowest id only.
+        first = min((i for i, s in decoder.id_to_stream().items() if s["type"] == "events"), default=None)
+        events = sum(len(p["events"]) for p in decoder if p["stream_id"] == first)
+    except (RuntimeError, OSError) as e:
+        return " ".join(str(e).split()) or type(e).__name__
+    return NO_EVENTS if events == 0 else None
+
+
 class _Readings(Dataset):
-    """(frames, label, None) of each recording, or (None, None, the error) where it cannot be read."""
+    """(frames, label, None) of each recording, or (None, None, its file's fault) where it cannot be read."""
 
     def __init__(self, dataset: CIFAR10DVS, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, indices
@@ -191,35 +208,40 @@ class _Readings(Dataset):
     def __getitem__(self, k: int) -> tuple[torch.Tensor | None, int | None, str | None]:
         try:
             frames, label = self.dataset[self.indices[k]]
-        # A recording cut short (an interrupted unzip): aedat's reader raises "failed to fill whole buffer".
-        except (RuntimeError, OSError, ValueError) as e:
-            return None, None, " ".join(str(e).split()) or type(e).__name__
+        # tonic's words depend on where reading stopped (a file cut short by an interrupted unzip: "failed to fill
+        # whole buffer"; one without events: numpy's "need at least one array to concatenate", or a bare
+        # Exception): the file itself says what is wrong with it, and a failure on a sound file is not its fault.
+        except Exception:
+            fault = _fault(self.dataset.data[self.indices[k]])
+            if fault is None:
+                raise
+            return None, None, fault
         return frames, label, None
 
 
-def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The frames and labels of the recordings `indices`, and each one that cannot be read, with its error:
+def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+    """The frames and labels of the recordings `indices`, and each one that cannot be read, by name, with its fault:
     read to the end, so that one message can list what to repair (in a worker, the first would end the loader)."""
     t = dataset.transform
     x = torch.empty(len(indices), t.T, 2, t.size, t.size, dtype=FRAME_DTYPES[t.encoding])
     y = torch.empty(len(indices), dtype=torch.long)
-    unreadable = []
+    faults = {}
     # A generator of its own: a DataLoader draws its workers' base seed from the one it is given, else from
     # torch's global generator, which the trainer has seeded for the weights it builds next. Moved only where
     # the cache is built, it gave the run that built it other weights than every run that read it.
     batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list,
                          generator=torch.Generator())
     last = time.monotonic()
-    for k, (frames, label, error) in enumerate(item for batch in batches for item in batch):
+    for k, (frames, label, fault) in enumerate(item for batch in batches for item in batch):
         # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
         if time.monotonic() - last >= PROGRESS_S:
             last = time.monotonic()
             log.info(f"cifar10dvs: {k}/{len(indices)} recordings converted")
-        if error is None:
+        if fault is None:
             x[k], y[k] = frames, label
         else:
-            unreadable.append(f"{Path(dataset.data[indices[k]]).relative_to(dataset.location_on_system)} ({error})")
-    return x, y, unreadable
+            faults[str(Path(dataset.data[indices[k]]).relative_to(dataset.location_on_system))] = fault
+    return x, y, faults
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,6 +284,25 @@ def _load(path: Path, key: dict[str, object]) -> Frames | None:
     return Frames(**payload["frames"])
 
 
+def _listed(items: list[str]) -> str:
+    return f"{'; '.join(items[:3])}{'; …' if len(items) > 3 else ''}"
+
+
+def _faults_line(faults: dict[str, str], folder: str) -> str:
+    """One line naming each faulty recording (name -> fault), grouped by what repairs it."""
+    unreadable = [f"{name} ({fault})" for name, fault in faults.items() if fault != NO_EVENTS]
+    eventless = [name for name, fault in faults.items() if fault == NO_EVENTS]
+    parts = []
+    if unreadable:
+        parts.append(f"{len(unreadable)} cifar10dvs recordings in {folder} cannot be read: {_listed(unreadable)}; "
+                     f"delete that folder and pass --download (download=True), or unpack {CIFAR10DVS.url} there again")
+    if eventless:
+        parts.append(f"{len(eventless)} cifar10dvs recordings in {folder} hold no events (sound AEDAT4 files whose "
+                     f"event stream is empty, so there is nothing to cut into T frames): {_listed(eventless)}; "
+                     f"replace each with a copy that holds events (from {CIFAR10DVS.url})")
+    return "; ".join(parts)
+
+
 def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Path, workers: int = 0) -> Frames:
     """The frames of both splits, from the cache when it holds them, else converted and cached.
 
@@ -280,14 +321,11 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
             return cached
         log.info(f"cifar10dvs: converting {len(train) + len(test)} recordings into {key['T']} frames each, "
                  f"once, into {path}")
-        train_x, train_y, unreadable = _convert(dataset, train, workers)
-        test_x, test_y, unreadable_test = _convert(dataset, test, workers)
-        unreadable += unreadable_test
-        if unreadable:
-            raise DataError(
-                f"{len(unreadable)} cifar10dvs recordings in {dataset.location_on_system} cannot be read: "
-                f"{'; '.join(unreadable[:3])}{'; …' if len(unreadable) > 3 else ''}; delete that folder and pass "
-                f"--download (download=True), or unpack {CIFAR10DVS.url} there again")
+        train_x, train_y, faults = _convert(dataset, train, workers)
+        test_x, test_y, test_faults = _convert(dataset, test, workers)
+        faults.update(test_faults)
+        if faults:
+            raise DataError(_faults_line(faults, dataset.location_on_system))
         built = Frames(train_x, train_y, test_x, test_y, *_channel_stats(train_x))
         files.write_local(path, lambda f: torch.save({"key": key, "frames": vars(built)}, f))
         return built
