@@ -389,6 +389,17 @@ def test_half_present_dataset_names_each_short_class(tmp_path, monkeypatch):
     assert "airplane" not in message and str(folder) in message
 
 
+def test_a_recording_outside_the_class_folders_is_refused_before_any_work(tmp_path, monkeypatch):
+    # tonic would fail on it in listing the recordings, with a KeyError of the folder's name.
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)
+    (folder / "extra").mkdir()
+    shutil.copy(folder / "cat" / "cifar10_cat_1.aedat4", folder / "extra" / "cifar10_cat_1.aedat4")
+    with pytest.raises(DataError) as err:
+        dvs.check(config(tmp_path))
+    assert "1 recordings outside its class folders" in one_line(err) and "(extra/cifar10_cat_1.aedat4)" in one_line(err)
+
+
 def test_missing_marker_is_explained_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
     folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)

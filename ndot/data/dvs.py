@@ -83,6 +83,11 @@ def location(cfg: "TrainConfig") -> Path:
     return storage.data_root(cfg) / CIFAR10DVS.__name__
 
 
+def _listed(items: list[str], sep: str = "; ") -> str:
+    """The first three of `items`, and an ellipsis where there are more: a line stays a line."""
+    return sep.join(items[:3]) + (f"{sep}…" if len(items) > 3 else "")
+
+
 def _problem(folder: Path) -> str | None:
     """What is wrong with the files on disk, in words, or None."""
     recordings = sorted(folder.rglob("*.aedat4")) if folder.is_dir() else []
@@ -96,10 +101,15 @@ def _problem(folder: Path) -> str | None:
     # Empty files, what an unpacking that never began writing leaves; those cut short later are found reading them.
     empty = [str(p.relative_to(folder)) for p in recordings if p.stat().st_size == 0]
     if empty:
-        wrong.append(f"{len(empty)} recordings are empty ({', '.join(empty[:3])}{', …' if len(empty) > 3 else ''})")
+        wrong.append(f"{len(empty)} recordings are empty ({_listed(empty, ', ')})")
     if wrong:
         return (f"cifar10dvs is incomplete in {folder}: {'; '.join(wrong)}; delete that folder and pass --download (download=True), "
                 f"or unpack {CIFAR10DVS.url} there again")
+    # tonic labels a recording by the name of its folder and fails on any other name (KeyError).
+    strays = [str(p.relative_to(folder)) for p in recordings if p.parent.name not in CLASSES]
+    if strays:
+        return (f"cifar10dvs in {folder} holds {len(strays)} recordings outside its class folders, which tonic labels "
+                f"by their folder's name ({_listed(strays, ', ')}); move them out of {folder}")
     if not marker.is_file():
         return (f"{marker} is missing and tonic would download the whole dataset again without it; "
                 f"the recordings are all there, so create it empty: touch {marker}")
@@ -282,10 +292,6 @@ def _load(path: Path, key: dict[str, object]) -> Frames | None:
     if payload.get("key") != key:
         return None
     return Frames(**payload["frames"])
-
-
-def _listed(items: list[str]) -> str:
-    return f"{'; '.join(items[:3])}{'; …' if len(items) > 3 else ''}"
 
 
 def _faults_line(faults: dict[str, str], folder: str) -> str:
