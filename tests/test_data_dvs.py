@@ -263,6 +263,15 @@ def test_cache_is_reused_and_a_changed_T_never_reads_it(dataset_root, private_ca
     assert not list(private_cache.glob("*.tmp")), "no temporary file left behind"
 
 
+def test_a_changed_size_or_encoding_never_reads_the_cache(dataset_root, private_cache, monkeypatch):
+    calls = conversions(monkeypatch)
+    dvs.load_frames(config(dataset_root), 48)
+    smaller = dvs.load_frames(config(dataset_root), 32)
+    authors = dvs.load_frames(config(dataset_root, dvs_encoding="authors"), 48)
+    assert len(calls) == 6 and len(cache_files(private_cache)) == 3
+    assert smaller.train_x.shape[-2:] == (32, 32) and authors.train_x.dtype == torch.uint8
+
+
 def test_building_the_cache_leaves_torchs_generator_where_it_was(dataset_root, private_cache):
     # The trainer seeds it and then loads the data, and builds the weights from it after.
     for _ in range(2):  # the first builds the cache, the second reads it
