@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import statistics
 import sys
 from types import SimpleNamespace
@@ -215,6 +216,35 @@ def test_a_restored_search_ahead_of_tunes_list_drops_the_trials_tune_will_replac
     assert search.suggest("d") is None  # two live
     search.on_trial_complete("b", _result(0.1))
     assert search.suggest("d") == Searcher.FINISHED
+
+
+@pytest.mark.parametrize("saved, listed", [(1, 2), (None, 2), (2, 1)], ids=["state-behind-the-list", "no-state", "state-ahead"])
+def test_a_resumed_stratum_draws_the_lrs_of_the_sweep_uninterrupted_each_once(tmp_path, saved, listed):
+    # A driver killed mid-upload leaves the searcher's state a trial behind Tune's list, none at all, or a trial ahead.
+    alone = _search(n_strata=1, budget=4)
+    uninterrupted = [alone.suggest(i)["lr"] for i in "abcd"]
+    started = _search(n_strata=1, budget=4)
+    issued = []
+    for trial_id in "ab":
+        issued.append(_listed(trial_id, started.suggest(trial_id), Trial.RUNNING))
+        if saved == len(issued):
+            started.save(str(tmp_path / "searcher.pkl"))
+
+    resumed = _search(n_strata=1, budget=4)
+    if saved:
+        resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.agree_with(issued[:listed])
+    lrs = [t.config["lr"] for t in issued[:listed]] + [resumed.suggest(f"new{i}")["lr"] for i in range(4 - listed)]
+    assert lrs == uninterrupted, "a stratum's budget spent on one lr twice, or on others than the seed's"
+
+
+def test_a_searcher_pickled_before_its_seed_was_kept_goes_on_suggesting():
+    # Tune unpickles the searcher a sweep was started with: one started before has no _seed of its own.
+    old = _search(n_strata=1, budget=3)
+    old.suggest("a")
+    del old.__dict__["_seed"]
+    old = pickle.loads(pickle.dumps(old))
+    assert len({old.suggest(i)["lr"] for i in "bc"}) == 2 and old.suggest("d") == Searcher.FINISHED
 
 
 def _noop(config: dict) -> None:

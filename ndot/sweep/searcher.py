@@ -18,6 +18,7 @@ import logging
 import pickle
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from ray import cloudpickle
@@ -63,9 +64,10 @@ class StratifiedSearch(Searcher):
         self._first = first or None
         # One seed for all: the strata draw the same random start-up points, so
         # their results compare like for like until TPE's own choices begin.
+        self._seed = seed
         direction = "maximize" if mode == "max" else "minimize"
-        self._studies = [optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
-                         for _ in self._strata]
+        # Each trial's sampler is set as the trial is asked for (`_sampler`).
+        self._studies = [optuna.create_study(direction=direction) for _ in self._strata]
         self._stratum_of: dict[str, int] = {}  # every trial of the sweep so far
         self._number: dict[str, int] = {}  # a trial's number in its stratum's study
         self._live: set[str] = set()
@@ -75,6 +77,10 @@ class StratifiedSearch(Searcher):
     @property
     def experiment(self) -> str:
         return self._experiment
+
+    # A class attribute: a searcher that Tune unpickles from a sweep started before it was kept has it too,
+    # and its studies go on drawing from their own samplers in turn, as they did.
+    _seed: int | None = None
 
     @property
     def trial_ids(self) -> list[str]:
@@ -103,6 +109,8 @@ class StratifiedSearch(Searcher):
             return Searcher.FINISHED
         i = min(open_strata, key=lambda j: (issued[j], j))
         study = self._studies[i]
+        if self._seed is not None:
+            study.sampler = _sampler(self._seed, issued[i])
         if self._first and issued[i] == 0:
             study.enqueue_trial(self._first)
         trial = study.ask()
@@ -258,6 +266,16 @@ class StratifiedGenerator(SearchGenerator):
             raise RuntimeError(f"the sweep cannot create its remaining trials: Tune's search state is unreadable "
                                f"and so is the sweep's own copy ({self._unrestored})")
         return super().next_trial()
+
+
+def _sampler(seed: int, place: int) -> optuna.samplers.TPESampler:
+    """The sampler that draws a stratum's trial number `place` (from 0) of the sweep, from `seed` and that place alone.
+
+    One sampler drawing in turn would draw again, after a resume, what it drew for the trials its saved
+    state lags behind Tune's list (`StratifiedSearch.agree_with` takes them over): the same lr twice.
+    A trial it drops for being ahead of the list is replaced with the same draw, as if never issued.
+    """
+    return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, place]).generate_state(1)[0]))
 
 
 def _finished(study: optuna.Study, number: int) -> bool:
