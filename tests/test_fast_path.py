@@ -316,19 +316,21 @@ def test_memory_is_judged_at_every_T_and_bptts_as_a_line():
 
 
 def test_targets_are_the_issues_and_read_the_fastest_levers_at_the_lever_T():
-    assert (report.A_BF16_OVER_CEILING, report.O_OVER_A_BF16, report.A_FP32_IMAGE_STEPS_PER_S) == (0.8, 0.85, 14_000)
+    assert (report.A_BF16_OVER_CEILING, report.O_OVER_A_BF16, report.A_FP32_IMAGE_STEPS_PER_S) == (0.8, 0.85, 2.5 * 5_700)
     base = {"kind": "snn", "arch": "vgg11_ws", "batch": 128, "T": 4, **{k: False for k in Levers.__dataclass_fields__}}
     fused = {"fused_neuron": True, "channels_last": True}
     rows = [{**base, "rule": "ndot", "mode": "A", "precision": "bf16", "image_steps_per_s": 1000.0, "ratio_to_ceiling": 0.4},
             {**base, **fused, "rule": "ndot", "mode": "A", "precision": "bf16", "image_steps_per_s": 2000.0, "ratio_to_ceiling": 0.8},
             {**base, **fused, "rule": "ndot", "mode": "O", "precision": "bf16", "image_steps_per_s": 1800.0, "ratio_to_ceiling": 0.72},
             {**base, "rule": "ndot", "mode": "O", "precision": "bf16", "image_steps_per_s": 900.0, "ratio_to_ceiling": 0.36},
-            {**base, "rule": "ndot", "mode": "A", "precision": "fp32", "image_steps_per_s": 13_000.0, "ratio_to_ceiling": None},
+            # Over 14,000, under the 2.5 x 5,700 asked.
+            {**base, "rule": "ndot", "mode": "A", "precision": "fp32", "image_steps_per_s": 14_100.0, "ratio_to_ceiling": None},
             {**base, **fused, "T": 2, "rule": "ndot", "mode": "A", "precision": "bf16", "image_steps_per_s": 9e9, "ratio_to_ceiling": 9.0}]
     got = report.targets(rows, {"lever_T": 4, "lever_arch": "vgg11_ws", "lever_batch": 128})
     assert got["ndot_A_bf16_ratio_to_ceiling"] == 0.8 and got["ndot_A_bf16_ok"] and got["ndot_A_bf16_levers"]["fused_neuron"]
     assert got["ndot_O_over_A_bf16"] == pytest.approx(0.9) and got["ndot_O_ok"] and got["ndot_O_bf16_levers"]["fused_neuron"]
-    assert got["ndot_A_fp32_image_steps_per_s"] == 13_000 and not got["ndot_A_fp32_ok"]
+    assert got["ndot_A_fp32_image_steps_per_s"] == 14_100 and not got["ndot_A_fp32_ok"]
+    assert "NDOT_A fp32 >= 14,250 image-steps/s" in got["note"]
 
 
 def test_memory_is_judged_on_the_allocator_peak_where_there_is_one_else_on_the_batchs_own():

@@ -9,10 +9,11 @@ from ndot.bench.measure import Levers, Row
 from ndot.config import method
 
 # The throughput targets for one H200: NDOT_A in bf16 against the ANN ceiling,
-# NDOT_O against NDOT_A (both bf16), and NDOT_A's fp32 image-steps/s.
+# NDOT_O against NDOT_A (both bf16), and NDOT_A's fp32 image-steps/s, which the issue asks
+# as 2.5 x the authors' 5,700 (their code on the same GPU, spec section 7).
 A_BF16_OVER_CEILING = 0.8
 O_OVER_A_BF16 = 0.85
-A_FP32_IMAGE_STEPS_PER_S = 14_000
+A_FP32_IMAGE_STEPS_PER_S = 14_250
 # What one memory-over-T series shares: every field of a case but T.
 SERIES = ("arch", "batch", "rule", "mode", "precision", *Levers.__dataclass_fields__)
 
