@@ -26,7 +26,7 @@ from helpers import exit_status
 from ndot import files, results
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
-from ndot.sweep import cli, resources, runner, trainable
+from ndot.sweep import cli, reach, resources, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,6 +369,7 @@ def test_trials_that_no_node_holds_are_refused_but_through_ray_client_only_warne
                         ("head_address", lambda address: None), ("run", run)):
         monkeypatch.setattr(runner, name, value)
     monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 0.0}])
+    monkeypatch.setattr(reach, "spans_machines", lambda launcher: False)  # its nodes run here, and reach the storage
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.setattr(cli, "_settle_tables", lambda experiment: [])
     argv = ["--T", "1", "--rules", "ndot_A", "--storage", str(tmp_path), "--gpus-per-trial", "1"]
@@ -379,6 +380,58 @@ def test_trials_that_no_node_holds_are_refused_but_through_ray_client_only_warne
     assert exit_status(cli.main, TIMESTEPS, [*argv, "--name", "b", "--address", "ray://10.0.0.1:10001"]) == 0
     assert ran == [False]
     assert "no node up now has 1 CPU and 1 GPU for a trial; through ray://" in capsys.readouterr().err
+
+
+# An address no machine has (TEST-NET-3, for documentation): a node on another machine.
+ELSEWHERE = "203.0.113.7"
+
+
+def _head(ip: str) -> dict:
+    return {"Alive": True, "NodeManagerAddress": ip, "Resources": {"CPU": 0.0}}
+
+
+def test_a_cluster_spans_machines_where_a_node_up_now_or_launchable_is_on_another(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(ray, "nodes", lambda: [_head("127.0.0.1"), {**_head(ELSEWHERE), "Alive": False}])
+    assert not reach.spans_machines(launcher=True), "a one-machine cluster (a dead node elsewhere is no node)"
+    monkeypatch.setattr(ray, "nodes", lambda: [_head("127.0.0.1"), _head(ELSEWHERE)])
+    assert reach.spans_machines(launcher=False)
+    # The head of a fresh `ray up` cluster, alone: its launcher's config holds the workers to come.
+    monkeypatch.setattr(ray, "nodes", lambda: [_head("127.0.0.1")])
+    (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
+    assert resources.launchable_workers(True) == 10 and resources.launchable_workers(False) == 0
+    assert reach.spans_machines(launcher=True) and not reach.spans_machines(launcher=False)
+
+
+def test_the_filesystem_of_a_path_is_its_deepest_mount_points(tmp_path):
+    # /proc is mounted on / (Linux): the path's own mount point decides, also for a path not there yet.
+    assert reach.filesystem_type("/proc/self/status") == reach.filesystem_type("/proc/no/such/file") == "proc"
+    assert reach.filesystem_type("/proc/../etc") == reach.filesystem_type("/")
+    assert [reach.is_shared(t) for t in ("nfs4", "lustre", "fuse.mountpoint-s3")] == [True] * 3
+    assert [reach.is_shared(t) for t in ("ext4", "xfs", "overlay", "tmpfs", "")] == [False] * 5
+    assert reach.unreachable("s3://bucket/sweeps", launcher=True) is None, "a bucket is every node's"
+
+
+def test_local_storage_that_the_clusters_other_machines_cannot_reach_is_refused(tmp_path, monkeypatch, capsys):
+    # On the head of a `ray up` cluster, a folder there (the default runs/sweeps) is out of the workers'
+    # reach: Ray Tune failed every trial at its first checkpoint, after a whole epoch, on each restart too.
+    if reach.is_shared(reach.filesystem_type(str(tmp_path))):
+        pytest.skip(f"{tmp_path} is on a network filesystem, which the check takes as every node's")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
+    ran = []
+    monkeypatch.setattr(runner, "connect", lambda address: None)
+    monkeypatch.setattr(runner, "check_address", lambda address, **kw: None)
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "run", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(ray, "nodes", lambda: [_head(ELSEWHERE)])
+    storage = tmp_path / "runs"
+    for address in ("auto", "ray://127.0.0.1:10001"):  # through ray://, every node is elsewhere
+        rc = exit_status(cli.main, TIMESTEPS, ["--T", "1", "--storage", str(storage), "--address", address])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and not ran, err
+        assert err.startswith(f"error: --storage {storage} is on this machine's own disk (") and "give s3://" in err, err
+    assert not any(storage.iterdir()), "the sweep left a plan behind"
 
 
 def test_a_trial_given_gpus_that_torch_cannot_use_errors_instead_of_training_on_the_cpu(monkeypatch):

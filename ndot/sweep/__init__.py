@@ -5,6 +5,7 @@ space        strata and the Optuna define-by-run space
 searcher     equal Optuna (TPE) budgets per stratum
 scheduler    ASHA early stopping within a stratum
 resources    how many trials fit at once, on a fixed or an autoscaling cluster
+reach        whether every node of the cluster reaches a local --storage
 trainable    the Tune function trainable around ndot.train.train
 recorder     keeps the Parquet tables current while a sweep runs
 state_sync   holds each save of Tune's experiment state until the last upload has ended

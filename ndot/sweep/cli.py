@@ -25,7 +25,7 @@ from ray.tune.experiment import Trial
 from ndot import data, files, results
 from ndot.cli import Parser, listed, refuse, show_progress
 from ndot.config import ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
-from ndot.sweep import resources, runner
+from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
@@ -444,6 +444,10 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     ended = threading.Event()
     try:
         launcher = args.address is not None and not runner.through_client(args.address)
+        # A private local Ray (no --address) runs on this machine alone.
+        unreachable = reach.unreachable(plan.storage, launcher) if args.address not in (None, "local") else None
+        if unreachable:
+            return refuse(unreachable)
         trial = f"{plan.cpus_per_trial:g} CPU and {plan.gpus_per_trial:g} GPU for a trial"
         if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes(launcher)):
             if not runner.through_client(args.address):

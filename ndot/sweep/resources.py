@@ -57,6 +57,15 @@ def grown_slots(cpus_per_trial: float, gpus_per_trial: float, config: Mapping) -
     return on_head + sum(workers[:config.get("max_workers", len(workers))])
 
 
+def launchable_workers(launcher: bool) -> int:
+    """Worker nodes the connected cluster's autoscaler can launch, where the cluster is the launcher's
+    (`launcher`): each worker type at its max_workers, at most the cluster's max_workers in all."""
+    config = _launcher_config(launcher)
+    head = config.get("head_node_type")
+    workers = sum(t.get("max_workers", 0) for name, t in config.get("available_node_types", {}).items() if name != head)
+    return min(workers, config.get("max_workers", workers))
+
+
 def slots(cpus_per_trial: float, gpus_per_trial: float, launcher: bool) -> int:
     """Trials the connected cluster holds at once, node by node, now or, where it is the launcher's
     (`launcher`), grown by its autoscaler (at least one, so a sweep can always start)."""
