@@ -84,6 +84,16 @@ def test_every_node_installs_this_project_with_the_pinned_ray(config):
     assert re.search(rf"pip install .*-e \"?{re.escape(mounted[0])}\[cluster\]", setup)
 
 
+def test_every_shell_on_a_node_runs_the_projects_python(config):
+    # `ray submit` runs `python SCRIPT` and `ray attach` opens a shell, in a bash that reads ~/.bashrc:
+    # the system's Python there has neither ndot nor Ray. The venv is the one Ray itself starts from.
+    venv = re.search(r"(~/[\w-]+)/bin/ray start", _commands(config, "head_start_ray_commands")).group(1)
+    line = f'export PATH="{venv.replace("~", "$HOME")}/bin:$PATH"'
+    assert f"echo '{line}' >> ~/.bashrc" in _commands(config, "setup_commands")
+    # boto3, with which the head's autoscaler launches the workers, comes with the cluster extra.
+    assert re.search(r'^cluster = \[.*"boto3', (ROOT / "pyproject.toml").read_text(), re.M)
+
+
 def _rsync_leaves_out(path: str, pattern: str) -> bool:
     """Whether rsync's exclude `pattern` leaves out `path` (from the transfer's root), itself or a folder of it.
     rsync's rules: a leading / anchors at the root; a pattern with another / or ** matches the end of a
