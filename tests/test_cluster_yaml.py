@@ -94,6 +94,11 @@ def test_every_shell_on_a_node_runs_the_projects_python(config):
     assert re.search(r'^cluster = \[.*"boto3', (ROOT / "pyproject.toml").read_text(), re.M)
 
 
+def test_a_driver_started_over_ssh_can_outlive_the_connection(config):
+    # `ray submit --tmux` and `ray attach --tmux` (README) need tmux on the head, which a bare image may lack.
+    assert re.search(r"apt-get .*install .*\btmux\b", _commands(config, "setup_commands"))
+
+
 def _rsync_leaves_out(path: str, pattern: str) -> bool:
     """Whether rsync's exclude `pattern` leaves out `path` (from the transfer's root), itself or a folder of it.
     rsync's rules: a leading / anchors at the root; a pattern with another / or ** matches the end of a
