@@ -34,6 +34,8 @@ def test_head_advertises_no_cpu_so_no_trial_lands_there(config):
     head = config["available_node_types"][config["head_node_type"]]
     assert head["resources"].get("CPU") == 0 and not head["resources"].get("GPU")
     assert "--num-cpus=0" in _commands(config, "head_start_ray_commands")
+    # The driver (under `ray job submit`) and the autoscaler live there: a spot reclaim would end both.
+    assert "InstanceMarketOptions" not in head["node_config"]
 
 
 def test_workers_are_autoscaling_gpu_nodes(config):
@@ -135,3 +137,10 @@ def test_a_paper_sweep_asks_for_every_slot_of_the_grown_cluster(config):
     # 8 x g5.2xlarge (8 CPUs, 1 GPU) + 2 x g5.12xlarge (48 CPUs, 4 GPUs) = 16 GPUs, four trials each;
     # the head advertises no CPU and holds none.
     assert resources.grown_slots(PAPER.cpus_per_trial, PAPER.gpus_per_trial, config) == 64
+
+
+def test_the_spot_quota_the_readme_asks_for_holds_every_worker(config):
+    # A worker type's CPU resource is its instance's vCPUs, which AWS's spot quota counts.
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    vcpus = sum(t["max_workers"] * t["resources"]["CPU"] for t in workers)
+    assert f"of {vcpus} vCPUs" in " ".join((ROOT / "README.md").read_text().split())
