@@ -81,7 +81,8 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
         help="any other TrainConfig field, the same for every trial; repeatable, e.g. "
         "--set precision=bf16 --set fused_neuron=true --set readout_trace=true",
     )
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder, or s3:// or gs:// URI, for the experiment (default: {DEFAULT_STORAGE})")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder, or s3:// or gs:// URI, for the experiment (default: {DEFAULT_STORAGE}); "
+                                                                 "on a cluster of several machines a URI, or a folder every node mounts")
     p.add_argument("--address", help="Ray cluster to join: auto on one of its nodes, HOST:PORT of its head, or ray://HOST:PORT "
                                      "(default: $RAY_ADDRESS where set, as `ray job submit` sets it; else a private local Ray)")
     p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
