@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
+
+import torch
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +82,24 @@ def threads(text: str) -> int:
     if not 1 <= n <= cores:
         raise argparse.ArgumentTypeError(f"must be a whole number in [1, {cores}] (this machine's cores), got {text!r}")
     return n
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to `n` inside the block and set back after it (None: left alone).
+
+    A command's --threads lasts as long as the command: run from Python (main(argv) in a notebook),
+    it would otherwise set the count of every later run in the process, which no run saves.
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def named(text: str) -> str:

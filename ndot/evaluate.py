@@ -12,6 +12,7 @@ JSON beside the weights, a sweep trial's in the trial's folder (or to --out).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Any
@@ -20,7 +21,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, named, refuse, run, show_progress, threads
+from ndot.cli import Parser, named, refuse, run, show_progress, threads, torch_threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
@@ -142,8 +143,11 @@ def _parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     show_progress()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("T", args.T), ("precision", args.precision), ("batch_size", args.batch_size),
                                    ("data_root", args.data_root)) if v is not None}
     # Where the run trained says nothing about where its weights are read: auto unless asked

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, run, show_progress, threads
+from ndot.cli import Parser, refuse, run, show_progress, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method)
 from ndot.device import resolve_device
@@ -388,10 +388,13 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     given = vars(_parser().parse_args(argv))
     show_progress()
-    out, resume = given.pop("out", None), given.pop("resume", False)
     n_threads = given.pop("threads", None)
-    if n_threads is not None:
-        torch.set_num_threads(n_threads)
+    with torch_threads(n_threads):
+        return _run(given, n_threads)
+
+
+def _run(given: dict[str, Any], n_threads: int | None) -> int:
+    out, resume = given.pop("out", None), given.pop("resume", False)
     # With --resume the config is in the folder: its name can only come from the flags given.
     out = out or Path(DEFAULT_OUT.format(**{**TrainConfig().to_dict(), **given}))
     try:

@@ -169,6 +169,21 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path, 
     assert len(json.loads((tmp_path / "eval-best-T3.json").read_text())["acc_by_step"]) == 3
 
 
+def test_threads_holds_for_the_evaluation_alone(tmp_path, monkeypatch):
+    cfg = TrainConfig(dataset="digits", arch="small_cnn", T=1, epochs=1, batch_size=64, device="cpu")
+    train_module.train(cfg, on_epoch=lambda m, state: checkpoint.save(tmp_path / "best.pt", state))
+    during, real = [], evaluate
+    monkeypatch.setattr("ndot.evaluate.evaluate", lambda *args, **kw: during.append(torch.get_num_threads()) or real(*args, **kw))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count asked, so that a count left behind shows
+    try:
+        assert evaluate_main([str(tmp_path), "--threads", "1"]) == 0
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert during == [1] and after == 2
+
+
 def test_the_result_of_a_sweep_trials_checkpoint_goes_to_the_trials_folder(tmp_path, monkeypatch):
     # Tune deletes a checkpoint's folder two epochs on, and a result written there with it.
     trial = tmp_path / "fd40def0_T=4,ndot_A"

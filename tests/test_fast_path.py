@@ -663,10 +663,16 @@ def test_a_case_that_raises_is_an_error_row_and_the_run_exits_1(monkeypatch, cap
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(bench_cli, "bench_snn", oom)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # --small's one thread: not this process's
-    assert bench_main(["--small", "--T", "1", "--rules", "ndot_A", "--precisions", "fp32", "--ablation-T", "0"]) == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not --small's one thread, which ends with the command
+    try:
+        assert bench_main(["--small", "--T", "1", "--rules", "ndot_A", "--precisions", "fp32", "--ablation-T", "0"]) == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["error"] for r in rows if r["kind"] == "error"] == ["RuntimeError: out of memory"]
+    assert rows[0]["kind"] == "env" and rows[0]["cpu_threads"] == 1, rows[0]  # measured on --small's one thread
 
 
 def test_the_profile_puts_each_part_of_a_batch_in_its_category():

@@ -110,17 +110,26 @@ def test_out_of_range_numbers_are_refused(tmp_path, capsys, args, words):
     assert not (tmp_path / "run").exists()
 
 
-def test_threads_sets_torchs_threads_and_stays_out_of_the_run_config(tmp_path, capsys, monkeypatch):
+def test_threads_sets_torchs_threads_for_the_command_alone_and_stays_out_of_the_run_config(tmp_path, capsys, monkeypatch):
     refused_at_parse = exit_status(main, [*RUN, "--threads", "0", "--out", str(tmp_path / "run")])
     assert refused_at_parse == 2 and "--threads: must be a whole number in [1, " in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    asked = []
-    monkeypatch.setattr(torch, "set_num_threads", asked.append)
-    assert main([*RUN, "--threads", "1", "--out", str(tmp_path / "run")]) == 0
-    assert asked[:1] == [1] and "threads" not in checkpoint.load(tmp_path / "run" / "checkpoint.pt")["config"]
-    # A resume takes it like any run: a setting of this process, not of the run.
-    assert main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--threads", "1"]) == 0
-    assert asked.count(1) >= 2
+    during, real = [], train
+    monkeypatch.setattr("ndot.train.train", lambda *args: during.append(torch.get_num_threads()) or real(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not the count asked, so that a count left behind shows
+    try:
+        assert main([*RUN, "--threads", "1", "--out", str(tmp_path / "run")]) == 0
+        after_run = torch.get_num_threads()
+        # A resume takes it like any run: a setting of this process, not of the run.
+        assert main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "2", "--threads", "1"]) == 0
+        after_resume = torch.get_num_threads()
+        # Run from Python, the command's count ends with it: a later run in the process has its own.
+        assert main(["--out", str(tmp_path / "run"), "--resume", "--epochs", "3"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert during == [1, 1, 2] and (after_run, after_resume) == (2, 2)
+    assert "threads" not in checkpoint.load(tmp_path / "run" / "checkpoint.pt")["config"]
 
 
 def test_help_gives_every_option_its_default_and_valid_values(capsys, monkeypatch):
@@ -222,7 +231,6 @@ def test_ctrl_c_ends_the_run_in_one_line_that_says_how_to_continue(tmp_path, cap
 
     run = tmp_path / "a run"
     monkeypatch.setattr("ndot.train.train", stopped_after_epoch_1)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the rest of the suite keeps its threads
     assert main([*RUN, "--epochs", "2", "--out", str(run), "--threads", "1"]) == 130
     err = capsys.readouterr().err
     # A command to paste: the folder quoted for the shell, and the thread count, which the run does not save.

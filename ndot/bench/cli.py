@@ -47,7 +47,7 @@ import torch
 from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_matmul, bench_snn, env_row
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
-from ndot.cli import Parser, listed, named, refuse, threads
+from ndot.cli import Parser, listed, named, refuse, threads, torch_threads
 from ndot.config import MAX_T, PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 
@@ -255,12 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         opened = _open_out(args.out)
     except ConfigError as e:
         return refuse(e)
-    if p["threads"] is not None:
-        torch.set_num_threads(p["threads"])
     # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    with opened as out:
+    with torch_threads(p["threads"]), opened as out:
         def emit(row: Row) -> None:
             line = json.dumps(row)
             print(line, flush=True)

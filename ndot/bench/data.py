@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ndot.bench.measure import sync
-from ndot.cli import Parser, refuse, run, show_progress, threads
+from ndot.cli import Parser, refuse, run, show_progress, threads, torch_threads
 from ndot.config import MAX_T, ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
@@ -102,12 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         # The recordings are written for the run, in the real format, with the test extra's writer.
         return refuse("the DVS part writes its recordings with faery, which is not installed: pip install faery "
                       "(in ndot's test extra), or run --only cifar")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.only in (None, "cifar"):
-        bench_cifar(2_048 if args.small else 10_000, args.workers, device)
-    if args.only in (None, "dvs"):
-        bench_dvs(5_000 if args.small else 100_000, args.T, args.workers)
+    with torch_threads(args.threads):
+        if args.only in (None, "cifar"):
+            bench_cifar(2_048 if args.small else 10_000, args.workers, device)
+        if args.only in (None, "dvs"):
+            bench_dvs(5_000 if args.small else 100_000, args.T, args.workers)
     return 0
 
 
