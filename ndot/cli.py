@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
@@ -100,6 +101,25 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def signal_handlers_kept(*signums: int) -> Iterator[None]:
+    """The handlers of `signums` set back on leaving the block to those it found: what the block installs
+    (a command's, Ray Tune's) ends with it, and a notebook that ran it still has its own Ctrl-C and SIGTERM.
+
+    In the main thread only, the one thread that may set a handler; elsewhere a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {n: signal.getsignal(n) for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in before.items():
+            if handler is not None:  # None: set outside Python, and Python cannot set it again
+                signal.signal(n, handler)
 
 
 def named(text: str) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, run, show_progress, threads, torch_threads
+from ndot.cli import Parser, refuse, run, show_progress, signal_handlers_kept, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method)
 from ndot.device import resolve_device
@@ -343,14 +343,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+    with signal_handlers_kept(signal.SIGTERM):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+            signal.signal(signal.SIGTERM, _terminate)
         yield
-        return
-    before = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 class _NotSaved(Exception):

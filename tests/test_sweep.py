@@ -182,6 +182,30 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
     assert abs(scored["test_acc"] - best["best_test_acc"]) <= 0.01
 
 
+def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_and_environment(cluster, tmp_path, monkeypatch):
+    # A notebook's: after the sweep, SIGTERM and SIGUSR1 must reach them and Ctrl-C interrupt, not the
+    # sweep's handler or Ray Tune's, which outlived it; and Tune's settings must not be the notebook's.
+    def notebooks(signum, frame):
+        pass
+
+    kept = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    before = {n: signal.getsignal(n) for n in kept}
+    for name in runner._TUNE_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    signal.signal(signal.SIGTERM, notebooks)
+    signal.signal(signal.SIGUSR1, notebooks)
+    try:
+        argv = ["--T", "1", "--rules", "ndot_A", "--epochs", "1", "--storage", str(tmp_path), "--name", "notebook",
+                "--address", cluster.address]
+        assert cli.main(TIMESTEPS, argv) == 0
+        after = {n: signal.getsignal(n) for n in kept}
+    finally:
+        for n, handler in before.items():
+            signal.signal(n, handler)
+    assert after == {signal.SIGTERM: notebooks, signal.SIGINT: before[signal.SIGINT], signal.SIGUSR1: notebooks}
+    assert [name for name in runner._TUNE_SETTINGS if name in os.environ] == []
+
+
 def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
     plan = runner.Plan(
         name="divergence", storage=str(tmp_path),

@@ -23,7 +23,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import data, files, results
-from ndot.cli import Parser, listed, refuse, show_progress
+from ndot.cli import Parser, listed, refuse, show_progress, signal_handlers_kept
 from ndot.config import ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
 from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
@@ -438,36 +438,40 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     )
     start = time.monotonic()
     again = resume_command(plan, args.address)
-    try:
-        runner.connect(args.address)
-    except ConnectionError as e:  # "auto" on a node that belongs to no cluster
-        return refuse(e)
     ended = threading.Event()
-    try:
-        launcher = args.address is not None and not runner.through_client(args.address)
-        # A private local Ray (no --address) runs on this machine alone.
-        unreachable = reach.unreachable(plan.storage, launcher) if args.address not in (None, "local") else None
-        if unreachable:
-            return refuse(unreachable)
-        trial = f"{plan.cpus_per_trial:g} CPU and {plan.gpus_per_trial:g} GPU for a trial"
-        if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes(launcher)):
-            if not runner.through_client(args.address):
-                return refuse(f"no node of this cluster has, or can be launched with, {trial}: "
-                              "lower --cpus-per-trial or --gpus-per-trial")
-            # The launcher's config is on the head, out of a ray:// client's sight: a fresh cluster (a head
-            # that runs no trial) has no such node yet, and its autoscaler may well launch one.
-            print(f"no node up now has {trial}; through ray:// the sweep cannot read what the cluster can launch: "
-                  "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
-        logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
-        figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
-    except runner.Claimed as e:  # another driver with this --name got there first
-        return refuse(e)
-    finally:
-        ended.set()
-        ray.shutdown()
-        # ray.shutdown() ends the local Ray's daemons; its workers it leaves to end on their own.
-        _end_local_ray(plan.experiment)
+    # The SIGTERM handlers of ray.init and of this sweep (below), and the SIGINT and SIGUSR1 handlers Ray Tune
+    # installs in fit, end with the sweep, where they stayed: run from Python, the process would afterwards
+    # exit at SIGTERM with no cleanup of its own (or ignore it), and ignore a first Ctrl-C.
+    with signal_handlers_kept(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        try:
+            runner.connect(args.address)
+        except ConnectionError as e:  # "auto" on a node that belongs to no cluster
+            return refuse(e)
+        try:
+            launcher = args.address is not None and not runner.through_client(args.address)
+            # A private local Ray (no --address) runs on this machine alone.
+            unreachable = reach.unreachable(plan.storage, launcher) if args.address not in (None, "local") else None
+            if unreachable:
+                return refuse(unreachable)
+            trial = f"{plan.cpus_per_trial:g} CPU and {plan.gpus_per_trial:g} GPU for a trial"
+            if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, resources.node_shapes(launcher)):
+                if not runner.through_client(args.address):
+                    return refuse(f"no node of this cluster has, or can be launched with, {trial}: "
+                                  "lower --cpus-per-trial or --gpus-per-trial")
+                # The launcher's config is on the head, out of a ray:// client's sight: a fresh cluster (a head
+                # that runs no trial) has no such node yet, and its autoscaler may well launch one.
+                print(f"no node up now has {trial}; through ray:// the sweep cannot read what the cluster can launch: "
+                      "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
+            logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
+            figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
+        except runner.Claimed as e:  # another driver with this --name got there first
+            return refuse(e)
+        finally:
+            ended.set()
+            ray.shutdown()
+            # ray.shutdown() ends the local Ray's daemons; its workers it leaves to end on their own.
+            _end_local_ray(plan.experiment)
     try:
         trials = results.load(plan.experiment, results.TRIALS_TABLE)
     except files.STORAGE_ERRORS:  # never written: storage that failed all along (a full disk)

@@ -10,7 +10,7 @@ import os
 import socket
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -302,6 +302,29 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback], launcher: bool) -
     )
 
 
+# Tune's settings that a sweep changes, read from the environment where not set there already.
+_TUNE_SETTINGS = {
+    # Every epoch checkpoints, and Tune snapshots the experiment state whenever a
+    # trial has checkpointed num_to_keep times: frequent snapshots are intended here.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    # Tune's default console output prints its own banner whatever `verbose` says; with the
+    # classic one, verbose=0 is silent and the progress lines are the sweep's own (ndot.sweep.cli).
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+
+
+@contextlib.contextmanager
+def _tune_settings() -> Iterator[None]:
+    # Taken away again after the sweep: run from Python, they would be those of the process's later Tune runs.
+    added = [name for name in _TUNE_SETTINGS if name not in os.environ]
+    os.environ.update({name: _TUNE_SETTINGS[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (), launcher: bool = False) -> list[str]:
     """Run the sweep (or continue it, errored trials included); needs a connected Ray (see `connect`).
 
@@ -316,18 +339,13 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     checkpoints (ndot.sweep.scheduler); only the resources per trial and the
     trials at once come from `plan` (see `load_plan`), and `callbacks` are not used.
     """
-    # Every epoch checkpoints, and Tune snapshots the experiment state whenever a
-    # trial has checkpointed num_to_keep times: frequent snapshots are intended here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's default console output prints its own banner whatever `verbose` says; with the
-    # classic one, verbose=0 is silent and the progress lines are the sweep's own (ndot.sweep.cli).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if resume:
-        tuner = _restored_tuner(plan, launcher)
-    else:
-        save_plan(plan, new=True)
-        tuner = _new_tuner(plan, callbacks, launcher)
-    tuner.fit()
+    with _tune_settings():
+        if resume:
+            tuner = _restored_tuner(plan, launcher)
+        else:
+            save_plan(plan, new=True)
+            tuner = _new_tuner(plan, callbacks, launcher)
+        tuner.fit()
     try:
         return results.write_plots(plan.experiment)
     except (OSError, pa.ArrowException) as e:
