@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 from typing import Callable
 
 import torch
@@ -25,8 +26,8 @@ from torch import Tensor
 from ndot.layers import WSConv2d, neurons, standardise
 from ndot.neuron import Step, neuron_step
 
-# Distinct graphs of `neuron_step`: rule x first/later step x training/eval x dtype. Dynamo's
-# default of 8 per function would silently send the rest back to eager.
+# Distinct graphs of `neuron_step` for one run's λ, Vth, α and c: rule x first/later step x training/eval x
+# dtype. Dynamo's default of 8 per function would silently send the rest back to eager.
 _RECOMPILE_LIMIT = 64
 
 
@@ -74,16 +75,32 @@ if not torch.cuda.is_available() and hasattr(torch._C, "_ensureCUDADeviceGuardSe
     torch._C._ensureCUDADeviceGuardSet()
 
 
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own: Dynamo keeps a function's graphs, and counts them against
+    its recompile limit, per code object."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 @functools.cache
 def fused_neuron_step() -> Callable[..., Step]:
-    """`neuron_step` compiled once per process, called on its tensors flat, in memory order.
+    """`neuron_step` compiled once per process and set of float constants, called on its tensors flat, in memory order.
 
     Elementwise work reads no shape or layout, only that every tensor has the same one:
     flat, an NCHW layer, an NHWC one and a 2-D one share a graph, where the tensors as
     they are would compile one each (most of a CPU benchmark's time, and a GPU run's
     minutes). The size is symbolic, so that every layer shares it too.
+    λ, Vth, α and c are baked into the graphs (_configure_dynamo): each set of them is compiled
+    from a copy of the step of its own, with the recompile limit to itself. Compiled as one
+    function, runs of a few τ, Vth or α in one process (a notebook, a Tune worker that trials
+    reuse) reached the limit, and fullgraph then fails (FailOnRecompileLimitHit).
     """
-    compiled = torch.compile(neuron_step, fullgraph=True, dynamic=True)
+    source = neuron_step  # bound once, here: the eager branch below looks the name up at every call
+
+    @functools.cache
+    def compiled(floats: tuple[tuple[str, float], ...]) -> Callable[..., Step]:
+        return torch.compile(_own_code(source), fullgraph=True, dynamic=True)
 
     def step(current: Tensor, *state: Tensor | None, **constants) -> Step:
         _configure_dynamo()
@@ -110,7 +127,8 @@ def fused_neuron_step() -> Callable[..., Step]:
                 return None
             return t.view(dims).permute(back) if t.requires_grad else t.as_strided(shape, stride)
 
-        out = compiled(_unsafe_view(current.permute(perm), (-1,)), *map(flat, state), **constants)
+        floats = tuple(sorted((k, v) for k, v in constants.items() if isinstance(v, float)))
+        out = compiled(floats)(_unsafe_view(current.permute(perm), (-1,)), *map(flat, state), **constants)
         return tuple(map(unflat, out))
 
     return step

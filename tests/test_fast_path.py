@@ -218,6 +218,24 @@ def test_the_fused_step_compiles_alike_in_every_thread_as_the_trials_of_a_reused
     assert proc.returncode == 0 and proc.stdout.split() == ["ndot", "exact", "bptt", "exact"], proc.stderr[-3000:]
 
 
+def test_runs_of_several_taus_in_one_process_each_compile_within_the_recompile_limit(monkeypatch):
+    # λ is baked into the fused step's graphs, a set of graphs per τ: in a notebook, or a Tune worker reused
+    # over a τ sweep, the runs of a few τ reached Dynamo's limit, where fullgraph fails. A limit of one graph
+    # stands for the real one here: each λ below needs one graph, and with the limit shared the second failed.
+    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", 1)
+    kw = dict(rule="ndot", v_th=1.0, alpha=4.0, signed=False, detach_reset=False, through_time=False, trace=True,
+              out_scale=1.5)  # c of no other test: graphs of their own
+    x = 2 * torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for lam in (0.2, 0.3, 0.7):
+            _, v, a, e = neuron_step(x, None, None, None, lam=lam, **kw)
+            # A later step, the first that reads λ; the trace is updated in place, so each takes a copy.
+            eager = neuron_step(x, v, a.clone(), e.clone(), lam=lam, **kw)
+            fused = fused_neuron_step()(x, v, a.clone(), e.clone(), lam=lam, **kw)
+            for f, want in zip(fused, eager):
+                assert_close(f, want, 1e-12, f"lambda {lam}")
+
+
 def test_the_fused_step_without_a_flat_view_is_still_exact():
     # A current with gaps in memory, and a layout that changes between steps: no flat view, so the
     # eager step takes the tensors as they are. (The flat graphs of the test above serve the NHWC step.)
