@@ -206,6 +206,20 @@ def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_and_envi
     assert [name for name in runner._TUNE_SETTINGS if name in os.environ] == []
 
 
+def test_a_sweep_run_where_ray_is_initialised_already_is_refused_in_one_line_and_leaves_it(cluster, tmp_path, capsys):
+    ray.init(address=cluster.address, logging_level="WARNING")  # a notebook's own connection
+    try:
+        argv = ["--T", "1", "--rules", "ndot_A", "--epochs", "1", "--storage", str(tmp_path), "--name", "twice"]
+        assert cli.main(TIMESTEPS, argv) == 2
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("error: Ray is already initialised in this process: ray.shutdown() first (a sweep "
+                                 "connects to Ray itself, and disconnects when it ends)\n")
+    assert not (tmp_path / "twice").exists()
+
+
 def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
     plan = runner.Plan(
         name="divergence", storage=str(tmp_path),

@@ -417,6 +417,11 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
     args = parser(sweep).parse_args(argv)
     show_progress()
     try:
+        if ray.is_initialized():
+            # ray.init refused a second connection after the sweep had said it starts, in a traceback; and the
+            # sweep, which ends its connection when it ends, would have ended the caller's.
+            raise InputError("Ray is already initialised in this process: ray.shutdown() first (a sweep connects to "
+                             "Ray itself, and disconnects when it ends)")
         plan = resumed_plan(sweep, args) if args.resume else build_plan(sweep, args)
         check(plan, args.resume)
         args.address, source = cluster_address(args.address)
