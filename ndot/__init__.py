@@ -3,7 +3,8 @@
 `import ndot` imports no submodule; the entry points from Python:
 
     ndot.config.TrainConfig      one run's configuration (every field of `python -m ndot.train --help`)
-    ndot.train.train(cfg)        train it; on_epoch(metrics, state) gets each epoch's metrics and checkpoint
+    ndot.train.train(cfg)        train it; on_epoch(metrics, state) gets each epoch's metrics and checkpoint,
+                                 the result (TrainResult) the trained network as .model
     ndot.checkpoint.save/load    write and read such a state; ndot.evaluate.model_of builds its network
     ndot.evaluate.evaluate       test metrics of a model over a loader (ndot.data.loaders(cfg, device))
     ndot.models.build            an architecture by name (ARCHS); SpikingNet for a network of your own

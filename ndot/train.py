@@ -49,6 +49,9 @@ class TrainResult:
     epochs_run: int
     metrics: Metrics
     best_test_acc: float
+    # The trained network as its last epoch left it, on the run's device (the best epoch's weights are
+    # in the state on_epoch got for it: ndot.evaluate.model_of builds its network).
+    model: torch.nn.Module
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -163,7 +166,7 @@ def train(
         start, best = resume["epoch"] + 1, resume["best_test_acc"]
         if resume.get("status") == "diverged":
             # Its weights are not finite: the run ended there, and continuing cannot change that.
-            return TrainResult("diverged", resume["epoch"], resume["metrics"], best)
+            return TrainResult("diverged", resume["epoch"], resume["metrics"], best, model)
 
     # A run resumed at its last epoch runs none: its result is that epoch's.
     metrics: Metrics = resume["metrics"] if resume is not None else {}
@@ -197,12 +200,12 @@ def train(
         if not math.isfinite(train_loss) or not finite(model):
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
             _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
-            return TrainResult("diverged", epoch, metrics, best)
+            return TrainResult("diverged", epoch, metrics, best, model)
         metrics.update(evaluate(model, test_loader, cfg, info.num_classes))
         best = max(best, metrics["test_acc"])
         metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
         _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
-    return TrainResult("completed", cfg.epochs, metrics, best)
+    return TrainResult("completed", cfg.epochs, metrics, best, model)
 
 
 def _report_epoch(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch: int, best: float, cfg: TrainConfig) -> None:

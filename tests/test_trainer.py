@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ndot import checkpoint
+from ndot import checkpoint, data
 from ndot.config import ConfigError, TrainConfig
+from ndot.evaluate import evaluate
 from ndot.train import _rng_state, _set_rng_state, train
 
 FAST = dict(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=3, lr=0.1, seed=3, device="cpu")
@@ -35,6 +36,16 @@ def test_metrics_every_epoch_and_learning():
     assert seen[-1]["test_acc"] > 0.5, "three epochs of NDOT_A should learn digits well past chance"
     # Cosine to zero, stepped per epoch.
     assert seen[0]["lr"] == 0.1 and seen[1]["lr"] == pytest.approx(0.075) and seen[2]["lr"] == pytest.approx(0.025)
+
+
+def test_the_result_holds_the_trained_network_which_scores_the_last_epochs_accuracy():
+    cfg, states = TrainConfig(**{**FAST, "T": 1, "epochs": 2, "batch_size": 128}), []
+    result = train(cfg, lambda m, s: states.append(s))
+    weights = result.model.state_dict()
+    assert weights.keys() == states[-1]["model"].keys()
+    assert all(torch.equal(weights[k], v) for k, v in states[-1]["model"].items())
+    _, test_loader = data.loaders(cfg, torch.device("cpu"))
+    assert evaluate(result.model, test_loader, cfg, data.info(cfg.dataset).num_classes)["test_acc"] == result.metrics["test_acc"]
 
 
 def test_train_validates_a_config_built_in_python_before_touching_data(tmp_path):
