@@ -125,6 +125,10 @@ def test_the_command_printed_to_continue_a_sweep_resumes_it_as_pasted_into_a_she
     assert words[:2] == ["python", "sweeps/timesteps.py"]
     again = cli.parser(TIMESTEPS).parse_args(words[2:])
     assert again.address == "ray://head:10001" and cli.resumed_plan(TIMESTEPS, again) == plan
+    # Run from a notebook, whose sys.argv[0] is its kernel's launcher: the sweep's own script, as typed in a shell.
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/ipykernel_launcher.py", "-f", "kernel.json"])
+    assert shlex.split(cli.resume_command(plan, None))[:2] == ["python", "sweeps/timesteps.py"]
+    assert cli.parser(TIMESTEPS).prog == "timesteps.py"
 
 
 def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_ray_starts(tmp_path, capsys):

@@ -58,7 +58,7 @@ def _span(text: str) -> tuple[float, float]:
 
 
 def parser(sweep: Sweep) -> argparse.ArgumentParser:
-    p = Parser(prog=os.path.basename(sys.argv[0]) or sweep.name, description=f"{sweep.about} {_FLAGS_HELP}")
+    p = Parser(prog=f"{sweep.name}.py", description=f"{sweep.about} {_FLAGS_HELP}")  # run from Python too
     p.add_argument("--preset", choices=sorted(sweep.presets), help=f"defaults for every flag (default: {DEFAULT_PRESET})")
     p.add_argument("--dataset", help=f"one of {', '.join(sorted(data.DATASETS))}")
     p.add_argument("--data-root", help="folder holding the dataset (default: the data module's)")
@@ -356,7 +356,10 @@ def cluster_address(given: str | None) -> tuple[str | None, str]:
 def resume_command(plan: Plan, address: str | None) -> str:
     """The command line that continues `plan`'s sweep, each value quoted for the shell (a folder may hold a space)."""
     q = shlex.quote
-    script = f"python {q(sys.argv[0])}" if sys.argv[0] else "the sweep"
+    # The script as it was typed; where the sweep ran from Python (a notebook, whose sys.argv[0] is its
+    # kernel's launcher), the sweep's script in sweeps/.
+    ran = sys.argv[0] if os.path.basename(sys.argv[0]) == f"{plan.sweep}.py" else f"sweeps/{plan.sweep}.py"
+    script = f"python {q(ran)}" if plan.sweep else "the sweep"
     return (f"{script} --resume --name {q(plan.name)} --storage {q(plan.storage)}"
             + (f" --address {q(address)}" if address else ""))
 
