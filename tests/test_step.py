@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from helpers import RecordingSGD, batch, make_model
 from ndot.fast import accelerate
@@ -42,6 +43,32 @@ def test_each_weight_op_runs_once_per_step(arch, rule, mode):
     with CountConvs() as c:
         eval_batch(model.eval(), x, y, T=T, loss_alpha=0.05)
     assert (c.forward, c.backward) == (n_convs * T, 0)
+
+
+class BoolTensors(TorchDispatchMode):
+    """Records each op that returns a bool tensor, with the tensor's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(str(func), list(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype == torch.bool]
+        return out
+
+
+@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("ottt", "O"), ("sltt", "A"), ("bptt", "A")])
+def test_the_neurons_compare_into_floats_not_bool_masks(rule, mode):
+    # On a CPU a comparison into a bool mask and its widening to a float take some nine times an arithmetic
+    # pass over the layer, and torch.where reading the mask twenty: a seventh of a digits batch's time.
+    # (The authors' rule ndot_ref keeps one mask per layer and step for its q, ndot.neuron._authors_q.)
+    model = make_model("small_cnn", rule, dtype=torch.float32)
+    x, y = batch(n=2, dtype=torch.float32)
+    with BoolTensors() as b:
+        train_batch(model, RecordingSGD(model.parameters()), x, y, rule=rule, mode=mode, T=3, loss_alpha=0.05)
+        eval_batch(model, x, y, T=3, loss_alpha=0.05)
+    assert b.made == []
 
 
 def count_standardisations(model) -> list[int]:

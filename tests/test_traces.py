@@ -245,6 +245,23 @@ def test_the_neuron_follows_its_formulas_for_any_tau_threshold_and_surrogate_slo
         torch.testing.assert_close(torch.stack(a_), torch.stack(ra), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("v_th", [1.0, 0.3, 1.7])
+def test_spike_and_reset_hold_at_the_threshold_its_neighbours_zeros_infinities_and_nan(dtype, v_th):
+    # H(u - Vth) with H(0) = 1, A = u - Vth s and the authors' q = (u - Vth) - Vth where s = 1, u elsewhere: a NaN
+    # membrane stays silent (models.finite relies on it) and keeps its NaN, -0.0 stays -0.0.
+    th = torch.tensor(v_th, dtype=dtype)
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    around = torch.stack([torch.nextafter(th, th - 1), th, torch.nextafter(th, th + 1)])
+    u = torch.cat([edges, around, 3 * torch.randn(64, dtype=dtype, generator=torch.Generator().manual_seed(0))])
+    fires = u >= th
+    assert torch.equal(neuron.spike(u, v_th, 4.0), fires.to(dtype))
+    for got, expect in ((neuron.after_reset(u, v_th), torch.where(fires, u - th, u)),
+                        (neuron._authors_q(u, v_th), torch.where(fires, u - th - th, u))):
+        torch.testing.assert_close(got, expect, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got.signbit(), expect.signbit())
+
+
 def test_a_rule_registered_without_its_trace_is_refused_not_run_as_another(monkeypatch):
     # Adding a rule to ONLINE_RULES without its branch in trace_step once fell through to the authors' factor.
     monkeypatch.setattr(neuron, "ONLINE_RULES", (*neuron.ONLINE_RULES, "ottt_decay2"))
