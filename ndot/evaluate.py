@@ -26,6 +26,7 @@ from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
 from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
+from ndot.malloc import keep_freed_memory
 from ndot.models import finite, from_config
 from ndot.step import eval_batch
 
@@ -179,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
     print(f"{path} ({epoch}{method(trained.rule, trained.mode)} T={trained.T} {trained.arch} on {trained.dataset}): "
           f"evaluating with T={cfg.T} on {device}", flush=True)
+    if device.type == "cpu":  # as in training
+        keep_freed_memory()
     _, test_loader = data.loaders(cfg, device)
     m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True)
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.

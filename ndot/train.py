@@ -34,6 +34,7 @@ from ndot.device import resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
+from ndot.malloc import keep_freed_memory
 from ndot.memory import peak_mem_mb, reset_peak_mem
 from ndot.models import ARCHS, finite, from_config
 from ndot.step import train_batch
@@ -132,7 +133,7 @@ def train(
     with the next epoch exactly as the uninterrupted run would have. `on_batch(epoch, i, n)` is called
     after batch i of the epoch's n. Seeds the global torch, numpy and Python generators from cfg.seed,
     which the run draws from; on a GPU it turns on cuDNN's algorithm search for the process
-    (torch.backends.cudnn.benchmark).
+    (torch.backends.cudnn.benchmark), on a CPU glibc's malloc keeps freed memory for reuse (ndot.malloc).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train takes a TrainConfig, got {type(cfg).__name__}: TrainConfig.from_dict builds one from a dict")
@@ -142,6 +143,8 @@ def train(
     # A run has a handful of conv shapes: let cuDNN time its algorithms once per shape.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

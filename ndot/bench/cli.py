@@ -50,6 +50,7 @@ from ndot.bench.report import memory_checks, table, targets
 from ndot.cli import Parser, listed, named, refuse, threads, torch_threads
 from ndot.config import MAX_T, PRECISIONS, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
+from ndot.malloc import keep_freed_memory
 
 # Every kind of row a run prints; --table refuses a file with any other line.
 KINDS = ("env", "matmul", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
@@ -255,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         opened = _open_out(args.out)
     except ConfigError as e:
         return refuse(e)
-    # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike.
+    # As in training (ndot.train): cuDNN times its algorithms once per shape, for the ceiling and the SNN alike;
+    # on a CPU, malloc keeps what a step frees.
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        keep_freed_memory()
     with torch_threads(p["threads"]), opened as out:
         def emit(row: Row) -> None:
             line = json.dumps(row)
