@@ -9,6 +9,11 @@ from ndot.layers import configure
 from ndot.models import NeuronArgs, build
 from ndot.step import train_batch
 
+# A bound on a wait that only a hang reaches (a subprocess, a sweep's driver): the longest, a sweep's resume
+# running its remaining trials or a compile with an empty cache, took about a minute on a loaded 2-core
+# day, and a machine 10x slower stays inside it.
+HANG_S = 900
+
 
 class RecordingSGD(torch.optim.SGD):
     """SGD with lr 0 that keeps a copy of every gradient it is asked to apply."""

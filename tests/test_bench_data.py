@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from helpers import exit_status
+from helpers import HANG_S, exit_status
 from ndot.bench import data
 
 
 def test_small_run_reports_the_dvs_pipelines():
     # The CIFAR part runs in the dry run of bench/gpu_check.sh (test_gpu_check.py), as on the GPU machine.
     done = subprocess.run([sys.executable, "-m", "ndot.bench.data", "--small", "--only", "dvs", "--workers", "1", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300, check=True)
+                          capture_output=True, text=True, timeout=HANG_S, check=True)
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["bench"] for r in rows] == ["dvs_convert", "dvs_cached"]
     assert all(r["frames_per_s"] > 0 for r in rows)

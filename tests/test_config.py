@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from helpers import HANG_S
 from ndot import checkpoint
 from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, RULES, ConfigError, TrainConfig, check_rule_flags, parse_field,
                          parse_method)
@@ -63,7 +64,7 @@ def test_default_config_is_valid_and_round_trips():
                                         (["--T", str(10**20)], "T must be an integer in [1, 10000]")])
 def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(args, words, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ndot.train", "--out", str(tmp_path), *args],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and words in r.stderr
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -72,7 +73,7 @@ def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(args, words, tmp_p
 def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
     # Dashed spellings are accepted too, as in the sweep scripts.
     r = subprocess.run([sys.executable, "-m", "ndot.train", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
-                        "--batch-size", "8", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+                        "--batch-size", "8", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--download" in r.stderr and str(tmp_path / "data") in r.stderr
 

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from helpers import batch, exit_status, make_model
+from helpers import HANG_S, batch, exit_status, make_model
 from ndot import checkpoint, data, files, train as train_module
 from ndot.config import TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
@@ -165,7 +165,7 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path, 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "evaluating with T=3" in proc.stdout.readline()
     proc.stdout.close()
-    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
     assert len(json.loads((tmp_path / "eval-best-T3.json").read_text())["acc_by_step"]) == 3
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, batch, exit_status, grads, make_model
+from helpers import HANG_S, assert_close, batch, exit_status, grads, make_model
 from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
 from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_batch
@@ -213,7 +213,7 @@ TRIALS_IN_THREADS = textwrap.dedent("""
 
 
 def test_the_fused_step_compiles_alike_in_every_thread_as_the_trials_of_a_reused_tune_worker():
-    proc = subprocess.run([sys.executable, "-c", TRIALS_IN_THREADS], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-c", TRIALS_IN_THREADS], capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0 and proc.stdout.split() == ["ndot", "exact", "bptt", "exact"], proc.stderr[-3000:]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from helpers import HANG_S
 from ndot import files
 
 # Tune's own upload (the driver's state, a trial's checkpoint), killed by SIGKILL once `at` bytes of
@@ -37,7 +38,7 @@ KILLED_UPLOAD = textwrap.dedent("""
 def _upload_killed(source: Path, destination: Path, at: int) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", KILLED_UPLOAD, str(source), str(destination), str(at)],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == -9, f"the upload was not killed in mid-write (exit {proc.returncode}): {proc.stderr[-2000:]}"
 
 
@@ -136,7 +137,7 @@ def test_an_upload_whose_writes_fail_leaves_the_old_file_and_no_stray(tmp_path):
     (destination / "state.pt").write_bytes(old)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", FULL_DISK_UPLOAD, str(source), str(destination), "1000000"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0 and "Error" in proc.stdout, f"the upload's writes did not fail: {proc.stdout}{proc.stderr[-2000:]}"
     assert (destination / "state.pt").read_bytes() == old
     assert [p.name for p in destination.iterdir()] == ["state.pt"]

@@ -28,6 +28,7 @@ from ray.train._internal.storage import StorageContext
 from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 from ray.tune.experiment import Trial
 
+from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import SMOKE, TIMESTEPS
@@ -38,7 +39,6 @@ from ndot.sweep.space import SearchSpace, Stratum, strata
 ROOT = Path(__file__).resolve().parents[1]
 # Node deaths are noticed in about a second instead of Ray's default half minute.
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}
-WAIT_S = 240  # a bound for waits that normally take seconds; only reached when something hangs
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def _running(proc: subprocess.Popen, before: str) -> None:
 
 def _wait_for_epoch(experiment: Path, proc: subprocess.Popen, min_epoch: int, max_epoch: int) -> results.Row:
     """The last row of the first trial found between min_epoch and max_epoch (exclusive), polling its checkpoints."""
-    fs, deadline = pafs.LocalFileSystem(), time.monotonic() + WAIT_S
+    fs, deadline = pafs.LocalFileSystem(), time.monotonic() + HANG_S
     while time.monotonic() < deadline:
         _running(proc, "it could be interrupted")
         for trial_dir in experiment.glob("*_T=*"):
@@ -367,7 +367,7 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     copy = tmp_path / "copy"
     _copy_while_written(tmp_path / "driver", copy / "driver")
     refused = subprocess.run([*_sweep_cmd(copy, "driver", cluster.address, *flags), "--resume"],
-                             capture_output=True, text=True, timeout=WAIT_S)
+                             capture_output=True, text=True, timeout=HANG_S)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "resume it there" in refused.stderr
     # Its experiment state cut short, the trial is read from its folder; only its Tune status is lost.
     for state in (copy / "driver").glob(TRIALS_STATE[0]):
@@ -379,7 +379,7 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     assert results.trials_frame([alone])["status"].item() == ("unknown" if short else results.COMPLETED)
 
     # The resume may run more trials at once than the start did (the cluster grew, say).
-    done = subprocess.run([*cmd, "--resume", "--max-concurrent", "2"], capture_output=True, text=True, timeout=WAIT_S)
+    done = subprocess.run([*cmd, "--resume", "--max-concurrent", "2"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(as started; ignored: --rules, --T, --epochs)" in done.stdout
     epochs = results.load(str(tmp_path / "driver"))
@@ -458,7 +458,7 @@ def _whole(path: Path, data: bytes) -> bool:
 
 def _state_naming(experiment: Path, proc: subprocess.Popen, n_trials: int) -> dict[Path, bytes]:
     """The driver's state files, once the experiment has `n_trials` trials and both its states name all of them."""
-    deadline = time.monotonic() + WAIT_S
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
         _running(proc, "its state could be taken")
         ids = [p.name.split("_")[0].encode() for p in experiment.glob("*_T=*")]
@@ -499,7 +499,7 @@ def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, t
             path.write_bytes(first[path])  # one driver session: the same file names
     [second_id] = {p.name.split("_")[0] for p in experiment.glob("*_T=2,*")}
 
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = results.load(str(experiment), results.TRIALS_TABLE)
     assert sorted(trials["stratum"]) == ["T=1,ndot_A", "T=2,ndot_A"]
@@ -519,7 +519,7 @@ def test_interrupted_sweep_says_how_to_continue_and_leaves_its_trials_unfinished
     try:
         _wait_for_epoch(tmp_path / "stopped", proc, 1, 7)
         proc.send_signal(stop)
-        proc.wait(timeout=WAIT_S)
+        proc.wait(timeout=HANG_S)
     finally:
         proc.kill()
     err = _stderr(proc)
@@ -545,13 +545,13 @@ def test_a_resume_whose_recorded_checkpoint_is_gone_continues_from_the_newest_wh
     try:
         _wait_for_epoch(tmp_path / "gone", proc, 2, 7)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=WAIT_S)
+        proc.wait(timeout=HANG_S)
     finally:
         proc.kill()
     [trial] = listed_trials(str(tmp_path / "gone"))
     shutil.rmtree(trial.checkpoint.path)
 
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = results.load(str(tmp_path / "gone"), results.TRIALS_TABLE)
     assert trials["status"].tolist() == [results.COMPLETED] and trials["epochs_run"].tolist() == [8]
@@ -567,7 +567,7 @@ def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_lose
     try:
         _wait_for_epoch(tmp_path / "group", proc, 1, 3)
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=WAIT_S)
+        proc.wait(timeout=HANG_S)
         # Nothing of its Ray outlives it: a trial's worker goes on to the end of its epoch and writes its
         # checkpoint, which the tables the driver wrote would then lack.
         with pytest.raises(ProcessLookupError):
@@ -583,7 +583,7 @@ def test_sigterm_to_the_process_group_ends_the_sweep_with_its_local_ray_and_lose
     rebuilt = results.epochs_frame(results.collect(str(tmp_path / "group")))
     assert len(results.load(str(tmp_path / "group"))) == len(rebuilt) > 0
 
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=WAIT_S)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = results.load(str(tmp_path / "group"), results.TRIALS_TABLE)
     assert len(trials) == 2 and (trials["status"] == results.COMPLETED).all() and (trials["epochs_run"] == 4).all()
@@ -599,7 +599,7 @@ def test_killed_worker_node_trials_resume_elsewhere(cluster, tmp_path):
     try:
         victim = _wait_for_epoch(tmp_path / "nodes", proc, 2, 4)["node_id"]
         cluster.remove_node(workers[victim], allow_graceful=False)
-        proc.wait(timeout=WAIT_S)
+        proc.wait(timeout=HANG_S)
     finally:
         proc.kill()
         cluster.add_node(num_cpus=1, num_gpus=1)

@@ -22,7 +22,7 @@ import ray
 import psutil  # after ray: Ray's copy, on the path once ray is imported
 
 from data_fixtures import closed_port
-from helpers import exit_status
+from helpers import HANG_S, exit_status
 from ndot import files, results
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
@@ -295,7 +295,7 @@ def test_script_exits_nonzero_without_starting_ray(tmp_path):
     before = _sessions()
     done = subprocess.run(
         [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--T", "0", "--storage", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=HANG_S,
     )
     assert done.returncode != 0
     assert done.stderr.count("\n") == 1 and "T must be an integer in [1, 10000]" in done.stderr

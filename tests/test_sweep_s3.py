@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 import pytest
 from moto.server import ThreadedMotoServer
 
+from helpers import HANG_S
 from ndot import evaluate, files, results
 from ndot.sweep import runner
 
@@ -42,7 +43,7 @@ def bucket(monkeypatch):
 def _sweep(storage: str, *flags: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "sweeps" / "timesteps.py"), "--preset", "smoke", "--T", "1,2", "--rules", "ndot_A",
            "--epochs", "2", "--storage", storage, "--name", "s3", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S)
 
 
 def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:

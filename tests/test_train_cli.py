@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import exit_status
+from helpers import HANG_S, exit_status
 from ndot import checkpoint, data, files
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
@@ -248,7 +248,7 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     # After the first epoch's line; a slow machine prints a batch line ("epoch   1/50  batch …") before it.
     next(line for line in proc.stdout if line.startswith("epoch") and " loss " in line)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGTERM, err
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert err == (f"interrupted after epoch {epochs[-1]} of 50: continue with python -m ndot.train --out {run} "
@@ -353,7 +353,7 @@ def test_the_console_script_ends_quietly_when_its_reader_goes_away(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "-> " in proc.stdout.readline()
     proc.stdout.close()
-    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
 
 
 @pytest.mark.parametrize("argv0, prog", [("/venv/bin/ndot-train", "ndot-train"),

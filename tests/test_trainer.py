@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import HANG_S
 from ndot import checkpoint, data, malloc
 from ndot.config import ConfigError, TrainConfig
 from ndot.evaluate import evaluate
@@ -222,16 +223,16 @@ def checkpoint_round_trip(obj):
 def test_cli_trains_checkpoints_and_resumes(tmp_path):
     args = [sys.executable, "-m", "ndot.train", "--dataset", "digits", "--arch", "small_cnn", "--T", "1",
             "--epochs", "2", "--batch_size", "128", "--out", str(tmp_path)]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     assert "epoch   2/2" in r.stdout
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
-    r = subprocess.run(args[:-4] + ["--epochs", "3", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args[:-4] + ["--epochs", "3", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    r = subprocess.run(args[:-4] + ["--epochs", "4", "--T", "2", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args[:-4] + ["--epochs", "4", "--T", "2", "--out", str(tmp_path), "--resume"], capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "T 1 -> 2" in r.stderr
 
 
