@@ -9,11 +9,14 @@
 #   3. the device data pipeline (crop, flip, AutoAugment, Cutout on the GPU) against the PIL one.
 #   The device pipeline's ops on CUDA are also checked pixel for pixel against the CPU in 1.
 # Run from the repository root:  bash bench/gpu_check.sh
-# (BENCH_ARGS and BENCH_DATA_ARGS add flags: both --small make a quick dry run on a CPU.)
+# (BENCH_ARGS and BENCH_DATA_ARGS add flags: both --small make a quick dry run on a CPU. LIMIT_SCALE, a whole
+#  number, 1 unless set, multiplies each stage's limit: a dry run on a slow CPU, its compile cache empty, outlasts them.)
 # Writes into $OUT (default ./bench-out): env.txt, tests.log, bench.jsonl, bench.log, bench.md, bench_data.jsonl
 # (its stderr in bench_data.log).
 # Exit status 0 only if the tests pass and every benchmark case ran.
 set -uo pipefail
+scale=${LIMIT_SCALE:-1}
+[[ $scale =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check: LIMIT_SCALE must be a whole number >= 1, got '$scale'" >&2; exit 2; }
 OUT=${OUT:-./bench-out}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -30,16 +33,16 @@ status=0
 # (At 3bfcb5a the whole call took 190 s on the H200, the tests 42 s of it; the benchmark has some 20 more rows since.)
 # SIGINT, not SIGTERM, at the limit: pytest then still prints its summary and durations; SIGKILL 10 s
 # later, as a hang in native code (a CUDA sync) does not return to Python to see the SIGINT.
-timeout -s INT -k 10 150 $PY -m pytest -rs --durations=12 -p no:cacheprovider tests/test_augment.py tests/test_fast_path.py -k "cuda or imports" 2>&1 \
+timeout -s INT -k 10 $((150 * scale)) $PY -m pytest -rs --durations=12 -p no:cacheprovider tests/test_augment.py tests/test_fast_path.py -k "cuda or imports" 2>&1 \
   | tee "$OUT/tests.log" || status=1
 # bench.jsonl gets every row as soon as it is measured: a run cut short keeps what it measured.
 # (--out appends: a second check into the same $OUT starts the file afresh, not mixed with the first.)
 rm -f "$OUT/bench.jsonl"
-timeout 310 $PY -m ndot.bench --profile ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >"$OUT/bench.log" 2>&1 || status=1
+timeout $((310 * scale)) $PY -m ndot.bench --profile ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >"$OUT/bench.log" 2>&1 || status=1
 $PY -m ndot.bench --table "$OUT/bench.jsonl" | tee "$OUT/bench.md"
 # At most 8 loader processes: each holds its prefetched batches in /dev/shm, which containers keep small.
 workers=$(( $(nproc) < 8 ? $(nproc) : 8 ))
-timeout 45 $PY -m ndot.bench.data --only cifar --workers "$workers" ${BENCH_DATA_ARGS:-} 2>"$OUT/bench_data.log" \
+timeout $((45 * scale)) $PY -m ndot.bench.data --only cifar --workers "$workers" ${BENCH_DATA_ARGS:-} 2>"$OUT/bench_data.log" \
   | tee "$OUT/bench_data.jsonl" || status=1
 echo "gpu_check: exit status $status"
 exit $status
