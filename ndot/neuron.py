@@ -9,6 +9,8 @@ the previous step's buffers (trace_step), so the state never holds two steps at 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,7 @@ class SpikeFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, v_th: float, alpha: float, scale: float) -> Tensor:
+    def forward(ctx: Any, u: Tensor, v_th: float, alpha: float, scale: float) -> Tensor:
         ctx.save_for_backward(u)
         ctx.v_th, ctx.alpha, ctx.scale = v_th, alpha, scale
         # H(u - Vth) without the difference: fl(u - Vth) >= 0 exactly when u >= Vth. Compared straight
@@ -37,7 +39,7 @@ class SpikeFn(torch.autograd.Function):
         return s * scale if torch.compiler.is_compiling() else s.mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (u,) = ctx.saved_tensors
         # In place where the arithmetic allows, in the formula's order: the widest layer's backward
         # is where a batch can peak, and each temporary there is a layer of activations.

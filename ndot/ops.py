@@ -8,6 +8,8 @@ Function is opaque to autocast.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,14 +25,14 @@ def _autocast(*xs: Tensor | None) -> tuple[Tensor | None, ...]:
 
 class TracedConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s: Tensor, a: Tensor, w: Tensor, b: Tensor | None, stride: int, padding: int) -> Tensor:
+    def forward(ctx: Any, s: Tensor, a: Tensor, w: Tensor, b: Tensor | None, stride: int, padding: int) -> Tensor:
         s, a, w, b = _autocast(s, a, w, b)
         ctx.save_for_backward(a, w)
         ctx.conf = (stride, padding, b is not None)
         return F.conv2d(s, w, b, stride, padding)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None, None]:
         a, w = ctx.saved_tensors
         stride, padding, has_b = ctx.conf
         need_s, _, need_w, need_b = ctx.needs_input_grad[:4]

@@ -39,9 +39,10 @@ from ndot.memory import peak_mem_mb, reset_peak_mem
 from ndot.models import ARCHS, finite, from_config
 from ndot.step import train_batch
 
-OnEpoch = Callable[[Metrics, dict[str, Any]], None]
+# What a callback returns is ignored: object, so that a lambda returning a value passes a type checker too.
+OnEpoch = Callable[[Metrics, dict[str, Any]], object]
 # on_batch(epoch, batches_done, batches_total): progress inside a long epoch.
-OnBatch = Callable[[int, int, int], None]
+OnBatch = Callable[[int, int, int], object]
 
 
 @dataclass

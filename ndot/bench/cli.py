@@ -190,7 +190,7 @@ def read_run(path: str) -> list[Row]:
         raise ConfigError(f"cannot read --table {path}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"--table {path} is not a text file") from None
-    rows = []
+    rows: list[Row] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -29,7 +29,7 @@ def _labelled(fn: Callable, label: str) -> Callable:
     return run
 
 
-def _ancestors(e: FunctionEvent) -> Iterable[FunctionEvent]:
+def _ancestors(e: FunctionEvent | None) -> Iterable[FunctionEvent]:
     while e is not None:
         yield e
         e = e.cpu_parent

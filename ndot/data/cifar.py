@@ -28,7 +28,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from ndot.data import DataError, DatasetInfo, augment, storage
-from ndot.data.loader import DeviceLoader, WorkerLoader
+from ndot.data.loader import DeviceLoader, Loader, WorkerLoader
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
@@ -94,7 +94,7 @@ def read(cfg: "TrainConfig", train: bool) -> Split:
     return ds.data, np.asarray(ds.targets, dtype=np.int64)
 
 
-def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[Any, Any]:
+def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[Loader, Loader]:
     if input_size != SIZE:
         raise ValueError(f"{cfg.dataset} images are {SIZE}x{SIZE}; the recipe has no resize to {input_size}")
     check(cfg)
@@ -105,15 +105,15 @@ def pipeline(cfg: "TrainConfig") -> str:
     return "device" if cfg.loader == "auto" else cfg.loader
 
 
-def build(cfg: "TrainConfig", device: torch.device, train: Split, test: Split) -> tuple[Any, Any]:
+def build(cfg: "TrainConfig", device: torch.device, train: Split, test: Split) -> tuple[Loader, Loader]:
     """(train, test) loaders over images already in memory, through the pipeline cfg selects."""
     mean, std = NORMALISATION[cfg.dataset]
     if pipeline(cfg) == "cpu":
-        def make(split: Split, is_train: bool) -> WorkerLoader:
+        def make(split: Split, is_train: bool) -> Loader:
             return WorkerLoader(_Images(*split), cpu_transform(cfg, mean, std, is_train), cfg.batch_size,
                                 shuffle=is_train, seed=cfg.seed, workers=cfg.workers, device=device)
     else:
-        def make(split: Split, is_train: bool) -> DeviceLoader:
+        def make(split: Split, is_train: bool) -> Loader:
             x = torch.from_numpy(split[0]).to(device).permute(0, 3, 1, 2).contiguous()
             y = torch.from_numpy(split[1]).to(device)
             return DeviceLoader(x, y, cfg.batch_size, shuffle=is_train, seed=cfg.seed,

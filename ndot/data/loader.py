@@ -71,7 +71,7 @@ class DeviceLoader:
         g_prepare = g if self.device == home else epoch_generator(self.seed, self.epoch, self.device)
         order = torch.randperm(self.num_samples, generator=g, device=home) if self.shuffle else None
         for i in range(len(self)):
-            idx = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx: slice | torch.Tensor = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if order is not None:
                 idx = order[idx]
             x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)

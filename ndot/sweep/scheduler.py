@@ -43,7 +43,7 @@ class StratifiedASHA(FIFOScheduler):
     ) -> None:
         super().__init__()
         self._metric, self._mode = metric, mode
-        self._asha_args = dict(
+        self._asha_args: dict[str, Any] = dict(
             metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
             grace_period=min(grace_period, max_t), reduction_factor=reduction_factor,
         )
