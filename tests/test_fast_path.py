@@ -96,6 +96,52 @@ def test_trainer_on_cuda_with_every_lever():
     assert seen[-1]["test_acc"] > 0.5 and seen[-1]["peak_mem_mb"] > 0
 
 
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (bench/gpu_check.sh runs this)")
+def test_cuda_epochs_never_make_the_host_wait_for_the_gpu():
+    # A host sync inside the loop over batches (a blocking copy, .item(), bool of a tensor) idles the
+    # GPU at every batch; CUDA's sync debug mode "error" raises at any. What a run does once (compiles,
+    # cuDNN's choices, the capture, the AutoAugment tables) happens in a first epoch, outside it.
+    import numpy as np
+    from ndot.data import cifar
+    from ndot.data.loader import DeviceLoader
+    from ndot.evaluate import topk_correct
+
+    cuda = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    split = (rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 48))
+    cfg = TrainConfig(dataset="cifar10", batch_size=16, loader="device", workers=0)  # every augmentation
+    on_gpu, _ = cifar.build(cfg, cuda, split, split)
+    workers, _ = cifar.build(dataclasses.replace(cfg, loader="cpu"), cuda, split, split)
+    # Held in host memory, each batch moved (CIFAR10-DVS's loader "cpu"), then prepared on the GPU.
+    from_host = DeviceLoader(torch.from_numpy(split[0]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(split[1]),
+                             16, shuffle=True, prepare=cifar.DeviceRecipe(cfg, *cifar.NORMALISATION["cifar10"], True, cuda),
+                             device=cuda)
+    models = [accelerate(make_model(in_channels=3, dtype=torch.float32).cuda(), channels_last=True, fused_neuron=True,
+                         fused_ws=True) for _ in range(2)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+    step = partial(train_batch, rule="ndot", T=2, loss_alpha=0.05, precision="bf16")
+    runs = [partial(step, models[0], opts[0], mode="O"), GraphedStep(partial(step, mode="A"), models[1], opts[1])]
+
+    def epoch(loader, run) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_sum, correct = torch.zeros((), device=cuda), torch.zeros((), device=cuda, dtype=torch.long)
+        for x, y in loader:
+            loss, logits = run(x, y)
+            loss_sum += loss * len(y)
+            correct += topk_correct(logits, y, 1)
+        return loss_sum, correct
+
+    for loader in (on_gpu, from_host, workers):
+        for run in runs:
+            epoch(loader, run)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums = [epoch(loader, run) for loader in (on_gpu, from_host, workers) for run in runs]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss) and 0 <= int(correct) <= 48 for loss, correct in sums)
+
+
 @pytest.mark.parametrize("device,dtype", PLACES)
 @pytest.mark.parametrize("rule,mode", CASES)
 def test_fast_path_gradients_equal_plain_path(rule, mode, device, dtype, exact_cudnn, monkeypatch):

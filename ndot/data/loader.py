@@ -18,6 +18,16 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
     return g
 
 
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`. From host memory to a GPU through pinned memory, without waiting: a copy from
+    pageable memory waits for the GPU to finish all it was given (the last batch's steps) before it
+    starts, so the GPU would idle while the host gathers and copies every batch. The host allocator
+    keeps the pinned block until the copy has read it."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def num_batches(samples: int, batch_size: int) -> int:
     """Every sample once per epoch: the last batch holds the remainder."""
     return -(-samples // batch_size)
@@ -74,7 +84,7 @@ class DeviceLoader:
             idx: slice | torch.Tensor = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if order is not None:
                 idx = order[idx]
-            x, y = self.x[idx].to(self.device), self.y[idx].to(self.device)
+            x, y = _moved(self.x[idx], self.device), _moved(self.y[idx], self.device)
             if self.prepare is not None:
                 x = self.prepare(x, g_prepare)
             yield x, y
