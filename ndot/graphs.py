@@ -50,13 +50,17 @@ class GraphedStep:
             self.graphs.clear()
             self.baked = baked
         key = (x.shape, x.dtype, x.stride(), y.shape)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(x, y)
-        graph, sx, sy, out = self.graphs[key]
-        sx.copy_(x)
-        sy.copy_(y)
-        graph.replay()
-        return tuple(o.clone() for o in out)
+        # On the batch's GPU, not the current one (cuda:0 unless set): a capture stream of another GPU records
+        # none of this one's kernels, which run eagerly on their GPU's own stream; the capture then fails where
+        # they allocate, or the empty graph replays nothing.
+        with torch.cuda.device(x.device):
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(x, y)
+            graph, sx, sy, out = self.graphs[key]
+            sx.copy_(x)
+            sy.copy_(y)
+            graph.replay()
+            return tuple(o.clone() for o in out)
 
     def _capture(self, x: Tensor, y: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, tuple[Tensor, ...]]:
         # Neuron state left by the last batch may still hang on a BPTT graph, which deepcopy refuses;
@@ -82,6 +86,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may call CUDA (pinned allocations,
         # events) while this thread captures; under the default "global" mode that breaks the capture.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # On `side`, of this GPU: torch.cuda.graph's own stream is made once per process, on the GPU current then.
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             out = self.step(self.model, self.opt, sx, sy)
         return graph, sx, sy, tuple(out)

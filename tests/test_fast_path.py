@@ -64,14 +64,17 @@ def on(device, dtype, **fast):
 # paths that have no CPU stand-in have run.
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
 @pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
-def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, exact_cudnn):
-    models = [make_model(rule=rule, dtype=torch.float32).cuda() for _ in range(2)]
+# A second GPU while the first is the current one (--device cuda:1): the capture must be of its stream.
+@pytest.mark.parametrize("gpu", ["cuda:0", pytest.param("cuda:1", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs a second GPU"))])
+def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, gpu, exact_cudnn):
+    models = [make_model(rule=rule, dtype=torch.float32).to(gpu) for _ in range(2)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     step = partial(train_batch, rule=rule, mode=mode, T=3, loss_alpha=0.05)
     graphed = GraphedStep(step, models[1], opts[1])
     # Two batches, a new lr (a new capture), and a smaller last batch (a graph of its own).
     for i, (n, lr) in enumerate([(4, 0.1), (4, 0.1), (4, 0.05), (3, 0.05)]):
-        x, y = (t.cuda() for t in batch(seed=10 + i, n=n, size=16, dtype=torch.float32))
+        x, y = (t.to(gpu) for t in batch(seed=10 + i, n=n, size=16, dtype=torch.float32))
         for opt in opts:
             for g in opt.param_groups:
                 g["lr"] = lr
