@@ -1,18 +1,21 @@
 """Figures of a sweep's per-trial table: what a researcher looks at first.
 
 accuracy_vs_T       best test accuracy of each stratum against T, one line per rule (the paper's table)
-accuracy_vs_lr      every trial's best test accuracy against its learning rate, per rule and T
+accuracy_vs_lr      every trial's best test accuracy against its learning rate, a panel per T (and
+                    architecture); drawn only where the trials differ in learning rate
                     (in both, a hollow marker is a trial that did not complete: stopped early, diverged,
                     errored or still running, whose best is of fewer epochs or of weights that diverged)
 cost_vs_T           peak memory and training throughput against T, per rule
 
-A line is a rule (method), and a rule on one architecture when the table holds several. A table
-of several architectures at one T (the architectures sweep) is drawn against the architecture
-instead: accuracy_vs_arch and cost_vs_arch, a point per rule and architecture.
+A rule (method) has one colour and one marker shape in every figure; where a table holds several
+architectures along T, a line style tells them apart. A table of several architectures at one T
+(the architectures sweep) is drawn against the architecture instead: accuracy_vs_arch and
+cost_vs_arch, a point per rule and architecture. Legends sit right of the axes, clear of the data.
 """
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -24,6 +27,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from ndot.results import COMPLETED  # noqa: E402
 
@@ -31,11 +35,27 @@ if TYPE_CHECKING:
     from pandas.api.typing import DataFrameGroupBy  # pandas >= 2.1; annotations only
 
 XLABELS = {"T": "time steps T", "arch": "architecture"}
+# tab10 holds the nine rule-mode pairs there are; shapes as well as colours keep rules apart in grey print.
+# Points of several rules often coincide (at T = 1 every rule computes the same gradient): each rule's
+# markers are drawn smaller than the one's before, so that coinciding markers nest rather than hide.
+COLOURS = plt.get_cmap("tab10").colors
+MARKERS = "osD^vPX*ph"
+LARGEST, SMALLEST = 9.0, 4.5  # marker sizes (points) of the first rule and of the last
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def axis(trials: pd.DataFrame) -> str:
     """What the accuracy and cost figures run along: T, or the architecture where T is one and they are several."""
     return "arch" if trials["T"].nunique() == 1 and trials["arch"].nunique() > 1 else "T"
+
+
+def _styles(trials: pd.DataFrame) -> dict[str, dict]:
+    """A method's colour, marker and marker size, by its place among the trials' methods in name order: the same
+    in each figure of a table (but one whose trials of a method all lack that figure's values)."""
+    methods = sorted(trials["method"].unique())
+    step = (LARGEST - SMALLEST) / max(len(methods) - 1, 1)
+    return {m: {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)], "markersize": LARGEST - i * step}
+            for i, m in enumerate(methods)}
 
 
 def _curves(trials: pd.DataFrame) -> pd.Series:
@@ -54,16 +74,29 @@ def _unfinished(trials: pd.DataFrame) -> pd.Series:
     return trials["status"] != COMPLETED
 
 
-def _lines(ax: Axes, series: pd.Series, x: str, ylabel: str, hollow: pd.Series | None = None) -> None:
-    """`series` is indexed by (curve, x); so is `hollow`, True where the point's marker is to be hollow."""
+def _trials(n: int) -> str:
+    return f"{n} trial" if n == 1 else f"{n} trials"
+
+
+def _legend(ax: Axes, handles: list) -> None:
+    # Outside the axes: inside, a legend of many lines sits on some of them wherever it goes.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small")
+
+
+def _lines(ax: Axes, series: pd.Series, x: str, ylabel: str, styles: dict[str, dict], archs: dict[str, str],
+           hollow: pd.Series | None = None) -> None:
+    """`series` is indexed by (curve, x); so is `hollow`, True where the point's marker is to be hollow.
+    `archs` maps a curve to its architecture's line style where the curves are (method, architecture)."""
     for name, s in series.groupby(level="curve"):
         s = s.droplevel("curve").sort_index()
+        method, _, arch = name.partition(", ")
         empty = hollow.loc[name].reindex(s.index).to_numpy() if hollow is not None else [False] * len(s)
         # Architectures are categories: points, not a line through them.
-        line, = ax.plot(s.index, s.values, marker="o", ls="-" if x == "T" else "", label=name,
-                        markevery=[i for i, e in enumerate(empty) if not e])
+        ls = "" if x != "T" else archs.get(arch, "-")
+        line, = ax.plot(s.index, s.values, ls=ls, label=name, markevery=[i for i, e in enumerate(empty) if not e],
+                        **styles[method])
         if any(empty):
-            ax.plot(s.index[empty], s.values[empty], marker="o", ls="", mfc="none", color=line.get_color(), label="_" + name)
+            ax.plot(s.index[empty], s.values[empty], ls="", mfc="none", label="_" + name, **styles[method])
     if x == "T":
         ax.set_xticks(sorted(series.index.get_level_values("T").unique()))
     else:
@@ -74,7 +107,18 @@ def _lines(ax: Axes, series: pd.Series, x: str, ylabel: str, hollow: pd.Series |
     handles, _ = ax.get_legend_handles_labels()
     if hollow is not None and hollow.any():
         handles.append(Line2D([], [], color="0.4", marker="o", mfc="none", ls="", label=f"best trial {UNFINISHED}"))
-    ax.legend(handles=handles)
+    _legend(ax, handles)
+
+
+def _percent_axis(ax: Axes) -> None:
+    # Autoscaled round a single value (one T, one point) the axis ran to 102 %.
+    low, high = ax.get_ylim()
+    if high > 100:
+        ax.set_ylim(low, 100 + 0.05 * (100 - low))
+
+
+def _arch_styles(trials: pd.DataFrame) -> dict[str, str]:
+    return {a: LINESTYLES[i % len(LINESTYLES)] for i, a in enumerate(sorted(trials["arch"].unique()))}
 
 
 def _by_curve_and(trials: pd.DataFrame, x: str) -> DataFrameGroupBy:
@@ -87,7 +131,7 @@ def _setting(trials: pd.DataFrame) -> str:
     archs = sorted(trials["arch"].unique())
     if len(archs) == 1:
         shared += archs
-    if axis(trials) == "arch":
+    if trials["T"].nunique() == 1:
         shared.append(f"T={trials['T'].iloc[0]}")
     return ", ".join(shared)
 
@@ -96,53 +140,81 @@ def accuracy_vs_axis(trials: pd.DataFrame) -> Figure:
     """Against T, or against the architecture (see `axis`)."""
     x = axis(trials)
     trials = trials.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     by = _by_curve_and(trials, x)
     # The best trial of a stratum is the tuned result for that (rule, T); each trial scores its best epoch.
     best = by["best_test_acc"].idxmax()
-    _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)",
+    _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)", _styles(trials), _arch_styles(trials),
            hollow=pd.Series(_unfinished(trials).loc[best].to_numpy(), index=best.index))
+    _percent_axis(ax)
     n = by.size()
-    trials_per_point = f"{n.min()}" if n.min() == n.max() else f"{n.min()}-{n.max()}"
-    ax.set_title(f"{_setting(trials)}: best of {trials_per_point} trial(s) per point", fontsize=10)
+    per_point = _trials(n.min()) if n.min() == n.max() else f"{n.min()}-{n.max()} trials"
+    ax.set_title(f"{_setting(trials)}: best of {per_point} per point", fontsize=10)
     return fig
 
 
-def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    curves = _curves(trials)
-    colours = dict(zip(sorted(curves.unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
-    # Trials at different T are different searches: a marker per T keeps them apart.
-    markers = dict(zip(sorted(trials["T"].unique()), "osD^vP*Xph" * 4))
-    for (curve, T), g in trials.groupby([curves, "T"]):
-        # The alpha in the colours: a collection's own alpha would fill the hollow markers too.
-        colour = to_rgba(colours[curve], 0.8)
-        ax.scatter(g["lr"], g["best_test_acc"] * 100, marker=markers[T], edgecolors=[colour],
-                   facecolors=[colour if done else "none" for done in ~_unfinished(g)])
+def _lr_axis(ax: Axes, lr: pd.Series) -> None:
     ax.set_xscale("log")
-    ax.set_xlabel("initial learning rate")
-    ax.set_ylabel("best test accuracy (%)")
-    ax.set_title(f"{_setting(trials)}: every trial against its learning rate", fontsize=10)
+    # Rates as decimals, at 1, 2 and 5 of each decade where they span two decades at most, else at each
+    # decade: a range under a decade otherwise gets matplotlib's minor labels (2×10⁻¹ 3×10⁻¹ …), and 1-2-5
+    # over three decades, labels that run into each other.
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if lr.max() / lr.min() <= 100 else (1.0,)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=c, marker="o", ls="", label=name) for name, c in colours.items()]
-    if len(markers) > 1:
-        handles += [Line2D([], [], color="0.4", marker=m, ls="", label=f"T={T}") for T, m in markers.items()]
+
+
+def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
+    """A panel per T (and architecture): trials at different T, or on different architectures, are different searches."""
+    panels = sorted(trials.groupby(["arch", "T"]).groups)
+    several_archs = trials["arch"].nunique() > 1
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 + 4 * cols, 0.8 + 3.2 * rows), sharex=True, sharey=True,
+                             squeeze=False, layout="constrained")
+    styles = _styles(trials)
+    for ax, (arch, T) in zip(axes.flat, panels):
+        panel = trials[(trials["arch"] == arch) & (trials["T"] == T)]
+        for m, g in panel.groupby("method"):
+            # The alpha in the colours: a collection's own alpha would fill the hollow markers too.
+            colour = to_rgba(styles[m]["color"], 0.8)
+            ax.scatter(g["lr"], g["best_test_acc"] * 100, marker=styles[m]["marker"], s=styles[m]["markersize"] ** 2,
+                       edgecolors=[colour],
+                       facecolors=[colour if done else "none" for done in ~_unfinished(g)])
+        if len(panels) > 1:  # what tells the panels apart; the figure's title says what they share
+            ax.set_title(f"{arch}, T={T}" if several_archs else f"T={T}", fontsize=10)
+        _lr_axis(ax, trials["lr"])
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    # The lowest panel of each column carries its rates, the last row being short of panels where it is.
+    for column in axes.T:
+        lowest = [ax for ax in column if ax.get_visible()][-1]
+        lowest.xaxis.set_tick_params(labelbottom=True)
+        lowest.set_xlabel("initial learning rate")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("best test accuracy (%)")
+    _percent_axis(axes[0, 0])  # shared by every panel
+    fig.suptitle(f"{_setting(trials)}: every trial against its learning rate", fontsize=10)
+    handles = [Line2D([], [], ls="", label=m, **s) for m, s in styles.items()]
     if _unfinished(trials).any():
         handles.append(Line2D([], [], color="0.4", marker="o", mfc="none", ls="", label=f"trial {UNFINISHED}"))
-    ax.legend(handles=handles, fontsize="small")
+    _legend(axes[0, -1], handles)
     return fig
 
 
 def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     """Against T, or against the architecture (see `axis`)."""
     x = axis(trials)
-    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
     by = _by_curve_and(trials, x)
-    _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MiB)")  # ndot.memory: 2**20 bytes
-    _lines(speed, by["image_steps_per_s"].median(), x, "training image-steps / s")
+    styles, archs = _styles(trials), _arch_styles(trials)
+    _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MiB)", styles, archs)  # ndot.memory: 2**20 bytes
+    _lines(speed, by["image_steps_per_s"].median(), x, "training image-steps / s", styles, archs)
+    mem.get_legend().remove()  # the same lines in both panels: one legend says it
     along = "T" if x == "T" else "architecture"
-    mem.set_title(f"memory against {along} (median over trials)", fontsize=10)
-    speed.set_title(f"{_setting(trials)}: throughput against {along} (median over trials)", fontsize=10)
+    mem.set_title(f"memory against {along}", fontsize=10)
+    speed.set_title(f"throughput against {along}", fontsize=10)
+    fig.suptitle(f"{_setting(trials)}: median over trials per point", fontsize=10)
     # The column means different things per device; on a CPU it is not a measure of the rule alone.
     fig.supxlabel("peak memory: on a GPU, the most allocated in an epoch; on a CPU, the peak resident set of the "
                   "worker process, which includes Python, torch and Ray and, as Tune reuses workers, earlier trials",
@@ -150,22 +222,27 @@ def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     return fig
 
 
-# Each figure and the columns its points need: a trial that diverged in its first epoch has no accuracy.
+def _lr_varies(trials: pd.DataFrame) -> bool:
+    return trials["lr"].nunique() > 1
+
+
+# Each figure, the columns its points need (a trial that diverged in its first epoch has no accuracy), and
+# whether it says anything of these trials: a learning-rate axis with every trial on one rate does not.
 # Named for the axis its points run along (`axis`): accuracy_vs_T or accuracy_vs_arch.
-FIGURES = {"accuracy_vs_{axis}": (accuracy_vs_axis, ["best_test_acc"]), "accuracy_vs_lr": (accuracy_vs_lr, ["best_test_acc"]),
-           "cost_vs_{axis}": (cost_vs_axis, ["peak_mem_mb", "image_steps_per_s"])}
+FIGURES = {"accuracy_vs_{axis}": (accuracy_vs_axis, ["best_test_acc"], None),
+           "accuracy_vs_lr": (accuracy_vs_lr, ["best_test_acc"], _lr_varies),
+           "cost_vs_{axis}": (cost_vs_axis, ["peak_mem_mb", "image_steps_per_s"], None)}
 
 
 def render(trials: pd.DataFrame) -> dict[str, bytes]:
     """PNG bytes of every figure that has a point, each from the trials that have its values."""
     out = {}
     ran = trials[trials["epochs_run"] > 0]
-    for name, (make, needs) in FIGURES.items():
+    for name, (make, needs, tells) in FIGURES.items():
         points = ran.dropna(subset=needs) if set(needs) <= set(ran) else ran.iloc[:0]
-        if points.empty:
+        if points.empty or (tells is not None and not tells(points)):
             continue
         fig = make(points)
-        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         plt.close(fig)

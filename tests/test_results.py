@@ -6,9 +6,17 @@ import math
 
 import pandas as pd
 import pytest
+from matplotlib import pyplot as plt
+from matplotlib.colors import to_hex
 
 from helpers import exit_status
 from ndot import plots, results
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")  # pyplot keeps every figure the tests draw
 
 
 def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
@@ -199,10 +207,10 @@ def test_figures_show_each_points_best_trial_and_the_memory_column():
     assert all(list(line.get_ydata()) == [200.0, 200.0] for line in speed.get_lines())
 
 
-def _trials(archs: list[str], Ts: list[int]) -> pd.DataFrame:
+def _trials(archs: list[str], Ts: list[int], methods: tuple[str, ...] = ("ndot_A", "ottt_A")) -> pd.DataFrame:
     rows = [{"dataset": "digits", "arch": arch, "method": m, "T": T, "lr": 0.1 * T, "best_test_acc": 0.9,
              "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1, "status": "completed"}
-            for arch in archs for m in ("ndot_A", "ottt_A") for T in Ts]
+            for arch in archs for m in methods for T in Ts]
     return pd.DataFrame(rows)
 
 
@@ -217,8 +225,60 @@ def test_figures_draw_a_line_per_rule_and_architecture():
         assert len(ax.get_lines()) == 4
 
 
+def test_every_line_can_be_told_apart_and_a_rule_looks_the_same_in_every_figure():
+    # Three architectures along T: twelve lines, past tab10's ten colours, which the colour cycle repeated
+    # (ottt_A on small_cnn as bptt_A on resnet_ws). A rule is a colour and a marker, an architecture a line style.
+    trials = _trials(["small_cnn", "resnet_ws", "vgg11_ws"], [1, 4], ("bptt_A", "ndot_A", "ndot_O", "ottt_A"))
+    for ax in (plots.accuracy_vs_axis(trials).axes[0], *plots.cost_vs_axis(trials).axes):
+        lines = ax.get_lines()
+        assert len(lines) == 12
+        look = {line.get_label(): (to_hex(line.get_color()), line.get_marker(), line.get_linestyle()) for line in lines}
+        assert len(set(look.values())) == 12
+        by_method = {}
+        for label, (colour, marker, _) in look.items():
+            by_method.setdefault(label.split(", ")[0], set()).add((colour, marker))
+        assert all(len(v) == 1 for v in by_method.values()) and len({v.pop() for v in by_method.values()}) == 4
+        by_arch = {}
+        for label, (_, _, ls) in look.items():
+            by_arch.setdefault(label.split(", ")[1], set()).add(ls)
+        assert all(len(v) == 1 for v in by_arch.values()) and len({v.pop() for v in by_arch.values()}) == 3
+    # The learning-rate figure draws each rule as the lines do.
+    lr = plots.accuracy_vs_lr(_trials(["small_cnn"], [1, 4])).axes[0]
+    [ndot_a] = [line for line in plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4])).axes[0].get_lines()
+                if line.get_label() == "ndot_A"]
+    assert to_hex(lr.collections[0].get_edgecolor()[0]) == to_hex(ndot_a.get_color())
+
+
+def test_coinciding_points_nest_and_accuracy_stays_under_100_percent():
+    # The architectures smoke sweep: bptt_A and ndot_A both at 97.2 %, one point each. Markers of one size drew
+    # ndot_A's square over bptt_A's circle, and the axis, autoscaled round one value, ran to 102 %.
+    trials = _trials(["small_cnn"], [2], ("bptt_A", "ndot_A")).assign(best_test_acc=0.972)
+    ax = plots.accuracy_vs_axis(trials).axes[0]
+    sizes = {line.get_label(): line.get_markersize() for line in ax.get_lines()}
+    assert sizes["bptt_A"] > sizes["ndot_A"]
+    assert 97.2 < ax.get_ylim()[1] <= 100.5
+    lr = plots.accuracy_vs_lr(trials.assign(lr=[0.1, 0.1])).axes[0]
+    assert lr.collections[0].get_sizes()[0] > lr.collections[1].get_sizes()[0] and lr.get_ylim()[1] <= 100.5
+
+
+def test_legends_sit_clear_of_the_data():
+    # Inside the axes, a legend of twelve lines lay on them wherever matplotlib put it.
+    trials = _trials(["small_cnn", "resnet_ws", "vgg11_ws"], [1, 4])
+    for fig in (plots.accuracy_vs_axis(trials), plots.cost_vs_axis(trials), plots.accuracy_vs_lr(trials)):
+        fig.canvas.draw()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 1  # the cost figure's two panels draw the same lines: one legend
+        box = legends[0].get_window_extent()
+        for ax in fig.axes:
+            if ax.get_visible():
+                frame = ax.get_window_extent()
+                assert box.x0 >= frame.x1 or box.x1 <= frame.x0 or box.y0 >= frame.y1 or box.y1 <= frame.y0
+        # Within the figure: nothing cut off at its edge.
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
+
+
 def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
-    trials = _trials(["small_cnn", "resnet_ws"], [2])
+    trials = _trials(["small_cnn", "resnet_ws"], [2]).assign(lr=[0.1, 0.2, 0.3, 0.4])
     assert set(plots.render(trials)) == {"accuracy_vs_arch", "accuracy_vs_lr", "cost_vs_arch"}
     ax = plots.accuracy_vs_axis(trials).axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["ndot_A", "ottt_A"]
@@ -243,7 +303,7 @@ def test_a_trial_that_did_not_complete_is_a_hollow_marker():
     [h] = hollow
     assert h.get_label() == "_ndot_A" and list(h.get_ydata()) == [95.0] and h.get_markerfacecolor() == "none"
     assert ax.get_legend().get_texts()[-1].get_text() == "best trial did not complete"
-    lr = plots.accuracy_vs_lr(trials).axes[0]
+    lr = plots.accuracy_vs_lr(trials).axes[1]  # T=4's panel
     faces = {(x, y): c[3] for coll in lr.collections for (x, y), c in zip(coll.get_offsets().tolist(), coll.get_facecolors())}
     assert [faces[(0.4, 95.0)], faces[(0.4, 50.0)], faces[(0.4, 90.0)]] == [0.0, 0.0, 0.8]
     assert lr.get_legend().get_texts()[-1].get_text() == "trial did not complete"
@@ -253,12 +313,48 @@ def test_a_trial_that_did_not_complete_is_a_hollow_marker():
     assert "did not run" not in " ".join(t.get_text() for t in ax.get_legend().get_texts())
 
 
-def test_learning_rate_figure_keeps_time_steps_apart():
+def test_learning_rate_figure_keeps_time_steps_and_architectures_apart():
+    # Each (architecture, T) is a search of its own: a panel each, a scatter per rule in it.
     fig = plots.accuracy_vs_lr(_trials(["small_cnn"], [1, 4, 6]))
-    ax = fig.axes[0]
-    assert len(ax.collections) == 2 * 3  # a scatter per (rule, T)
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ndot_A", "ottt_A", "T=1", "T=4", "T=6"]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["T=1", "T=4", "T=6"]
+    assert all(len(ax.collections) == 2 for ax in panels)
+    assert [t.get_text() for t in panels[-1].get_legend().get_texts()] == ["ndot_A", "ottt_A"]
     assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
+    # The architectures sweep (several at one T): drawn together, each architecture's trials would share a
+    # rule's colour and marker, and which point is which architecture could not be told.
+    archs = _trials(["small_cnn", "resnet_ws"], [2]).assign(lr=[0.1, 0.2, 0.3, 0.4])
+    panels = [ax for ax in plots.accuracy_vs_lr(archs).axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["resnet_ws, T=2", "small_cnn, T=2"]
+    assert sorted(p[0] for p in panels[0].collections[0].get_offsets().tolist() + panels[0].collections[1].get_offsets().tolist()) == [0.3, 0.4]
+    # Seven panels in rows of three: the third column's lowest is in the second row, and carries its rates.
+    seven = plots.accuracy_vs_lr(_trials(["small_cnn"], [1, 2, 3, 4, 5, 6, 7]))
+    assert [ax.get_visible() for ax in seven.axes] == [True] * 7 + [False] * 2
+    assert [ax.get_xlabel() for ax in seven.axes[6:8]] == ["initial learning rate", ""]
+    assert seven.axes[5].get_xlabel() == "initial learning rate" and seven.axes[2].get_xlabel() == ""
+    seven.canvas.draw()
+    assert [any(t.get_visible() and t.get_text() for t in seven.axes[i].get_xticklabels()) for i in (2, 5)] == [False, True]
+
+
+def test_a_learning_rate_figure_is_drawn_only_where_the_trials_differ_in_it():
+    # Every trial at the recipe's 0.1 (the smoke preset, one trial a stratum): a column of points on a log axis
+    # says nothing of the learning rate.
+    assert set(plots.render(_trials(["small_cnn"], [1, 4]).assign(lr=0.1))) == {"accuracy_vs_T", "cost_vs_T"}
+
+
+def test_learning_rates_read_as_decimals_that_do_not_run_into_each_other():
+    # Under a decade, matplotlib's own log labels (2×10⁻¹, 3×10⁻¹, …) overlapped; over three, 1-2-5 would.
+    def labelled(lrs: list[float]) -> list[str]:
+        trials = _trials(["small_cnn"], [4]).iloc[[0] * len(lrs)].assign(lr=lrs)
+        fig = plots.accuracy_vs_lr(trials)
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        assert all(not t.get_text() for t in ax.get_xticklabels(minor=True))
+        return [t.get_text() for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= v <= hi]
+
+    assert labelled([0.04, 0.83]) == ["0.05", "0.1", "0.2", "0.5"]
+    assert labelled([0.001, 1.0]) == ["0.001", "0.01", "0.1", "1"]
 
 
 def test_the_learning_rate_figure_puts_accuracy_in_percent_over_the_rate_and_costs_are_medians_of_the_trials():
@@ -273,15 +369,13 @@ def test_the_learning_rate_figure_puts_accuracy_in_percent_over_the_rate_and_cos
     assert all(list(line.get_ydata()) == [200.0, 200.0] for line in speed.get_lines())
 
 
-def test_a_single_T_adds_no_marker_legend_and_titles_count_the_trials_per_point():
-    # A legend entry per T says which marker is which T: with one T it would only repeat the title.
-    ax = plots.accuracy_vs_lr(_trials(["small_cnn"], [4])).axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ndot_A", "ottt_A"]
-    # "best of N trial(s)": one number where every point has as many trials, else the range.
+def test_titles_count_the_trials_per_point():
+    # "best of N trials": one number where every point has as many trials, else the range.
     two = pd.concat([_trials(["small_cnn"], [1, 4])] * 2)
-    assert "best of 2 trial(s) per point" in plots.accuracy_vs_axis(two).axes[0].get_title()
+    assert "best of 2 trials per point" in plots.accuracy_vs_axis(two).axes[0].get_title()
     uneven = pd.concat([two, _trials(["small_cnn"], [1])])
-    assert "best of 2-3 trial(s) per point" in plots.accuracy_vs_axis(uneven).axes[0].get_title()
+    assert "best of 2-3 trials per point" in plots.accuracy_vs_axis(uneven).axes[0].get_title()
+    assert "best of 1 trial per point" in plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4])).axes[0].get_title()
 
 
 def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_its_columns():
