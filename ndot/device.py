@@ -22,3 +22,12 @@ def resolve_device(name: str) -> torch.device:
         if (device.index or 0) >= count:
             raise ConfigError(f"device {name!r} asked for, but torch sees {count} CUDA device(s) here")
     return device
+
+
+def described(device: torch.device) -> str:
+    """What a run ran on, for a results table: "cpu", or the CUDA device and its model ("cuda:0 NVIDIA H100 80GB HBM3"),
+    where a config's "auto" does not say, and its peak memory means another thing on each."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"

@@ -215,11 +215,25 @@ def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     mem.set_title(f"memory against {along}", fontsize=10)
     speed.set_title(f"throughput against {along}", fontsize=10)
     fig.suptitle(f"{_setting(trials)}: median over trials per point", fontsize=10)
-    # The column means different things per device; on a CPU it is not a measure of the rule alone.
-    fig.supxlabel("peak memory: on a GPU, the most allocated in an epoch; on a CPU, the peak resident set of the "
-                  "worker process, which includes Python, torch and Ray and, as Tune reuses workers, earlier trials",
-                  fontsize=7, color="0.35")
+    fig.supxlabel(_peak_memory_is(trials), fontsize=7, color="0.35")
     return fig
+
+
+# The column means different things per device; on a CPU it is not a measure of the rule alone.
+_PEAK_MEMORY = {"gpu": "the most allocated on the GPU in an epoch",
+                "cpu": "the peak resident set of the worker process, which includes Python, torch and Ray and, "
+                       "as Tune reuses workers, earlier trials"}
+
+
+def _peak_memory_is(trials: pd.DataFrame) -> str:
+    """What the figure's peak memory is, for the devices its trials ran on (both where a table predates `ran_on`)."""
+    ran_on = trials["ran_on"].dropna() if "ran_on" in trials else pd.Series([], dtype=str)
+    kinds = {"cpu" if r == "cpu" else "gpu" for r in ran_on}
+    if len(ran_on) < len(trials) or len(kinds) > 1:
+        return f"peak memory: on a GPU, {_PEAK_MEMORY['gpu']}; on a CPU, {_PEAK_MEMORY['cpu']}"
+    [kind] = kinds
+    where = "on the CPU" if kind == "cpu" else f"on {', '.join(sorted(set(ran_on)))}"
+    return f"peak memory, every trial {where}: {_PEAK_MEMORY[kind]}"
 
 
 def _lr_varies(trials: pd.DataFrame) -> bool:

@@ -233,6 +233,7 @@ def _trial_row(r: TrialRecord) -> Row:
         ended_at=last["timestamp"],
         node_ip=last.get("node_ip"),
         hostname=last.get("hostname"),
+        ran_on=last.get("ran_on"),
         checkpoint=r.checkpoint,
     )
     return row
@@ -326,8 +327,9 @@ def table_uri(experiment: str, table: str) -> str:
     return join(experiment, f"{table}.parquet")
 
 
-# TrainConfig's fields that may be None (data_root, where the trials read the data module's root).
-_OPTIONAL_STR = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.type == "str | None")
+# TrainConfig's fields that may be None (data_root, where the trials read the data module's root), and ran_on,
+# which histories written before it lack.
+_OPTIONAL_STR = (*(f.name for f in dataclasses.fields(TrainConfig) if f.type == "str | None"), "ran_on")
 
 
 def _parquet(frame: pd.DataFrame) -> bytes:

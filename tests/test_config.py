@@ -168,7 +168,7 @@ def test_a_rule_flag_is_refused_exactly_where_it_changes_no_rule(name, applies):
 
 
 def test_the_device_resolves_to_what_this_machine_has(monkeypatch):
-    from ndot.device import resolve_device
+    from ndot.device import described, resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     for name in ("cuda", "cuda:0"):
@@ -179,6 +179,10 @@ def test_the_device_resolves_to_what_this_machine_has(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ConfigError, match="torch sees 1 CUDA device"):
         resolve_device("cuda:1")
+    # What a results table records: the CUDA device with its model, which "auto" does not say.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU model {index}")
+    assert [described(torch.device(d)) for d in ("cpu", "cuda", "cuda:1")] == ["cpu", "cuda:0 GPU model 0", "cuda:1 GPU model 1"]
     for name in ("mps", "meta", "gpu"):
         with pytest.raises(ConfigError, match="device must be 'auto', 'cpu' or 'cuda"):
             resolve_device(name)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from matplotlib import pyplot as plt
 from matplotlib.colors import to_hex
+from matplotlib.text import Text
 
 from helpers import exit_status
 from ndot import plots, results
@@ -140,6 +141,25 @@ def _history(epochs: int, started_at: float) -> list[dict]:
                for e in range(1, epochs + 1)]
     return [results.epoch_row("t0", config, m, {"started_at": started_at}, started_at + 30.0 + 12.0 * m["epoch"])
             for m in metrics]
+
+
+def test_the_trials_table_says_what_each_trial_ran_on_and_the_cost_figure_what_its_memory_is():
+    # The config's device is "auto" in every sweep: the table did not say whether peak_mem_mb was a GPU's
+    # allocation or a CPU process's resident set, and the figure's note gave both meanings to choose from.
+    def note(trials: pd.DataFrame) -> str:  # Figure.get_supxlabel is matplotlib >= 3.8's
+        [text] = {t.get_text() for t in plots.cost_vs_axis(trials).findobj(Text) if t.get_text().startswith(("peak memory:", "peak memory,"))}
+        return text
+
+    rows = [{**row, "ran_on": where} for row, where in zip(_history(2, started_at=0.0), ("cuda:0 NVIDIA A10G", "cpu"))]
+    assert results.trials_frame([results.TrialRecord("t0", rows[0], "TERMINATED", 0, rows, "t0/c")])["ran_on"].tolist() == ["cpu"]
+    said = note(_trials(["small_cnn"], [1, 4]).assign(ran_on="cpu"))
+    assert said.startswith("peak memory, every trial on the CPU: the peak resident set") and "GPU" not in said
+    said = note(_trials(["small_cnn"], [1, 4]).assign(ran_on="cuda:0 NVIDIA H100"))
+    assert said == "peak memory, every trial on cuda:0 NVIDIA H100: the most allocated on the GPU in an epoch"
+    # Both kinds, or a table from before the column: both meanings.
+    for trials in (_trials(["small_cnn"], [1, 4]).assign(ran_on=["cpu", "cuda:0 NVIDIA H100"] * 2), _trials(["small_cnn"], [1, 4])):
+        said = note(trials)
+        assert "on a GPU, the most allocated" in said and "on a CPU, the peak resident set" in said
 
 
 def test_a_trials_wall_time_runs_from_its_measured_start():
@@ -415,6 +435,12 @@ def test_tables_of_a_sweep_that_set_a_data_root_and_one_that_did_not_read_as_one
         tables = [results.table_uri(str(tmp_path / name), table) for name in ("default", "given")]
         assert ds.dataset(tables).to_table().column("data_root").to_pylist() == [None, "/data"]
         assert results.load(tables[0])["data_root"].isna().all()
+    # A sweep whose histories predate ran_on (collected again) beside one that has it.
+    for name, where in (("before", None), ("after", "cpu")):
+        history = [{**row, **({"ran_on": where} if where else {})} for row in _history(1, started_at=0.0)]
+        results.write_tables(str(tmp_path / name), [results.TrialRecord("t0", history[0], "TERMINATED", 0, history, "t0/c")])
+    tables = [results.table_uri(str(tmp_path / name), results.TRIALS_TABLE) for name in ("before", "after")]
+    assert ds.dataset(tables).to_table().column("ran_on").to_pylist() == [None, "cpu"]
 
 
 def test_tables_list_the_trials_in_the_order_they_began_however_tune_listed_them(tmp_path):

@@ -126,6 +126,8 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
     assert isinstance(epochs["timestamp"].dtype, pd.DatetimeTZDtype)
     assert epochs[["lr", "epoch_lr", "peak_mem_mb", "image_steps_per_s", "node_ip", "hostname"]].notna().all().all()
     assert epochs["test_acc"].between(0, 1).all()
+    # What "auto" resolved to, where each epoch ran: this machine's CPU (the cluster has no GPU).
+    assert set(epochs["ran_on"]) == set(trials["ran_on"]) == {"cpu"}
     assert set(epochs["node_id"]) <= {n.node_id for n in cluster.worker_nodes}, "a trial ran outside the cluster"
     # A trial's start is measured before its setup, so its wall time holds more than its epochs' training.
     first = epochs[epochs["epoch"] == 1].set_index("trial_id")

@@ -16,6 +16,7 @@ from ray import tune
 from ndot import checkpoint, results
 from ndot.cli import show_progress
 from ndot.config import TrainConfig, rule_flags_off
+from ndot.device import described, resolve_device
 from ndot.train import train
 
 
@@ -48,6 +49,7 @@ def run_trial(config: dict[str, Any]) -> None:
     # started_at: when this process began the trial, before data and model; a trial's first row
     # keeps its first start through restarts, so the trials table measures wall time from there.
     node = {**_node(), "started_at": time.time()}
+    node["ran_on"] = described(resolve_device(cfg.device))  # after started_at: on a GPU, this initialises CUDA
     resume, history, best = None, [], None
     restored = tune.get_checkpoint()
     if restored is not None:
