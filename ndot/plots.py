@@ -248,6 +248,10 @@ FIGURES = {"accuracy_vs_{axis}": (accuracy_vs_axis, ["best_test_acc"], None),
            "cost_vs_{axis}": (cost_vs_axis, ["peak_mem_mb", "image_steps_per_s"], None)}
 
 
+# Every name a figure can have: what a table's figures are beside the others a folder may hold.
+NAMES = frozenset(name.format(axis=x) for name in FIGURES for x in XLABELS)
+
+
 def render(trials: pd.DataFrame) -> dict[str, bytes]:
     """PNG bytes of every figure that has a point, each from the trials that have its values."""
     out = {}

@@ -376,10 +376,19 @@ def write_plots(experiment: str) -> list[str]:
     from ndot import plots
 
     out = []
-    for name, png in plots.render(load(experiment, TRIALS_TABLE)).items():
+    figures = plots.render(load(experiment, TRIALS_TABLE))
+    for name, png in figures.items():
         uri = join(experiment, f"{name}.png")
         write_bytes(uri, png)
         out.append(uri)
+    # A figure drawn before and not now would stand beside the new ones, stale: accuracy_vs_arch of an
+    # architectures sweep whose first trials all ran at one T, now drawn against T.
+    fs, path = filesystem(experiment)
+    for name in plots.NAMES - set(figures):
+        try:
+            fs.delete_file(f"{path}/{name}.png")
+        except FileNotFoundError:
+            pass
     return out
 
 

@@ -297,6 +297,20 @@ def test_legends_sit_clear_of_the_data():
         assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)
 
 
+def test_plotting_again_removes_the_figures_the_table_no_longer_draws(tmp_path):
+    # An architectures sweep whose first trials all ran at one T is drawn against the architecture; once a
+    # trial at another T ends, against T: the earlier accuracy_vs_arch.png stood beside the new figures.
+    experiment = str(tmp_path)
+    for Ts, drawn in (([2], {"accuracy_vs_arch", "cost_vs_arch"}), ([2, 4], {"accuracy_vs_T", "cost_vs_T", "accuracy_vs_lr"})):
+        _trials(["small_cnn", "resnet_ws"], Ts).to_parquet(tmp_path / "trials.parquet")
+        assert sorted(results.write_plots(experiment)) == sorted(results.join(experiment, f"{n}.png") for n in drawn)
+        assert {p.stem for p in tmp_path.glob("*.png")} == drawn
+    (tmp_path / "notes.png").write_bytes(b"a figure of the user's own")
+    _trials(["small_cnn", "resnet_ws"], [2]).to_parquet(tmp_path / "trials.parquet")
+    results.write_plots(experiment)
+    assert {p.stem for p in tmp_path.glob("*.png")} == {"accuracy_vs_arch", "cost_vs_arch", "notes"}
+
+
 def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
     trials = _trials(["small_cnn", "resnet_ws"], [2]).assign(lr=[0.1, 0.2, 0.3, 0.4])
     assert set(plots.render(trials)) == {"accuracy_vs_arch", "accuracy_vs_lr", "cost_vs_arch"}
