@@ -22,6 +22,10 @@ from ndot.config import ConfigError
 # checkpoint folder holds TRIAL, HISTORY (a row per epoch so far) and, when an earlier epoch was
 # the best, BEST. Each state has the weights under "model" and the run's config under "config".
 LAST, BEST, TRIAL, HISTORY = "checkpoint.pt", "best.pt", "state.pt", "history.json"
+# The layout of a saved state, stored in it under "format" (states written before it was stored have
+# none). Raise it with a change that an older ndot would misread, which `load` then refuses rather than
+# misreading: TrainConfig.from_dict passes over a setting it does not know, the run's default standing in.
+FORMAT = 1
 
 
 def is_best(metrics: dict[str, Any]) -> bool:
@@ -44,7 +48,8 @@ def on_cpu(tree: Any) -> Any:
 def best_of(state: dict[str, Any]) -> dict[str, Any]:
     """What BEST holds of an epoch's state: a copy of its weights (which a caller's state may share with
     the live model), its metrics and the config."""
-    return {"epoch": state["epoch"], "metrics": state["metrics"], "model": on_cpu(state["model"]), "config": state["config"]}
+    return {"format": FORMAT, "epoch": state["epoch"], "metrics": state["metrics"], "model": on_cpu(state["model"]),
+            "config": state["config"]}
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -64,8 +69,14 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike | BinaryIO) -> dict[str, Any]:
-    """A state that `save` wrote, on the CPU, tensors and plain data only (weights_only); `read` adds one-line errors."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A state that `save` wrote, on the CPU, tensors and plain data only (weights_only); ConfigError where a
+    newer ndot wrote it (FORMAT). `read` adds one-line errors for a file that is no such state."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    written = state.get("format", 0) if isinstance(state, dict) else 0
+    if not isinstance(written, int) or written > FORMAT:
+        raise ConfigError(f"was written by a newer ndot (checkpoint format {written!r}; this one reads up to {FORMAT}): "
+                          "update ndot to read it")
+    return state
 
 
 def read(path: str) -> dict[str, Any]:
@@ -79,11 +90,35 @@ def read(path: str) -> dict[str, Any]:
             # torch.load warns of a pickle it did not write (a sweep's tuner.pkl) before it fails: the error says it.
             warnings.simplefilter("ignore")
             state = load(io.BytesIO(raw))
+    except ConfigError as e:
+        raise ConfigError(f"{path} {e}") from None
     except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
         raise ConfigError(f"{path} is not a readable checkpoint: {_unreadable(raw, e)}") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys() or not isinstance(state["config"], dict):
         raise ConfigError(f"{path} has no model weights and configuration: not a checkpoint of python -m ndot.train")
     return state
+
+
+def check_weights(weights: Any, expected: dict[str, torch.Tensor], network: str) -> None:
+    """ConfigError naming how a state's weights ("model") differ from `expected`, the state dict of the
+    `network` they are to be loaded into: torch's own error is lines of every key."""
+    if not isinstance(weights, dict):
+        raise ConfigError(f"the weights are a {type(weights).__name__}, not the state dict of a network")
+    missing = [f"{k} missing" for k in expected if k not in weights]
+    unexpected = [f"{k} unexpected" for k in weights if k not in expected]
+    other = []
+    for k, v in expected.items():
+        w = weights.get(k, v)
+        if not isinstance(w, torch.Tensor):
+            other.append(f"{k} no tensor")
+        elif w.shape != v.shape:
+            other.append(f"{k} of shape {tuple(w.shape)}, not {tuple(v.shape)}")
+    shown = [kind[0] for kind in (missing, unexpected, other) if kind]
+    if shown:
+        more = len(missing) + len(unexpected) + len(other) - len(shown)
+        # An older ndot's network (small_cnn's layers, the neuron's output scale) differs so.
+        raise ConfigError(f"the weights are not those of the network their config names, {network}, as this version of "
+                          f"ndot builds it ({', '.join(shown)}{f' and {more} more' if more else ''})")
 
 
 def _unreadable(raw: bytes, e: Exception) -> str:

@@ -101,11 +101,8 @@ def model_of(state: dict[str, Any], cfg: TrainConfig, device: torch.device) -> t
     """cfg's network on `device` with the weights in `state`; ConfigError where they are another network's."""
     info = data.info(cfg.dataset)
     model = from_config(cfg, info.in_channels, info.num_classes).to(device)
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError) as e:  # another shape, missing keys, not a state dict
-        raise ConfigError(f"the weights are not those of the network their config names, {cfg.arch} for {cfg.dataset} "
-                          f"({str(e).strip().splitlines()[0]})") from None
+    checkpoint.check_weights(state["model"], model.state_dict(), f"{cfg.arch} for {cfg.dataset}")
+    model.load_state_dict(state["model"])
     if not finite(model):
         # A silent network scores chance with a finite loss: a number that looks like a result.
         epoch = f" at epoch {state['epoch']}" if "epoch" in state else ""

@@ -120,6 +120,10 @@ def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
     if cfg.epochs < resume["epoch"]:
         # The cosine schedule is over `epochs`: a shorter run is another run, not this one cut short.
         raise ConfigError(f"the checkpoint has run {resume['epoch']} epochs, more than epochs {cfg.epochs}")
+    # Here, not where train() loads them after reading the data: another network's weights are refused before any work.
+    info = data.info(cfg.dataset)
+    checkpoint.check_weights(resume["model"], from_config(cfg, info.in_channels, info.num_classes).state_dict(),
+                             f"{cfg.arch} for {cfg.dataset}")
 
 
 def train(
@@ -216,6 +220,7 @@ def _report_epoch(on_epoch: OnEpoch | None, metrics: Metrics, model, opt, epoch:
     if on_epoch is None:
         return
     state = {
+        "format": checkpoint.FORMAT,
         "epoch": epoch,
         "status": metrics["status"],
         "metrics": metrics,
@@ -299,6 +304,9 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
             raise ConfigError(f"--resume given but {ckpt_path} does not exist")
         state = checkpoint.read(str(ckpt_path))
         missing = [k for k in _RESUMED if k not in state]
+        if missing and "scheduler" in state:
+            raise ConfigError(f"{ckpt_path} is of an older ndot, whose checkpoints held a learning-rate scheduler's state and "
+                              "no metrics: continue the run with the version that wrote it")
         if missing:  # e.g. best.pt copied over it: weights without the run's state
             raise ConfigError(f"{ckpt_path} holds no {', '.join(missing)}: not the {checkpoint.LAST} of a run to resume")
         # Before any refusal: a run that stopped at its last epoch is only ever resumed to be refused.

@@ -1,6 +1,7 @@
 """Small shared pieces for the core tests."""
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -68,3 +69,9 @@ def exit_status(main: Callable[..., int], *args) -> int:
         return main(*args)
     except SystemExit as e:
         return e.code
+
+
+def small_cnn_of_an_older_ndot(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """small_cnn's weights named as an ndot of 2026-11-28 saved them: a scale module after each neuron made
+    the convolutions features.0, 3 and 6, not 0, 2 and 4."""
+    return {re.sub(r"features\.(\d)", lambda m: f"features.{int(m[1]) * 3 // 2}", k): v for k, v in weights.items()}

@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from helpers import HANG_S, batch, exit_status, make_model
+from helpers import HANG_S, batch, exit_status, make_model, small_cnn_of_an_older_ndot
 from ndot import checkpoint, data, files, train as train_module
 from ndot.config import TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
@@ -268,6 +268,10 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     ("run", ["--device", "cuda:7"], "CUDA device"),
     ("otherarch", [], "the weights are not those of the network their config names, resnet_ws for digits"),
     ("cfgstr", [], "no model weights and configuration"),
+    # small_cnn of an older ndot: what differs, not torch's lines of every key
+    ("older", [], "small_cnn for digits, as this version of ndot builds it (features.2.weight missing, "
+                  "features.3.weight unexpected and 10 more)"),
+    ("newer", [], "w.pt was written by a newer ndot (checkpoint format 2; this one reads up to 1): update ndot"),
     ("nan", [], "the weights are not finite (a run that diverged at epoch 3): nothing to evaluate"),
     ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
     # The storage of the result, not the weights, is named.
@@ -297,13 +301,15 @@ def test_bad_input_is_one_line(tmp_path, capsys, recwarn, monkeypatch, make, arg
             path.write_bytes(path.read_bytes()[:200])
     elif make == "tensor":
         torch.save(torch.zeros(3), path)
-    elif make in ("run", "otherarch", "cfgstr", "nan"):
+    elif make in ("run", "otherarch", "cfgstr", "nan", "older", "newer"):
         cfg = TrainConfig(dataset="digits", arch="small_cnn")
         weights = from_config(cfg, 1, 10).state_dict()
+        if make == "older":
+            weights = small_cnn_of_an_older_ndot(weights)
         config = {"otherarch": {**cfg.to_dict(), "arch": "resnet_ws"}, "cfgstr": "small_cnn"}.get(make, cfg.to_dict())
         if make == "nan":  # the checkpoint.pt of a run that diverged in its third epoch
             weights["features.0.weight"][0] = float("nan")
-        checkpoint.save(path, {"model": weights, "config": config, "epoch": 3})
+        checkpoint.save(path, {"model": weights, "config": config, "epoch": 3, "format": checkpoint.FORMAT + (make == "newer")})
     assert exit_status(evaluate_main, ([] if make == "none" else [str(path)]) + args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

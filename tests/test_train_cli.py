@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import HANG_S, exit_status
+from helpers import HANG_S, exit_status, small_cnn_of_an_older_ndot
 from ndot import checkpoint, data, files
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
@@ -284,6 +284,29 @@ def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp
     before = contents(run)
     refused(capsys, ["--out", str(run), "--resume", "--epochs", "2"], "holds no best_test_acc, optimizer, rng: not the checkpoint.pt of a run")
     assert contents(run) == before
+
+
+def older(state: dict) -> dict:
+    """`state` as the first ndot wrote it: a learning-rate scheduler's state, no metrics, status or format."""
+    kept = {k: v for k, v in state.items() if k not in ("metrics", "status", "format")}
+    return {**kept, "scheduler": {"T_max": state["config"]["epochs"], "last_epoch": state["epoch"]}}
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda st: {**st, "format": checkpoint.FORMAT + 1}, "checkpoint.pt was written by a newer ndot (checkpoint format 2; "
+                                                          "this one reads up to 1): update ndot to read it"),
+    (older, "checkpoint.pt is of an older ndot, whose checkpoints held a learning-rate scheduler's state and no metrics"),
+    (lambda st: {**st, "model": small_cnn_of_an_older_ndot(st["model"])},
+     "small_cnn for digits, as this version of ndot builds it (features.2.weight missing, features.3.weight unexpected and"),
+], ids=["newer", "older", "older_network"])
+def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_is_touched(tmp_path, capsys, change, words):
+    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    for name in ("checkpoint.pt", "best.pt"):  # both of this version's, which a newer one can tell
+        assert checkpoint.load(tmp_path / name)["format"] == checkpoint.FORMAT
+    checkpoint.save(tmp_path / "checkpoint.pt", change(checkpoint.load(tmp_path / "checkpoint.pt")))
+    before = contents(tmp_path)
+    refused(capsys, ["--out", str(tmp_path), "--resume", "--epochs", "2"], words)
+    assert contents(tmp_path) == before
 
 
 def test_a_resume_leaves_best_pt_alone_when_the_checkpoints_epoch_is_not_the_best(tmp_path, capsys):

@@ -18,6 +18,7 @@ from helpers import HANG_S
 from ndot import checkpoint, data, malloc
 from ndot.config import ConfigError, TrainConfig
 from ndot.evaluate import evaluate
+from ndot.models import from_config
 from ndot.train import _rng_state, _set_rng_state, train
 
 FAST = dict(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=3, lr=0.1, seed=3, device="cpu")
@@ -246,7 +247,7 @@ def test_resume_refuses_a_change_to_any_field_but_where_and_how_long_it_runs():
                "readout_trace": True, "seed": 4, "precision": "bf16", "crop": False, "flip": False,
                "autoaugment": False, "cutout": False, "dvs_encoding": "authors"}
     assert set(changed) | _RESUMABLE_CHANGES == {f.name for f in dataclasses.fields(TrainConfig)}
-    resume = {"config": saved.to_dict(), "epoch": 2}
+    resume = {"config": saved.to_dict(), "epoch": 2, "model": from_config(saved, 1, 10).state_dict()}
     for name, value in changed.items():
         with pytest.raises(ConfigError, match=f"another run: {name} "):
             check_resume(dataclasses.replace(saved, **{name: value}), resume)
