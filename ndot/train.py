@@ -29,7 +29,7 @@ import torch
 from ndot import checkpoint, data, files
 from ndot.cli import Parser, refuse, run, show_progress, signal_handlers_kept, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
-                         check_data_flags, check_rule_flags, method)
+                         check_data_flags, check_rule_flags, method, rule_flags_off)
 from ndot.device import resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
@@ -110,9 +110,16 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
+def _saved_run(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as a run of it holds it now: the settings that change nothing for its rule
+    (RULE_FLAGS) off, which train() refuses on. ndot before 2026-12-07 saved them on where a sweep of
+    several rules set them, so that its trials' checkpoints were of 'another run' to a resume."""
+    return {**config, **rule_flags_off(config["rule"])}
+
+
 def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
     """Raise ConfigError when `resume` is a checkpoint of a different run than `cfg`."""
-    saved = resume["config"]
+    saved = _saved_run(resume["config"])
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in cfg.to_dict().items()
                if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != v]
     if changed:
@@ -312,7 +319,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         # Before any refusal: a run that stopped at its last epoch is only ever resumed to be refused.
         with _writing_in(out):
             _mend(out, state)
-        cfg = TrainConfig.from_dict({**state["config"], **given})
+        cfg = TrainConfig.from_dict({**_saved_run(state["config"]), **given})
         try:
             # Another run's flags are named as such before its data is looked for.
             check_resume(cfg.validate(), state)

@@ -309,6 +309,17 @@ def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_
     assert contents(tmp_path) == before
 
 
+def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it_off(tmp_path, capsys):
+    # As ndot saved an ndot trial of a sweep that set detach_reset for its bptt trials, until 2026-12-07.
+    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    state["config"]["detach_reset"] = True
+    checkpoint.save(tmp_path / "checkpoint.pt", state)
+    assert main(["--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0, capsys.readouterr().err
+    resumed = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["config"] == {**state["config"], "detach_reset": False, "epochs": 2}
+
+
 def test_a_resume_leaves_best_pt_alone_when_the_checkpoints_epoch_is_not_the_best(tmp_path, capsys):
     # _mend rewrites best.pt only for a checkpoint that is the best epoch: one that is not would
     # put a worse epoch's weights where the best epoch's are.
