@@ -112,7 +112,7 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 def _saved_run(config: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config as a run of it holds it now: the settings that change nothing for its rule
-    (RULE_FLAGS) off, which train() refuses on. ndot before 2026-12-07 saved them on where a sweep of
+    (RULE_FLAGS) off, which train() refuses on. ndot before 7ea7bad saved them on where a sweep of
     several rules set them, so that its trials' checkpoints were of 'another run' to a resume."""
     return {**config, **rule_flags_off(config["rule"])}
 

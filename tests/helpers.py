@@ -72,6 +72,6 @@ def exit_status(main: Callable[..., int], *args) -> int:
 
 
 def small_cnn_of_an_older_ndot(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """small_cnn's weights named as an ndot of 2026-11-28 saved them: a scale module after each neuron made
+    """small_cnn's weights named as ndot saved them at beaf66a (2026-11-28): a scale module after each neuron made
     the convolutions features.0, 3 and 6, not 0, 2 and 4."""
     return {re.sub(r"features\.(\d)", lambda m: f"features.{int(m[1]) * 3 // 2}", k): v for k, v in weights.items()}

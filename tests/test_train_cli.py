@@ -310,7 +310,7 @@ def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_
 
 
 def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it_off(tmp_path, capsys):
-    # As ndot saved an ndot trial of a sweep that set detach_reset for its bptt trials, until 2026-12-07.
+    # As ndot saved an ndot trial of a sweep that set detach_reset for its bptt trials, before 7ea7bad.
     assert main([*RUN, "--out", str(tmp_path)]) == 0
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     state["config"]["detach_reset"] = True
