@@ -403,6 +403,15 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
         checkpoint.save(best_path, checkpoint.best_of(state))
 
 
+def _saved_epoch(ckpt_path: Path) -> int:
+    """The epoch a resume continues from, 0 where none was saved: the checkpoint's own, as a signal can land
+    after its rename and before the rest of the epoch's files (best.pt) or anything that counts them."""
+    if not ckpt_path.is_file():
+        return 0
+    # mmap: the epoch is read without the weights.
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+
+
 def main(argv: list[str] | None = None) -> int:
     given = vars(_parser().parse_args(argv))
     show_progress()
@@ -420,7 +429,6 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
     except (ConfigError, data.DataError) as e:
         return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
-    saved = [state["epoch"] if state is not None else 0]
     # When the last line was printed: a batch line comes only after 10 s without any line.
     last = [time.monotonic()]
 
@@ -437,7 +445,6 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
             # A full disk, say. Each file lands whole or not at all: the folder holds the epochs saved
             # before this one, which a resume continues from (_mend drops this epoch's line).
             raise _NotSaved(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
-        saved[0] = m["epoch"]
         top5 = f" top5 {m['test_top5']:.3f}" if "test_top5" in m else ""
         test = f"test {m['test_acc']:.4f}{top5} (best {m['best_test_acc']:.4f}) " if m["status"] == "ok" else "DIVERGED "
         print(
@@ -461,16 +468,20 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
         return refuse(e)
     except (KeyboardInterrupt, _NotSaved) as e:
         # Every finished epoch is saved; the one cut short is run again by a resume.
+        saved = _saved_epoch(ckpt_path)
+        if not saved:
+            # The first epoch's line without its checkpoint: a fresh run would refuse the folder for it.
+            log_path.unlink(missing_ok=True)
         # --threads is not saved with the run, and another count can move its results.
         same_threads = f" --threads {n_threads}" if n_threads is not None else ""
         again = (f"continue with {_prog()} --out {shlex.quote(str(out))} --resume{same_threads}"
-                 if saved[0] else "no epoch finished: start it again")
+                 if saved else "no epoch finished: start it again")
         if isinstance(e, _NotSaved):
-            kept = f"epoch {saved[0]} of {cfg.epochs} is the last saved: once it can be written, {again}" if saved[0] else \
+            kept = f"epoch {saved} of {cfg.epochs} is the last saved: once it can be written, {again}" if saved else \
                 "no epoch was saved: once it can be written, start it again"
             print(f"error: {e}; {kept}", file=sys.stderr, flush=True)
             return 1
-        print(f"interrupted after epoch {saved[0]} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
+        print(f"interrupted after epoch {saved} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3

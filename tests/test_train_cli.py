@@ -277,6 +277,38 @@ def test_sigterm_while_a_checkpoint_is_written_ends_the_run_as_between_epochs(tm
     assert checkpoint.load(run / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("name, saved", [(checkpoint.LAST, 0), (checkpoint.BEST, 1)])
+@pytest.mark.parametrize("stop", ["full disk", "SIGTERM"])
+def test_a_run_stopped_in_its_first_epochs_files_names_what_was_saved_and_the_command_works(tmp_path, capsys, monkeypatch,
+                                                                                            name, saved, stop):
+    # Stopped in checkpoint.pt, the first epoch's line was left in metrics.jsonl, for which "start it again"
+    # was refused ("holds a run already"); stopped in best.pt, after checkpoint.pt had landed, the run
+    # said no epoch was saved, and starting again was refused for checkpoint.pt.
+    import ndot.train
+    real = files._Landing.write
+
+    def stopped(self, b):
+        if self._path.endswith(name) and self.tell() > 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if stop == "full disk" else ndot.train._Terminated
+        return real(self, b)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(files._Landing, "write", stopped)
+    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == (1 if stop == "full disk" else 128 + signal.SIGTERM)
+    err = capsys.readouterr().err
+    then = f"continue with python -m ndot.train --out {run} --resume" if saved else "start it again"
+    expected = {("full disk", 0): "error: cannot write in --out {run}: [Errno 28] No space left on device; no epoch was "
+                                  "saved: once it can be written, start it again",
+                ("full disk", 1): "error: cannot write in --out {run}: [Errno 28] No space left on device; epoch 1 of 2 "
+                                  "is the last saved: once it can be written, {then}",
+                ("SIGTERM", 0): "interrupted after epoch 0 of 2: no epoch finished: start it again",
+                ("SIGTERM", 1): "interrupted after epoch 1 of 2: {then}"}[stop, saved]
+    assert err == expected.format(run=run, then=then) + "\n", err
+    monkeypatch.setattr(files._Landing, "write", real)
+    assert main(["--out", str(run), "--resume"] if saved else [*RUN, "--epochs", "2", "--out", str(run)]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp_path, capsys):
     run = tmp_path / "run"
     assert main([*RUN, "--out", str(run)]) == 0
