@@ -223,6 +223,19 @@ def test_local_storage_is_a_plain_absolute_path_which_tune_writes_whole(tmp_path
         assert (files.tune_filesystem(plan.storage) is None) == storage.startswith("s3://")
 
 
+def test_a_file_uri_is_read_as_pyarrow_and_ray_read_it(tmp_path):
+    # RFC 8089's path is percent-encoded: file:///a%20b named a folder "a%20b", where ndot.results, through
+    # pyarrow, looked for "a b".
+    def storage(given: str) -> str:
+        return cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", given])).storage
+
+    assert storage(f"file://{tmp_path}/a%20b") == str(tmp_path / "a b") == files.filesystem(f"file://{tmp_path}/a%20b")[1]
+    for given, says in [("file://host/runs", "Unsupported hostname"), ("file:runs", "cannot be relative"),
+                        (f"file://{tmp_path}/a b", "Cannot parse URI")]:
+        with pytest.raises(cli.InputError, match=f"^--storage {given} is no file URI: .*{says}"):
+            storage(given)
+
+
 def test_trials_read_the_data_root_the_driver_checked(tmp_path, monkeypatch):
     # Tune runs each trial in a folder of its own, and $NDOT_DATA does not reach another node's processes.
     monkeypatch.chdir(tmp_path)

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.experiment import Trial
@@ -129,12 +130,18 @@ def _max_concurrent(n: int | None) -> int | None:
 
 
 def _storage(args: argparse.Namespace) -> str:
-    # file:// is a local path, kept plain: Tune then writes it through ndot.files.WholeLocalFiles.
-    storage = args.storage.removeprefix("file://")
-    if not storage.strip():
-        # Checked after file:// is cut off: `file://` alone is no path either, and abspath("") is the
-        # folder the sweep was typed in, where the experiment would land.
+    storage = args.storage
+    if not storage.removeprefix("file://").strip():
+        # `file://` alone is no path either, and abspath("") is the folder the sweep was typed in, where
+        # the experiment would land.
         raise InputError(f"--storage must name a folder or a URI, got {args.storage!r}")
+    if storage.startswith("file:"):
+        # A local path, kept plain: Tune then writes it through ndot.files.WholeLocalFiles. Its path as pyarrow,
+        # Ray and RFC 8089 read it, percent-decoded: file:///my%20sweeps is "/my sweeps", where ndot.results finds it.
+        try:
+            storage = pafs.FileSystem.from_uri(storage)[1]
+        except ValueError as e:  # pyarrow's ArrowInvalid: a relative path, a host, a space left unescaped
+            raise InputError(f"--storage {args.storage} is no file URI: {e}") from None
     if "://" not in storage:
         return os.path.abspath(os.path.expanduser(storage))  # ~ too: the shell leaves it in --storage=~/x
     if not storage.partition("://")[2].strip("/"):
