@@ -688,3 +688,54 @@ def test_two_drivers_started_at_once_with_one_name_run_one_sweep_and_refuse_the_
     assert exit_status(cli.main, TIMESTEPS, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is being started by another driver" in err, err
+
+
+def test_a_sweep_run_by_a_live_driver_is_refused_to_another_and_taken_once_that_driver_is_killed(tmp_path, monkeypatch, capsys):
+    # A second driver resuming a running sweep (a job resubmitted while the first still ran) ran its trials
+    # again into the same folders and created the trials left twice; the tables kept one driver's trials.
+    argv = ["--T", "1", "--storage", str(tmp_path), "--name", "s"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(argv))
+    runner.save_plan(plan)
+    (tmp_path / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    ran = []
+
+    def run(plan, resume, callbacks, launcher):
+        ran.append(resume)
+        pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": "completed", "best_test_acc": 0.5,
+                      "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
+                     ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
+        return []
+
+    monkeypatch.setattr(runner, "connect", lambda address: None)
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    # The other driver: a process of its own that holds the sweep, then is killed without a word (SIGKILL).
+    code = ("import sys, time; from ndot.sweep import runner\n"
+            "with runner.held(sys.argv[1], True):\n    print('held', flush=True); time.sleep(600)")
+    other = subprocess.Popen([sys.executable, "-c", code, plan.experiment], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert other.stdout.readline() == "held\n"
+        assert exit_status(cli.main, TIMESTEPS, [*argv, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: experiment {plan.experiment} is being run by another driver (pid {other.pid} on ")
+        assert err.endswith("): resume it once that driver has ended\n") and err.count("\n") == 1 and not ran, err
+    finally:
+        other.kill()
+        other.wait(timeout=HANG_S)
+    assert exit_status(cli.main, TIMESTEPS, [*argv, "--resume"]) == 0 and ran == [True], capsys.readouterr().err
+    # Held while it ran, let go as it ended: the next resume is not refused by this one either.
+    assert exit_status(cli.main, TIMESTEPS, [*argv, "--resume"]) == 0 and ran == [True, True]
+
+
+def test_a_sweep_in_an_object_store_is_held_on_this_machine():
+    # No lock reaches a bucket: two drivers on this machine are kept apart all the same.
+    with runner.held("s3://bucket/sweeps/s", resume=False):
+        with pytest.raises(runner.Busy, match=r"^experiment s3://bucket/sweeps/s is being run by another driver "
+                                              r"\(pid \d+ on .*\): pass another --name$"):
+            with runner.held("s3://bucket/sweeps/s", resume=False):
+                pass
+        with runner.held("s3://bucket/sweeps/t", resume=False):
+            pass

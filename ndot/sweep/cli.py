@@ -6,6 +6,7 @@ Every flag defaults to the chosen preset's value. Lists are comma-separated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -441,7 +442,13 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
             _check_fits_here(plan)
     except (InputError, ConfigError, data.DataError, ConnectionError) as e:
         return refuse(e)
+    # Held from before the sweep runs to after its tables are settled, once taken.
+    with contextlib.ExitStack() as holding:
+        return _drive(plan, args, source, holding)
 
+
+def _drive(plan: Plan, args: argparse.Namespace, source: str, holding: contextlib.ExitStack) -> int:
+    """Run the sweep of a checked command line, its experiment held in `holding`, and say how it ended."""
     action = "resuming" if args.resume else "starting"
     ignored = _ignored_on_resume(args) if args.resume else []
     print(
@@ -477,10 +484,11 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
                 # that runs no trial) has no such node yet, and its autoscaler may well launch one.
                 print(f"no node up now has {trial}; through ray:// the sweep cannot read what the cluster can launch: "
                       "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
+            holding.enter_context(runner.held(plan.experiment, args.resume))
             signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
             logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
             figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
-        except runner.Claimed as e:  # another driver with this --name got there first
+        except (runner.Claimed, runner.Busy) as e:  # another driver with this --name got there first, or runs it
             return refuse(e)
         finally:
             ended.set()

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import fnmatch
+import hashlib
 import json
 import logging
 import os
 import socket
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
@@ -99,6 +104,47 @@ def load_plan(experiment: str) -> Plan:
     # JSON turned the space's tuples into lists.
     d["space"] = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["space"].items()})
     return Plan(**d)
+
+
+# The file a driver holds locked (flock) while it runs an experiment: in its folder where that is a path, on
+# this machine where it is a URI. Two drivers in one experiment (a sweep resumed while it still runs, as
+# a job resubmitted while the first is alive) each ran the trials into the same folders and created the
+# trials left twice; the tables held the last writer's trials, the other's lost to them (seen with a
+# smoke sweep resumed during its run). The system lets the lock go when its process ends, killed too:
+# nothing stale is left to block a resume. Over NFS the server holds the lock for every client; an
+# object store has no lock, and two drivers on different machines are not kept apart there.
+DRIVER_FILE = "driver.lock"
+
+
+class Busy(Exception):
+    """Another driver runs the experiment; the message is one line."""
+
+
+def _lock_path(experiment: str) -> Path:
+    if "://" not in experiment:
+        return Path(experiment, DRIVER_FILE)
+    key = hashlib.sha256(experiment.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir(), f"ndot-drivers-{os.getuid()}", f"{key}-{DRIVER_FILE}")
+
+
+@contextlib.contextmanager
+def held(experiment: str, resume: bool) -> Iterator[None]:
+    """Hold `experiment` for this process while the block runs; Busy where another driver holds it."""
+    path = _lock_path(experiment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            then = "resume it once that driver has ended" if resume else "pass another --name"
+            raise Busy(f"experiment {experiment} is being run by another driver ({f.read().strip() or 'starting'}): "
+                       f"{then}") from None
+        # Who holds it, for the refusal of another (the lock itself is the kernel's).
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
 
 
 def unreadable_state(experiment: str) -> str | None:
