@@ -19,6 +19,10 @@ DVS_ENCODINGS = ("counts", "authors")
 # Far past any experiment (the paper's longest is T = 10, 300 epochs): a count beyond is a slip, an extra
 # digit or 1e12, that would run for years, or overflow torch's int64 in the loss, instead of being refused.
 MAX_T, MAX_EPOCHS = 10_000, 100_000
+# Loader processes, forked every epoch: more than the largest machine's CPUs (512 threads) is a slip, such
+# as 10000, which forked until memory or pids ran out (64 took 6.4 s to load 8 small batches that 2 loaded in
+# 0.7 s on a 2-CPU machine).
+MAX_WORKERS = 512
 # The optimiser holds lr and weight decay in the parameters' dtype: a larger one fails in the first step.
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -149,8 +153,8 @@ class TrainConfig:
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             # numpy's global generator, which the trainer seeds too, takes no other seed.
             bad(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not _is_int(self.workers) or self.workers < 0:
-            bad(f"workers must be an integer >= 0, got {self.workers!r}")
+        if not _is_int(self.workers) or not 0 <= self.workers <= MAX_WORKERS:
+            bad(f"workers must be an integer in [0, {MAX_WORKERS}], got {self.workers!r}")
         if self.precision not in PRECISIONS:
             bad(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.loader not in LOADERS:
@@ -267,7 +271,7 @@ FIELD_HELP = {
     "download": "fetch a missing dataset",
     "loader": "input pipeline: device (batches built on the training device), cpu (CIFAR: torchvision on CPU "
               "workers; CIFAR10-DVS: frames kept in host memory, moved per batch); auto is device",
-    "workers": "CPU loader processes (loader cpu, DVS conversion)",
+    "workers": f"CPU loader processes (loader cpu, DVS conversion), at most {MAX_WORKERS}",
     "crop": "augmentation: random crop, padding 4 (CIFAR and CIFAR10-DVS; digits has none)",
     "flip": "augmentation: horizontal flip (CIFAR only)",
     "autoaugment": "augmentation: AutoAugment, CIFAR-10 policy (CIFAR only)",

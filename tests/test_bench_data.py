@@ -29,6 +29,7 @@ def test_small_run_reports_the_dvs_pipelines():
     (["--T", "0", "--only", "cifar"], "--T must be >= 1, got 0"),
     (["--T", "2.5"], "invalid int value"),
     (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--workers", "10000"], "--workers must be at most 512, got 10000"),
     (["--threads", "0"], "--threads: must be a whole number in [1, "),
     (["--threads", "-2"], "--threads: must be a whole number in [1, "),
     (["--threads", "100000000"], "--threads: must be a whole number in [1, "),

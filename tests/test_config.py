@@ -8,8 +8,8 @@ import torch
 
 from helpers import HANG_S
 from ndot import checkpoint
-from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, RULES, ConfigError, TrainConfig, check_rule_flags, parse_field,
-                         parse_method)
+from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, MAX_WORKERS, RULES, ConfigError, TrainConfig, check_rule_flags,
+                         parse_field, parse_method)
 from ndot.layers import neurons
 from ndot.models import ARCHS, from_config
 
@@ -82,7 +82,9 @@ def test_cli_missing_data_names_the_flags_that_fix_it(tmp_path):
     # Each range's edge, on its refused side: a slip here would run a meaningless or crashing run.
     ({"momentum": 1.0}, "momentum must be in [0, 1)"),
     ({"seed": 2**32}, "seed must be an integer in [0, 2**32)"),  # numpy's global seed refuses it mid-run
-    ({"workers": -1}, "workers must be an integer >= 0"),
+    ({"workers": -1}, "workers must be an integer in [0, 512]"),
+    # Each a process forked every epoch: 10000 forked until memory or pids ran out.
+    ({"workers": MAX_WORKERS + 1}, f"workers must be an integer in [0, {MAX_WORKERS}]"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"v_th": 0.0}, "v_th must be > 0"),
     ({"surrogate_alpha": 0.0}, "surrogate_alpha must be > 0"),
@@ -115,7 +117,7 @@ def test_each_range_is_refused_just_past_its_edge(kw, words):
 
 @pytest.mark.parametrize("kw", [
     # ... and accepted on its edge: the limits the help and the messages state are inclusive where they say so.
-    {"T": MAX_T}, {"epochs": MAX_EPOCHS}, {"seed": 2**32 - 1}, {"workers": 0}, {"momentum": 0.0},
+    {"T": MAX_T}, {"epochs": MAX_EPOCHS}, {"seed": 2**32 - 1}, {"workers": 0}, {"workers": MAX_WORKERS}, {"momentum": 0.0},
     {"loss_alpha": 0.0}, {"loss_alpha": 1.0}, {"lr": FLOAT32_MAX}, {"surrogate_alpha": FLOAT32_MAX}, {"v_th": FLOAT32_MAX},
     {"dropout": 0.0}, {"batch_size": 1},
 ])

@@ -24,7 +24,7 @@ import torch
 
 from ndot.bench.measure import sync
 from ndot.cli import Parser, refuse, run, show_progress, threads, torch_threads
-from ndot.config import MAX_T, ConfigError, TrainConfig
+from ndot.config import MAX_T, MAX_WORKERS, ConfigError, TrainConfig
 from ndot.data import cifar
 from ndot.device import resolve_device
 
@@ -82,17 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m ndot.bench.data", description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true", help="fewer images and events, for a small CPU")
     p.add_argument("--device", default="auto", help="where the device pipeline runs (default: the GPU if there is one)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU pipeline and DVS conversion")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS), help="CPU pipeline and DVS conversion")
     p.add_argument("--T", type=int, default=10, help="DVS frames per recording")
     p.add_argument("--threads", type=threads, default=None, help="torch intra-op threads of this process")
     p.add_argument("--only", choices=("cifar", "dvs"), default=None, help="run one part (default: both)")
     args = p.parse_args(argv)
     show_progress()
     # All of them, whichever part runs: a bad value is a slip to report, not to ignore.
-    for flag, value, most in (("--workers", args.workers, None), ("--T", args.T, MAX_T)):
+    for flag, value, most in (("--workers", args.workers, MAX_WORKERS), ("--T", args.T, MAX_T)):
         if value is not None and value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
-        if value is not None and most is not None and value > most:
+        if value is not None and value > most:
             p.error(f"{flag} must be at most {most}, got {value}")
     try:
         device = resolve_device(args.device)
