@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -739,3 +740,23 @@ def test_a_sweep_in_an_object_store_is_held_on_this_machine():
                 pass
         with runner.held("s3://bucket/sweeps/t", resume=False):
             pass
+
+
+def test_a_sweep_runs_from_a_thread_other_than_the_main_one(tmp_path, monkeypatch, capsys):
+    # A notebook's or a service's worker thread: the sweep's SIGTERM handler, which only the main thread may
+    # set, ended it in a traceback once Ray had started (a real sweep run so completes, 1 trial of 1 epoch).
+    def run(plan, resume, callbacks, launcher):
+        pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": "completed", "best_test_acc": 0.5,
+                      "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
+                     ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
+        return []
+
+    monkeypatch.setattr(runner, "connect", lambda address: None)
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    ended = []
+    thread = threading.Thread(target=lambda: ended.append(cli.main(TIMESTEPS, ["--T", "1", "--storage", str(tmp_path)])))
+    thread.start()
+    thread.join(timeout=HANG_S)
+    assert ended == [0], capsys.readouterr().err
