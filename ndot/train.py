@@ -375,6 +375,15 @@ class _NotSaved(Exception):
     """An epoch's files could not be written in --out: the run ends in one line, its saved epochs standing."""
 
 
+def _log_line(metrics: Metrics) -> str:
+    """An epoch's line of LOG, JSON as RFC 8259 has it: a number that is not finite (a diverged epoch's loss) is null.
+
+    json.dumps writes it as a bare NaN or Infinity, which jq 1.6, JavaScript's JSON.parse and strict parsers refuse.
+    """
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()},
+                      allow_nan=False) + "\n"
+
+
 def _mend(out: Path, state: dict[str, Any]) -> None:
     """Make the folder of a run killed at any moment agree with its checkpoint, before it resumes.
 
@@ -395,7 +404,7 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
         if row["epoch"] < state["epoch"]:
             rows[row["epoch"]] = row
     rows[state["epoch"]] = state["metrics"]
-    text = "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows))
+    text = "".join(_log_line(rows[k]) for k in sorted(rows))
     if logged != text:
         files.write_local(log_path, lambda f: f.write(text.encode()))
     if checkpoint.is_best(state["metrics"]) and not (
@@ -437,7 +446,7 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
         # one killed after checkpoint.pt has there the weights best.pt then lacks.
         try:
             with open(log_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
+                f.write(_log_line(m))
             checkpoint.save(ckpt_path, st)
             if checkpoint.is_best(m):
                 checkpoint.save(best_path, checkpoint.best_of(st))

@@ -2,6 +2,7 @@
 import dataclasses
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -372,6 +373,22 @@ def test_a_diverged_run_exits_3_and_its_resume_says_diverged_again_even_at_its_l
     # Its last epoch diverged: the run ended there, which a resume reports rather than refuses.
     assert main(["--out", str(tmp_path), "--resume"]) == 3
     assert "diverged" in capsys.readouterr().out
+
+
+def test_a_diverged_epochs_line_is_strict_json_its_loss_null(tmp_path):
+    # json.dumps wrote the loss as a bare NaN, which jq 1.6, JavaScript's JSON.parse and strict parsers refuse.
+    def strict(line: str) -> dict:
+        return json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} is no JSON: {line}"))
+
+    assert main([*RUN, "--rule", "ottt", "--lr", "1e30", "--epochs", "2", "--out", str(tmp_path)]) == 3
+    (row,) = map(strict, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    assert row["status"] == "diverged" and row["train_loss"] is None
+    assert math.isnan(checkpoint.load(tmp_path / "checkpoint.pt")["metrics"]["train_loss"])
+    # A resume mends the log from the checkpoint's metrics, whose loss is the float NaN: the same line.
+    before = contents(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    assert main(["--out", str(tmp_path), "--resume"]) == 3
+    assert contents(tmp_path) == before
 
 
 def test_ctrl_c_before_any_epoch_says_to_start_again(tmp_path, capsys, monkeypatch):
