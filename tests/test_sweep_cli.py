@@ -731,8 +731,9 @@ def test_a_sweep_run_by_a_live_driver_is_refused_to_another_and_taken_once_that_
     assert exit_status(cli.main, TIMESTEPS, [*argv, "--resume"]) == 0 and ran == [True, True]
 
 
-def test_a_sweep_in_an_object_store_is_held_on_this_machine():
+def test_a_sweep_in_an_object_store_is_held_on_this_machine(tmp_path, monkeypatch):
     # No lock reaches a bucket: two drivers on this machine are kept apart all the same.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the machine's locks are
     with runner.held("s3://bucket/sweeps/s", resume=False):
         with pytest.raises(runner.Busy, match=r"^experiment s3://bucket/sweeps/s is being run by another driver "
                                               r"\(pid \d+ on .*\): pass another --name$"):
@@ -740,6 +741,7 @@ def test_a_sweep_in_an_object_store_is_held_on_this_machine():
                 pass
         with runner.held("s3://bucket/sweeps/t", resume=False):
             pass
+    assert len(list(tmp_path.glob(f"ndot-drivers-*/*-{runner.DRIVER_FILE}"))) == 2
 
 
 def test_a_sweep_runs_from_a_thread_other_than_the_main_one(tmp_path, monkeypatch, capsys):
