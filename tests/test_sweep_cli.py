@@ -38,6 +38,23 @@ def _sessions() -> set[Path]:
     return set(RAY_SESSIONS.glob("session_2*"))
 
 
+def write_trials(plan: runner.Plan, statuses: str | list[str] = "completed") -> list:
+    """What a sweep's run leaves where Ray's part stands in: its trials table, one trial per stratum."""
+    Path(plan.experiment).mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": statuses, "best_test_acc": 0.5,
+                  "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
+                 ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
+    return []
+
+
+def stand_in_for_ray(monkeypatch, run=lambda plan, resume, callbacks, launcher: [], cpus: float = 4.0) -> None:
+    """No cluster: the driver connects to nothing, the nodes are one of `cpus` CPUs, and `run` is the sweep."""
+    monkeypatch.setattr(runner, "connect", lambda address: None)
+    monkeypatch.setattr(runner, "head_address", lambda address: None)
+    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": cpus}])
+
+
 @pytest.fixture
 def storage(tmp_path):
     return ["--storage", str(tmp_path / "runs")]
@@ -375,18 +392,9 @@ def test_trials_that_no_node_holds_are_refused_but_through_ray_client_only_warne
     # says what can be launched; through ray:// it is out of sight, and the autoscaler may launch a node that fits.
     ran = []
 
-    def run(plan, resume, callbacks, launcher):
-        ran.append(launcher)
-        Path(plan.experiment).mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": "completed", "best_test_acc": 0.5,
-                      "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
-                     ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
-        return []
-
-    for name, value in (("connect", lambda address: None), ("check_address", lambda address, **kw: None),
-                        ("head_address", lambda address: None), ("run", run)):
-        monkeypatch.setattr(runner, name, value)
-    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 0.0}])
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher: ran.append(launcher) or write_trials(plan),
+                     cpus=0.0)
+    monkeypatch.setattr(runner, "check_address", lambda address, **kw: None)
     monkeypatch.setattr(reach, "spans_machines", lambda launcher: False)  # its nodes run here, and reach the storage
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.setattr(cli, "_settle_tables", lambda experiment: [])
@@ -565,17 +573,7 @@ def test_an_address_without_a_port_is_checked_at_rays_default_port(monkeypatch):
 ], ids=["finished", "errored", "interrupted"])
 def test_the_exit_status_says_how_the_trials_ended(tmp_path, monkeypatch, capsys, statuses, rc, says):
     # Ray's part stands in: the sweep's run leaves its trials table, one trial per stratum.
-    def run(plan, resume, callbacks, launcher):
-        trials = pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": statuses, "best_test_acc": 0.5,
-                               "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"})
-        Path(plan.experiment).mkdir(parents=True, exist_ok=True)
-        trials.to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
-        return []
-
-    monkeypatch.setattr(runner, "connect", lambda address: None)
-    monkeypatch.setattr(runner, "head_address", lambda address: None)
-    monkeypatch.setattr(runner, "run", run)
-    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher: write_trials(plan, statuses))
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     # Rewriting the tables from the trials' checkpoints is Ray's part too (test_sweep.py): here, whether it runs.
     settled = []
@@ -655,10 +653,7 @@ def test_storage_that_fails_as_the_sweep_ends_costs_one_line_not_a_traceback(tmp
     with pytest.raises(ValueError, match="invalid literal"):
         runner.run(dataclasses.replace(plan, name="u"))
 
-    monkeypatch.setattr(runner, "connect", lambda address: None)
-    monkeypatch.setattr(runner, "head_address", lambda address: None)
-    monkeypatch.setattr(runner, "run", lambda plan, resume, callbacks, launcher: [])
-    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    stand_in_for_ray(monkeypatch)
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.setattr(results, "write_bytes", no_space)  # the tables, rebuilt from the checkpoints at the end
     capsys.readouterr()
@@ -699,18 +694,7 @@ def test_a_sweep_run_by_a_live_driver_is_refused_to_another_and_taken_once_that_
     runner.save_plan(plan)
     (tmp_path / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
     ran = []
-
-    def run(plan, resume, callbacks, launcher):
-        ran.append(resume)
-        pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": "completed", "best_test_acc": 0.5,
-                      "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
-                     ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
-        return []
-
-    monkeypatch.setattr(runner, "connect", lambda address: None)
-    monkeypatch.setattr(runner, "head_address", lambda address: None)
-    monkeypatch.setattr(runner, "run", run)
-    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher: ran.append(resume) or write_trials(plan))
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     # The other driver: a process of its own that holds the sweep, then is killed without a word (SIGKILL).
     code = ("import sys, time; from ndot.sweep import runner\n"
@@ -747,16 +731,7 @@ def test_a_sweep_in_an_object_store_is_held_on_this_machine(tmp_path, monkeypatc
 def test_a_sweep_runs_from_a_thread_other_than_the_main_one(tmp_path, monkeypatch, capsys):
     # A notebook's or a service's worker thread: the sweep's SIGTERM handler, which only the main thread may
     # set, ended it in a traceback once Ray had started (a real sweep run so completes, 1 trial of 1 epoch).
-    def run(plan, resume, callbacks, launcher):
-        pd.DataFrame({"stratum": [s.label for s in plan.strata], "status": "completed", "best_test_acc": 0.5,
-                      "final_test_acc": 0.5, "lr": 0.1, "best_epoch": 1, "checkpoint": "t/checkpoint_000000"}
-                     ).to_parquet(results.table_uri(plan.experiment, results.TRIALS_TABLE))
-        return []
-
-    monkeypatch.setattr(runner, "connect", lambda address: None)
-    monkeypatch.setattr(runner, "head_address", lambda address: None)
-    monkeypatch.setattr(runner, "run", run)
-    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher: write_trials(plan))
     ended = []
     thread = threading.Thread(target=lambda: ended.append(cli.main(TIMESTEPS, ["--T", "1", "--storage", str(tmp_path)])))
     thread.start()
