@@ -22,6 +22,8 @@ from ndot.models import from_config
 from ndot.train import _rng_state, _set_rng_state, train
 
 FAST = dict(dataset="digits", arch="small_cnn", T=2, batch_size=32, epochs=3, lr=0.1, seed=3, device="cpu")
+# T 1 at batch 128, a few seconds an epoch: for what holds however little the network learns.
+CHEAP = {**FAST, "T": 1, "batch_size": 128}
 
 METRICS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "best_test_acc", "epoch_seconds",
            "image_steps_per_s", "peak_mem_mb", "firing_rate", "lr", "status"}
@@ -93,12 +95,11 @@ def test_resume_equals_uninterrupted(rule, mode):
 
 def test_a_state_resumed_from_is_left_alone_and_resumes_alike_again():
     # As in a notebook: two continuations of one epoch's state, or the state saved after a resume from it.
-    cheap = {**FAST, "T": 1, "batch_size": 128}
     states, runs = [], []
-    train(TrainConfig(**{**cheap, "epochs": 1}), lambda m, s: states.append(s))
+    train(TrainConfig(**{**CHEAP, "epochs": 1}), lambda m, s: states.append(s))
     kept = checkpoint_round_trip(states[0])
     for _ in range(2):
-        train(TrainConfig(**{**cheap, "epochs": 2}), lambda m, s: runs.append(s), resume=states[0])
+        train(TrainConfig(**{**CHEAP, "epochs": 2}), lambda m, s: runs.append(s), resume=states[0])
         assert_same_tensors(states[0], kept)
     for part in ("model", "optimizer", "rng"):
         assert_same_tensors(runs[1][part], runs[0][part], part)
@@ -122,10 +123,10 @@ def assert_same_tensors(got, want, where: str = "") -> None:
 
 def test_a_resume_keeps_the_best_accuracy_of_the_epochs_before_it():
     states, resumed = [], []
-    train(TrainConfig(**{**FAST, "epochs": 1}), lambda m, s: states.append(s))
+    train(TrainConfig(**{**CHEAP, "epochs": 1}), lambda m, s: states.append(s))
     # As if an earlier epoch had scored every test image: no later epoch may take best.pt from it.
     earlier_best = {**states[-1], "best_test_acc": 1.0}
-    train(TrainConfig(**{**FAST, "epochs": 2}), lambda m, s: resumed.append(m), resume=earlier_best)
+    train(TrainConfig(**{**CHEAP, "epochs": 2}), lambda m, s: resumed.append(m), resume=earlier_best)
     assert resumed[0]["epoch"] == 2 and resumed[0]["test_acc"] < 1.0
     assert resumed[0]["best_test_acc"] == 1.0 and not checkpoint.is_best(resumed[0])
 
@@ -172,10 +173,9 @@ def test_resume_refuses_another_runs_checkpoint_but_may_extend_it():
 
 
 def test_a_run_extended_on_resume_follows_the_cosine_over_its_new_length():
-    cheap = {**FAST, "T": 1, "batch_size": 128}
     states, extended = [], []
-    train(TrainConfig(**cheap), lambda m, s: states.append(s))
-    train(TrainConfig(**{**cheap, "epochs": 4}), lambda m, s: extended.append(m), resume=states[-1])
+    train(TrainConfig(**CHEAP), lambda m, s: states.append(s))
+    train(TrainConfig(**{**CHEAP, "epochs": 4}), lambda m, s: extended.append(m), resume=states[-1])
     assert [m["epoch"] for m in extended] == [4]
     # Epoch e of E: lr * (1 + cos(pi (e - 1) / E)) / 2; the 3-epoch cosine would have ended at zero.
     assert extended[0]["lr"] == pytest.approx(0.1 * (1 + math.cos(math.pi * 3 / 4)) / 2) and extended[0]["lr"] > 0.01
