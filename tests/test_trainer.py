@@ -133,7 +133,7 @@ def test_a_resume_keeps_the_best_accuracy_of_the_epochs_before_it():
 
 def test_divergence_is_a_status_not_a_crash():
     seen, states = [], []
-    cfg = TrainConfig(**{**FAST, "lr": 1e30, "epochs": 4}, rule="ottt")
+    cfg = TrainConfig(**{**CHEAP, "lr": 1e30, "epochs": 4}, rule="ottt")
     result = train(cfg, lambda m, s: (seen.append(m), states.append(s)))
     assert result.status == "diverged"
     assert seen[-1]["status"] == "diverged" and result.epochs_run == seen[-1]["epoch"] < 4
