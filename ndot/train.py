@@ -117,6 +117,15 @@ def _saved_run(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, **rule_flags_off(config["rule"])}
 
 
+def _to_this_cpu(cfg: TrainConfig, given: dict[str, Any]) -> str:
+    """Where a run saved to train on a GPU is resumed on a machine with none: the flags that move it to the
+    CPU, which a refusal names (the saved device, then cuda_graph, would each be refused in turn)."""
+    if torch.cuda.is_available():
+        return ""
+    flags = [flag for flag, on in (("--device cpu", cfg.device.startswith("cuda") and "device" not in given),
+                                   ("--no-cuda_graph", cfg.cuda_graph and "cuda_graph" not in given)) if on]
+    return f": add {' '.join(flags)} to continue it on this machine's CPU" if flags else ""
+
 def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
     """Raise ConfigError when `resume` is a checkpoint of a different run than `cfg`."""
     saved = _saved_run(resume["config"])
@@ -320,13 +329,16 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         with _writing_in(out):
             _mend(out, state)
         cfg = TrainConfig.from_dict({**_saved_run(state["config"]), **given})
+        # Most of the config came from the checkpoint, not from the command line: a refusal says so.
         try:
             # Another run's flags are named as such before its data is looked for.
             check_resume(cfg.validate(), state)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (resuming {ckpt_path})") from None
+        try:
             device = runnable_device(cfg)
         except ConfigError as e:
-            # Most of the config came from the checkpoint, not from the command line: say so.
-            raise ConfigError(f"{e} (resuming {ckpt_path})") from None
+            raise ConfigError(f"{e} (resuming {ckpt_path}){_to_this_cpu(cfg, given)}") from None
         check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         if state["epoch"] == cfg.epochs and state.get("status") != "diverged":
             raise ConfigError(f"the run in {out} has done its {cfg.epochs} epochs: --epochs N (more) extends it")

@@ -342,6 +342,24 @@ def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_
     assert contents(tmp_path) == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU is what it resumes on")
+@pytest.mark.parametrize("device, cuda_graph, flags", [
+    ("cuda", True, "--device cpu --no-cuda_graph"), ("cuda:1", False, "--device cpu"), ("auto", True, "--no-cuda_graph")])
+def test_a_gpu_run_resumed_without_a_gpu_is_told_the_flags_that_continue_it_here(tmp_path, capsys, device, cuda_graph, flags):
+    # The saved device was refused, then, once --device cpu was given, cuda_graph: one at a time.
+    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    state["config"].update(device=device, cuda_graph=cuda_graph)
+    checkpoint.save(tmp_path / "checkpoint.pt", state)
+    capsys.readouterr()
+    assert exit_status(main, ["--out", str(tmp_path), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith(f"(resuming {tmp_path / 'checkpoint.pt'}): add {flags} to continue it "
+                                                  "on this machine's CPU\n"), err
+    assert main(["--out", str(tmp_path), "--resume", "--epochs", "2", *flags.split()]) == 0, capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+
 def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it_off(tmp_path, capsys):
     # As ndot saved an ndot trial of a sweep that set detach_reset for its bptt trials, before 7ea7bad.
     assert main([*RUN, "--out", str(tmp_path)]) == 0
