@@ -126,6 +126,7 @@ def _to_this_cpu(cfg: TrainConfig, given: dict[str, Any]) -> str:
                                    ("--no-cuda_graph", cfg.cuda_graph and "cuda_graph" not in given)) if on]
     return f": add {' '.join(flags)} to continue it on this machine's CPU" if flags else ""
 
+
 def check_resume(cfg: TrainConfig, resume: dict[str, Any]) -> None:
     """Raise ConfigError when `resume` is a checkpoint of a different run than `cfg`."""
     saved = _saved_run(resume["config"])
@@ -427,10 +428,7 @@ def _mend(out: Path, state: dict[str, Any]) -> None:
 def _saved_epoch(ckpt_path: Path) -> int:
     """The epoch a resume continues from, 0 where none was saved: the checkpoint's own, as a signal can land
     after its rename and before the rest of the epoch's files (best.pt) or anything that counts them."""
-    if not ckpt_path.is_file():
-        return 0
-    # mmap: the epoch is read without the weights.
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    return checkpoint.load(ckpt_path)["epoch"] if ckpt_path.is_file() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
