@@ -103,6 +103,17 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _may_set_handlers() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def handle(signum: int, handler: Callable[[int, Any], Any]) -> None:
+    """`handler` for `signum` where Python lets a handler be set, the main thread; elsewhere (a sweep or a run
+    started from a notebook's worker thread) the signal keeps the handler it has."""
+    if _may_set_handlers():
+        signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def signal_handlers_kept(*signums: int) -> Iterator[None]:
     """The handlers of `signums` set back on leaving the block to those it found: what the block installs
@@ -110,7 +121,7 @@ def signal_handlers_kept(*signums: int) -> Iterator[None]:
 
     In the main thread only, the one thread that may set a handler; elsewhere a no-op.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if not _may_set_handlers():
         yield
         return
     before = {n: signal.getsignal(n) for n in signums}

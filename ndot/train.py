@@ -17,7 +17,6 @@ import random
 import shlex
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, refuse, run, show_progress, signal_handlers_kept, threads, torch_threads
+from ndot.cli import Parser, handle, refuse, run, show_progress, signal_handlers_kept, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method, rule_flags_off)
 from ndot.device import resolve_device
@@ -379,8 +378,7 @@ def _terminate(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     with signal_handlers_kept(signal.SIGTERM):
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
-            signal.signal(signal.SIGTERM, _terminate)
+        handle(signal.SIGTERM, _terminate)
         yield
 
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -103,6 +104,16 @@ def test_resume_with_nothing_to_resume_creates_nothing(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     refused(capsys, ["--out", str(tmp_path), "--resume"], "not a readable checkpoint")
 
+
+def test_a_run_from_a_thread_other_than_the_main_one_trains(tmp_path, capsys):
+    # A notebook's or a service's worker thread, where Python refuses to set a signal handler: the run's own
+    # SIGTERM handler is left out there, not a ValueError that ends it.
+    ended = []
+    thread = threading.Thread(target=lambda: ended.append(main([*RUN, "--out", str(tmp_path)])))
+    thread.start()
+    thread.join(timeout=HANG_S)
+    assert ended == [0], capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").is_file()
 
 @pytest.mark.parametrize("args,words", [(["--workers", "-1"], "workers must be"), (["--seed", "-1"], "seed must be"),
                                         (["--weight_decay", "nan"], "weight_decay must be")])

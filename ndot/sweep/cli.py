@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import data, files, results
-from ndot.cli import Parser, listed, refuse, show_progress, signal_handlers_kept
+from ndot.cli import Parser, handle, listed, refuse, show_progress, signal_handlers_kept
 from ndot.config import ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
 from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
@@ -485,8 +485,7 @@ def _drive(plan: Plan, args: argparse.Namespace, source: str, holding: contextli
                 print(f"no node up now has {trial}; through ray:// the sweep cannot read what the cluster can launch: "
                       "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
             holding.enter_context(runner.held(plan.experiment, args.resume))
-            if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
-                signal.signal(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
+            handle(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
             logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
             figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
         except (runner.Claimed, runner.Busy) as e:  # another driver with this --name got there first, or runs it
