@@ -7,7 +7,8 @@ accuracy_vs_lr      every trial's best test accuracy against its learning rate, 
                     errored or still running, whose best is of fewer epochs or of weights that diverged)
 cost_vs_T           peak memory and training throughput against T, per rule
 
-A rule (method) has one colour and one marker shape in every figure; where a table holds several
+A rule (method) has one colour and one marker shape in every figure, and the rules come in the project's
+order (ndot.config's RULES, each in mode O before A), in legends as in drawing; where a table holds several
 architectures along T, a line style tells them apart. A table of several architectures at one T
 (the architectures sweep) is drawn against the architecture instead: accuracy_vs_arch and
 cost_vs_arch, a point per rule and architecture. Legends sit right of the axes, clear of the data.
@@ -29,6 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from ndot.config import MODES, RULES  # noqa: E402
 from ndot.results import COMPLETED  # noqa: E402
 
 if TYPE_CHECKING:
@@ -49,10 +51,24 @@ def axis(trials: pd.DataFrame) -> str:
     return "arch" if trials["T"].nunique() == 1 and trials["arch"].nunique() > 1 else "T"
 
 
+def _method_order(method: str) -> tuple[int, int, str]:
+    """Where a method sorts: by rule in RULES' order, then mode in MODES' (ndot_O, ndot_A, ottt_A, bptt_A, as the
+    sweeps list them); a method of a rule or mode this version does not know, last, by name."""
+    rule, _, mode = method.rpartition("_")
+    if rule in RULES and mode in MODES:
+        return RULES.index(rule), MODES.index(mode), method
+    return len(RULES), 0, method
+
+
+def _curve_order(curve: str) -> tuple[tuple[int, int, str], str]:
+    method, _, arch = curve.partition(", ")
+    return _method_order(method), arch
+
+
 def _styles(trials: pd.DataFrame) -> dict[str, dict]:
-    """A method's colour, marker and marker size, by its place among the trials' methods in name order: the same
-    in each figure of a table (but one whose trials of a method all lack that figure's values)."""
-    methods = sorted(trials["method"].unique())
+    """A method's colour, marker and marker size, by its place among the trials' methods (`_method_order`): the
+    same in each figure of a table (but one whose trials of a method all lack that figure's values)."""
+    methods = sorted(trials["method"].unique(), key=_method_order)
     step = (LARGEST - SMALLEST) / max(len(methods) - 1, 1)
     return {m: {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)], "markersize": LARGEST - i * step}
             for i, m in enumerate(methods)}
@@ -87,8 +103,9 @@ def _lines(ax: Axes, series: pd.Series, x: str, ylabel: str, styles: dict[str, d
            hollow: pd.Series | None = None) -> None:
     """`series` is indexed by (curve, x); so is `hollow`, True where the point's marker is to be hollow.
     `archs` maps a curve to its architecture's line style where the curves are (method, architecture)."""
-    for name, s in series.groupby(level="curve"):
-        s = s.droplevel("curve").sort_index()
+    # In the rules' order: each next rule's smaller markers are drawn over the larger ones before them.
+    for name in sorted(series.index.unique("curve"), key=_curve_order):
+        s = series.loc[name].sort_index()
         method, _, arch = name.partition(", ")
         empty = hollow.loc[name].reindex(s.index).to_numpy() if hollow is not None else [False] * len(s)
         # Architectures are categories: points, not a line through them.
@@ -175,7 +192,7 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
     styles = _styles(trials)
     for ax, (arch, T) in zip(axes.flat, panels):
         panel = trials[(trials["arch"] == arch) & (trials["T"] == T)]
-        for m, g in panel.groupby("method"):
+        for m, g in sorted(panel.groupby("method"), key=lambda mg: _method_order(mg[0])):
             # The alpha in the colours: a collection's own alpha would fill the hollow markers too.
             colour = to_rgba(styles[m]["color"], 0.8)
             ax.scatter(g["lr"], g["best_test_acc"] * 100, marker=styles[m]["marker"], s=styles[m]["markersize"] ** 2,

@@ -274,11 +274,24 @@ def test_coinciding_points_nest_and_accuracy_stays_under_100_percent():
     # ndot_A's square over bptt_A's circle, and the axis, autoscaled round one value, ran to 102 %.
     trials = _trials(["small_cnn"], [2], ("bptt_A", "ndot_A")).assign(best_test_acc=0.972)
     ax = plots.accuracy_vs_axis(trials).axes[0]
-    sizes = {line.get_label(): line.get_markersize() for line in ax.get_lines()}
-    assert sizes["bptt_A"] > sizes["ndot_A"]
+    sizes = [(line.get_label(), line.get_markersize()) for line in ax.get_lines()]
+    # Drawn largest first: the later, smaller marker sits inside the earlier one.
+    assert [label for label, _ in sizes] == ["ndot_A", "bptt_A"] and sizes[0][1] > sizes[1][1]
     assert 97.2 < ax.get_ylim()[1] <= 100.5
     lr = plots.accuracy_vs_lr(trials.assign(lr=[0.1, 0.1])).axes[0]
     assert lr.collections[0].get_sizes()[0] > lr.collections[1].get_sizes()[0] and lr.get_ylim()[1] <= 100.5
+
+
+def test_rules_come_in_the_projects_order_not_the_alphabets():
+    # As the sweeps list them (ndot_O, ndot_A, ottt_A, bptt_A): alphabetically bptt_A came first.
+    trials = _trials(["small_cnn"], [1, 4], ("bptt_A", "ndot_A", "ndot_O", "ottt_A", "sltt_A")).assign(lr=lambda d: 0.1 * (d.index + 1))
+    order = ["ndot_O", "ndot_A", "ottt_A", "sltt_A", "bptt_A"]
+    for fig in (plots.accuracy_vs_axis(trials), plots.cost_vs_axis(trials), plots.accuracy_vs_lr(trials)):
+        [legend] = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert [t.get_text() for t in legend.get_texts()] == order
+    # A rule this version does not know goes last rather than breaking the figure.
+    odd = _trials(["small_cnn"], [1, 4], ("zeta_A", "bptt_A"))
+    assert [line.get_label() for line in plots.accuracy_vs_axis(odd).axes[0].get_lines()] == ["bptt_A", "zeta_A"]
 
 
 def test_legends_sit_clear_of_the_data():
