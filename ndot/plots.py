@@ -6,6 +6,9 @@ accuracy_vs_lr      every trial's best test accuracy against its learning rate, 
                     (in both, a hollow marker is a trial that did not complete: stopped early, diverged,
                     errored or still running, whose best is of fewer epochs or of weights that diverged)
 cost_vs_T           peak memory and training throughput against T, per rule
+curves_vs_epoch     test accuracy and training loss per epoch of each stratum's best trial (accuracy_vs_T's
+                    point), a row per T: whether the trial had converged or was still learning when it stopped
+                    (hollow markers: it did not complete)
 
 A rule (method) has one colour and one marker shape in every figure, and the rules come in the project's
 order (ndot.config's RULES, each in mode O before A), in legends as in drawing; where a table holds several
@@ -25,10 +28,11 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from ndot.config import MODES, RULES  # noqa: E402
 from ndot.results import COMPLETED  # noqa: E402
@@ -142,6 +146,12 @@ def _by_curve_and(trials: pd.DataFrame, x: str) -> DataFrameGroupBy:
     return trials.assign(curve=_curves(trials)).groupby(["curve", x])
 
 
+def _best_trials(trials: pd.DataFrame) -> pd.Series:
+    """The row label of each point's best trial, indexed by (curve, x): the tuned result for a stratum (rule, T and
+    architecture), each trial scored by its best epoch. `trials` is to have unique labels."""
+    return _by_curve_and(trials, axis(trials))["best_test_acc"].idxmax()
+
+
 def _setting(trials: pd.DataFrame) -> str:
     """What every point shares, for titles: the dataset(s), and the architecture or T where there is one."""
     shared = sorted(trials["dataset"].unique())
@@ -159,8 +169,7 @@ def accuracy_vs_axis(trials: pd.DataFrame) -> Figure:
     trials = trials.reset_index(drop=True)
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     by = _by_curve_and(trials, x)
-    # The best trial of a stratum is the tuned result for that (rule, T); each trial scores its best epoch.
-    best = by["best_test_acc"].idxmax()
+    best = _best_trials(trials)
     _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)", _styles(trials), _arch_styles(trials),
            hollow=pd.Series(_unfinished(trials).loc[best].to_numpy(), index=best.index))
     _percent_axis(ax)
@@ -170,14 +179,18 @@ def accuracy_vs_axis(trials: pd.DataFrame) -> Figure:
     return fig
 
 
+def _decimal_log(axis: Axis, values: pd.Series) -> None:
+    """Label a log-scaled axis over `values` (positive) in decimals, at 1, 2 and 5 of each decade where they span
+    two decades at most, else at each decade: a range under a decade otherwise gets matplotlib's minor labels
+    (2×10⁻¹ 3×10⁻¹ …), and 1-2-5 over three decades, labels that run into each other."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if values.max() / values.min() <= 100 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _lr_axis(ax: Axes, lr: pd.Series) -> None:
     ax.set_xscale("log")
-    # Rates as decimals, at 1, 2 and 5 of each decade where they span two decades at most, else at each
-    # decade: a range under a decade otherwise gets matplotlib's minor labels (2×10⁻¹ 3×10⁻¹ …), and 1-2-5
-    # over three decades, labels that run into each other.
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if lr.max() / lr.min() <= 100 else (1.0,)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _decimal_log(ax.xaxis, lr)
     ax.grid(alpha=0.3)
 
 
@@ -238,6 +251,54 @@ def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     return fig
 
 
+# Markers spaced along a curve by a tenth of the axes' diagonal: at every epoch of a short trial, and not
+# a solid band of them along 300 epochs.
+MARK_EVERY = 0.1
+
+
+def curves_vs_epoch(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
+    """A row per T, test accuracy and training loss by epoch, a line per stratum: the epochs (from the epochs
+    table) of the trial that accuracy_vs_axis draws for it."""
+    trials = trials.reset_index(drop=True)
+    best = trials.loc[_best_trials(trials)]
+    drawn = epochs[epochs["trial_id"].isin(best["trial_id"])].sort_values("epoch")
+    several_archs = trials["arch"].nunique() > 1
+    Ts = sorted(best["T"].unique())
+    fig, axes = plt.subplots(len(Ts), 2, figsize=(12, 1 + 2.8 * len(Ts)), sharex=True, sharey="col", squeeze=False,
+                             layout="constrained")
+    styles, archs = _styles(trials), _arch_styles(trials)
+    handles = {}
+    for (acc, loss), T in zip(axes, Ts):
+        for t in sorted(best[best["T"] == T].itertuples(), key=lambda t: (_method_order(t.method), t.arch)):
+            h = drawn[drawn["trial_id"] == t.trial_id]
+            label = f"{t.method}, {t.arch}" if several_archs else t.method
+            look = {"ls": archs[t.arch] if several_archs else "-", "markevery": MARK_EVERY, **styles[t.method]}
+            hollow = {"mfc": "none"} if t.status != COMPLETED else {}
+            acc.plot(h["epoch"], h["test_acc"] * 100, label=label, **look, **hollow)
+            loss.plot(h["epoch"], h["train_loss"], label=label, **look, **hollow)  # a diverged epoch's inf: no point
+            handles[label] = Line2D([], [], label=label, **look)
+        if len(Ts) > 1:  # what tells the rows apart; the figure's title says what they share
+            acc.set_title(f"T={T}", fontsize=10)
+            loss.set_title(f"T={T}", fontsize=10)
+        acc.set_ylabel("test accuracy (%)")
+        loss.set_ylabel("training loss")
+        loss.set_yscale("log")  # the late epochs' small changes stay visible beside the first epoch's loss
+        for ax in (acc, loss):
+            ax.grid(alpha=0.3)
+    # Once the column is log-scaled, which resets its ticks; over the losses drawn, finite.
+    _decimal_log(axes[0, 1].yaxis, drawn["train_loss"][(drawn["train_loss"] > 0) & (drawn["train_loss"] < math.inf)])
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no epoch 0.95 beside a single epoch
+    _percent_axis(axes[0, 0])  # shared by the column
+    fig.suptitle(f"{_setting(trials)}: each point's best trial (accuracy_vs_{axis(trials)}), by epoch", fontsize=10)
+    ordered = [handles[k] for k in sorted(handles, key=_curve_order)]
+    if _unfinished(best).any():
+        ordered.append(Line2D([], [], color="0.4", marker="o", mfc="none", ls="", label=f"best trial {UNFINISHED}"))
+    _legend(axes[0, -1], ordered)
+    return fig
+
+
 # The column means different things per device; on a CPU it is not a measure of the rule alone.
 _PEAK_MEMORY = {"gpu": "the most allocated on the GPU in an epoch",
                 "cpu": "the peak resident set of the worker process, which includes Python, torch and Ray and, "
@@ -264,22 +325,24 @@ def _lr_varies(trials: pd.DataFrame) -> bool:
 # Named for the axis its points run along (`axis`): accuracy_vs_T or accuracy_vs_arch.
 FIGURES = {"accuracy_vs_{axis}": (accuracy_vs_axis, ["best_test_acc"], None),
            "accuracy_vs_lr": (accuracy_vs_lr, ["best_test_acc"], _lr_varies),
-           "cost_vs_{axis}": (cost_vs_axis, ["peak_mem_mb", "image_steps_per_s"], None)}
+           "cost_vs_{axis}": (cost_vs_axis, ["peak_mem_mb", "image_steps_per_s"], None),
+           "curves_vs_epoch": (curves_vs_epoch, ["best_test_acc"], None)}
 
 
 # Every name a figure can have: what a table's figures are beside the others a folder may hold.
 NAMES = frozenset(name.format(axis=x) for name in FIGURES for x in XLABELS)
 
 
-def render(trials: pd.DataFrame) -> dict[str, bytes]:
-    """PNG bytes of every figure that has a point, each from the trials that have its values."""
+def render(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, bytes]:
+    """PNG bytes of every figure that has a point, each from the trials that have its values (the trials table);
+    curves_vs_epoch draws those trials' rows of the epochs table too."""
     out = {}
     ran = trials[trials["epochs_run"] > 0]
     for name, (make, needs, tells) in FIGURES.items():
         points = ran.dropna(subset=needs) if set(needs) <= set(ran) else ran.iloc[:0]
         if points.empty or (tells is not None and not tells(points)):
             continue
-        fig = make(points)
+        fig = make(points, epochs) if make is curves_vs_epoch else make(points)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
         plt.close(fig)

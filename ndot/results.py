@@ -376,7 +376,7 @@ def write_plots(experiment: str) -> list[str]:
     from ndot import plots
 
     out = []
-    figures = plots.render(load(experiment, TRIALS_TABLE))
+    figures = plots.render(load(experiment, TRIALS_TABLE), load(experiment, EPOCHS_TABLE))
     for name, png in figures.items():
         uri = join(experiment, f"{name}.png")
         write_bytes(uri, png)

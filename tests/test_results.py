@@ -237,10 +237,15 @@ def test_memory_is_drawn_from_zero():
 
 
 def _trials(archs: list[str], Ts: list[int], methods: tuple[str, ...] = ("ndot_A", "ottt_A")) -> pd.DataFrame:
-    rows = [{"dataset": "digits", "arch": arch, "method": m, "T": T, "lr": 0.1 * T, "best_test_acc": 0.9,
-             "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1, "status": "completed"}
+    rows = [{"trial_id": f"{arch}-{m}-{T}", "dataset": "digits", "arch": arch, "method": m, "T": T, "lr": 0.1 * T,
+             "best_test_acc": 0.9, "peak_mem_mb": 10.0, "image_steps_per_s": 100.0, "epochs_run": 1, "status": "completed"}
             for arch in archs for m in methods for T in Ts]
     return pd.DataFrame(rows)
+
+
+def _epochs(trials: pd.DataFrame) -> pd.DataFrame:
+    """The epochs table of `trials` as `_trials` makes them: one epoch each, at its best accuracy."""
+    return pd.DataFrame({"trial_id": trials["trial_id"], "epoch": 1, "test_acc": trials["best_test_acc"], "train_loss": 1.0})
 
 
 def test_figures_draw_a_line_per_rule_and_architecture():
@@ -323,19 +328,121 @@ def test_plotting_again_removes_the_figures_the_table_no_longer_draws(tmp_path):
     # An architectures sweep whose first trials all ran at one T is drawn against the architecture; once a
     # trial at another T ends, against T: the earlier accuracy_vs_arch.png stood beside the new figures.
     experiment = str(tmp_path)
-    for Ts, drawn in (([2], {"accuracy_vs_arch", "cost_vs_arch"}), ([2, 4], {"accuracy_vs_T", "cost_vs_T", "accuracy_vs_lr"})):
-        _trials(["small_cnn", "resnet_ws"], Ts).to_parquet(tmp_path / "trials.parquet")
+
+    def tables(trials: pd.DataFrame) -> None:
+        trials.to_parquet(tmp_path / "trials.parquet")
+        _epochs(trials).to_parquet(tmp_path / "epochs.parquet")
+
+    for Ts, drawn in (([2], {"accuracy_vs_arch", "cost_vs_arch", "curves_vs_epoch"}),
+                      ([2, 4], {"accuracy_vs_T", "cost_vs_T", "accuracy_vs_lr", "curves_vs_epoch"})):
+        tables(_trials(["small_cnn", "resnet_ws"], Ts))
         assert sorted(results.write_plots(experiment)) == sorted(results.join(experiment, f"{n}.png") for n in drawn)
         assert {p.stem for p in tmp_path.glob("*.png")} == drawn
     (tmp_path / "notes.png").write_bytes(b"a figure of the user's own")
-    _trials(["small_cnn", "resnet_ws"], [2]).to_parquet(tmp_path / "trials.parquet")
+    tables(_trials(["small_cnn", "resnet_ws"], [2]))
     results.write_plots(experiment)
-    assert {p.stem for p in tmp_path.glob("*.png")} == {"accuracy_vs_arch", "cost_vs_arch", "notes"}
+    assert {p.stem for p in tmp_path.glob("*.png")} == {"accuracy_vs_arch", "cost_vs_arch", "curves_vs_epoch", "notes"}
+    # A table in which no trial has an accuracy (each diverged in its first epoch): the curves drawn before go too.
+    tables(_trials(["small_cnn", "resnet_ws"], [2]).assign(best_test_acc=math.nan))
+    results.write_plots(experiment)
+    assert {p.stem for p in tmp_path.glob("*.png")} == {"cost_vs_arch", "notes"}
+
+
+def _curves(*trials: tuple[str, int, str, list[float], list[float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Trials and epochs tables of trials given as (method, T, status, test accuracy and training loss by epoch)."""
+    rows, epochs = [], []
+    for i, (m, T, status, accs, losses) in enumerate(trials):
+        tested = [a for a in accs if not math.isnan(a)]
+        rows.append({"trial_id": f"t{i}", "dataset": "digits", "arch": "small_cnn", "method": m, "T": T, "lr": 0.1,
+                     "best_test_acc": max(tested) if tested else math.nan, "epochs_run": len(accs), "status": status})
+        epochs += [{"trial_id": f"t{i}", "epoch": e, "test_acc": a, "train_loss": loss}
+                   for e, (a, loss) in enumerate(zip(accs, losses), 1)]
+    return pd.DataFrame(rows), pd.DataFrame(epochs)
+
+
+def test_the_curves_figure_draws_each_strata_best_trial_by_epoch():
+    # Whether the trial accuracy_vs_T scores had converged or was still learning when it stopped: its accuracy
+    # and loss at each epoch, a row per T. The other trial of each stratum ends higher but peaked lower.
+    trials, epochs = _curves(("ottt_A", 1, "completed", [0.5, 0.7, 0.9], [1.0, 0.5, 0.25]),
+                             ("ottt_A", 1, "completed", [0.6, 0.8, 0.85], [2.0, 1.0, 0.1]),
+                             ("ndot_A", 1, "completed", [0.4, 0.8, 0.95], [1.5, 0.6, 0.2]),
+                             ("ndot_A", 4, "completed", [0.86, 0.87, 0.88], [0.9, 0.8, 0.7]),
+                             ("ndot_A", 4, "completed", [0.5, 0.96, 0.7], [1.2, 0.4, 0.6]),
+                             ("ottt_A", 4, "completed", [0.3, 0.6, 0.9], [1.1, 0.7, 0.3]))
+    fig = plots.curves_vs_epoch(trials, epochs)
+    assert [ax.get_title() for ax in fig.axes] == ["T=1", "T=1", "T=4", "T=4"]
+    assert [(ax.get_ylabel(), ax.get_yscale()) for ax in fig.axes[:2]] == [
+        ("test accuracy (%)", "linear"), ("training loss", "log")]
+    drawn = {(ax.get_ylabel(), T, line.get_label()): (list(line.get_xdata()), [round(y, 6) for y in line.get_ydata()])
+             for ax, T in zip(fig.axes, (1, 1, 4, 4)) for line in ax.get_lines()}
+    assert drawn == {("test accuracy (%)", 1, "ndot_A"): ([1, 2, 3], [40.0, 80.0, 95.0]),
+                     ("test accuracy (%)", 1, "ottt_A"): ([1, 2, 3], [50.0, 70.0, 90.0]),
+                     ("training loss", 1, "ndot_A"): ([1, 2, 3], [1.5, 0.6, 0.2]),
+                     ("training loss", 1, "ottt_A"): ([1, 2, 3], [1.0, 0.5, 0.25]),
+                     ("test accuracy (%)", 4, "ndot_A"): ([1, 2, 3], [50.0, 96.0, 70.0]),
+                     ("test accuracy (%)", 4, "ottt_A"): ([1, 2, 3], [30.0, 60.0, 90.0]),
+                     ("training loss", 4, "ndot_A"): ([1, 2, 3], [1.2, 0.4, 0.6]),
+                     ("training loss", 4, "ottt_A"): ([1, 2, 3], [1.1, 0.7, 0.3])}
+    # The trials accuracy_vs_T draws, in the same colours and markers; one legend, in the rules' order.
+    points = {line.get_label(): line for line in plots.accuracy_vs_axis(trials).axes[0].get_lines()}
+    for ax, T in zip(fig.axes[::2], (1, 4)):
+        for line in ax.get_lines():
+            point = points[line.get_label()]
+            assert max(line.get_ydata()) == point.get_ydata()[list(point.get_xdata()).index(T)]
+            assert (to_hex(line.get_color()), line.get_marker()) == (to_hex(point.get_color()), point.get_marker())
+    [legend] = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert [t.get_text() for t in legend.get_texts()] == ["ndot_A", "ottt_A"]
+    # The log loss axis in decimals, as the learning rates: under a decade matplotlib labelled 2×10⁻¹, 3×10⁻¹, ….
+    fig.canvas.draw()
+    loss = fig.axes[1]
+    lo, hi = loss.get_ylim()
+    assert [t.get_text() for t, y in zip(loss.get_yticklabels(), loss.get_yticks()) if lo <= y <= hi] == ["0.2", "0.5", "1"]
+    assert not [t.get_text() for t in loss.get_yticklabels(minor=True) if t.get_text()]
+    assert "curves_vs_epoch" in plots.render(trials, epochs) and "curves_vs_epoch" in plots.NAMES
+
+
+def test_the_curves_of_a_trial_that_did_not_complete_are_hollow_and_a_diverged_epoch_is_no_point():
+    trials, epochs = _curves(("ndot_A", 2, "stopped_early", [0.5, 0.9], [1.0, 0.5]),
+                             ("ndot_A", 2, "completed", [0.5, 0.6, 0.7], [1.0, 0.8, 0.6]),
+                             # Diverged in its third epoch, after its best: untested, a loss of inf.
+                             ("ottt_A", 2, "diverged", [0.4, 0.8, math.nan], [1.0, 0.5, math.inf]),
+                             # Diverged in its first: no accuracy, so no stratum's best; the only trial of its stratum.
+                             ("ndot_A", 4, "diverged", [math.nan], [math.inf]),
+                             ("ottt_A", 4, "completed", [0.7], [0.9]))
+    fig = plots.curves_vs_epoch(trials.dropna(subset=["best_test_acc"]), epochs)  # the trials render gives it
+    acc, loss = fig.axes[:2]
+    drawn = {(ax.get_ylabel(), line.get_label()): (line.get_ydata().tolist(), line.get_markerfacecolor())
+             for ax in (acc, loss) for line in ax.get_lines()}
+    assert drawn[("test accuracy (%)", "ndot_A")] == ([50.0, 90.0], "none")  # the stratum's best, stopped early
+    assert drawn[("training loss", "ndot_A")] == ([1.0, 0.5], "none")
+    assert drawn[("training loss", "ottt_A")] == ([1.0, 0.5, math.inf], "none")
+    fig.canvas.draw()
+    assert 0 < loss.get_ylim()[0] < 0.5 and 1.0 < loss.get_ylim()[1] < 2  # the inf is no point, not an axis to infinity
+    assert [ax.get_title() for ax in fig.axes] == ["T=2", "T=2", "T=4", "T=4"]
+    [line] = fig.axes[2].get_lines()
+    assert line.get_label() == "ottt_A" and line.get_markerfacecolor() != "none"
+    [legend] = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert legend.get_texts()[-1].get_text() == "best trial did not complete"
+    assert "curves_vs_epoch" in plots.render(trials, epochs)
+
+
+def test_a_table_of_one_epoch_per_trial_draws_curves_of_one_point():
+    # The smoke run of a sweep stopped after its first epoch, or --epochs 1.
+    trials = _trials(["small_cnn"], [1, 4])
+    png = plots.render(trials, _epochs(trials))["curves_vs_epoch"]
+    assert png.startswith(b"\x89PNG")
+    fig = plots.curves_vs_epoch(trials, _epochs(trials))
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 8 and all(line.get_xdata().tolist() == [1] and line.get_marker() not in ("", "None") for line in lines)
+    fig.canvas.draw()
+    ax = fig.axes[-1]
+    lo, hi = ax.get_xlim()
+    assert [t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= x <= hi] == ["1"]  # no epoch 0.95
 
 
 def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
     trials = _trials(["small_cnn", "resnet_ws"], [2]).assign(lr=[0.1, 0.2, 0.3, 0.4])
-    assert set(plots.render(trials)) == {"accuracy_vs_arch", "accuracy_vs_lr", "cost_vs_arch"}
+    assert set(plots.render(trials, _epochs(trials))) == {"accuracy_vs_arch", "accuracy_vs_lr", "cost_vs_arch", "curves_vs_epoch"}
     ax = plots.accuracy_vs_axis(trials).axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["ndot_A", "ottt_A"]
     assert ax.get_xlabel() == "architecture" and "T=2" in ax.get_title()
@@ -343,7 +450,8 @@ def test_several_architectures_at_one_T_are_drawn_against_the_architecture():
     for ax in plots.cost_vs_axis(trials).axes:
         assert len(ax.get_lines()) == 2 and ax.get_xlabel() == "architecture"
     # One architecture, or several at several T: against T, as before.
-    assert set(plots.render(_trials(["small_cnn", "resnet_ws"], [1, 2]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
+    trials = _trials(["small_cnn", "resnet_ws"], [1, 2])
+    assert set(plots.render(trials, _epochs(trials))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T", "curves_vs_epoch"}
 
 
 def test_a_trial_that_did_not_complete_is_a_hollow_marker():
@@ -376,7 +484,8 @@ def test_learning_rate_figure_keeps_time_steps_and_architectures_apart():
     assert [ax.get_title() for ax in panels] == ["T=1", "T=4", "T=6"]
     assert all(len(ax.collections) == 2 for ax in panels)
     assert [t.get_text() for t in panels[-1].get_legend().get_texts()] == ["ndot_A", "ottt_A"]
-    assert set(plots.render(_trials(["small_cnn"], [1, 4]))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T"}
+    trials = _trials(["small_cnn"], [1, 4])
+    assert set(plots.render(trials, _epochs(trials))) == {"accuracy_vs_T", "accuracy_vs_lr", "cost_vs_T", "curves_vs_epoch"}
     # The architectures sweep (several at one T): drawn together, each architecture's trials would share a
     # rule's colour and marker, and which point is which architecture could not be told.
     archs = _trials(["small_cnn", "resnet_ws"], [2]).assign(lr=[0.1, 0.2, 0.3, 0.4])
@@ -395,7 +504,8 @@ def test_learning_rate_figure_keeps_time_steps_and_architectures_apart():
 def test_a_learning_rate_figure_is_drawn_only_where_the_trials_differ_in_it():
     # Every trial at the recipe's 0.1 (the smoke preset, one trial a stratum): a column of points on a log axis
     # says nothing of the learning rate.
-    assert set(plots.render(_trials(["small_cnn"], [1, 4]).assign(lr=0.1))) == {"accuracy_vs_T", "cost_vs_T"}
+    trials = _trials(["small_cnn"], [1, 4]).assign(lr=0.1)
+    assert set(plots.render(trials, _epochs(trials))) == {"accuracy_vs_T", "cost_vs_T", "curves_vs_epoch"}
 
 
 def test_learning_rates_read_as_decimals_that_do_not_run_into_each_other():
@@ -437,7 +547,7 @@ def test_titles_count_the_trials_per_point():
 def test_a_sweep_whose_every_trial_diverged_at_once_draws_what_it_can_and_keeps_its_columns():
     # Diverged in epoch 1: never tested, so no accuracy (NaN) and no test columns in its rows.
     trials = _trials(["small_cnn"], [1, 4]).assign(best_test_acc=math.nan)
-    assert set(plots.render(trials)) == {"cost_vs_T"}
+    assert set(plots.render(trials, _epochs(trials).assign(train_loss=math.inf))) == {"cost_vs_T"}
     row = {**_history(1, started_at=0.0)[0], "status": "diverged"}
     for col in ("test_loss", "test_acc", "firing_rate"):
         row.pop(col, None)

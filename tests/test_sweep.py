@@ -172,7 +172,7 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
     rows = results.load(str(damaged))
     assert (rows["trial_id"] == trial_id).sum() == SMOKE.epochs - 1
     printed += captured.out
-    for figure in ("accuracy_vs_T", "cost_vs_T"):
+    for figure in ("accuracy_vs_T", "cost_vs_T", "curves_vs_epoch"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
         assert str(experiment / f"{figure}.png") in printed
     # One trial a stratum, each at the recipe's learning rate: no figure against it.

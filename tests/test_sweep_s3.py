@@ -61,7 +61,8 @@ def test_sweep_stored_in_s3_is_read_back_resumed_and_evaluated_from_the_bucket(b
     # The bucket holds the tables, the figures and the plan, and no temporary file of an atomic write.
     fs, path = files.filesystem(experiment)
     names = {PurePosixPath(i.path).name for i in fs.get_file_info(pafs.FileSelector(path))}
-    assert {"epochs.parquet", "trials.parquet", "sweep.json", "accuracy_vs_T.png", "cost_vs_T.png"} <= names
+    assert {"epochs.parquet", "trials.parquet", "sweep.json", "accuracy_vs_T.png", "cost_vs_T.png",
+            "curves_vs_epoch.png"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     # Plotted again, the figures the table no longer draws go from the bucket (one trial a stratum at one
     # learning rate: no accuracy_vs_lr); those it never drew are not there to remove, which is no error.
