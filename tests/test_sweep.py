@@ -300,6 +300,52 @@ def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster,
     assert any((best["model"][k] != last["model"][k]).any() for k in best["model"])
 
 
+# A file the trial appends the torch threads of each of its epochs to (the test names it).
+THREADS_SEEN: str | None = None
+
+
+def _trial_where_the_node_sets_two_omp_threads(config: dict) -> None:
+    """The sweep's trainable in a worker whose environment held OMP_NUM_THREADS=2, which Ray leaves as it
+    finds it, and torch starts at; each epoch's threads, read as it is tested, go to THREADS_SEEN."""
+    import ndot.train
+    import torch
+
+    before, real = torch.get_num_threads(), ndot.train.evaluate
+
+    def recording(*args, **kwargs):
+        with open(THREADS_SEEN, "a") as f:
+            f.write(f"{torch.get_num_threads()}\n")
+        return real(*args, **kwargs)
+
+    torch.set_num_threads(2)
+    ndot.train.evaluate = recording
+    try:
+        runner.run_trial(config)
+    finally:
+        ndot.train.evaluate = real
+        torch.set_num_threads(before)
+
+
+def test_a_trial_trains_at_its_cpus_threads_whatever_omp_num_threads_its_node_holds(cluster, tmp_path, monkeypatch):
+    plan = runner.Plan(
+        name="threads", storage=str(tmp_path),
+        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 2},
+        strata=(Stratum({}, "one"),), space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1, gpus_per_trial=0,
+    )
+    seen = tmp_path / "threads-seen"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr(sys.modules[__name__], "THREADS_SEEN", str(seen))
+    monkeypatch.setattr(runner, "run_trial", _trial_where_the_node_sets_two_omp_threads)
+    runner.connect(cluster.address)
+    try:
+        runner.run(plan)
+    finally:
+        ray.shutdown()
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]["status"] == results.COMPLETED
+    assert seen.read_text().split() == ["1", "1"]
+
+
 # A file the test creates: while it exists, every trial fails at its start.
 FAIL_WHILE: str | None = None
 

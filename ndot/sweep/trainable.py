@@ -1,6 +1,7 @@
 """The Tune function trainable: one trial = one ndot.train.train run, reported and checkpointed every epoch."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -14,7 +15,7 @@ import torch
 from ray import tune
 
 from ndot import checkpoint, results
-from ndot.cli import show_progress
+from ndot.cli import show_progress, torch_threads
 from ndot.config import TrainConfig, rule_flags_off
 from ndot.device import described, resolve_device
 from ndot.train import train
@@ -37,6 +38,16 @@ def check_gpus_usable(device: str, gpu_ids: Sequence[int | str]) -> None:
         raise RuntimeError(f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on {socket.gethostname()}, but torch "
                            f"{torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device there: is the node's "
                            "NVIDIA driver too old for it? (--set device=cpu runs on the CPU on purpose)")
+
+
+def trial_threads() -> int:
+    """torch's threads for this trial: its CPUs, as Ray counts them for OMP_NUM_THREADS (at least 1).
+
+    Ray sets OMP_NUM_THREADS only where the worker's environment lacks it: set on the nodes (a batch
+    system's, a shell's), it would give every trial that many threads, whatever --cpus-per-trial, which
+    oversubscribes the cores and, as sums then split otherwise, changes the results.
+    """
+    return max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -76,4 +87,5 @@ def run_trial(config: dict[str, Any]) -> None:
             checkpoint.write_history(d, history)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    train(cfg, on_epoch=on_epoch, resume=resume)
+    with torch_threads(trial_threads()):
+        train(cfg, on_epoch=on_epoch, resume=resume)
