@@ -12,6 +12,7 @@ import threading
 import time
 import types
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -42,6 +43,20 @@ def contents(folder) -> dict:
 @pytest.fixture
 def no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Callable[..., None]:
+    """Puts into a folder a copy of what `python -m ndot.train` of RUN run for `epochs` leaves: the run is
+    trained once in the module for each count, and each test changes or resumes its own copy."""
+    runs: dict[int, Path] = {}
+
+    def into(out: Path, epochs: int = 1) -> None:
+        if epochs not in runs:
+            runs[epochs] = tmp_path_factory.mktemp(f"epochs-{epochs}") / "run"
+            assert main([*RUN, "--epochs", str(epochs), "--out", str(runs[epochs])]) == 0
+        shutil.copytree(runs[epochs], out, dirs_exist_ok=True)
+    return into
 
 
 def test_cuda_graph_on_a_cpu_machine_is_refused_before_the_folder_is_touched(tmp_path, capsys, no_cuda):
@@ -174,17 +189,17 @@ def test_a_flag_that_cannot_change_the_rule_is_refused(tmp_path, capsys, flag, r
 @pytest.mark.parametrize("flags,words", [(["--data_root", "data"], "--data_root does not apply to dataset 'digits'"),
                                          (["--download"], "--download does not apply to dataset 'digits'"),
                                          (["--data_root", ""], "data_root must be a folder or None, got ''")])
-def test_a_data_flag_digits_would_ignore_is_refused_fresh_and_on_resume(tmp_path, capsys, flags, words):
+def test_a_data_flag_digits_would_ignore_is_refused_fresh_and_on_resume(trained, tmp_path, capsys, flags, words):
     refused(capsys, [*RUN, *flags, "--out", str(tmp_path / "run")], words)
     assert not (tmp_path / "run").exists()
-    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    trained(tmp_path)
     before = contents(tmp_path)
     refused(capsys, ["--out", str(tmp_path), "--resume", "--epochs", "2", *flags], words)
     assert contents(tmp_path) == before
 
 
-def test_resume_refuses_fewer_epochs_a_finished_run_and_names_another_run_before_its_data(tmp_path, capsys):
-    assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
+def test_resume_refuses_fewer_epochs_a_finished_run_and_names_another_run_before_its_data(trained, tmp_path, capsys):
+    trained(tmp_path, epochs=2)
     before = contents(tmp_path)
     refused(capsys, ["--out", str(tmp_path), "--resume", "--epochs", "1"], "has run 2 epochs, more than epochs 1")
     refused(capsys, ["--out", str(tmp_path), "--resume"], "has done its 2 epochs: --epochs N (more) extends it")
@@ -193,9 +208,9 @@ def test_resume_refuses_fewer_epochs_a_finished_run_and_names_another_run_before
     assert contents(tmp_path) == before
 
 
-def test_a_resumed_run_logs_each_epoch_once_wherever_the_killed_one_stopped(tmp_path):
+def test_a_resumed_run_logs_each_epoch_once_wherever_the_killed_one_stopped(trained, tmp_path):
     run = tmp_path / "run"
-    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 0
+    trained(run, epochs=2)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     # What the log holds when the run of epoch 3 is killed after its line but before its checkpoint,
     # in mid-line, and (as the order before this had it) after epoch 2's checkpoint but before its line.
@@ -214,8 +229,8 @@ def test_a_resumed_run_logs_each_epoch_once_wherever_the_killed_one_stopped(tmp_
         assert rows[:2] == [json.loads(line) for line in lines] and rows[2]["test_acc"] >= 0, where
 
 
-def test_a_run_killed_between_its_checkpoint_and_best_pt_gets_its_best_weights_back(tmp_path, capsys):
-    assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
+def test_a_run_killed_between_its_checkpoint_and_best_pt_gets_its_best_weights_back(trained, tmp_path, capsys):
+    trained(tmp_path, epochs=2)
     # What a kill between the two files leaves when epoch 2 is the best: best.pt of an earlier epoch.
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     state["metrics"].update(test_acc=1.0, best_test_acc=1.0)
@@ -321,9 +336,9 @@ def test_a_run_stopped_in_its_first_epochs_files_names_what_was_saved_and_the_co
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(tmp_path, capsys):
+def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(trained, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main([*RUN, "--out", str(run)]) == 0
+    trained(run)
     shutil.copy(run / "best.pt", run / "checkpoint.pt")
     before = contents(run)
     refused(capsys, ["--out", str(run), "--resume", "--epochs", "2"], "holds no best_test_acc, optimizer, rng: not the checkpoint.pt of a run")
@@ -343,8 +358,8 @@ def older(state: dict) -> dict:
     (lambda st: {**st, "model": small_cnn_of_an_older_ndot(st["model"])},
      "small_cnn for digits, as this version of ndot builds it (features.2.weight missing, features.3.weight unexpected and"),
 ], ids=["newer", "older", "older_network"])
-def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_is_touched(tmp_path, capsys, change, words):
-    assert main([*RUN, "--out", str(tmp_path)]) == 0
+def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_is_touched(trained, tmp_path, capsys, change, words):
+    trained(tmp_path)
     for name in ("checkpoint.pt", "best.pt"):  # both of this version's, which a newer one can tell
         assert checkpoint.load(tmp_path / name)["format"] == checkpoint.FORMAT
     checkpoint.save(tmp_path / "checkpoint.pt", change(checkpoint.load(tmp_path / "checkpoint.pt")))
@@ -356,9 +371,9 @@ def test_a_checkpoint_of_another_version_is_refused_on_resume_before_the_folder_
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU is what it resumes on")
 @pytest.mark.parametrize("device, cuda_graph, flags", [
     ("cuda", True, "--device cpu --no-cuda_graph"), ("cuda:1", False, "--device cpu"), ("auto", True, "--no-cuda_graph")])
-def test_a_gpu_run_resumed_without_a_gpu_is_told_the_flags_that_continue_it_here(tmp_path, capsys, device, cuda_graph, flags):
+def test_a_gpu_run_resumed_without_a_gpu_is_told_the_flags_that_continue_it_here(trained, tmp_path, capsys, device, cuda_graph, flags):
     # The saved device was refused, then, once --device cpu was given, cuda_graph: one at a time.
-    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    trained(tmp_path)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     state["config"].update(device=device, cuda_graph=cuda_graph)
     checkpoint.save(tmp_path / "checkpoint.pt", state)
@@ -371,9 +386,9 @@ def test_a_gpu_run_resumed_without_a_gpu_is_told_the_flags_that_continue_it_here
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
 
 
-def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it_off(tmp_path, capsys):
+def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it_off(trained, tmp_path, capsys):
     # As ndot saved an ndot trial of a sweep that set detach_reset for its bptt trials, before 7ea7bad.
-    assert main([*RUN, "--out", str(tmp_path)]) == 0
+    trained(tmp_path)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     state["config"]["detach_reset"] = True
     checkpoint.save(tmp_path / "checkpoint.pt", state)
@@ -382,10 +397,10 @@ def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it
     assert resumed["epoch"] == 2 and resumed["config"] == {**state["config"], "detach_reset": False, "epochs": 2}
 
 
-def test_a_resume_leaves_best_pt_alone_when_the_checkpoints_epoch_is_not_the_best(tmp_path, capsys):
+def test_a_resume_leaves_best_pt_alone_when_the_checkpoints_epoch_is_not_the_best(trained, tmp_path, capsys):
     # _mend rewrites best.pt only for a checkpoint that is the best epoch: one that is not would
     # put a worse epoch's weights where the best epoch's are.
-    assert main([*RUN, "--epochs", "2", "--out", str(tmp_path)]) == 0
+    trained(tmp_path, epochs=2)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     state["metrics"].update(test_acc=0.0, best_test_acc=1.0)
     checkpoint.save(tmp_path / "checkpoint.pt", state)
