@@ -494,7 +494,8 @@ def test_help_names_the_command_as_it_was_run(capsys, monkeypatch, argv0, prog):
 @pytest.mark.parametrize("seconds_per_reading, batch_lines", [(0.3, False), (2.0, True)], ids=["short-epochs", "long-epochs"])
 def test_a_batch_line_comes_only_after_10_s_without_any_line(tmp_path, capsys, monkeypatch, seconds_per_reading, batch_lines):
     # The clock moves at each reading (one per batch): at 0.3 s an epoch of 23 batches lasts 7 s, under the
-    # 10 s between lines once the epoch's own line counts; at 2 s the batch lines keep a long epoch visible.
+    # 10 s between lines once the epoch's own line counts, which the second epoch, past 10 s of the run, needs;
+    # at 2 s the batch lines keep a long epoch visible.
     import ndot.train as train_module
     now = [0.0]
 
@@ -503,7 +504,7 @@ def test_a_batch_line_comes_only_after_10_s_without_any_line(tmp_path, capsys, m
         return now[0]
 
     monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=monotonic, perf_counter=time.perf_counter))
-    assert main([*RUN, "--epochs", "1" if batch_lines else "3", "--out", str(tmp_path)]) == 0
+    assert main([*RUN, "--epochs", "1" if batch_lines else "2", "--out", str(tmp_path)]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if " batch " in line]
     assert bool(printed) == batch_lines, printed
 
