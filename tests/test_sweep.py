@@ -528,21 +528,45 @@ def _studies(experiment: Path) -> list[optuna.Study]:
         return pickle.load(f)["_studies"]
 
 
-@pytest.mark.parametrize("behind, cut", [(SEARCHER_STATE, ()), (TRIALS_STATE, ()), (TRIALS_STATE, SEARCHER_STATE)],
-                         ids=["searcher-behind", "trials-behind", "trials-behind-searcher-cut-short"])
-def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(cluster, tmp_path, behind, cut):
-    # Tune uploads a driver's state file by file: killed in between, the driver leaves the searcher a
-    # trial behind Tune's list of trials, or ahead of it (its newest trial never reached the list).
-    # Each upload is a plain copy: killed during one, the driver leaves files cut short (empty, here).
-    experiment = tmp_path / "upload"
-    cmd = _sweep_cmd(tmp_path, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "3", "--max-concurrent", "1")
-    proc = _start(cmd, tmp_path / "stderr")
+def _staging(cluster: Cluster, name: str) -> Path:
+    """Experiment `name`'s folder in the cluster's session on this machine: the driver's copy of its state and the
+    trials' working folders. A resume takes its run's, and finds there what an earlier resume of the run left."""
+    [folder] = Path(cluster.head_node.get_session_dir_path(), "artifacts").glob(f"*/{name}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def killed_mid_upload(cluster, tmp_path_factory):
+    """A sweep of two strata, one trial at a time, its driver killed once its state named the second trial: its
+    command; its experiment and its staging folder, with a copy of each as the driver left them; its state files as
+    they named the first trial and as they named both. A resume must run where the sweep started: each case puts
+    the copies back in place."""
+    storage = tmp_path_factory.mktemp("upload")
+    experiment = storage / "upload"
+    cmd = _sweep_cmd(storage, "upload", cluster.address, "--T", "1,2", "--rules", "ndot_A", "--epochs", "3", "--max-concurrent", "1")
+    proc = _start(cmd, storage / "stderr")
     try:
         first = _state_naming(experiment, proc, 1)
         second = _state_naming(experiment, proc, 2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+    left = {folder: tmp_path_factory.mktemp("left") / folder.name for folder in (experiment, _staging(cluster, "upload"))}
+    for folder, copy in left.items():
+        _copy_while_written(folder, copy)
+    return cmd, experiment, left, first, second
+
+
+@pytest.mark.parametrize("behind, cut", [(SEARCHER_STATE, ()), (TRIALS_STATE, ()), (TRIALS_STATE, SEARCHER_STATE)],
+                         ids=["searcher-behind", "trials-behind", "trials-behind-searcher-cut-short"])
+def test_a_driver_killed_mid_upload_resumes_with_every_stratums_trial(killed_mid_upload, behind, cut):
+    # Tune uploads a driver's state file by file: killed in between, the driver leaves the searcher a
+    # trial behind Tune's list of trials, or ahead of it (its newest trial never reached the list).
+    # Each upload is a plain copy: killed during one, the driver leaves files cut short (empty, here).
+    cmd, experiment, left, first, second = killed_mid_upload
+    for folder, copy in left.items():  # as the killed driver left them, not as an earlier case's resume did
+        shutil.rmtree(folder)
+        shutil.copytree(copy, folder)
     for path in second:
         if any(path.match(pattern) for pattern in cut):
             path.write_bytes(b"")
