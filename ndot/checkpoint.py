@@ -24,7 +24,7 @@ from ndot.config import ConfigError
 LAST, BEST, TRIAL, HISTORY = "checkpoint.pt", "best.pt", "state.pt", "history.json"
 # The layout of a saved state, stored in it under "format" (states written before it was stored have
 # none). Raise it with a change that an older ndot would misread, which `load` then refuses rather than
-# misreading: TrainConfig.from_dict passes over a setting it does not know, the run's default standing in.
+# misreading: TrainConfig.from_record passes over a setting it does not know, the run's default standing in.
 FORMAT = 1
 
 

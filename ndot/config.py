@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 ONLINE_RULES = ("ndot", "ndot_ref", "ottt", "sltt")
 RULES = (*ONLINE_RULES, "bptt")
@@ -171,10 +172,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict that may carry extra keys (e.g. a Tune config); unknown keys are ignored."""
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a dict of TrainConfig's fields; ConfigError naming a key that is none, which would
+        otherwise be passed over and leave the field it was meant for at its default (learning_rate for lr)."""
+        check_settings(d)
+        return cls(**d)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "TrainConfig":
+        """Build from the fields among a record's keys, its other keys passed over: a sweep's epoch row
+        (ids, metrics) or a checkpoint's config, where a setting this version does not know is a newer
+        ndot's, and checkpoint.FORMAT, raised where that would be misread, refuses the checkpoint."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def check_settings(keys: Iterable[str]) -> None:
+    """ConfigError naming the keys that are no TrainConfig field, and the fields spelled like them."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [k for k in keys if k not in names]
+    if not unknown:
+        return
+    close = [m for k in unknown for m in difflib.get_close_matches(k, names, n=2)]
+    known = f"did you mean {' or '.join(map(repr, dict.fromkeys(close)))}?" if close else \
+        f"settings are TrainConfig's fields: {', '.join(names)}"
+    raise ConfigError(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; {known}")
 
 
 def rule_flags_off(rule: str) -> dict[str, bool]:
@@ -224,10 +246,8 @@ def parse_method(name: str) -> dict[str, str]:
 
 def parse_field(name: str, text: str) -> Any:
     """A TrainConfig field's value from command-line text; ConfigError for an unknown field or a malformed value."""
-    kinds = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    if name not in kinds:
-        raise ConfigError(f"unknown setting {name!r}; settings are TrainConfig's fields: {', '.join(kinds)}")
-    kind = kinds[name]
+    check_settings([name])
+    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
     if kind == "bool":
         if text.lower() in _TRUE + _FALSE:
             return text.lower() in _TRUE

@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         path = weights_file(args.path)
         state = checkpoint.read(path)
-        cfg = TrainConfig.from_dict({**state["config"], **overrides}).validate()
+        cfg = TrainConfig.from_record({**state["config"], **overrides}).validate()
         device = resolve_device(cfg.device)
         model = model_of(state, cfg, device)
         data.check(cfg)
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
         return refuse(e)
     except files.STORAGE_ERRORS as e:  # storage that cannot be reached or read (credentials, network, scheme)
         return refuse(f"{args.path}: {e}")
-    trained = TrainConfig.from_dict(state["config"])
+    trained = TrainConfig.from_record(state["config"])
     epoch = f"epoch {state['epoch']}, " if "epoch" in state else ""
     print(f"{path} ({epoch}{method(trained.rule, trained.mode)} T={trained.T} {trained.arch} on {trained.dataset}): "
           f"evaluating with T={cfg.T} on {device}", flush=True)

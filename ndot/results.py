@@ -55,7 +55,7 @@ Row = dict[str, Any]
 
 def _identity(trial_id: str, config: dict[str, Any]) -> Row:
     """The columns both tables start with: the trial, its stratum, its method and every config value."""
-    cfg = TrainConfig.from_dict(config).to_dict()
+    cfg = TrainConfig.from_record(config).to_dict()
     return {"trial_id": trial_id, "stratum": config.get(STRATUM_KEY, ""), "method": method(cfg["rule"], cfg["mode"]), **cfg}
 
 
@@ -155,7 +155,7 @@ def from_folders(experiment: str) -> list[TrialRecord]:
             # Tune uploads a trial's params.json with its experiment state, and the trial's checkpoints
             # as they are taken: a driver that died between the two left checkpoints only. Their rows
             # hold every config value.
-            config = {**TrainConfig.from_dict(history[-1]).to_dict(), STRATUM_KEY: history[-1]["stratum"]}
+            config = {**TrainConfig.from_record(history[-1]).to_dict(), STRATUM_KEY: history[-1]["stratum"]}
         # The inverse of ndot.sweep.runner.trial_dirname.
         trial_id = PurePosixPath(folder).name.removesuffix(f"_{config.get(STRATUM_KEY, '')}")
         relative = str(PurePosixPath(ckpt).relative_to(path)) if ckpt else None

@@ -328,7 +328,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         # Before any refusal: a run that stopped at its last epoch is only ever resumed to be refused.
         with _writing_in(out):
             _mend(out, state)
-        cfg = TrainConfig.from_dict({**_saved_run(state["config"]), **given})
+        cfg = TrainConfig.from_record({**_saved_run(state["config"]), **given})
         # Most of the config came from the checkpoint, not from the command line: a refusal says so.
         try:
             # Another run's flags are named as such before its data is looked for.

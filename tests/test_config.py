@@ -55,7 +55,19 @@ def test_defaults_are_the_specs_and_reach_the_network():
 
 def test_default_config_is_valid_and_round_trips():
     cfg = TrainConfig().validate()
-    assert TrainConfig.from_dict({**cfg.to_dict(), "extra_key_from_tune": 1}) == cfg
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    # A sweep's epoch row: ids and metrics beside the fields.
+    assert TrainConfig.from_record({**cfg.to_dict(), "trial_id": "t0", "test_acc": 0.5}) == cfg
+
+
+@pytest.mark.parametrize("d,words", [({"lrr": 0.05}, "unknown setting 'lrr'; did you mean 'lr'?"),
+                                     ({"T": 2, "batchsize": 8, "epoch": 2},
+                                      "unknown settings 'batchsize', 'epoch'; did you mean 'batch_size' or 'epochs'?"),
+                                     ({"learning_rate": 0.05}, "unknown setting 'learning_rate'; settings are TrainConfig's fields: dataset, arch,")])
+def test_a_dict_with_a_key_that_is_no_setting_is_refused_not_run_with_the_default(d, words):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(d)
+    assert str(e.value).startswith(words) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("args,words", [(["--T", "0"], "T must be"), (["--rule", "bptt", "--mode", "O"], "bptt"),

@@ -29,6 +29,7 @@ from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
 from ndot.sweep import cli, reach, resources, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
+from ndot.sweep.space import STRATUM_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_SESSIONS = Path(tempfile.gettempdir(), "ray")
@@ -469,6 +470,17 @@ def test_a_trial_given_gpus_that_torch_cannot_use_errors_instead_of_training_on_
     trainable.check_gpus_usable("auto", [])  # a CPU trial
     monkeypatch.setattr(trainable.torch.cuda, "is_available", lambda: True)
     trainable.check_gpus_usable("auto", [0])
+
+
+def test_a_trial_config_with_a_key_that_is_no_setting_errors_instead_of_running_the_default(monkeypatch):
+    monkeypatch.setattr(trainable.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainable.ray, "get_gpu_ids", lambda: [0])
+    config = {**TrainConfig().to_dict(), STRATUM_KEY: "T=4,ndot_A"}
+    with pytest.raises(ConfigError, match="^unknown setting 'lrr'; did you mean 'lr'"):
+        trainable.run_trial({**config, "lrr": 0.05})  # a Plan built by hand, its base misspelt
+    # The stratum is the one key of a trial's config besides the settings: the trial gets past them.
+    with pytest.raises(RuntimeError, match="^Ray gave this trial GPU 0"):
+        trainable.run_trial(config)
 
 
 def test_trials_at_once_are_counted_node_by_node_within_the_clusters_max_workers():

@@ -18,6 +18,7 @@ from ndot import checkpoint, results
 from ndot.cli import show_progress, torch_threads
 from ndot.config import TrainConfig, rule_flags_off
 from ndot.device import described, resolve_device
+from ndot.sweep.space import STRATUM_KEY
 from ndot.train import train
 
 
@@ -53,7 +54,10 @@ def trial_threads() -> int:
 def run_trial(config: dict[str, Any]) -> None:
     # The trials of a sweep started before its searcher turned off the settings that change nothing
     # for their rule (ndot.sweep.searcher) hold them on, which train() refuses.
-    cfg = TrainConfig.from_dict({**config, **rule_flags_off(config["rule"])})
+    # The rest of the trial's config is TrainConfig's fields: a key that is none (a Plan built by hand)
+    # is refused, not passed over with the field it was meant for left at its default.
+    settings = {k: v for k, v in config.items() if k != STRATUM_KEY}
+    cfg = TrainConfig.from_dict({**settings, **rule_flags_off(config["rule"])})
     check_gpus_usable(cfg.device, ray.get_gpu_ids())
     show_progress()  # into Ray's worker log: where a trial spends minutes converting data or waiting, it says so
     trial_id = tune.get_context().get_trial_id()
