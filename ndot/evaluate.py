@@ -23,6 +23,7 @@ import torch
 from ndot import checkpoint, data, files
 from ndot.cli import Parser, named, refuse, run, show_progress, threads, torch_threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
+from ndot.data import storage
 from ndot.data.loader import Loader
 from ndot.device import resolve_device
 from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
@@ -157,7 +158,9 @@ def _run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_record({**state["config"], **overrides}).validate()
         device = resolve_device(cfg.device)
         model = model_of(state, cfg, device)
-        data.check(cfg)
+        # $NDOT_DATA does not move the data root the run saved: a refusal names what does.
+        saved_root = cfg.data_root is not None and "data_root" not in overrides
+        data.check(cfg, storage.saved_root_origin(path) if saved_root else None)
         out = args.out or default_out(path, cfg.T)
         try:
             # Errors of the result's storage (a scheme pyarrow lacks, a URI without bucket) are named as

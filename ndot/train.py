@@ -29,6 +29,7 @@ from ndot import checkpoint, data, files
 from ndot.cli import Parser, handle, refuse, run, show_progress, signal_handlers_kept, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method, rule_flags_off)
+from ndot.data import storage
 from ndot.device import resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
@@ -86,8 +87,9 @@ _RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "fused_neuron", "fuse
                       "data_root", "download", "loader", "workers"}
 
 
-def runnable_device(cfg: TrainConfig) -> torch.device:
-    """The device `cfg` trains on here; ConfigError or data.DataError when it cannot run on this machine.
+def runnable_device(cfg: TrainConfig, root_origin: str | None = None) -> torch.device:
+    """The device `cfg` trains on here; ConfigError or data.DataError when it cannot run on this machine
+    (`root_origin`: what named the data root, where a checkpoint's config did; see data.check).
 
     Every check of a config is here, so that the command line refuses, before it touches the run
     folder, what train() would refuse after.
@@ -96,7 +98,7 @@ def runnable_device(cfg: TrainConfig) -> torch.device:
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
-    data.check(cfg)
+    data.check(cfg, root_origin)
     return device
 
 
@@ -335,8 +337,10 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
             check_resume(cfg.validate(), state)
         except ConfigError as e:
             raise ConfigError(f"{e} (resuming {ckpt_path})") from None
+        # $NDOT_DATA does not move the data root a checkpoint saved: a refusal names what does.
+        saved_root = cfg.data_root is not None and "data_root" not in given
         try:
-            device = runnable_device(cfg)
+            device = runnable_device(cfg, storage.saved_root_origin(str(ckpt_path)) if saved_root else None)
         except ConfigError as e:
             raise ConfigError(f"{e} (resuming {ckpt_path}){_to_this_cpu(cfg, given)}") from None
         check_data_flags(given, cfg.dataset, lambda name: f"--{name}")

@@ -17,9 +17,11 @@ from torchvision.datasets.utils import calculate_md5, download_and_extract_archi
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
+from ndot import data
 from ndot.data import DataError, cifar, fixtures, storage
 from ndot.data.loader import DeviceLoader, epoch_generator, sample_seed
-from ndot.train import train
+from ndot.evaluate import main as evaluate_main
+from ndot.train import main as train_main, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -243,6 +245,33 @@ def test_missing_dataset_names_folder_files_and_remedy(tmp_path):
     message = one_line(err)
     for part in (str(tmp_path / "cifar-100-python"), "train", "test", "meta", "--download", "download=True", CIFAR100.url):
         assert part in message
+
+
+def test_missing_data_names_what_chose_the_data_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDOT_DATA", str(tmp_path / "env"))
+    for cfg, origin in ((config(tmp_path / "cfg"), "the data root is data_root's (--data-root)"),
+                        (TrainConfig(dataset="cifar10"), "the data root is $NDOT_DATA's; --data-root (data_root) overrides it")):
+        with pytest.raises(DataError) as err:
+            data.check(cfg)
+        assert one_line(err).endswith(f"unpack that archive into {storage.data_root(cfg)} yourself; {origin}")
+
+
+def test_data_missing_from_a_saved_data_root_names_the_checkpoint_not_ndot_data(root, tmp_path, monkeypatch, capsys):
+    """A resumed run, and weights evaluated, read the data root their run saved, which $NDOT_DATA does not move."""
+    old = tmp_path / "old"
+    shutil.copytree(root / CIFAR10.base_folder, old / CIFAR10.base_folder)
+    run = tmp_path / "run"
+    assert train_main(["--dataset", "cifar10", "--data_root", str(old), "--T", "1", "--epochs", "1", "--batch_size", "125",
+                       "--workers", "0", "--device", "cpu", "--out", str(run)]) == 0
+    shutil.rmtree(old)
+    monkeypatch.setenv("NDOT_DATA", str(root))
+    for main, args, saved_in in ((train_main, ["--out", str(run), "--resume", "--epochs", "2"], run / "checkpoint.pt"),
+                                 (evaluate_main, [str(run)], run / "best.pt")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "NDOT_DATA" not in err, err
+        assert err.endswith(f"the data root is the data_root saved in {saved_in}; --data-root overrides it\n"), err
+    assert evaluate_main([str(run), "--data-root", str(root), "--out", str(tmp_path / "eval.json")]) == 0  # as it says
 
 
 def test_half_present_dataset_names_what_is_missing_or_damaged(root, tmp_path):

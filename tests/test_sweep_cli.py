@@ -24,7 +24,7 @@ import psutil  # after ray: Ray's copy, on the path once ray is imported
 
 from data_fixtures import closed_port
 from helpers import HANG_S, exit_status
-from ndot import files, results
+from ndot import data, files, results
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
 from ndot.sweep import cli, reach, resources, runner, trainable
@@ -230,6 +230,16 @@ def test_a_storage_check_that_takes_a_while_says_so(tmp_path, monkeypatch, capsy
     show_progress()
     cli.check(plan, resume=False)
     assert capsys.readouterr().err == f"checking that {tmp_path} can be written\n"
+
+
+def test_data_missing_from_a_resumed_sweeps_data_root_names_its_plan_not_ndot_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDOT_DATA", str(tmp_path / "elsewhere"))
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(
+        ["--storage", str(tmp_path), "--name", "s", "--dataset", "cifar10", "--data-root", str(tmp_path / "gone")]))
+    with pytest.raises(data.DataError) as e:
+        cli.check(plan, resume=True)
+    assert str(e.value).endswith(f"the data root is the data_root saved in {plan.experiment}/{results.PLAN_FILE}; "
+                                 "a resume keeps it: put the data there")
 
 
 def test_local_storage_is_a_plain_absolute_path_which_tune_writes_whole(tmp_path, monkeypatch):

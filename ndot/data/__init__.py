@@ -57,8 +57,19 @@ def info(name: str) -> DatasetInfo:
     return mod.INFO[name] if isinstance(mod.INFO, dict) else mod.INFO
 
 
-def check(cfg: "TrainConfig") -> None:
-    _module(cfg.dataset).check(cfg)
+def check(cfg: "TrainConfig", root_origin: str | None = None) -> None:
+    """DataError, one line, where cfg's data is missing or unreadable, before any work starts. The line says
+    what named the data root: `root_origin` where the caller knows it better than cfg does (a data_root saved
+    in a checkpoint, which $NDOT_DATA cannot move), else ndot.data.storage.root_origin."""
+    from ndot.data import storage
+
+    module = _module(cfg.dataset)
+    try:
+        module.check(cfg)
+    except DataError as e:
+        if not info(cfg.dataset).in_data_root:
+            raise
+        raise DataError(f"{e}; {root_origin or storage.root_origin(cfg)}") from e.__cause__
 
 
 def loaders(cfg: "TrainConfig", device: torch.device) -> tuple[Loader, Loader]:

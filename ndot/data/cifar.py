@@ -66,7 +66,7 @@ def _problem(name: str, cfg: "TrainConfig") -> str | None:
     if damaged:
         found.append(f"{', '.join(damaged)} failing the md5 check")
     return (f"{name} is incomplete in {folder}: {'; '.join(found)}; pass --download (download=True) to fetch {cls.url}, "
-            f"or unpack that archive into {root} yourself (--data-root, data_root or $NDOT_DATA choose the folder)")
+            f"or unpack that archive into {root} yourself")
 
 
 def check(cfg: "TrainConfig") -> None:

@@ -97,7 +97,7 @@ def _problem(folder: Path) -> str | None:
     if not have:
         return (f"cifar10dvs is not in {folder}: expected folders {', '.join(CLASSES)} with "
                 f"{RECORDINGS_PER_CLASS} .aedat4 recordings each and tonic's {CIFAR10DVS.filename}; pass "
-                f"--download (download=True) to fetch {CIFAR10DVS.url}, or point --data-root (data_root) or $NDOT_DATA at a folder holding CIFAR10DVS/")
+                f"--download (download=True) to fetch {CIFAR10DVS.url}, or point the data root at a folder holding CIFAR10DVS/")
     wrong = [f"{c} has {have[c]} of {RECORDINGS_PER_CLASS} recordings" for c in CLASSES if have[c] != RECORDINGS_PER_CLASS]
     # Empty files, what an unpacking that never began writing leaves; those cut short later are found reading them.
     empty = [str(p.relative_to(folder)) for p in recordings if p.stat().st_size == 0]

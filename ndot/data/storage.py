@@ -35,6 +35,20 @@ def data_root(cfg: "TrainConfig") -> Path:
     return Path(root).expanduser()
 
 
+def root_origin(cfg: "TrainConfig") -> str:
+    """What named the data root, in a clause for a message about the data there: the setting that moves it."""
+    if cfg.data_root:
+        return "the data root is data_root's (--data-root)"
+    if os.environ.get("NDOT_DATA"):
+        return "the data root is $NDOT_DATA's; --data-root (data_root) overrides it"
+    return f"the data root is {DEFAULT_ROOT}, the default; --data-root (data_root) or $NDOT_DATA name another"
+
+
+def saved_root_origin(saved_in: str, moved_by: str = "--data-root overrides it") -> str:
+    """root_origin of a data_root that a run's saved config holds (a checkpoint, a sweep's plan), not the caller's."""
+    return f"the data root is the data_root saved in {saved_in}; {moved_by}"
+
+
 def cache_root(cfg: "TrainConfig") -> Path:
     env = os.environ.get("NDOT_CACHE")
     return Path(env).expanduser() if env else data_root(cfg) / "ndot-cache"

@@ -27,6 +27,7 @@ from ray.tune.experiment import Trial
 from ndot import data, files, results
 from ndot.cli import Parser, handle, listed, refuse, show_progress, signal_handlers_kept
 from ndot.config import ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
+from ndot.data import storage
 from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
@@ -265,7 +266,9 @@ def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
 def check(plan: Plan, resume: bool) -> None:
     """What can be checked before Ray starts: the data, the device, the storage, and that a new experiment is new."""
     cfg = TrainConfig(**{**plan.base, **plan.strata[0].values})
-    data.check(cfg)
+    # A resume keeps the data root its plan saved, which neither $NDOT_DATA nor --data-root moves.
+    saved = storage.saved_root_origin(f"{plan.experiment}/{results.PLAN_FILE}", "a resume keeps it: put the data there")
+    data.check(cfg, saved if resume and cfg.data_root else None)
     if (cfg.device.startswith("cuda") or cfg.cuda_graph) and plan.gpus_per_trial == 0:
         what = f"device {cfg.device}" if cfg.device.startswith("cuda") else "cuda_graph"
         raise InputError(f"{what} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
