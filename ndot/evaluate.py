@@ -123,15 +123,18 @@ def default_out(weights: str, T: int) -> str:
 
 
 def _parser() -> Parser:
-    p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset.")
+    p = Parser(prog="python -m ndot.evaluate", description="Evaluate saved weights on the test set of their run's dataset: the "
+                                                            "accuracy (after each time step too), loss and firing rates, printed "
+                                                            "and written as JSON to --out.")
     p.add_argument("path", type=named, help="a saved state, or a folder to take the best epoch's weights from: a run folder, a "
                                "sweep trial's folder (its newest checkpoint) or one of its checkpoints; local or a URI (s3://...)")
     p.add_argument("--T", type=int, default=None,
                    help="time steps (default: the run's); on CIFAR10-DVS each recording is cut into T frames")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--device", default=None, help="where to evaluate: auto (the GPU where there is one), cpu or cuda[:N] "
+                                                  "(default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
-    p.add_argument("--data-root", default=None, help="default: the run's, else $NDOT_DATA, else ~/data")
+    p.add_argument("--data-root", default=None, help="data folder (default: the run's, else $NDOT_DATA, else ~/data)")
     p.add_argument("--threads", type=threads, default=None, help="torch's CPU threads (default: torch's)")
     p.add_argument("--out", type=named, default=None,
                    help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "

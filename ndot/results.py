@@ -397,9 +397,11 @@ def write_plots(experiment: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m ndot.results", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("collect", help="rebuild epochs.parquet and trials.parquet from a Tune experiment directory").add_argument("dir", type=named)
-    sub.add_parser("plot", help="write PNG figures from the tables in DIR").add_argument("dir", type=named)
-    sub.add_parser("summary", help="print each stratum's best trial from the tables in DIR").add_argument("dir", type=named)
+    for command, does in (("collect", f"rebuild {EPOCHS_TABLE}.parquet and {TRIALS_TABLE}.parquet in DIR from its trials' checkpoints"),
+                          ("plot", "write PNG figures into DIR from its tables"),
+                          ("summary", "print each stratum's best trial from the tables in DIR")):
+        sub.add_parser(command, help=does, description=f"{does[0].upper()}{does[1:]}.").add_argument(
+            "dir", type=named, metavar="DIR", help="a sweep's experiment folder (STORAGE/NAME), local or a URI (s3://...)")
     args = p.parse_args(argv)
     if args.dir.endswith(".parquet"):
         return refuse(f"{args.dir} is a table; give the experiment folder that holds it")

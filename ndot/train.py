@@ -288,8 +288,9 @@ def _prog() -> str:
 def _parser() -> argparse.ArgumentParser:
     # No defaults in the namespace: it holds the flags given, which are all that override a checkpoint's config.
     p = Parser(prog=_prog(), argument_default=argparse.SUPPRESS,
-               description="Train one spiking network online. Each setting is a field of ndot.config.TrainConfig; "
-                           "--batch_size and --batch-size are the same flag.")
+               description="Train one spiking network online; its metrics, last state and best weights go to the run "
+                           "folder --out. Each setting is a field of ndot.config.TrainConfig; --batch_size and "
+                           "--batch-size are the same flag.")
     for f in dataclasses.fields(TrainConfig):
         flags = ["--" + f.name]
         if f.type == "bool":  # a string: `from __future__ import annotations` in ndot.config

@@ -713,6 +713,14 @@ def test_every_batch_runs_the_whole_grid_even_where_the_first_batchs_lever_runs_
     assert snn.count((4, grid_case)) == 1 and snn.count((8, grid_case)) == 1
 
 
+def test_the_grids_lists_take_the_sweeps_spellings_and_their_own_first_ones():
+    cpu = torch.device("cpu")
+    plan = lambda argv: bench_cli.plan(bench_cli._parser().parse_args(["--small", *argv]), cpu)
+    for argv in (["--archs", "resnet_ws", "--batch-size", "4,16"], ["--arch", "resnet_ws", "--batch", "4,16"],
+                 ["--archs=resnet_ws", "--batch_size=4,16"]):
+        assert (plan(argv)["archs"], plan(argv)["batches"]) == (("resnet_ws",), (4, 16)), argv
+
+
 def test_small_runs_on_one_thread_unless_told_and_full_size_keeps_torchs():
     cpu = torch.device("cpu")
     plan = lambda argv: bench_cli.plan(bench_cli._parser().parse_args(argv), cpu)["threads"]

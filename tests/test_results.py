@@ -90,7 +90,7 @@ def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("folder, says", [
-    ("", "error: argument dir: must name a file or folder, got an empty string"),  # an unset shell variable
+    ("", "error: argument DIR: must name a file or folder, got an empty string"),  # an unset shell variable
     ("foo://x", "error: foo://x: Unrecognized filesystem type"),
     ("s3://", "error: s3://: "),
 ])

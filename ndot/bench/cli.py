@@ -48,9 +48,10 @@ from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_matmul, benc
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
 from ndot.cli import Parser, listed, named, refuse, threads, torch_threads
-from ndot.config import MAX_T, PRECISIONS, ConfigError, TrainConfig, parse_method
+from ndot.config import MAX_T, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 from ndot.malloc import keep_freed_memory
+from ndot.models import ARCHS
 
 # Every kind of row a run prints; --table refuses a file with any other line.
 KINDS = ("env", "matmul", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
@@ -65,21 +66,30 @@ def _rule_mode(text: str) -> tuple[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m ndot.bench", description=__doc__.split("\n\n")[0])
+    # The summary, the sizes a run measures by default, and where its rows go: the docstring's first paragraphs.
+    p = Parser(prog="python -m ndot.bench", description="\n\n".join(__doc__.split("\n\n")[:3]).rstrip(":") + ".",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="small_cnn, batch 8, T 1,2,4: a CPU smoke run")
-    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda[:N]")
-    p.add_argument("--arch", type=listed(str), default=None, help="comma-separated architectures")
-    p.add_argument("--batch", type=listed(int), default=None,
+    p.add_argument("--device", default="auto", help="where to measure: auto (the GPU where there is one), cpu or cuda[:N] "
+                                                    "(default: auto)")
+    # The sweeps' spellings of these lists; --arch and --batch, this command's own before, still work.
+    p.add_argument("--archs", "--arch", dest="arch", type=listed(str), default=None, metavar="ARCHS",
+                   help=f"comma-separated architectures, of {', '.join(sorted(ARCHS))}")
+    p.add_argument("--batch-size", "--batch", dest="batch", type=listed(int), default=None, metavar="SIZES",
                    help="comma-separated batch sizes; the per-lever runs, profiles and targets use the first")
     p.add_argument("--T", type=listed(int), default=None, help="comma-separated time steps")
-    p.add_argument("--rules", type=listed(_rule_mode), default=None, help="comma-separated RULE_MODE, e.g. ndot_A,bptt_A")
-    p.add_argument("--precisions", type=listed(str), default=PRECISIONS, help=f"comma-separated, of {','.join(PRECISIONS)}")
+    p.add_argument("--rules", type=listed(_rule_mode), default=None,
+                   help=f"comma-separated RULE_MODE, e.g. ndot_A,bptt_A; RULE one of {', '.join(RULES)}, "
+                        f"MODE one of {', '.join(MODES)}")
+    p.add_argument("--precisions", type=listed(str), default=PRECISIONS,
+                   help=f"comma-separated, of {','.join(PRECISIONS)} (default: {','.join(PRECISIONS)})")
     p.add_argument("--levers", type=Levers.parse, default=None,
                    help="levers of the rule x T grid: plain or e.g. channels_last+fused_neuron (default: those on CUDA, plain on CPU)")
-    p.add_argument("--ablation-T", type=int, default=None, help="T of the per-lever runs of ndot_A and ndot_O (0: none)")
+    p.add_argument("--ablation-T", type=int, default=None,
+                   help="T of the per-lever runs of ndot_A and ndot_O, 0 for none (default: 4; --small: 2)")
     p.add_argument("--profile", action="store_true", help="also profile NDOT_A and NDOT_O at the ablation T, plain and grid levers")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each case (default 3; --small 1)")
-    p.add_argument("--min-seconds", type=float, default=None, help="timed seconds per case, at least")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each case (default: 3; --small: 1)")
+    p.add_argument("--min-seconds", type=float, default=None, help="timed seconds per case, at least (default: 0.5; --small: 0.05)")
     p.add_argument("--threads", type=threads, default=None,
                    help="CPU threads for torch (default: torch's; --small: 1, as a smoke run on a shared machine "
                         "crawls when its threads wait on each other)")

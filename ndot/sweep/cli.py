@@ -26,8 +26,9 @@ from ray.tune.experiment import Trial
 
 from ndot import data, files, results
 from ndot.cli import Parser, handle, listed, refuse, show_progress, signal_handlers_kept
-from ndot.config import ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
+from ndot.config import MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
 from ndot.data import storage
+from ndot.models import ARCHS
 from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
@@ -61,14 +62,18 @@ def _span(text: str) -> tuple[float, float]:
 
 
 def parser(sweep: Sweep) -> argparse.ArgumentParser:
-    p = Parser(prog=f"{sweep.name}.py", description=f"{sweep.about} {_FLAGS_HELP}")  # run from Python too
+    p = Parser(prog=f"{sweep.name}.py", description=f"{sweep.about} Results go to the experiment folder --storage/--name: "
+                                                    f"each trial's checkpoints, the tables {results.EPOCHS_TABLE}.parquet and "
+                                                    f"{results.TRIALS_TABLE}.parquet (python -m ndot.results) and the figures. "
+                                                    f"{_FLAGS_HELP}")  # run from Python too
     p.add_argument("--preset", choices=sorted(sweep.presets), help=f"defaults for every flag (default: {DEFAULT_PRESET})")
     p.add_argument("--dataset", help=f"one of {', '.join(sorted(data.DATASETS))}")
-    p.add_argument("--data-root", help="folder holding the dataset (default: the data module's)")
+    p.add_argument("--data-root", help="data folder (default: $NDOT_DATA, else ~/data on each node)")
     p.add_argument("--download", action="store_true", help="fetch a missing dataset (on every node that lacks it)")
-    p.add_argument("--rules", type=listed(str), help="RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A")
+    p.add_argument("--rules", type=listed(str), help=f"RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A; RULE one of {', '.join(RULES)}, "
+                                                       f"MODE one of {', '.join(MODES)}")
     p.add_argument("--T", type=listed(int), help="time steps, e.g. 1,2,4,6")
-    p.add_argument("--archs", type=listed(str), help="architectures, e.g. vgg11_ws,resnet_ws")
+    p.add_argument("--archs", type=listed(str), help=f"architectures, e.g. vgg11_ws,resnet_ws; of {', '.join(sorted(ARCHS))}")
     p.add_argument("--lr", type=_span, help="learning rate, or LOW,HIGH searched log-uniformly")
     p.add_argument("--momentum", type=_span, help="SGD momentum, or LOW,HIGH searched")
     p.add_argument("--loss-alpha", type=_span, help="MSE weight of the loss, or LOW,HIGH searched")
