@@ -51,14 +51,20 @@ class Parser(argparse.ArgumentParser):
 
 def run(main: Callable[[], int]) -> NoReturn:
     """sys.exit(main()), but a reader of stdout that goes away (`| head`) ends the command quietly, with
-    the status a shell gives a command SIGPIPE ends, instead of Python's traceback."""
+    the status a shell gives a command SIGPIPE ends, and Ctrl-C or SIGTERM (a scheduler's stop) in one
+    line with the status of that signal, instead of Python's traceback (or, at SIGTERM, no word at all)."""
     try:
-        status = main()
-        sys.stdout.flush()  # what is still buffered fails here, not at exit
+        with sigterm_interrupts():
+            status = main()
+            sys.stdout.flush()  # what is still buffered fails here, not at exit
     except BrokenPipeError:
         # Python flushes stdout again at exit: into /dev/null, not the closed pipe (a second traceback).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 128 + signal.SIGPIPE
+    except KeyboardInterrupt as e:
+        stop = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(f"interrupted ({stop.name})", file=sys.stderr, flush=True)
+        status = 128 + stop
     sys.exit(status)
 
 
@@ -112,6 +118,23 @@ def handle(signum: int, handler: Callable[[int, Any], Any]) -> None:
     started from a notebook's worker thread) the signal keeps the handler it has."""
     if _may_set_handlers():
         signal.signal(signum, handler)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, how a scheduler (SLURM, Kubernetes) or `kill` stops a job: a command ends as at Ctrl-C,
+    saying so (and how to continue, where it can), rather than at once without a word."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises Terminated inside the block (in the main thread; elsewhere it keeps its handler)."""
+    with signal_handlers_kept(signal.SIGTERM):
+        handle(signal.SIGTERM, _terminate)
+        yield
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, handle, refuse, run, show_progress, signal_handlers_kept, threads, torch_threads
+from ndot.cli import Parser, Terminated, refuse, run, show_progress, sigterm_interrupts, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method, rule_flags_off)
 from ndot.data import storage
@@ -371,22 +371,6 @@ def _writing_in(out: Path) -> Iterator[None]:
         raise ConfigError(f"cannot write in --out {out}: {str(e).splitlines()[0]}") from None
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, how a scheduler (SLURM, Kubernetes) or `kill` stops a job: the run ends as at Ctrl-C,
-    saying how to continue, rather than at once without a word."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise _Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    with signal_handlers_kept(signal.SIGTERM):
-        handle(signal.SIGTERM, _terminate)
-        yield
-
-
 class _NotSaved(Exception):
     """An epoch's files could not be written in --out: the run ends in one line, its saved epochs standing."""
 
@@ -484,7 +468,7 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
 
     print(f"{method(cfg.rule, cfg.mode)} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             result = train(cfg, on_epoch, state, on_batch)
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
         return refuse(e)
@@ -504,7 +488,7 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
             print(f"error: {e}; {kept}", file=sys.stderr, flush=True)
             return 1
         print(f"interrupted after epoch {saved} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
-        return 128 + (signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
 

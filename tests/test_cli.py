@@ -1,8 +1,12 @@
-"""What every command line shares (ndot.cli): `-` and `_` alike inside a flag, no abbreviations; progress on stderr."""
+"""What every command line shares (ndot.cli): `-` and `_` alike inside a flag, no abbreviations; progress on stderr;
+Ctrl-C and SIGTERM in one line."""
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +69,13 @@ def test_a_listed_value_given_twice_is_measured_once_in_the_order_given():
     for bad in ("", "4,,8", "4,x"):
         with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of int"):
             listed(int)(bad)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_command_stopped_by_ctrl_c_or_sigterm_says_so_in_one_line(stop):
+    # ndot.evaluate, ndot.bench, ndot.bench.data and the rest end through run(): a traceback of where the signal
+    # landed (a DataLoader worker's queue, torch.compile), or at SIGTERM no word at all, was all a user saw.
+    # The sleep is where the command works; the signal, sent before it, ends it at once.
+    command = f"import os, time; from ndot.cli import run; run(lambda: os.kill(os.getpid(), {int(stop)}) or time.sleep(600))"
+    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (128 + stop, f"interrupted ({stop.name})\n")

@@ -19,6 +19,7 @@ import torch
 
 from helpers import HANG_S, exit_status, small_cnn_of_an_older_ndot
 from ndot import checkpoint, data, files
+from ndot.cli import Terminated
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
 from ndot.train import DEFAULT_OUT, main, train
@@ -287,12 +288,11 @@ def test_sigterm_while_a_checkpoint_is_written_ends_the_run_as_between_epochs(tm
     # Most of a large model's save is spent in torch's zip writer, which calls the file's Python write:
     # that is where the signal's handler raises, and the writer then failed on closing, its words
     # ("unexpected pos") in a traceback in place of the line that says how to continue.
-    import ndot.train
     real = files._Landing.write
 
     def terminated_in_epoch_2s_checkpoint(self, b):
         if self._path.endswith(checkpoint.LAST) and Path(self._path).exists() and self.tell() > 0:
-            raise ndot.train._Terminated
+            raise Terminated
         return real(self, b)
 
     run = tmp_path / "run"
@@ -311,12 +311,11 @@ def test_a_run_stopped_in_its_first_epochs_files_names_what_was_saved_and_the_co
     # Stopped in checkpoint.pt, the first epoch's line was left in metrics.jsonl, for which "start it again"
     # was refused ("holds a run already"); stopped in best.pt, after checkpoint.pt had landed, the run
     # said no epoch was saved, and starting again was refused for checkpoint.pt.
-    import ndot.train
     real = files._Landing.write
 
     def stopped(self, b):
         if self._path.endswith(name) and self.tell() > 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if stop == "full disk" else ndot.train._Terminated
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if stop == "full disk" else Terminated
         return real(self, b)
 
     run = tmp_path / "run"
