@@ -5,6 +5,7 @@ cuDNN's NHWC kernels and the fused neuron is a Triton kernel; bench/gpu_check.sh
 """
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -748,6 +749,25 @@ def test_a_case_that_raises_is_an_error_row_and_the_run_exits_1(monkeypatch, cap
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["error"] for r in rows if r["kind"] == "error"] == ["RuntimeError: out of memory"]
     assert rows[0]["kind"] == "env" and rows[0]["cpu_threads"] == 1, rows[0]  # measured on --small's one thread
+
+
+def test_each_case_says_which_of_how_many_it_is_before_it_is_measured(caplog):
+    # A GPU run measures some hundred cases, and one can compile for minutes: its rows alone said neither.
+    cpu = torch.device("cpu")
+    args = bench_cli._parser().parse_args(["--small", "--T", "1", "--rules", "ndot_A", "--precisions", "fp32",
+                                           "--ablation-T", "0", "--warmup", "0", "--min-seconds", "0.001"])
+    p = {**bench_cli.plan(args, cpu), "ann_levers": [Levers()], "matmul_n": 64}
+    caplog.set_level(logging.INFO, logger="ndot")
+    said_before = []  # the progress lines there were when each row came
+    bench_cli.run_cases(p, cpu, lambda row: said_before.append((row["kind"], len(caplog.messages))))
+    assert caplog.messages == ["bench: 1/3 matmul 64x64 fp32", "bench: 2/3 ann small_cnn batch 8: fp32 plain",
+                               "bench: 3/3 snn small_cnn batch 8: ndot_A T=1 fp32 plain"]
+    assert said_before == [("env", 0), ("matmul", 1), ("ann", 2), ("snn", 3)]
+
+
+def test_levers_read_back_as_written():
+    for text in ("plain", "channels_last", "channels_last+fused_neuron+fused_ws+cuda_graph"):
+        assert str(Levers.parse(text)) == text
 
 
 def test_the_profile_puts_each_part_of_a_batch_in_its_category():

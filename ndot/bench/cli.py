@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 from typing import Any, Callable, Iterable
 
@@ -47,11 +48,13 @@ import torch
 from ndot.bench.measure import Levers, Row, Setup, bench_ann, bench_matmul, bench_snn, env_row
 from ndot.bench.profile import profile_snn
 from ndot.bench.report import memory_checks, table, targets
-from ndot.cli import Parser, listed, named, refuse, threads, torch_threads
+from ndot.cli import Parser, listed, named, refuse, show_progress, threads, torch_threads
 from ndot.config import MAX_T, MODES, PRECISIONS, RULES, ConfigError, TrainConfig, parse_method
 from ndot.device import resolve_device
 from ndot.malloc import keep_freed_memory
 from ndot.models import ARCHS
+
+log = logging.getLogger(__name__)
 
 # Every kind of row a run prints; --table refuses a file with any other line.
 KINDS = ("env", "matmul", "ann", "snn", "memory_vs_T", "targets", "profile", "error")
@@ -191,6 +194,18 @@ def cases(p: dict[str, Any], device: torch.device) -> Iterable[tuple[str, Setup,
                     yield "snn", setups[arch, batch], case
 
 
+def describe(kind: str, s: Setup, case: tuple) -> str:
+    """A case in words, e.g. "snn vgg11_ws batch 128: ndot_A T=4 bf16 channels_last+fused_neuron"."""
+    if kind == "matmul":
+        precision, n = case
+        return f"matmul {n}x{n} {precision}"
+    if kind == "ann":
+        precision, lv = case
+        return f"ann {s.arch} batch {s.batch}: {precision} {lv}"
+    rule, mode, T, precision, lv = case
+    return f"{kind} {s.arch} batch {s.batch}: {rule}_{mode} T={T} {precision} {lv}"
+
+
 def read_run(path: str) -> list[Row]:
     """The rows of a run's JSON lines in `path`; ConfigError if it cannot be read or is not a run's output."""
     try:
@@ -249,6 +264,7 @@ def _open_out(path: str | None) -> contextlib.AbstractContextManager:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    show_progress()
     if args.table is not None:
         # --table measures nothing: a flag of a measurement given with it (--out, say, where the tables
         # were meant to go) would be ignored without a word.
@@ -291,7 +307,10 @@ def run_cases(p: dict[str, Any], device: torch.device, emit: Callable[[Row], Non
     emit({**env_row(device), **lever_case(p)})
     rows: list[Row] = []
     ceiling: dict[tuple[str, int], float] = {}
-    for kind, s, case in cases(p, device):
+    todo = list(cases(p, device))
+    for n, (kind, s, case) in enumerate(todo, 1):
+        # On stderr, before the case: a GPU run has some hundred, and one can compile for minutes.
+        log.info(f"bench: {n}/{len(todo)} {describe(kind, s, case)}")
         try:
             if kind == "matmul":
                 row = bench_matmul(s, *case)

@@ -45,6 +45,10 @@ class Levers:
             raise argparse.ArgumentTypeError(f"unknown lever(s) {sorted(unknown)}; valid: plain or {'+'.join(sorted(fields))}")
         return cls(**{n: True for n in names})
 
+    def __str__(self) -> str:
+        """As `parse` reads it: "plain", or the levers on joined by "+"."""
+        return "+".join(f.name for f in dataclasses.fields(self) if getattr(self, f.name)) or "plain"
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
