@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import torch
@@ -177,6 +178,24 @@ def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
 
     parse.__name__ = f"{kind.__name__} list"
     return parse
+
+
+# Seconds between a command's progress lines inside a long step (an epoch's batches, a test pass): a line per
+# interval keeps a step of minutes visible without flooding a short one, or a cluster's log.
+PROGRESS_S = 10.0
+
+
+class Pace:
+    """When a command's next progress line is due: PROGRESS_S after the last line it printed."""
+
+    def __init__(self) -> None:
+        self.printed()
+
+    def printed(self) -> None:
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= PROGRESS_S
 
 
 class _Stderr(logging.Handler):

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, named, refuse, run, show_progress, threads, torch_threads
+from ndot.cli import Pace, Parser, named, refuse, run, show_progress, threads, torch_threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data import storage
 from ndot.data.loader import Loader
@@ -38,24 +38,27 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return (logits.topk(k, dim=-1).indices == y[..., None]).any(dim=-1).sum(dim=-1)
 
 
-def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_classes: int, detail: bool = False) -> Metrics:
+def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_classes: int, detail: bool = False,
+             on_batch: Callable[[int, int], object] | None = None) -> Metrics:
     """Test loss, top-1 (top-5 with more than 10 classes) and mean firing rate of `model` over `loader`, T = cfg.T.
 
     `detail` adds `acc_by_step` (top-1 of the logits summed up to each step) and
-    `layer_firing_rates` (per spiking layer, by module name).
+    `layer_firing_rates` (per spiking layer, by module name). `on_batch(i, n)` is called after batch i of n.
     """
     clear_spike_counts(model)  # what earlier evaluation calls counted is not this set's
     device = next(model.parameters()).device
     loss = torch.zeros((), device=device)
     top1 = torch.zeros(cfg.T, device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader, 1):
         l, o = eval_batch(model, x, y, T=cfg.T, loss_alpha=cfg.loss_alpha, precision=cfg.precision)
         loss += l * len(y)
         summed = o.cumsum(0) if detail else o.sum(0, keepdim=True)
         top1[-len(summed):] += topk_correct(summed, y, 1)
         if num_classes > 10:
             top5 += topk_correct(summed[-1], y, 5)
+        if on_batch is not None:
+            on_batch(i, len(loader))
     n = loader.num_samples
     out: Metrics = {"test_loss": float(loss) / n, "test_acc": int(top1[-1]) / n}
     if num_classes > 10:
@@ -186,7 +189,15 @@ def _run(args: argparse.Namespace) -> int:
     if device.type == "cpu":  # as in training
         keep_freed_memory()
     _, test_loader = data.loaders(cfg, device)
-    m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True)
+    pace = Pace()
+
+    def on_batch(done: int, total: int) -> None:
+        # On a CPU, CIFAR-10's test set takes minutes (VGG-11 at T=6: some 8 on two cores).
+        if pace.due() and done < total:
+            pace.printed()
+            print(f"batch {done}/{total}", flush=True)
+
+    m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True, on_batch=on_batch)
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
     # The run's own config (what trained the weights) and, apart, what this evaluation ran with.
     evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Parser, Terminated, refuse, run, show_progress, sigterm_interrupts, threads, torch_threads
+from ndot.cli import Pace, Parser, Terminated, refuse, run, show_progress, sigterm_interrupts, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method, rule_flags_off)
 from ndot.data import storage
@@ -41,7 +41,7 @@ from ndot.step import train_batch
 
 # What a callback returns is ignored: object, so that a lambda returning a value passes a type checker too.
 OnEpoch = Callable[[Metrics, dict[str, Any]], object]
-# on_batch(epoch, batches_done, batches_total): progress inside a long epoch.
+# on_batch(epoch, batches_done, batches_total): progress inside a long epoch, or its test pass (on_test_batch).
 OnBatch = Callable[[int, int, int], object]
 
 
@@ -149,12 +149,13 @@ def train(
     on_epoch: OnEpoch | None = None,
     resume: dict[str, Any] | None = None,
     on_batch: OnBatch | None = None,
+    on_test_batch: OnBatch | None = None,
 ) -> TrainResult:
     """Train `cfg` to its last epoch (or divergence), calling `on_epoch(metrics, state)` after every epoch.
 
     `state` is the checkpoint payload; passing it back as `resume` continues
     with the next epoch exactly as the uninterrupted run would have. `on_batch(epoch, i, n)` is called
-    after batch i of the epoch's n. Seeds the global torch, numpy and Python generators from cfg.seed,
+    after batch i of the epoch's n, `on_test_batch(epoch, i, n)` after batch i of its test pass's n. Seeds the global torch, numpy and Python generators from cfg.seed,
     which the run draws from; on a GPU it turns on cuDNN's algorithm search for the process
     (torch.backends.cudnn.benchmark), on a CPU glibc's malloc keeps freed memory for reuse (ndot.malloc).
     """
@@ -227,7 +228,8 @@ def train(
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)
             _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
             return TrainResult("diverged", epoch, metrics, best, model)
-        metrics.update(evaluate(model, test_loader, cfg, info.num_classes))
+        tested = None if on_test_batch is None else functools.partial(on_test_batch, epoch)
+        metrics.update(evaluate(model, test_loader, cfg, info.num_classes, on_batch=tested))
         best = max(best, metrics["test_acc"])
         metrics.update(best_test_acc=best, peak_mem_mb=peak_mem_mb(device), status="ok")
         _report_epoch(on_epoch, metrics, model, opt, epoch, best, cfg)
@@ -435,8 +437,7 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
     except (ConfigError, data.DataError) as e:
         return refuse(e)
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
-    # When the last line was printed: a batch line comes only after 10 s without any line.
-    last = [time.monotonic()]
+    pace = Pace()
 
     def on_epoch(m: Metrics, st: dict[str, Any]) -> None:
         # In the order _mend repairs from: a run killed after the log's line redoes the epoch, and
@@ -458,18 +459,18 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
             f"{m['epoch_seconds']:.1f}s  {m['image_steps_per_s']:.0f} img-steps/s",
             flush=True,
         )
-        last[0] = time.monotonic()
+        pace.printed()
 
-    def on_batch(epoch: int, done: int, total: int) -> None:
-        # A line every 10 s keeps long epochs visible without flooding short ones.
-        if time.monotonic() - last[0] > 10 and done < total:
-            last[0] = time.monotonic()
-            print(f"epoch {epoch:3d}/{cfg.epochs}  batch {done}/{total}", flush=True)
+    def on_batch(epoch: int, done: int, total: int, what: str = "batch") -> None:
+        # The last batch has no line: the epoch's line, or the test pass's first, follows it.
+        if pace.due() and done < total:
+            pace.printed()
+            print(f"epoch {epoch:3d}/{cfg.epochs}  {what} {done}/{total}", flush=True)
 
     print(f"{method(cfg.rule, cfg.mode)} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
     try:
         with sigterm_interrupts():
-            result = train(cfg, on_epoch, state, on_batch)
+            result = train(cfg, on_epoch, state, on_batch, functools.partial(on_batch, what="test batch"))
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
         return refuse(e)
     except (KeyboardInterrupt, _NotSaved) as e:

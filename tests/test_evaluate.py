@@ -172,6 +172,18 @@ def test_evaluating_the_weights_reproduces_the_trainers_test_accuracy(tmp_path, 
     assert len(json.loads((tmp_path / "eval-best-T3.json").read_text())["acc_by_step"]) == 3
 
 
+def test_the_evaluation_says_how_far_it_is(tmp_path, monkeypatch, capsys):
+    # A line every PROGRESS_S; at 0, a line after every batch but the last. CIFAR-10's test set takes minutes on a
+    # CPU, in which the command said nothing after its first line.
+    assert train_main([*RUN, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    monkeypatch.setattr("ndot.cli.PROGRESS_S", 0.0)
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    m = int(lines[1].partition("/")[2])
+    assert m > 1 and lines[1:m] == [f"batch {i}/{m}" for i in range(1, m)] and lines[m].startswith("test accuracy ")
+
+
 def test_threads_holds_for_the_evaluation_alone(tmp_path, monkeypatch):
     cfg = TrainConfig(dataset="digits", arch="small_cnn", T=1, epochs=1, batch_size=64, device="cpu")
     train_module.train(cfg, on_epoch=lambda m, state: checkpoint.save(tmp_path / "best.pt", state))

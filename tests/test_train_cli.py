@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import types
 from pathlib import Path
 from typing import Callable
@@ -268,6 +267,20 @@ def test_ctrl_c_ends_the_run_in_one_line_that_says_how_to_continue(tmp_path, cap
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_long_epoch_and_its_test_pass_each_say_how_far_they_are(tmp_path, capsys, monkeypatch):
+    # A line every PROGRESS_S; at 0, a line after every batch but the last. The test pass of VGG-11 on a CPU
+    # takes minutes, in which the run said nothing after its last batch line.
+    monkeypatch.setattr("ndot.cli.PROGRESS_S", 0.0)
+    assert main([*RUN, "--out", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    trained = [line for line in lines if "  batch " in line]
+    tested = [line for line in lines if "  test batch " in line]
+    n, m = (int(part[-1].rpartition("/")[2]) for part in (trained, tested))
+    assert trained == [f"epoch   1/1  batch {i}/{n}" for i in range(1, n)] and m > 1
+    assert lines[:n + m - 2] == trained + tested == trained + [f"epoch   1/1  test batch {i}/{m}" for i in range(1, m)]
+    assert lines[n + m - 2].startswith("epoch   1/1  loss ")
+
+
 def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     # How a scheduler stops a job (SLURM, Kubernetes, `kill`): the run says how to continue, its epochs saved.
     run = tmp_path / "run"
@@ -492,17 +505,16 @@ def test_help_names_the_command_as_it_was_run(capsys, monkeypatch, argv0, prog):
 
 @pytest.mark.parametrize("seconds_per_reading, batch_lines", [(0.3, False), (2.0, True)], ids=["short-epochs", "long-epochs"])
 def test_a_batch_line_comes_only_after_10_s_without_any_line(tmp_path, capsys, monkeypatch, seconds_per_reading, batch_lines):
-    # The clock moves at each reading (one per batch): at 0.3 s an epoch of 23 batches lasts 7 s, under the
-    # 10 s between lines once the epoch's own line counts, which the second epoch, past 10 s of the run, needs;
-    # at 2 s the batch lines keep a long epoch visible.
-    import ndot.train as train_module
+    # The clock of ndot.cli.Pace moves at each reading (one per batch): at 0.3 s an epoch of 23 batches and its test
+    # pass of 6 last 9 s, under the 10 s between lines once the epoch's own line counts, which the second epoch,
+    # past 10 s of the run, needs; at 2 s the batch lines keep a long epoch visible.
     now = [0.0]
 
     def monotonic() -> float:
         now[0] += seconds_per_reading
         return now[0]
 
-    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(monotonic=monotonic, perf_counter=time.perf_counter))
+    monkeypatch.setattr("ndot.cli.time", types.SimpleNamespace(monotonic=monotonic))
     assert main([*RUN, "--epochs", "1" if batch_lines else "2", "--out", str(tmp_path)]) == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if " batch " in line]
     assert bool(printed) == batch_lines, printed
