@@ -230,9 +230,13 @@ class _Readings(Dataset):
         return frames, label, None
 
 
-def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
+def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int,
+             counted: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """The frames and labels of the recordings `indices`, and each one that cannot be read, by name, with its fault:
-    read to the end, so that one message can list what to repair (in a worker, the first would end the loader)."""
+    read to the end, so that one message can list what to repair (in a worker, the first would end the loader).
+
+    `counted` is (recordings converted before these, all to convert): the progress lines count the whole cache,
+    not each split from 0, which read as a conversion gone back to the start."""
     t = dataset.transform
     x = torch.empty(len(indices), t.T, 2, t.size, t.size, dtype=FRAME_DTYPES[t.encoding])
     y = torch.empty(len(indices), dtype=torch.long)
@@ -247,7 +251,7 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int) -> tuple[tor
         # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
         if time.monotonic() - last >= PROGRESS_S:
             last = time.monotonic()
-            log.info(f"cifar10dvs: {k}/{len(indices)} recordings converted")
+            log.info(f"cifar10dvs: {counted[0] + k}/{counted[1]} recordings converted")
         if fault is None:
             x[k], y[k] = frames, label
         else:
@@ -328,8 +332,8 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
             return cached
         log.info(f"cifar10dvs: converting {len(train) + len(test)} recordings into {key['T']} frames each, "
                  f"once, into {path}")
-        train_x, train_y, faults = _convert(dataset, train, workers)
-        test_x, test_y, test_faults = _convert(dataset, test, workers)
+        train_x, train_y, faults = _convert(dataset, train, workers, (0, len(train) + len(test)))
+        test_x, test_y, test_faults = _convert(dataset, test, workers, (len(train), len(train) + len(test)))
         faults.update(test_faults)
         if faults:
             raise DataError(_faults_line(faults, dataset.location_on_system))
