@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -16,6 +21,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
+from helpers import HANG_S
 from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures, storage
 from ndot.train import main as train_main
@@ -502,6 +508,32 @@ def test_a_conversion_says_what_it_builds_and_how_far_it_is(dataset_root, privat
     caplog.clear()
     dvs.load_frames(config(dataset_root), 48)
     assert caplog.messages == [], "a cache hit is silent"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_conversion_stopped_by_a_signal_to_its_process_group_ends_in_one_line_and_leaves_no_cache(dataset_root, tmp_path,
+                                                                                                     stop):
+    # A terminal's Ctrl-C and a batch scheduler's SIGTERM reach the loader's workers too, which printed tracebacks of
+    # their own (or made the main process print torch's "DataLoader worker ... is killed by signal") under the line.
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from ndot.cli import run, show_progress
+        from ndot.data import dvs
+        dvs.PROGRESS_S = 0.0  # a line before each recording: the first says the workers are running
+        dataset = dvs.CIFAR10DVS(save_to={str(dataset_root)!r}, transform=dvs.EventFrames(2, 48, "counts"))
+        show_progress()
+        run(lambda: dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), Path({str(tmp_path)!r}), workers=2) and 0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = proc.stderr.readline()
+    assert first.startswith("cifar10dvs: converting 1000 recordings"), first + proc.stderr.read()
+    assert proc.stderr.readline() == "cifar10dvs: 0/1000 recordings converted\n"
+    os.killpg(proc.pid, stop)
+    _, err = proc.communicate(timeout=HANG_S)
+    assert proc.returncode == 128 + stop, err
+    lines = err.splitlines()
+    assert lines[-1] == f"interrupted ({stop.name})" and all(line.endswith(" recordings converted") for line in lines[:-1]), err
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("*.lock")], "a cache, or half of one"
 
 
 def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, caplog):

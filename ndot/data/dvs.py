@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from ndot import files
 from ndot.config import DVS_ENCODINGS
 from ndot.data import DataError, DatasetInfo, augment, storage
-from ndot.data.loader import DeviceLoader
+from ndot.data.loader import DeviceLoader, stops_left_to_the_main_process
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
@@ -208,7 +208,12 @@ def _fault(path: str) -> str | None:
 
 
 class _Readings(Dataset):
-    """(frames, label, None) of each recording, or (None, None, its file's fault) where it cannot be read."""
+    """(frames, label, None) of each recording, or (None, None, its file's fault) where it cannot be read.
+
+    The frames are an array, which a worker pickles into its queue: a tensor goes as a file descriptor, handed over
+    by a server thread in the worker, and a Ctrl-C or SIGTERM that stopped the main process in mid-handover made
+    the worker print a traceback (ConnectionResetError) under the command's one line.
+    """
 
     def __init__(self, dataset: CIFAR10DVS, indices: list[int]) -> None:
         self.dataset, self.indices = dataset, indices
@@ -216,7 +221,7 @@ class _Readings(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, int | None, str | None]:
+    def __getitem__(self, k: int) -> tuple[np.ndarray | None, int | None, str | None]:
         try:
             frames, label = self.dataset[self.indices[k]]
         # tonic's words depend on where reading stopped (a file cut short by an interrupted unzip: "failed to fill
@@ -227,7 +232,7 @@ class _Readings(Dataset):
             if fault is None:
                 raise
             return None, None, fault
-        return frames, label, None
+        return frames.numpy(), label, None
 
 
 def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int,
@@ -245,7 +250,7 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int,
     # torch's global generator, which the trainer has seeded for the weights it builds next. Moved only where
     # the cache is built, it gave the run that built it other weights than every run that read it.
     batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list,
-                         generator=torch.Generator())
+                         generator=torch.Generator(), worker_init_fn=stops_left_to_the_main_process)
     last = time.monotonic()
     for k, (frames, label, fault) in enumerate(item for batch in batches for item in batch):
         # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
@@ -253,7 +258,7 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int,
             last = time.monotonic()
             log.info(f"cifar10dvs: {counted[0] + k}/{counted[1]} recordings converted")
         if fault is None:
-            x[k], y[k] = frames, label
+            x[k], y[k] = torch.from_numpy(frames), label
         else:
             faults[str(Path(dataset.data[indices[k]]).relative_to(dataset.location_on_system))] = fault
     return x, y, faults

@@ -5,6 +5,7 @@ epoch's batches are the same whether or not the run was resumed in between.
 """
 from __future__ import annotations
 
+import signal
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,6 +27,18 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def stops_left_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader's worker_init_fn: Ctrl-C and SIGTERM, which a terminal and a batch scheduler send every process
+    of the group, are ignored by its workers, and the main process, stopping, ends them.
+
+    A worker they reached died printing a traceback of its own (multiprocessing's resource sharer), or told the
+    main process so, which printed torch's "DataLoader worker ... is killed by signal: Terminated": both under
+    the command's one line. A worker still ends with the main process, however that ends (torch's watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def num_batches(samples: int, batch_size: int) -> int:
@@ -164,6 +177,7 @@ class WorkerLoader:
             shuffle=self.shuffle,
             generator=epoch_generator(self.seed, self.epoch),
             num_workers=self.workers,
+            worker_init_fn=stops_left_to_the_main_process,
             pin_memory=self.device.type == "cuda",
         )
         for x, y in loader:
