@@ -21,9 +21,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
-from helpers import HANG_S
+from helpers import HANG_S, exit_status
 from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures, storage
+from ndot.sweep import cli, runner
+from ndot.sweep.definitions import TIMESTEPS
 from ndot.train import main as train_main
 from ndot.train import train
 
@@ -340,6 +342,30 @@ def test_unwritable_cache_folder_is_one_error(dataset_root, tmp_path, monkeypatc
     monkeypatch.setenv("NDOT_CACHE", str(blocker / "cache"))
     with pytest.raises(DataError, match="NDOT_CACHE"):
         dvs.load_frames(config(dataset_root), 48)
+
+
+@pytest.mark.parametrize("command", ["sweep", "train"])
+def test_a_cache_folder_that_cannot_be_created_is_refused_before_any_work(dataset_root, tmp_path, monkeypatch, capsys, command):
+    # A regular file where the folder's parent should be: creating it fails for root too, as a read-only mount would.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NDOT_CACHE", str(blocker / "cache"))
+    out = tmp_path / "out"
+    flags = ["--dataset", "cifar10dvs", "--data-root", str(dataset_root), "--T", "2"]
+    if command == "sweep":
+        monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("the sweep started Ray"))
+        rc = exit_status(cli.main, TIMESTEPS, [*flags, "--storage", str(out)])
+    else:
+        rc = exit_status(train_main, [*flags, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot create" in err and "$NDOT_CACHE" in err, err
+    assert not out.exists()
+
+
+def test_a_read_only_cache_that_holds_the_frames_serves(dataset_root, shared_cache, monkeypatch):
+    dvs.load_frames(config(dataset_root), 48)  # cached, in the module's cache
+    monkeypatch.setattr(storage, "writable_folder", lambda *args: pytest.fail("a cache hit needs no writable folder"))
+    dvs.check(config(dataset_root))
 
 
 def test_a_cache_folder_without_write_permission_is_one_error(tmp_path, monkeypatch):

@@ -73,6 +73,7 @@ TRAIN_FRACTION = 0.9
 PADDING = 4
 AUTHORS_NORMALISATION = ((0.2728, 0.1295), (0.2225, 0.1290))
 CACHE_FORMAT = 2
+CACHE_WHAT, CACHE_REMEDY = "the CIFAR10-DVS frame cache", "set $NDOT_CACHE to a writable folder"
 # Seconds between the progress lines of a conversion.
 PROGRESS_S = 10.0
 # How each encoding stores its frames (module docstring).
@@ -131,6 +132,12 @@ def check(cfg: "TrainConfig") -> None:
         problem = _problem(folder)
     if problem is not None:
         raise DataError(problem)
+    # Frames not cached yet are written into the cache: checked here, as the trials of a sweep would each
+    # fail on a folder that cannot be created only once Ray runs them. A read-only cache that holds them serves.
+    dataset, train, test = _recordings(cfg, INFO.image_size)
+    cache_dir = _cache_dir(cfg)
+    if not _cache_path(cache_dir, _cache_key(dataset, train, test)).is_file():
+        storage.writable_folder(cache_dir, CACHE_WHAT, CACHE_REMEDY)
 
 
 def _number(path: str) -> int:
@@ -325,12 +332,12 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
     `dataset` carries an EventFrames transform, whose (T, size, encoding) key the cache with the recordings.
     """
     key = _cache_key(dataset, train, test)
-    path = cache_dir / f"cifar10dvs-T{key['T']}-{key['size']}px-{key['encoding']}-{key['recordings']}.pt"
+    path = _cache_path(cache_dir, key)
     # Complete files only ever appear (atomic rename): a hit needs no lock, and a read-only cache serves.
     cached = _load(path, key)
     if cached is not None:
         return cached
-    storage.writable_folder(cache_dir, "the CIFAR10-DVS frame cache", "set $NDOT_CACHE to a writable folder")
+    storage.writable_folder(cache_dir, CACHE_WHAT, CACHE_REMEDY)
     with storage.file_lock(path.with_name(path.name + ".lock"), waiting=f"cifar10dvs: waiting for another process to build {path}"):
         cached = _load(path, key)  # another process may have built it while this one waited
         if cached is not None:
@@ -347,10 +354,23 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
         return built
 
 
-def load_frames(cfg: "TrainConfig", size: int) -> Frames:
+def _cache_dir(cfg: "TrainConfig") -> Path:
+    return storage.cache_root(cfg) / "cifar10dvs"
+
+
+def _cache_path(cache_dir: Path, key: dict[str, object]) -> Path:
+    return cache_dir / f"cifar10dvs-T{key['T']}-{key['size']}px-{key['encoding']}-{key['recordings']}.pt"
+
+
+def _recordings(cfg: "TrainConfig", size: int) -> tuple[CIFAR10DVS, list[int], list[int]]:
+    """The dataset, converting to cfg's frames at `size`, and its (train, test) indices."""
     dataset = CIFAR10DVS(save_to=str(storage.data_root(cfg)), transform=EventFrames(cfg.T, size, cfg.dvs_encoding))
-    train, test = split(dataset.data, dataset.targets)
-    return frames(dataset, train, test, storage.cache_root(cfg) / "cifar10dvs", cfg.workers)
+    return dataset, *split(dataset.data, dataset.targets)
+
+
+def load_frames(cfg: "TrainConfig", size: int) -> Frames:
+    dataset, train, test = _recordings(cfg, size)
+    return frames(dataset, train, test, _cache_dir(cfg), cfg.workers)
 
 
 class FrameRecipe:
