@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -21,10 +22,13 @@ import pandas as pd
 import pytest
 import ray
 import psutil  # after ray: Ray's copy, on the path once ray is imported
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR as JOB_CONFIG
+from ray.cluster_utils import Cluster
 
 from data_fixtures import closed_port
 from helpers import HANG_S, exit_status
 from ndot import data, files, results
+from ndot.data.storage import cache_root
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
 from ndot.sweep import cli, reach, resources, runner, trainable
@@ -280,6 +284,29 @@ def test_trials_read_the_data_root_the_driver_checked(tmp_path, monkeypatch):
     assert root() == str(tmp_path / "shared" / "data")
     # digits ships inside scikit-learn: its trials record no root, which they would not read.
     assert cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--dataset", "digits"])).base.get("data_root") is None
+
+
+def test_trials_on_the_clusters_other_nodes_cache_where_the_drivers_ndot_cache_says(tmp_path, monkeypatch):
+    # The cluster starts without it, as its other machines do, and the driver sets it after: relative, as Tune
+    # runs each trial in a folder of its own.
+    monkeypatch.delenv("NDOT_CACHE", raising=False)
+    monkeypatch.delenv(JOB_CONFIG, raising=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cached_in = ray.remote(cache_root)
+    cfg = TrainConfig(dataset="cifar10dvs", data_root=str(tmp_path / "data"))
+    try:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("NDOT_CACHE", "frames")
+        runner.connect(cluster.address)
+        assert ray.get(cached_in.remote(cfg)) == tmp_path / "frames"
+        ray.shutdown()
+        # Run by `ray job submit`, whose runtime_env sets it: that one reaches the trials, and a second is refused.
+        monkeypatch.setenv(JOB_CONFIG, json.dumps({"runtime_env": {"env_vars": {"NDOT_CACHE": str(tmp_path / "job")}}}))
+        runner.connect(cluster.address)
+        assert ray.get(cached_in.remote(cfg)) == tmp_path / "job"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.parametrize("flags,says", [

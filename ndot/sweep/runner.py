@@ -25,6 +25,8 @@ import psutil  # after ray, as Ray's own modules import it: Ray ships its copy a
 from ray import tune
 # What ray.init does with "auto" (Ray is pinned to one version in pyproject.toml).
 from ray._private import services as ray_services
+# The variable `ray job submit` gives the driver its job's config in, runtime_env included.
+from ray._private.runtime_env import constants as runtime_env_constants
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
@@ -218,6 +220,22 @@ def check_address(address: str | None, timeout_s: float = 10.0, source: str = "-
                               "is its head node up?") from None
 
 
+def trial_env() -> dict[str, Any] | None:
+    """The runtime_env that carries this driver's $NDOT_CACHE to every trial, made absolute as Tune runs each trial
+    in a folder of its own; None where it is unset.
+
+    Set on the driver alone it reached the trials on the driver's node alone: those on the others cached their
+    frames in <data root>/ndot-cache. (The data root needs none: it is in each trial's config, ndot.sweep.cli.)
+    Where `ray job submit` set it in the job's runtime_env, that one reaches every trial, and ray.init would
+    refuse a second one.
+    """
+    cache = os.environ.get("NDOT_CACHE")
+    job = json.loads(os.environ.get(runtime_env_constants.RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    if not cache or "NDOT_CACHE" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"NDOT_CACHE": os.path.abspath(os.path.expanduser(cache))}}
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ("auto": the one this node belongs to), or start a private local Ray when None."""
     global _not_ray
@@ -228,7 +246,7 @@ def connect(address: str | None) -> None:
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
     # Trials print nothing worth forwarding; their errors are stored with the trial.
-    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING")
+    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", runtime_env=trial_env())
 
 
 # A new local Ray turns token authentication on by itself and says so at every start, with how to opt
