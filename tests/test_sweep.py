@@ -224,18 +224,41 @@ def test_a_sweep_run_where_ray_is_initialised_already_is_refused_in_one_line_and
     assert not (tmp_path / "twice").exists()
 
 
-def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
-    plan = runner.Plan(
-        name="divergence", storage=str(tmp_path),
-        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 3},
-        strata=(Stratum({"lr": 0.1}, "lr=0.1"), Stratum({"lr": 1e4}, "lr=1e4")),
-        space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1, gpus_per_trial=0,
+def _plan(storage: Path, name: str, epochs: int, *stratified: Stratum) -> runner.Plan:
+    """A sweep of NDOT_A at T 1 on digits, one trial a stratum (one stratum where none is given)."""
+    return runner.Plan(
+        name=name, storage=str(storage),
+        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": epochs},
+        strata=stratified or (Stratum({}, name),), space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1,
+        gpus_per_trial=0,
     )
+
+
+def _run(cluster: Cluster, plan: runner.Plan) -> None:
     runner.connect(cluster.address)
     try:
         runner.run(plan)
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def _trials_run_by(monkeypatch, trial, **shared: object):
+    """Within the block a sweep's trials run `trial` in place of the trainable, reading `shared`, globals of this
+    module set for the block. The trials run in Ray workers, which cannot import this module: it goes by value."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    for name, value in shared.items():
+        monkeypatch.setattr(sys.modules[__name__], name, value)
+    monkeypatch.setattr(runner, "run_trial", trial)
+    try:
+        yield
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
+    plan = _plan(tmp_path, "divergence", 3, Stratum({"lr": 0.1}, "lr=0.1"), Stratum({"lr": 1e4}, "lr=1e4"))
+    _run(cluster, plan)
     trials = results.load(plan.experiment, results.TRIALS_TABLE).set_index("stratum")
     epochs = results.load(plan.experiment)
     assert trials.loc["lr=1e4", "status"] == results.DIVERGED
@@ -275,21 +298,9 @@ def _trial_with_scripted_accuracy(config: dict) -> None:
 @pytest.mark.parametrize("accuracies, best_epoch", [((0.5, 0.9, 0.7, 0.6), 2), ((0.5, 0.7, 0.9, 0.6), 3)],
                          ids=["best-before-the-restart", "best-at-the-restart"])
 def test_last_checkpoint_holds_the_best_epochs_weights_across_a_restart(cluster, tmp_path, monkeypatch, accuracies, best_epoch):
-    plan = runner.Plan(
-        name="best", storage=str(tmp_path),
-        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 4},
-        strata=(Stratum({}, "scripted"),), space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1, gpus_per_trial=0,
-    )
-    # The trial runs in a Ray worker, which cannot import this test module: send the function itself.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(sys.modules[__name__], "SCRIPTED_ACC", accuracies)
-    monkeypatch.setattr(runner, "run_trial", _trial_with_scripted_accuracy)
-    runner.connect(cluster.address)
-    try:
-        runner.run(plan)
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    plan = _plan(tmp_path, "best", 4)
+    with _trials_run_by(monkeypatch, _trial_with_scripted_accuracy, SCRIPTED_ACC=accuracies):
+        _run(cluster, plan)
     trial = results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]
     assert (trial["status"], trial["num_failures"], trial["best_epoch"]) == (results.COMPLETED, 1, best_epoch)
     assert list(results.load(plan.experiment)["test_acc"]) == list(accuracies)
@@ -327,21 +338,10 @@ def _trial_where_the_node_sets_two_omp_threads(config: dict) -> None:
 
 
 def test_a_trial_trains_at_its_cpus_threads_whatever_omp_num_threads_its_node_holds(cluster, tmp_path, monkeypatch):
-    plan = runner.Plan(
-        name="threads", storage=str(tmp_path),
-        base={"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 1, "epochs": 2},
-        strata=(Stratum({}, "one"),), space=SearchSpace(), trials_per_stratum=1, cpus_per_trial=1, gpus_per_trial=0,
-    )
+    plan = _plan(tmp_path, "threads", 2)
     seen = tmp_path / "threads-seen"
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(sys.modules[__name__], "THREADS_SEEN", str(seen))
-    monkeypatch.setattr(runner, "run_trial", _trial_where_the_node_sets_two_omp_threads)
-    runner.connect(cluster.address)
-    try:
-        runner.run(plan)
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    with _trials_run_by(monkeypatch, _trial_where_the_node_sets_two_omp_threads, THREADS_SEEN=str(seen)):
+        _run(cluster, plan)
     assert results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]["status"] == results.COMPLETED
     assert seen.read_text().split() == ["1", "1"]
 
@@ -359,13 +359,10 @@ def _trial_failing_while_flagged(config: dict) -> None:
 def test_an_errored_trial_exits_1_with_the_retry_command_which_runs_it_again(cluster, tmp_path, monkeypatch, capsys):
     flag = tmp_path / "fail"
     flag.touch()
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr(sys.modules[__name__], "FAIL_WHILE", str(flag))
-    monkeypatch.setattr(runner, "run_trial", _trial_failing_while_flagged)
     monkeypatch.setattr(runner, "MAX_FAILURES", 0)  # Tune's own retries would only repeat the failure
     argv = ["--preset", "smoke", "--T", "1", "--rules", "ndot_A", "--epochs", "2",
             "--storage", str(tmp_path), "--name", "errored", "--address", cluster.address]
-    try:
+    with _trials_run_by(monkeypatch, _trial_failing_while_flagged, FAIL_WHILE=str(flag)):
         assert cli.main(TIMESTEPS, argv) == 1
         err = capsys.readouterr().err
         errored = results.load(str(tmp_path / "errored"), results.TRIALS_TABLE)
@@ -373,8 +370,6 @@ def test_an_errored_trial_exits_1_with_the_retry_command_which_runs_it_again(clu
         again = shlex.split(err.split("1 trials errored: retry them with ")[1].splitlines()[0])
         flag.unlink()
         assert cli.main(TIMESTEPS, again[again.index("--resume"):]) == 0  # after `python SCRIPT`
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     retried = results.load(str(tmp_path / "errored"), results.TRIALS_TABLE)
     assert list(errored["status"]) == [results.ERRORED]
     assert list(retried["trial_id"]) == list(errored["trial_id"])
