@@ -63,7 +63,7 @@ def run(main: Callable[[], int]) -> NoReturn:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:
-        stop = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        stop = stopped_by(e)
         print(f"interrupted ({stop.name})", file=sys.stderr, flush=True)
         status = 128 + stop
     sys.exit(status)
@@ -128,6 +128,11 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def stopped_by(e: KeyboardInterrupt) -> signal.Signals:
+    """The signal that stopped a command: SIGTERM where it raised Terminated, else Ctrl-C's SIGINT."""
+    return signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
 
 
 @contextlib.contextmanager
@@ -195,7 +200,11 @@ class Pace:
         self._last = time.monotonic()
 
     def due(self) -> bool:
-        return time.monotonic() - self._last >= PROGRESS_S
+        """Whether a line is due; one that is, the caller prints, and it counts as the last."""
+        if time.monotonic() - self._last < PROGRESS_S:
+            return False
+        self.printed()
+        return True
 
 
 class _Stderr(logging.Handler):

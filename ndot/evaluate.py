@@ -193,8 +193,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def on_batch(done: int, total: int) -> None:
         # On a CPU, CIFAR-10's test set takes minutes (VGG-11 at T=6: some 8 on two cores).
-        if pace.due() and done < total:
-            pace.printed()
+        if done < total and pace.due():
             print(f"batch {done}/{total}", flush=True)
 
     m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True, on_batch=on_batch)

@@ -15,7 +15,6 @@ import json
 import math
 import random
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from ndot import checkpoint, data, files
-from ndot.cli import Pace, Parser, Terminated, refuse, run, show_progress, sigterm_interrupts, threads, torch_threads
+from ndot.cli import Pace, Parser, refuse, run, show_progress, sigterm_interrupts, stopped_by, threads, torch_threads
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method, rule_flags_off)
 from ndot.data import storage
@@ -463,8 +462,7 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
 
     def on_batch(epoch: int, done: int, total: int, what: str = "batch") -> None:
         # The last batch has no line: the epoch's line, or the test pass's first, follows it.
-        if pace.due() and done < total:
-            pace.printed()
+        if done < total and pace.due():
             print(f"epoch {epoch:3d}/{cfg.epochs}  {what} {done}/{total}", flush=True)
 
     print(f"{method(cfg.rule, cfg.mode)} T={cfg.T} {cfg.arch} on {cfg.dataset} ({device}) -> {out}", flush=True)
@@ -489,7 +487,7 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
             print(f"error: {e}; {kept}", file=sys.stderr, flush=True)
             return 1
         print(f"interrupted after epoch {saved} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
-        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        return 128 + stopped_by(e)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
 

@@ -524,7 +524,7 @@ def test_the_trainer_runs_on_the_fixture(dataset_root):
 
 
 def test_a_conversion_says_what_it_builds_and_how_far_it_is(dataset_root, private_cache, monkeypatch, caplog):
-    monkeypatch.setattr(dvs, "PROGRESS_S", 0.0)
+    monkeypatch.setattr("ndot.cli.PROGRESS_S", 0.0)
     caplog.set_level(logging.INFO, logger="ndot")
     dvs.load_frames(config(dataset_root), 48)
     lines = caplog.messages
@@ -543,9 +543,10 @@ def test_a_conversion_stopped_by_a_signal_to_its_process_group_ends_in_one_line_
     # their own (or made the main process print torch's "DataLoader worker ... is killed by signal") under the line.
     script = textwrap.dedent(f"""
         from pathlib import Path
+        import ndot.cli
         from ndot.cli import run, show_progress
         from ndot.data import dvs
-        dvs.PROGRESS_S = 0.0  # a line before each recording: the first says the workers are running
+        ndot.cli.PROGRESS_S = 0.0  # a line before each recording: the first says the workers are running
         dataset = dvs.CIFAR10DVS(save_to={str(dataset_root)!r}, transform=dvs.EventFrames(2, 48, "counts"))
         show_progress()
         run(lambda: dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), Path({str(tmp_path)!r}), workers=2) and 0)

@@ -42,7 +42,6 @@ import json
 import logging
 import pickle
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from tonic.datasets import CIFAR10DVS
 from torch.utils.data import DataLoader, Dataset
 
 from ndot import files
+from ndot.cli import Pace
 from ndot.config import DVS_ENCODINGS
 from ndot.data import DataError, DatasetInfo, augment, storage
 from ndot.data.loader import DeviceLoader, stops_left_to_the_main_process
@@ -74,8 +74,6 @@ PADDING = 4
 AUTHORS_NORMALISATION = ((0.2728, 0.1295), (0.2225, 0.1290))
 CACHE_FORMAT = 2
 CACHE_WHAT, CACHE_REMEDY = "the CIFAR10-DVS frame cache", "set $NDOT_CACHE to a writable folder"
-# Seconds between the progress lines of a conversion.
-PROGRESS_S = 10.0
 # How each encoding stores its frames (module docstring).
 FRAME_DTYPES = {"counts": torch.float16, "authors": torch.uint8}
 
@@ -258,11 +256,10 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int,
     # the cache is built, it gave the run that built it other weights than every run that read it.
     batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list,
                          generator=torch.Generator(), worker_init_fn=stops_left_to_the_main_process)
-    last = time.monotonic()
+    pace = Pace()
     for k, (frames, label, fault) in enumerate(item for batch in batches for item in batch):
-        # The 10,000 recordings take minutes: a line every PROGRESS_S keeps the wait visible.
-        if time.monotonic() - last >= PROGRESS_S:
-            last = time.monotonic()
+        # The 10,000 recordings take minutes: a line every ndot.cli.PROGRESS_S keeps the wait visible.
+        if pace.due():
             log.info(f"cifar10dvs: {counted[0] + k}/{counted[1]} recordings converted")
         if fault is None:
             x[k], y[k] = torch.from_numpy(frames), label
