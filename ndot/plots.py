@@ -240,8 +240,9 @@ def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     styles, archs = _styles(trials), _arch_styles(trials)
     _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MiB)", styles, archs)  # ndot.memory: 2**20 bytes
     _lines(speed, by["image_steps_per_s"].median(), x, "training image-steps / s", styles, archs)
-    # From 0: on an axis cut to the data's range, a memory 10 % larger than another looked several times it.
-    mem.set_ylim(bottom=0)
+    # From 0: on an axis cut to the data's range, a cost 10 % above another looked several times it.
+    for ax in (mem, speed):
+        ax.set_ylim(bottom=0)
     mem.get_legend().remove()  # the same lines in both panels: one legend says it
     along = "T" if x == "T" else "architecture"
     mem.set_title(f"memory against {along}", fontsize=10)

@@ -227,13 +227,13 @@ def test_figures_show_each_points_best_trial_and_the_memory_column():
     assert all(list(line.get_ydata()) == [200.0, 200.0] for line in speed.get_lines())
 
 
-def test_memory_is_drawn_from_zero():
-    # 100 and 110 MiB: autoscaled to the data's range, the one looked several times the other.
-    trials = pd.concat([_trials(["small_cnn"], [1, 4]).assign(peak_mem_mb=100.0),
-                        _trials(["small_cnn"], [6]).assign(peak_mem_mb=110.0)])
+def test_memory_and_throughput_are_drawn_from_zero():
+    # 100 and 110 MiB, 1,000 and 1,100 image-steps/s: autoscaled to the data's range, the one looked several times the other.
+    trials = pd.concat([_trials(["small_cnn"], [1, 4]).assign(peak_mem_mb=100.0, image_steps_per_s=1000.0),
+                        _trials(["small_cnn"], [6]).assign(peak_mem_mb=110.0, image_steps_per_s=1100.0)])
     for fig in (plots.cost_vs_axis(trials), plots.cost_vs_axis(_trials(["small_cnn", "resnet_ws"], [2]))):
-        mem = fig.axes[0]
-        assert mem.get_ylim()[0] == 0 and mem.get_ylim()[1] > max(max(line.get_ydata()) for line in mem.get_lines())
+        for ax in fig.axes:
+            assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > max(max(line.get_ydata()) for line in ax.get_lines())
 
 
 def _trials(archs: list[str], Ts: list[int], methods: tuple[str, ...] = ("ndot_A", "ottt_A")) -> pd.DataFrame:
