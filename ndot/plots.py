@@ -220,7 +220,7 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
     for column in axes.T:
         lowest = [ax for ax in column if ax.get_visible()][-1]
         lowest.xaxis.set_tick_params(labelbottom=True)
-        lowest.set_xlabel("initial learning rate")
+        lowest.set_xlabel("initial learning rate (log scale)")
     for ax in axes[:, 0]:
         ax.set_ylabel("best test accuracy (%)")
     _percent_axis(axes[0, 0])  # shared by every panel
@@ -282,7 +282,7 @@ def curves_vs_epoch(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
             acc.set_title(f"T={T}", fontsize=10)
             loss.set_title(f"T={T}", fontsize=10)
         acc.set_ylabel("test accuracy (%)")
-        loss.set_ylabel("training loss")
+        loss.set_ylabel("training loss (log scale)")
         loss.set_yscale("log")  # the late epochs' small changes stay visible beside the first epoch's loss
         for ax in (acc, loss):
             ax.grid(alpha=0.3)

@@ -372,17 +372,17 @@ def test_the_curves_figure_draws_each_strata_best_trial_by_epoch():
     fig = plots.curves_vs_epoch(trials, epochs)
     assert [ax.get_title() for ax in fig.axes] == ["T=1", "T=1", "T=4", "T=4"]
     assert [(ax.get_ylabel(), ax.get_yscale()) for ax in fig.axes[:2]] == [
-        ("test accuracy (%)", "linear"), ("training loss", "log")]
+        ("test accuracy (%)", "linear"), ("training loss (log scale)", "log")]
     drawn = {(ax.get_ylabel(), T, line.get_label()): (list(line.get_xdata()), [round(y, 6) for y in line.get_ydata()])
              for ax, T in zip(fig.axes, (1, 1, 4, 4)) for line in ax.get_lines()}
     assert drawn == {("test accuracy (%)", 1, "ndot_A"): ([1, 2, 3], [40.0, 80.0, 95.0]),
                      ("test accuracy (%)", 1, "ottt_A"): ([1, 2, 3], [50.0, 70.0, 90.0]),
-                     ("training loss", 1, "ndot_A"): ([1, 2, 3], [1.5, 0.6, 0.2]),
-                     ("training loss", 1, "ottt_A"): ([1, 2, 3], [1.0, 0.5, 0.25]),
+                     ("training loss (log scale)", 1, "ndot_A"): ([1, 2, 3], [1.5, 0.6, 0.2]),
+                     ("training loss (log scale)", 1, "ottt_A"): ([1, 2, 3], [1.0, 0.5, 0.25]),
                      ("test accuracy (%)", 4, "ndot_A"): ([1, 2, 3], [50.0, 96.0, 70.0]),
                      ("test accuracy (%)", 4, "ottt_A"): ([1, 2, 3], [30.0, 60.0, 90.0]),
-                     ("training loss", 4, "ndot_A"): ([1, 2, 3], [1.2, 0.4, 0.6]),
-                     ("training loss", 4, "ottt_A"): ([1, 2, 3], [1.1, 0.7, 0.3])}
+                     ("training loss (log scale)", 4, "ndot_A"): ([1, 2, 3], [1.2, 0.4, 0.6]),
+                     ("training loss (log scale)", 4, "ottt_A"): ([1, 2, 3], [1.1, 0.7, 0.3])}
     # The trials accuracy_vs_T draws, in the same colours and markers; one legend, in the rules' order.
     points = {line.get_label(): line for line in plots.accuracy_vs_axis(trials).axes[0].get_lines()}
     for ax, T in zip(fig.axes[::2], (1, 4)):
@@ -414,8 +414,8 @@ def test_the_curves_of_a_trial_that_did_not_complete_are_hollow_and_a_diverged_e
     drawn = {(ax.get_ylabel(), line.get_label()): (line.get_ydata().tolist(), line.get_markerfacecolor())
              for ax in (acc, loss) for line in ax.get_lines()}
     assert drawn[("test accuracy (%)", "ndot_A")] == ([50.0, 90.0], "none")  # the stratum's best, stopped early
-    assert drawn[("training loss", "ndot_A")] == ([1.0, 0.5], "none")
-    assert drawn[("training loss", "ottt_A")] == ([1.0, 0.5, math.inf], "none")
+    assert drawn[("training loss (log scale)", "ndot_A")] == ([1.0, 0.5], "none")
+    assert drawn[("training loss (log scale)", "ottt_A")] == ([1.0, 0.5, math.inf], "none")
     fig.canvas.draw()
     assert 0 < loss.get_ylim()[0] < 0.5 and 1.0 < loss.get_ylim()[1] < 2  # the inf is no point, not an axis to infinity
     assert [ax.get_title() for ax in fig.axes] == ["T=2", "T=2", "T=4", "T=4"]
@@ -495,8 +495,8 @@ def test_learning_rate_figure_keeps_time_steps_and_architectures_apart():
     # Seven panels in rows of three: the third column's lowest is in the second row, and carries its rates.
     seven = plots.accuracy_vs_lr(_trials(["small_cnn"], [1, 2, 3, 4, 5, 6, 7]))
     assert [ax.get_visible() for ax in seven.axes] == [True] * 7 + [False] * 2
-    assert [ax.get_xlabel() for ax in seven.axes[6:8]] == ["initial learning rate", ""]
-    assert seven.axes[5].get_xlabel() == "initial learning rate" and seven.axes[2].get_xlabel() == ""
+    assert [ax.get_xlabel() for ax in seven.axes[6:8]] == ["initial learning rate (log scale)", ""]
+    assert seven.axes[5].get_xlabel() == "initial learning rate (log scale)" and seven.axes[2].get_xlabel() == ""
     seven.canvas.draw()
     assert [any(t.get_visible() and t.get_text() for t in seven.axes[i].get_xticklabels()) for i in (2, 5)] == [False, True]
 
@@ -506,6 +506,19 @@ def test_a_learning_rate_figure_is_drawn_only_where_the_trials_differ_in_it():
     # says nothing of the learning rate.
     trials = _trials(["small_cnn"], [1, 4]).assign(lr=0.1)
     assert set(plots.render(trials, _epochs(trials))) == {"accuracy_vs_T", "cost_vs_T", "curves_vs_epoch"}
+
+
+def test_a_log_scaled_axis_says_so_in_its_label():
+    # Labelled in decimals (0.1, 0.2, 0.5), a log axis read as a linear one: a loss halving looked like a small step.
+    trials, epochs = _curves(("ndot_A", 1, "completed", [0.5, 0.9], [2.0, 0.1]), ("ottt_A", 4, "completed", [0.4, 0.8], [1.0, 0.3]))
+    trials = trials.assign(lr=[0.01, 0.5], peak_mem_mb=10.0, image_steps_per_s=100.0)
+    figures = (plots.accuracy_vs_axis(trials), plots.accuracy_vs_lr(trials), plots.cost_vs_axis(trials),
+               plots.curves_vs_epoch(trials, epochs))
+    labelled = [(axis.get_scale(), axis.get_label_text()) for fig in figures for ax in fig.axes if ax.get_visible()
+                for axis in (ax.xaxis, ax.yaxis) if axis.get_label_text()]
+    logs = [label for scale, label in labelled if scale == "log"]
+    assert len(set(logs)) == 2 and all(label.endswith("(log scale)") for label in logs), logs  # the rate and the loss
+    assert not [label for scale, label in labelled if scale != "log" and "log" in label]
 
 
 def test_learning_rates_read_as_decimals_that_do_not_run_into_each_other():
