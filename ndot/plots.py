@@ -10,7 +10,7 @@ curves_vs_epoch     test accuracy and training loss per epoch of each stratum's 
                     point), a row per T: whether the trial had converged or was still learning when it stopped
                     (hollow markers: it did not complete)
 
-A rule (method) has one colour and one marker shape in every figure, and the rules come in the project's
+A rule (method) has one colour and one marker shape in every figure of every table, and the rules come in the project's
 order (ndot.config's RULES, each in mode O before A), in legends as in drawing; where a table holds several
 architectures along T, a line style tells them apart. A table of several architectures at one T
 (the architectures sweep) is drawn against the architecture instead: accuracy_vs_arch and
@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-from ndot.config import MODES, RULES  # noqa: E402
+from ndot.config import MODES, RULES, method, parse_method  # noqa: E402
 from ndot.results import COMPLETED  # noqa: E402
 
 if TYPE_CHECKING:
@@ -69,13 +69,29 @@ def _curve_order(curve: str) -> tuple[tuple[int, int, str], str]:
     return _method_order(method), arch
 
 
+def _runs(name: str) -> bool:
+    try:
+        parse_method(name)
+    except ValueError:  # bptt_O
+        return False
+    return True
+
+
+# Every method there is, in the project's order. A method's colour and marker are its place here, not among the
+# methods of the trials drawn: those differ between the figures of one table, a figure leaving out the trials that
+# lack its values (ndot_O diverged in its first epoch: in the cost figure, not in the accuracy ones), and between tables.
+METHODS = [m for m in (method(rule, mode) for rule in RULES for mode in MODES) if _runs(m)]
+
+
 def _styles(trials: pd.DataFrame) -> dict[str, dict]:
-    """A method's colour, marker and marker size, by its place among the trials' methods (`_method_order`): the
-    same in each figure of a table (but one whose trials of a method all lack that figure's values)."""
+    """A method's colour and marker, by its place in METHODS (a method this version does not know, after them), and
+    its marker size by its place among the trials' methods (`_method_order`)."""
     methods = sorted(trials["method"].unique(), key=_method_order)
+    unknown = [m for m in methods if m not in METHODS]
+    slot = {m: METHODS.index(m) if m in METHODS else len(METHODS) + unknown.index(m) for m in methods}
     step = (LARGEST - SMALLEST) / max(len(methods) - 1, 1)
-    return {m: {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)], "markersize": LARGEST - i * step}
-            for i, m in enumerate(methods)}
+    return {m: {"color": COLOURS[slot[m] % len(COLOURS)], "marker": MARKERS[slot[m] % len(MARKERS)],
+                "markersize": LARGEST - i * step} for i, m in enumerate(methods)}
 
 
 def _curves(trials: pd.DataFrame) -> pd.Series:

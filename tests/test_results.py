@@ -283,6 +283,23 @@ def test_every_line_can_be_told_apart_and_a_rule_looks_the_same_in_every_figure(
     assert to_hex(lr.collections[0].get_edgecolor()[0]) == to_hex(ndot_a.get_color())
 
 
+def test_a_rule_looks_the_same_whichever_other_rules_a_figure_draws():
+    # ndot_O's trials all diverged in their first epoch: the accuracy figures, drawn without it, gave ndot_A
+    # the colour and marker ndot_O had in the cost figure, and ottt_A ndot_A's.
+    trials = _trials(["small_cnn"], [1, 4], ("ndot_O", "ndot_A", "ottt_A"))
+    trials.loc[trials["method"] == "ndot_O", "best_test_acc"] = math.nan
+    figures = plots.render(trials, _epochs(trials))
+    assert {"accuracy_vs_T", "cost_vs_T"} <= set(figures)
+
+    def looks(ax) -> dict[str, tuple]:
+        return {line.get_label(): (to_hex(line.get_color()), line.get_marker()) for line in ax.get_lines()}
+
+    with_o = looks(plots.cost_vs_axis(trials).axes[1])
+    without_o = looks(plots.accuracy_vs_axis(trials.dropna(subset=["best_test_acc"])).axes[0])  # as render draws it
+    assert without_o == {m: with_o[m] for m in ("ndot_A", "ottt_A")}
+    assert looks(plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4], ("ottt_A",))).axes[0]) == {"ottt_A": with_o["ottt_A"]}
+
+
 def test_coinciding_points_nest_and_accuracy_stays_under_100_percent():
     # The architectures smoke sweep: bptt_A and ndot_A both at 97.2 %, one point each. Markers of one size drew
     # ndot_A's square over bptt_A's circle, and the axis, autoscaled round one value, ran to 102 %.
