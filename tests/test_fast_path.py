@@ -521,6 +521,25 @@ def test_the_against_the_device_table_holds_each_precisions_fastest_cases_as_fra
     assert expected + "\n" in report.table(rows) + "\n"  # the whole section: no other row follows
 
 
+def test_the_tables_tell_apart_the_architectures_batches_and_levers_of_checks_and_errors():
+    # Without those columns a run at --batch-size 64,128 printed two memory rows alike, and the per-lever runs'
+    # failures (an OOM without the graph, a capture error with it) the same case twice.
+    series = _series("ndot", [1000.0] * 5) + [{**r, "batch": 64, "peak_mem_mb": 500.0} for r in _series("ndot", [0.0] * 5)]
+    plain = dataclasses.asdict(Levers())
+    errors = [{"kind": "error", "case": "snn", "arch": "vgg11_ws", "batch": 128, "args": ["ndot", "A", 4, "bf16"], **plain,
+               "cuda_graph": graph, "error": "RuntimeError: out of memory"} for graph in (False, True)]
+    errors.append({"kind": "error", "case": "matmul", "arch": "vgg11_ws", "batch": 128, "args": ["bf16", 8192], **plain,
+                   "error": "RuntimeError: out of memory"})
+    lines = report.table(memory_checks(series) + errors).splitlines()
+    memory = [line for line in lines if "| peak_mem_mb |" in line]
+    assert [line.split(" | ")[:3] for line in memory] == [["| vgg11_ws", "128", "ndot_A"], ["| vgg11_ws", "64", "ndot_A"]]
+    assert lines[lines.index("Errors") + 2:] == [
+        "| case | arch | batch | args | levers | error |", "|---|---|---|---|---|---|",
+        "| snn | vgg11_ws | 128 | ['ndot', 'A', 4, 'bf16'] | plain | RuntimeError: out of memory |",
+        "| snn | vgg11_ws | 128 | ['ndot', 'A', 4, 'bf16'] | cuda_graph | RuntimeError: out of memory |",
+        "| matmul | – | – | ['bf16', 8192] | – | RuntimeError: out of memory |"]
+
+
 def test_memory_over_T_is_judged_per_precision():
     # fp32 holds twice bf16's activations: one series of both would read as growth.
     bf16 = _series("ndot", [1000.0] * 5)

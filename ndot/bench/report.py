@@ -88,7 +88,7 @@ def targets(rows: list[Row], lever: Row) -> Row:
 
 
 def _levers_name(r: Row) -> str:
-    return "+".join(k for k in Levers.__dataclass_fields__ if r[k]) or "plain"
+    return "+".join(k for k in Levers.__dataclass_fields__ if r.get(k)) or "plain"
 
 
 def _ratio(v: float | None) -> str | None:
@@ -138,17 +138,23 @@ def table(rows: list[Row]) -> str:
              for r in rows if r["kind"] == "snn"))
     section("Against the device (the convolutions' FLOPs per image-step x image-steps/s)",
             ["precision", "case", "levers", "TFLOP/s", "x matrix product"], _against_device(rows, env))
-    section("Memory over T", ["rule", "precision", "levers", "metric", "T", "MiB", "judged", "ok"],
-            ([method(r["rule"], r["mode"]), r["precision"], _levers_name(r), r["metric"], r["T"],
+    # Arch and batch in every table of cases: a run of several (--archs, --batch-size) has a series, a profile, an error
+    # per architecture and batch, which read alike without them.
+    section("Memory over T", ["arch", "batch", "rule", "precision", "levers", "metric", "T", "MiB", "judged", "ok"],
+            ([r["arch"], r["batch"], method(r["rule"], r["mode"]), r["precision"], _levers_name(r), r["metric"], r["T"],
               [round(m, 1) for m in r["mb"]], "linear" if r["rule"] == "bptt" else "flat", r["ok"]]
              for r in rows if r["kind"] == "memory_vs_T"))
     profiles = [r for r in rows if r["kind"] == "profile"]
     # The categories as the run named them (older runs had no standardise and sgd).
     categories = list(profiles[0]["fraction"]) if profiles else []
-    section("Profile (fraction of the batch)", ["rule", "T", "precision", "levers", "batch ms",
+    section("Profile (fraction of the batch)", ["arch", "batch", "rule", "T", "precision", "levers", "batch ms",
                                                 *(c.replace("_", " ") for c in categories), "neuron / conv"],
-            ([method(r["rule"], r["mode"]), r["T"], r["precision"], _levers_name(r), r["batch_ms"],
+            ([r["arch"], r["batch"], method(r["rule"], r["mode"]), r["T"], r["precision"], _levers_name(r), r["batch_ms"],
               *(_ratio(r["fraction"].get(c)) for c in categories), _ratio(r["neuron_over_conv"])] for r in profiles))
     section("Targets", ["target", "value"], ([k, v] for r in rows if r["kind"] == "targets" for k, v in r.items() if k != "kind"))
-    section("Errors", ["case", "args", "error"], ([r["case"], r["args"], r["error"]] for r in rows if r["kind"] == "error"))
+    # The levers too: the per-lever runs measure one rule, T and precision under several, where one failing
+    # (an OOM, a graph capture) read as the others. A matrix product has no network, batch or levers.
+    section("Errors", ["case", "arch", "batch", "args", "levers", "error"],
+            ([r["case"], *([None] * 2 if r["case"] == "matmul" else [r["arch"], r["batch"]]), r["args"],
+              None if r["case"] == "matmul" else _levers_name(r), r["error"]] for r in rows if r["kind"] == "error"))
     return "\n".join(out)
