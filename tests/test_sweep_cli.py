@@ -28,6 +28,7 @@ from ray.cluster_utils import Cluster
 from data_fixtures import closed_port
 from helpers import HANG_S, exit_status
 from ndot import data, files, results
+from ndot.data import dvs, fixtures
 from ndot.data.storage import cache_root
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
@@ -358,6 +359,35 @@ def test_unwritable_storage_is_refused(tmp_path, capsys):
 def test_an_architecture_sweep_checks_its_strata_too(tmp_path, capsys):
     rc = exit_status(cli.main, ARCHITECTURES, ["--archs", "small_cnn,nope", "--storage", str(tmp_path)])
     assert rc != 0 and "unknown architecture 'nope'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def dvs_root(tmp_path, monkeypatch) -> Path:
+    """CIFAR10-DVS of 100 recordings a class (tonic's minimum of 1,000), its frames cached in tmp_path/cache."""
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 100)
+    monkeypatch.setenv("NDOT_CACHE", str(tmp_path / "cache"))
+    fixtures.write_cifar10dvs(tmp_path / "dvs", per_class=100, events=300)
+    return tmp_path / "dvs"
+
+
+def test_a_stratum_whose_frames_cannot_be_cached_is_refused_before_ray_starts_where_the_firsts_are(dvs_root, tmp_path,
+                                                                                                     monkeypatch, capsys):
+    # A cache that holds T=1's frames and takes no more: each trial at T=2 would fail, once Ray ran it.
+    dvs.load_frames(TrainConfig(dataset="cifar10dvs", data_root=str(dvs_root), T=1, workers=0), dvs.INFO.image_size)
+    capsys.readouterr()  # its progress line, where an earlier test showed them
+    frames, access = tmp_path / "cache" / "cifar10dvs", os.access
+    # As root every folder is writable: a read-only cache mount is the permission faked.
+    monkeypatch.setattr(os, "access", lambda path, mode: not (mode & os.W_OK and Path(path) == frames) and access(path, mode))
+    checked = []
+    check = dvs.check
+    monkeypatch.setattr(dvs, "check", lambda cfg: (checked.append(cfg.T), check(cfg)))
+    monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("the sweep started Ray"))
+    rc = exit_status(cli.main, TIMESTEPS, ["--dataset", "cifar10dvs", "--data-root", str(dvs_root), "--T", "1,2",
+                                           "--rules", "ndot_O,ottt_A", "--storage", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"stratum T=2,ndot_O and 1 more that read its data: cannot write the CIFAR10-DVS frame cache in {frames}" in err, err
+    assert checked == [1, 2], "each T's frames checked once, not once a rule"
 
 
 def test_script_exits_nonzero_without_starting_ray(tmp_path):

@@ -34,6 +34,8 @@ class DatasetInfo:
     image_size: int | None
     # Whether it is read from the data folder (data_root), and so whether a download applies.
     in_data_root: bool = True
+    # The TrainConfig fields besides dataset, data_root and download that its data depend on (event frames: T).
+    depends_on: tuple[str, ...] = ()
 
 
 # name -> module under ndot.data, imported on first use so that a run on
@@ -70,6 +72,11 @@ def check(cfg: "TrainConfig", root_origin: str | None = None) -> None:
         if not info(cfg.dataset).in_data_root:
             raise
         raise DataError(f"{e}; {root_origin or storage.root_origin(cfg)}") from e.__cause__
+
+
+def key(cfg: "TrainConfig") -> tuple:
+    """What cfg's data depend on: configs alike in it read the same data, which one check covers."""
+    return tuple(getattr(cfg, name) for name in ("dataset", "data_root", "download", *info(cfg.dataset).depends_on))
 
 
 def loaders(cfg: "TrainConfig", device: torch.device) -> tuple[Loader, Loader]:

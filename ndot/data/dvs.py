@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFO = DatasetInfo(num_classes=10, in_channels=2, image_size=48)
+INFO = DatasetInfo(num_classes=10, in_channels=2, image_size=48, depends_on=("T", "dvs_encoding"))
 CLASSES = tuple(sorted(CIFAR10DVS.classes, key=CIFAR10DVS.classes.__getitem__))
 SENSOR_SIZE: tuple[int, int, int] = CIFAR10DVS.sensor_size  # (W, H, polarities)
 RECORDINGS_PER_CLASS = 1000

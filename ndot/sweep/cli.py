@@ -270,10 +270,19 @@ def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
 
 def check(plan: Plan, resume: bool) -> None:
     """What can be checked before Ray starts: the data, the device, the storage, and that a new experiment is new."""
-    cfg = TrainConfig(**{**plan.base, **plan.strata[0].values})
     # A resume keeps the data root its plan saved, which neither $NDOT_DATA nor --data-root moves.
     saved = storage.saved_root_origin(f"{plan.experiment}/{results.PLAN_FILE}", "a resume keeps it: put the data there")
-    data.check(cfg, saved if resume and cfg.data_root else None)
+    each = data_configs(plan)
+    for labels, cfg in each.values():
+        try:
+            data.check(cfg, saved if resume and cfg.data_root else None)
+        except data.DataError as e:
+            if len(each) == 1:
+                raise
+            # Strata that read other data (CIFAR10-DVS frames of another T) can fail alone: the line says which.
+            more = f" and {len(labels) - 1} more that read its data" if len(labels) > 1 else ""
+            raise data.DataError(f"stratum {labels[0]}{more}: {e}") from e.__cause__
+    # Device and cuda_graph are no axis of a sweep: every stratum's are these.
     if (cfg.device.startswith("cuda") or cfg.cuda_graph) and plan.gpus_per_trial == 0:
         what = f"device {cfg.device}" if cfg.device.startswith("cuda") else "cuda_graph"
         raise InputError(f"{what} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
@@ -293,6 +302,16 @@ def check(plan: Plan, resume: bool) -> None:
         # sweep now, or one died in between, before any trial could run.
         raise InputError(f"experiment {plan.experiment} is being started by another driver, or one that died before "
                          f"its first trial left it (then remove it and start again): else pass another --name")
+
+
+def data_configs(plan: Plan) -> dict[tuple, tuple[list[str], TrainConfig]]:
+    """Each distinct data the plan's trials read (ndot.data.key): the labels of the strata that read it, and the
+    config of the first of them."""
+    out: dict[tuple, tuple[list[str], TrainConfig]] = {}
+    for stratum in plan.strata:
+        cfg = TrainConfig.from_dict({**plan.base, **stratum.values})
+        out.setdefault(data.key(cfg), ([], cfg))[0].append(stratum.label)
+    return out
 
 
 class Progress(tune.Callback):
