@@ -173,6 +173,25 @@ def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_r
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("change, says", [
+    (lambda plan: plan["strata"][1]["values"].update(T=20000), "T must be an integer in [1, 10000], got 20000"),
+    (lambda plan: plan["base"].update(warp=9), "unknown setting 'warp'"),
+], ids=["bound", "setting"])
+def test_a_resumed_plan_whose_trials_this_ndot_would_refuse_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys,
+                                                                                        change, says):
+    # A plan saved by another ndot: each trial it creates would fail once Ray ran it.
+    flags = ["--storage", str(tmp_path), "--name", "s"]
+    runner.save_plan(cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args([*flags, "--T", "1,2"])))
+    (tmp_path / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    saved = json.loads((tmp_path / "s" / results.PLAN_FILE).read_text())
+    change(saved)
+    (tmp_path / "s" / results.PLAN_FILE).write_text(json.dumps(saved))
+    monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("the sweep started Ray"))
+    assert exit_status(cli.main, TIMESTEPS, [*flags, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: experiment s cannot run as started ({results.PLAN_FILE}): {says}" in err, err
+
+
 @pytest.mark.parametrize("storage, says", [("", "--storage must name a folder or a URI"),
                                            ("foo://x", "storage foo://x is not writable"),
                                            ("s3://", "--storage s3:// names no bucket")])

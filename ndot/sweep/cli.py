@@ -32,7 +32,7 @@ from ndot.models import ARCHS
 from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
-from ndot.sweep.space import STRATUM_KEY, SearchSpace, strata
+from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum, strata
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,13 @@ def _name(name: str | None) -> str | None:
     return name
 
 
+def _check_trials(base: dict[str, Any], cells: Sequence[Stratum], space: SearchSpace) -> None:
+    """ConfigError where some trial would be refused: each stratum at each corner of the searched space."""
+    for cell in cells:
+        for corner in space.corners():
+            TrainConfig.from_dict({**base, **cell.values, **corner}).validate()
+
+
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The run the command line asks for; raises InputError or ConfigError on bad input."""
     preset = sweep.presets[args.preset or DEFAULT_PRESET]
@@ -210,9 +217,7 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         raise InputError(f"--trials {trials} with nothing searched (one lr, momentum, loss alpha and batch size) "
                          "repeats one run: give --trials 1, or a range such as --lr 0.03,0.3")
     cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
-    for cell in cells:
-        for corner in space.corners():
-            TrainConfig(**{**base, **cell.values, **corner}).validate()
+    _check_trials(base, cells, space)
     rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
     check_rule_flags(base, rules, lambda name: f"--set {name}")
     if args.data_root == "":
@@ -262,6 +267,11 @@ def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     problem = runner.unreadable_state(experiment)
     if problem:
         raise InputError(problem)
+    try:
+        # A plan saved by another ndot, whose settings or their bounds were other: every trial it creates would fail.
+        _check_trials(plan.base, plan.strata, plan.space)
+    except ConfigError as e:
+        raise ConfigError(f"experiment {args.name} cannot run as started ({results.PLAN_FILE}): {e}") from None
     cpus, gpus = _resources(_given(args.cpus_per_trial, plan.cpus_per_trial), _given(args.gpus_per_trial, plan.gpus_per_trial))
     # A plan that counted the cluster's slots counts them again: it may have grown, or trials shrunk.
     return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus,
