@@ -409,6 +409,21 @@ def test_a_stratum_whose_frames_cannot_be_cached_is_refused_before_ray_starts_wh
     assert checked == [1, 2], "each T's frames checked once, not once a rule"
 
 
+def test_a_sweep_on_a_ray_of_its_own_caches_each_ts_frames_before_its_trials_start_and_says_so(dvs_root, tmp_path,
+                                                                                              monkeypatch, capsys):
+    # Ray forwards no trial's output: a trial's conversion, minutes on the real data set, would pass in silence.
+    cached = []
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher:
+                     cached.append(sorted(p.name for p in (tmp_path / "cache" / "cifar10dvs").glob("*.pt"))) or write_trials(plan))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    argv = ["--dataset", "cifar10dvs", "--data-root", str(dvs_root), "--T", "1,2", "--rules", "ndot_O,ottt_A",
+            "--storage", str(tmp_path / "runs")]
+    assert exit_status(cli.main, TIMESTEPS, argv) == 0
+    assert [[name.split("-")[1] for name in names] for names in cached] == [["T1", "T2"]]
+    err = capsys.readouterr().err
+    assert [line.split(" into ")[1].split()[0] for line in err.splitlines() if " recordings into " in line] == ["1", "2"], err
+
+
 def test_script_exits_nonzero_without_starting_ray(tmp_path):
     before = _sessions()
     done = subprocess.run(

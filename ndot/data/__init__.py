@@ -4,7 +4,8 @@ Every dataset module exposes `INFO` (a DatasetInfo, or a dict of them by name wh
 serves several, as ndot.data.cifar does), `check(cfg)` which raises
 DataError with one line when the data is missing (before any work starts), and
 `loaders(cfg, device, input_size)` returning (train, test) loaders; `ndot.data.loaders(cfg, device)`
-picks input_size. A loader yields (x, y) on `device`: x is [B, C, H, W] for static
+picks input_size. A module that caches what it derives from its files also exposes `prepare(cfg, workers)`,
+which builds that cache where its loaders read it. A loader yields (x, y) on `device`: x is [B, C, H, W] for static
 images (the same input at every time step) or [B, T, C, H, W] for event frames;
 it has `set_epoch`, `__len__` and `num_samples`.
 """
@@ -75,8 +76,16 @@ def check(cfg: "TrainConfig", root_origin: str | None = None) -> None:
 
 
 def key(cfg: "TrainConfig") -> tuple:
-    """What cfg's data depend on: configs alike in it read the same data, which one check covers."""
+    """What cfg's data depend on: configs alike in it read the same data, which one check or prepare covers."""
     return tuple(getattr(cfg, name) for name in ("dataset", "data_root", "download", *info(cfg.dataset).depends_on))
+
+
+def prepare(cfg: "TrainConfig", workers: int) -> None:
+    """Build, with `workers` processes, what cfg's dataset caches of its files (CIFAR10-DVS frames) where its
+    loaders read it; nothing for a dataset that caches nothing. cfg's data must have passed `check`."""
+    build = getattr(_module(cfg.dataset), "prepare", None)
+    if build is not None:
+        build(cfg, workers)
 
 
 def loaders(cfg: "TrainConfig", device: torch.device) -> tuple[Loader, Loader]:

@@ -370,6 +370,12 @@ def load_frames(cfg: "TrainConfig", size: int) -> Frames:
     return frames(dataset, train, test, _cache_dir(cfg), cfg.workers)
 
 
+def prepare(cfg: "TrainConfig", workers: int) -> None:
+    """Cache cfg's frames, at the size its loaders read, where they read them."""
+    dataset, train, test = _recordings(cfg, INFO.image_size)
+    frames(dataset, train, test, _cache_dir(cfg), workers)
+
+
 class FrameRecipe:
     """Stored frames [B, T, 2, S, S] -> float32, optionally pad-and-crop (one offset per sample), normalised."""
 

@@ -476,7 +476,13 @@ def main(sweep: Sweep, argv: Sequence[str] | None = None) -> int:
         runner.check_address(args.address, source=source)
         if args.address is None:
             # The cluster is a Ray this sweep would start here: what it has is known before it starts.
-            _check_fits_here(plan)
+            here = resources.local_ray()
+            _check_fits_here(plan, here)
+            # Its trials run on this machine and read the caches built here, before Ray starts, where the progress
+            # lines of a build that takes minutes (CIFAR10-DVS frames) are seen: Ray forwards none of a trial's
+            # (runner.connect). The build has the cores Ray would give the trials, which do not run yet.
+            for _, cfg in data_configs(plan).values():
+                data.prepare(cfg, workers=int(here.get("CPU", 1)))
     except (InputError, ConfigError, data.DataError, ConnectionError) as e:
         return refuse(e)
     # Held from before the sweep runs to after its tables are settled, once taken.
@@ -560,8 +566,7 @@ def _drive(plan: Plan, args: argparse.Namespace, source: str, holding: contextli
     return 0
 
 
-def _check_fits_here(plan: Plan) -> None:
-    here = resources.local_ray()
+def _check_fits_here(plan: Plan, here: dict[str, float]) -> None:
     if not resources.fits(plan.cpus_per_trial, plan.gpus_per_trial, [here]):
         raise InputError(f"the Ray a sweep without --address starts here has {here.get('CPU', 0):g} CPU and "
                          f"{here.get('GPU', 0):g} GPU, too few for {plan.cpus_per_trial:g} CPU and "

@@ -245,7 +245,8 @@ def connect(address: str | None) -> None:
         logging.getLogger(_TOKEN_NOTICE_LOGGER).addFilter(_without_the_token_notice)
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
-    # Trials print nothing worth forwarding; their errors are stored with the trial.
+    # Trials' output is not forwarded: their errors are stored with the trial, and a sweep on a Ray of its own
+    # builds the data caches, whose progress lines matter, before its trials start (ndot.sweep.cli.main).
     ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", runtime_env=trial_env())
 
 
