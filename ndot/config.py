@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import numbers
 import os
@@ -94,6 +95,10 @@ class TrainConfig:
     cutout: bool = True
     # CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding (ndot/data/dvs.py).
     dvs_encoding: str = "counts"
+    # Modules, comma-separated, imported by validate before it checks the names: a module of the user's that
+    # registers an architecture (ndot.models.register). Named here, not imported by the caller alone, so that
+    # every process that runs the config imports them: a sweep's trials, a resume, ndot.evaluate.
+    imports: str = ""
 
     def __post_init__(self) -> None:
         # A Path is what Python code hands over for a folder; checkpoints hold the config and load
@@ -115,6 +120,7 @@ class TrainConfig:
                 bad(f"{f.name} must be {_KINDS[f.type][1]}, got {value!r}")
             if f.type == "float" and not math.isfinite(value):
                 bad(f"{f.name} must be a finite number, got {value!r}")
+        _import_modules(self.imports)
         if not _is_int(self.T) or not 0 < self.T <= MAX_T:
             bad(f"T must be an integer in [1, {MAX_T}], got {self.T!r}")
         if self.rule not in RULES:
@@ -124,7 +130,10 @@ class TrainConfig:
         if self.rule == "bptt" and self.mode == "O":
             bad("rule 'bptt' needs the whole sequence before its one backward pass: use mode 'A'")
         if self.arch not in ARCHS:
-            bad(f"unknown architecture {self.arch!r}; valid architectures: {', '.join(sorted(ARCHS))}")
+            # In a process of its own (a sweep's trial) an architecture registered by the code that started it
+            # is unknown but where one of `imports` registers it.
+            registers = f" (registered by none of imports {self.imports})" if self.imports else ""
+            bad(f"unknown architecture {self.arch!r}{registers}; valid architectures: {', '.join(sorted(ARCHS))}")
         if self.dataset not in DATASETS:
             bad(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}")
         if not 0 < self.lr <= FLOAT32_MAX:
@@ -185,6 +194,19 @@ class TrainConfig:
         ndot's, and checkpoint.FORMAT, raised where that would be misread, refuses the checkpoint."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in record.items() if k in names})
+
+
+def _import_modules(names: str) -> None:
+    """Import each of the comma-separated module names (TrainConfig.imports); ConfigError for one that is not found.
+
+    An error raised inside a module that is found is its author's to read, and keeps its traceback.
+    """
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports: cannot import {name!r} ({e}); every process that runs the config imports it: "
+                              "install it, or put its folder on PYTHONPATH") from None
 
 
 def check_settings(keys: Iterable[str]) -> None:
@@ -297,4 +319,6 @@ FIELD_HELP = {
     "autoaugment": "augmentation: AutoAugment, CIFAR-10 policy (CIFAR only)",
     "cutout": "augmentation: Cutout 16x16 (CIFAR only)",
     "dvs_encoding": "CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding",
+    "imports": "modules to import first, comma-separated, e.g. my_arch, which register architectures "
+               "(ndot.models.register); saved with the run",
 }

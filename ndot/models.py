@@ -142,6 +142,20 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def register(name: str, build: Callable[[int, int, NeuronArgs], SpikingNet], input_size: int) -> None:
+    """Add an architecture to ARCHS: `build(in_channels, num_classes, neuron)` makes its SpikingNet, sized for
+    `input_size` x `input_size` input (a dataset without a native size, digits, is resized to it).
+
+    Registered from a module of its own, named in TrainConfig.imports (--imports, --set imports=...), it is
+    known in every process that runs the config, a sweep's trials too. ValueError where `name` is taken by
+    another architecture: the name is what tables, checkpoints and the benchmark's cached FLOP counts go by.
+    """
+    arch = Arch(build, input_size)
+    if ARCHS.get(name, arch) != arch:
+        raise ValueError(f"architecture {name!r} is registered already, by {ARCHS[name].build.__module__}")
+    ARCHS[name] = arch
+
+
 def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | None = None,
           readout_trace: bool = False) -> SpikingNet:
     """The architecture `name` (one of ARCHS) for `in_channels` x H x W input and `num_classes` classes.

@@ -81,9 +81,10 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 # What a checkpoint's run must share with the run that continues it. The rest may change on
-# resume: epochs (to extend a run), where and how it runs (device, levers, loader), the data's place.
+# resume: epochs (to extend a run), where and how it runs (device, levers, loader), the data's place, and
+# the modules that register its architecture (moved, say: the weights are checked against the network).
 _RESUMABLE_CHANGES = {"epochs", "device", "channels_last", "fused_neuron", "fused_ws", "cuda_graph",
-                      "data_root", "download", "loader", "workers"}
+                      "data_root", "download", "loader", "workers", "imports"}
 
 
 def runnable_device(cfg: TrainConfig, root_origin: str | None = None) -> torch.device:
@@ -278,7 +279,7 @@ def _help(f: dataclasses.Field) -> str:
     text = FIELD_HELP.get(f.name, f.name)
     if f.name in _CHOICES:
         text += f"; one of {', '.join(_CHOICES[f.name])}"
-    return text if f.default is None else f"{text} (default: {f.default})"
+    return text if f.default is None else f"{text} (default: {'none' if f.default == '' else f.default})"
 
 
 def _prog() -> str:

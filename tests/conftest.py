@@ -20,6 +20,39 @@ NOT_ON_THE_GPU_MACHINE = ("ray", "optuna", "tonic", "faery", "aedat", "expelliar
                           "jsonschema", "moto", "boto3")
 
 
+# A researcher's module outside the package: a two-conv WS network, registered as USER_ARCH.
+USER_MODULE, USER_ARCH = "user_arch", "ws2"
+_USER_MODULE_TEXT = f"""
+from ndot.layers import Seq, WSConv2d
+from ndot.models import NeuronArgs, SpikingNet, register
+
+
+def ws2(in_channels: int, num_classes: int, n: NeuronArgs) -> SpikingNet:
+    return SpikingNet(Seq(WSConv2d(in_channels, 16), n.make(), WSConv2d(16, 32, stride=2), n.make()), 32, num_classes)
+
+
+register({USER_ARCH!r}, ws2, 16)
+"""
+
+
+@pytest.fixture
+def user_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """USER_MODULE written to a folder of its own, the current one and on sys.path, as a module beside the
+    researcher's shell is (Ray puts a driver's folder on its workers' path); not imported yet. Yields
+    (USER_MODULE, USER_ARCH). Afterwards the process knows it no more: USER_ARCH is out of ARCHS, which the
+    tests over ARCHS read."""
+    from ndot.models import ARCHS
+
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / f"{USER_MODULE}.py").write_text(_USER_MODULE_TEXT)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    yield USER_MODULE, USER_ARCH
+    ARCHS.pop(USER_ARCH, None)
+    sys.modules.pop(USER_MODULE, None)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """The data tests work on small tensors, which gain nothing from intra-op threads; on a loaded

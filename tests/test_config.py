@@ -33,6 +33,8 @@ from ndot.models import ARCHS, from_config
         ({"mode": "B"}, "unknown mode 'B'"),
         ({"tau": 1.0}, "tau must be > 1"),
         ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ({"imports": "no_such_module"}, "imports: cannot import 'no_such_module' (No module named 'no_such_module')"),
+        ({"imports": "ndot.layers", "arch": "ws2"}, "unknown architecture 'ws2' (registered by none of imports ndot.layers)"),
     ],
 )
 def test_bad_config_raises_one_line(kw, words):

@@ -675,6 +675,19 @@ def test_bench_table_reads_a_run_whose_last_row_was_cut_off(tmp_path):
     assert read_run(str(path)) == [{"kind": "env", "device": "cpu"}, {"kind": "env", "device": "cuda"}]
 
 
+def test_bench_measures_an_architecture_that_a_module_named_in_imports_registers(user_arch):
+    module, arch = user_arch
+    cpu = torch.device("cpu")
+    args = ["--small", "--archs", arch]
+    with pytest.raises(ConfigError, match=f"unknown architecture '{arch}'"):
+        bench_cli.check_plan(bench_cli.plan(bench_cli._parser().parse_args(args), cpu), cpu)
+    bench_cli.check_plan(bench_cli.plan(bench_cli._parser().parse_args([*args, "--imports", module]), cpu), cpu)
+    # Its FLOPs, counted on its ANN twin as for ndot's own: two 3x3 convolutions (3 -> 16 channels at 16x16, 16 -> 32
+    # at 8x8) and the 32 -> 10 readout, forward and backward (no input gradient for the image).
+    forward = [2 * 16 * 16 * 16 * 3 * 9, 2 * 8 * 8 * 32 * 16 * 9, 2 * 32 * 10]
+    assert gflop_per_image_step(arch) * 1e9 == pytest.approx(3 * sum(forward) - forward[0], rel=1e-12)
+
+
 def test_bench_plans_the_documented_sizes_and_reads_the_targets_at_the_lever_T():
     # README: the default is the real size (VGG-11-WS, batch 128, T 1, 2, 4, 6, 20, fp32 and bf16), targets
     # read at the per-lever T, 4 by default; --small is small_cnn, batch 8, T 1, 2, 4, one thread, lever T 2.

@@ -4,7 +4,7 @@ import torch
 
 from ndot.layers import LIF, WSConv2d, neurons, reset_state
 from ndot.config import RULES, TrainConfig
-from ndot.models import ARCHS, build, from_config
+from ndot.models import ARCHS, build, from_config, register
 
 
 def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -187,3 +187,11 @@ def test_neuron_dropout_drops_a_fraction_p_of_the_neurons(p):
     assert (s == 0).double().mean().item() == pytest.approx(p, abs=0.015)
     assert s.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)])
 
+
+
+def test_a_name_registered_for_another_architecture_is_refused():
+    # Tables, checkpoints and the benchmark's FLOP counts go by the name: it must not come to mean another network.
+    with pytest.raises(ValueError, match="architecture 'small_cnn' is registered already, by ndot.models"):
+        register("small_cnn", ARCHS["vgg11_ws"].build, 16)
+    register("small_cnn", ARCHS["small_cnn"].build, 16)  # the same again, as a module imported twice does
+    assert ARCHS["small_cnn"].build.__name__ == "small_cnn"

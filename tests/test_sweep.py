@@ -31,7 +31,7 @@ from ray.tune.experiment import Trial
 from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
 from ndot.sweep import cli, runner
-from ndot.sweep.definitions import SMOKE, TIMESTEPS
+from ndot.sweep.definitions import ARCHITECTURES, SMOKE, TIMESTEPS
 from ndot.sweep.recorder import TensorBoardCallback
 from ndot.sweep.searcher import listed_trials
 from ndot.sweep.space import SearchSpace, Stratum, strata
@@ -208,6 +208,19 @@ def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_and_envi
             signal.signal(n, handler)
     assert after == {signal.SIGTERM: notebooks, signal.SIGINT: before[signal.SIGINT], signal.SIGUSR1: notebooks}
     assert [name for name in runner._TUNE_SETTINGS if name in os.environ] == []
+
+
+def test_an_architecture_of_the_users_own_module_is_swept_by_trials_that_import_it(cluster, tmp_path, user_arch):
+    # Registered in the driver alone, the trials' processes would not know it: --set imports has each import it.
+    module, arch = user_arch
+    argv = ["--archs", arch, "--set", f"imports={module}", "--T", "1", "--rules", "ndot_A", "--epochs", "1",
+            "--batch-size", "32", "--storage", str(tmp_path), "--name", "mine", "--address", cluster.address]
+    assert cli.main(ARCHITECTURES, argv) == 0
+    trials = pd.read_parquet(tmp_path / "mine" / "trials.parquet")
+    assert list(trials["status"]) == [results.COMPLETED] and list(trials["arch"]) == [arch]
+    # The trial trained the module's network (16 channels first), not another under its name.
+    state = checkpoint.load(tmp_path / "mine" / trials["checkpoint"][0] / checkpoint.TRIAL)
+    assert state["model"]["features.0.weight"].shape[0] == 16
 
 
 def test_a_sweep_run_where_ray_is_initialised_already_is_refused_in_one_line_and_leaves_it(cluster, tmp_path, capsys):

@@ -424,6 +424,16 @@ def test_a_sweep_on_a_ray_of_its_own_caches_each_ts_frames_before_its_trials_sta
     assert [line.split(" into ")[1].split()[0] for line in err.splitlines() if " recordings into " in line] == ["1", "2"], err
 
 
+def test_an_architecture_registered_in_the_driver_alone_is_refused_naming_the_module_to_import(tmp_path, capsys, user_arch):
+    # Its trials, in processes of their own, would each error "unknown architecture" after Ray had started.
+    module, arch = user_arch
+    __import__(module)
+    rc = exit_status(cli.main, ARCHITECTURES, ["--archs", f"small_cnn,{arch}", "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"architecture '{arch}' is registered in this process only" in err, err
+    assert err.rstrip().endswith(f"--set imports={module}") and not ray.is_initialized()
+
+
 def test_script_exits_nonzero_without_starting_ray(tmp_path):
     before = _sessions()
     done = subprocess.run(

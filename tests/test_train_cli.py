@@ -19,6 +19,7 @@ import torch
 from helpers import HANG_S, exit_status, small_cnn_of_an_older_ndot
 from ndot import checkpoint, data, files
 from ndot.cli import Terminated
+from ndot.evaluate import main as evaluate_main
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
 from ndot.train import DEFAULT_OUT, main, train
@@ -167,12 +168,25 @@ def test_help_gives_every_option_its_default_and_valid_values(capsys, monkeypatc
     # An option's entry: its flags, then its help, on that line or the next; by the option's name.
     entries = {e.split()[0].strip("-,"): " ".join(e.split()) for e in capsys.readouterr().out.split("\n  -")}
     for f in dataclasses.fields(TrainConfig):
-        default = "$NDOT_DATA, else ~/data" if f.default is None else f.default
+        default = "$NDOT_DATA, else ~/data" if f.default is None else "none" if f.default == "" else f.default
         assert f"(default: {default})" in entries[f.name], f.name
     assert ", ".join(RULES) in entries["rule"]
     assert ", ".join(sorted(ARCHS)) in entries["arch"]
     assert ", ".join(sorted(data.DATASETS)) in entries["dataset"]
     assert f"(default: {DEFAULT_OUT})" in entries["out"]
+
+
+def test_an_architecture_of_a_module_named_in_imports_trains_and_evaluates_where_that_module_is_not_imported(
+        tmp_path, capsys, user_arch):
+    module, arch = user_arch
+    out = tmp_path / "run"
+    assert main([*RUN, "--imports", module, "--arch", arch, "--out", str(out)]) == 0
+    assert checkpoint.load(out / checkpoint.BEST)["model"]["features.0.weight"].shape[0] == 16
+    # A process that has not imported it, as ndot.evaluate's is: the run's config names the module.
+    ARCHS.pop(arch)
+    sys.modules.pop(module)
+    assert evaluate_main([str(out), "--out", str(tmp_path / "eval.json")]) == 0
+    assert arch in ARCHS
 
 
 def test_the_default_out_folder_is_named_after_the_flags_given(tmp_path, monkeypatch, capsys):

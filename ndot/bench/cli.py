@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                                                     "(default: auto)")
     # The sweeps' spellings of these lists; --arch and --batch, this command's own before, still work.
     p.add_argument("--archs", "--arch", dest="arch", type=listed(str), default=None, metavar="ARCHS",
-                   help=f"comma-separated architectures, of {', '.join(sorted(ARCHS))}")
+                   help=f"comma-separated architectures, of {', '.join(sorted(ARCHS))} or those --imports registers")
+    p.add_argument("--imports", default="", metavar="MODULES",
+                   help="comma-separated modules to import first, e.g. my_arch, which register architectures (ndot.models.register)")
     p.add_argument("--batch-size", "--batch", dest="batch", type=listed(int), default=None, metavar="SIZES",
                    help="comma-separated batch sizes; the per-lever runs, profiles and targets use the first")
     p.add_argument("--T", type=listed(int), default=None, help="comma-separated time steps")
@@ -113,6 +115,7 @@ def plan(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
                      Levers(channels_last=True, fused_neuron=True, cuda_graph=True),
                      dataclasses.replace(fast, cuda_graph=True)]
     return {
+        "imports": args.imports,
         "archs": args.arch or ["small_cnn" if small else "vgg11_ws"],
         "batches": args.batch or [8 if small else 128],
         "Ts": args.T or ([1, 2, 4] if small else [1, 2, 4, 6, 20]),
@@ -149,7 +152,8 @@ def check_plan(p: dict[str, Any], device: torch.device) -> None:
             for T in p["Ts"]:
                 for batch in p["batches"]:
                     for precision in p["precisions"]:
-                        TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=batch, precision=precision).validate()
+                        TrainConfig(arch=arch, rule=rule, mode=mode, T=T, batch_size=batch, precision=precision,
+                                    imports=p["imports"]).validate()
     if not 0 <= p["ablation_T"] <= MAX_T:
         raise ConfigError(f"--ablation-T must be in [0, {MAX_T}] (0: no per-lever runs), got {p['ablation_T']}")
     if p["grid_levers"].cuda_graph and device.type != "cuda":

@@ -73,7 +73,8 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--rules", type=listed(str), help=f"RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A; RULE one of {', '.join(RULES)}, "
                                                        f"MODE one of {', '.join(MODES)}")
     p.add_argument("--T", type=listed(int), help="time steps, e.g. 1,2,4,6")
-    p.add_argument("--archs", type=listed(str), help=f"architectures, e.g. vgg11_ws,resnet_ws; of {', '.join(sorted(ARCHS))}")
+    p.add_argument("--archs", type=listed(str), help=f"architectures, e.g. vgg11_ws,resnet_ws; of {', '.join(sorted(ARCHS))}, "
+                                                         "or those the modules of --set imports=MODULES register")
     p.add_argument("--lr", type=_span, help="learning rate, or LOW,HIGH searched log-uniformly")
     p.add_argument("--momentum", type=_span, help="SGD momentum, or LOW,HIGH searched")
     p.add_argument("--loss-alpha", type=_span, help="MSE weight of the loss, or LOW,HIGH searched")
@@ -188,6 +189,19 @@ def _check_trials(base: dict[str, Any], cells: Sequence[Stratum], space: SearchS
             TrainConfig.from_dict({**base, **cell.values, **corner}).validate()
 
 
+def _check_trials_know(archs: Sequence[str], imports: str) -> None:
+    """InputError for an architecture of the user's that the trials would not know: they run in processes of their
+    own, which know only ndot's and those the modules of `imports` register (here it is known, or validation failed)."""
+    for name in archs:
+        where = ARCHS[name].build.__module__
+        if where == "__main__":
+            raise InputError(f"architecture {name!r} is defined in the script that started the sweep, which its trials cannot "
+                             "import: register it in a module of its own and name that with --set imports=MODULE")
+        if not imports and where.partition(".")[0] != "ndot":
+            raise InputError(f"architecture {name!r} is registered in this process only, and the sweep's trials run in "
+                             f"processes of their own: name the module that registers it with --set imports={where}")
+
+
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     """The run the command line asks for; raises InputError or ConfigError on bad input."""
     preset = sweep.presets[args.preset or DEFAULT_PRESET]
@@ -218,6 +232,7 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
                          "repeats one run: give --trials 1, or a range such as --lr 0.03,0.3")
     cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
     _check_trials(base, cells, space)
+    _check_trials_know(axes["arch"], base.get("imports", ""))
     rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
     check_rule_flags(base, rules, lambda name: f"--set {name}")
     if args.data_root == "":
