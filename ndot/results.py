@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.dir}: no tables yet; they appear when the sweep's first epoch ends", file=sys.stderr)
             return 1
         return refuse(_not_a_sweep(args.dir, f"not found: {str(e).splitlines()[0]}"))
+    except BrokenPipeError:
+        raise  # an OSError, but the reader of stdout gone (`| head`), not storage: cli.run ends the command as SIGPIPE would
     except KeyError as e:
         return refuse(f"{args.dir}: a table lacks the column {e}: not the tables of a sweep "
                       f"(python -m ndot.results collect {args.dir} rebuilds them)")

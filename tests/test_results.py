@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -10,7 +13,7 @@ from matplotlib import pyplot as plt
 from matplotlib.colors import to_hex
 from matplotlib.text import Text
 
-from helpers import exit_status
+from helpers import HANG_S, exit_status
 from ndot import plots, results
 
 
@@ -56,6 +59,20 @@ def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
     assert results.main(["summary", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert printed.index("T=2,ndot_A") < printed.index("T=1,ndot_A")
+
+
+def test_a_summary_whose_reader_goes_away_ends_as_sigpipe_ends_a_command(tmp_path):
+    # `python -m ndot.results summary DIR | head -1`: a summary longer than a pipe holds (64 KiB) fails its write
+    # once head has gone, which is no storage error to report but the end cli.run gives a command SIGPIPE ends.
+    strata = [f"T={t},ndot_A" for t in range(1, 2001)]
+    pd.DataFrame({"stratum": strata, "best_test_acc": 0.9, "final_test_acc": 0.9, "lr": 0.1, "best_epoch": 3,
+                  "status": "completed", "checkpoint": [f"{s}/checkpoint_000002" for s in strata]}
+                 ).to_parquet(tmp_path / "trials.parquet")
+    proc = subprocess.Popen([sys.executable, "-m", "ndot.results", "summary", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "best_test_acc" in proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=HANG_S) == 128 + signal.SIGPIPE and proc.stderr.read() == ""
 
 
 def test_collect_refuses_a_folder_that_is_no_sweep_in_one_line(tmp_path, capsys):
