@@ -96,8 +96,9 @@ class TrainConfig:
     # CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding (ndot/data/dvs.py).
     dvs_encoding: str = "counts"
     # Modules, comma-separated, imported by validate before it checks the names: a module of the user's that
-    # registers an architecture (ndot.models.register). Named here, not imported by the caller alone, so that
-    # every process that runs the config imports them: a sweep's trials, a resume, ndot.evaluate.
+    # registers an architecture (ndot.models.register) or a dataset (ndot.data.register). Named here, not imported
+    # by the caller alone, so that every process that runs the config imports them: a sweep's trials, a resume,
+    # ndot.evaluate.
     imports: str = ""
 
     def __post_init__(self) -> None:
@@ -129,13 +130,13 @@ class TrainConfig:
             bad(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
         if self.rule == "bptt" and self.mode == "O":
             bad("rule 'bptt' needs the whole sequence before its one backward pass: use mode 'A'")
+        # In a process of its own (a sweep's trial) an architecture or dataset registered by the code that started
+        # it is unknown but where one of `imports` registers it.
+        registers = f" (registered by none of imports {self.imports})" if self.imports else ""
         if self.arch not in ARCHS:
-            # In a process of its own (a sweep's trial) an architecture registered by the code that started it
-            # is unknown but where one of `imports` registers it.
-            registers = f" (registered by none of imports {self.imports})" if self.imports else ""
             bad(f"unknown architecture {self.arch!r}{registers}; valid architectures: {', '.join(sorted(ARCHS))}")
         if self.dataset not in DATASETS:
-            bad(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(sorted(DATASETS))}")
+            bad(f"unknown dataset {self.dataset!r}{registers}; valid datasets: {', '.join(sorted(DATASETS))}")
         if not 0 < self.lr <= FLOAT32_MAX:
             bad(f"lr must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
@@ -320,5 +321,5 @@ FIELD_HELP = {
     "cutout": "augmentation: Cutout 16x16 (CIFAR only)",
     "dvs_encoding": "CIFAR10-DVS frames: event counts, or the authors' uint8/PIL encoding",
     "imports": "modules to import first, comma-separated, e.g. my_arch, which register architectures "
-               "(ndot.models.register); saved with the run",
+               "(ndot.models.register) or datasets (ndot.data.register); saved with the run",
 }

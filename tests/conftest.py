@@ -43,14 +43,52 @@ def user_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     tests over ARCHS read."""
     from ndot.models import ARCHS
 
-    folder = tmp_path / "user"
-    folder.mkdir()
-    (folder / f"{USER_MODULE}.py").write_text(_USER_MODULE_TEXT)
-    monkeypatch.chdir(folder)
-    monkeypatch.syspath_prepend(str(folder))
+    _write_user_module(tmp_path, monkeypatch, USER_MODULE, _USER_MODULE_TEXT)
     yield USER_MODULE, USER_ARCH
     ARCHS.pop(USER_ARCH, None)
     sys.modules.pop(USER_MODULE, None)
+
+
+# A researcher's dataset outside the package, registered as USER_DATASET: the README's example.
+USER_DATA_MODULE, USER_DATASET = "user_data", "stripes"
+_USER_DATA_MODULE_TEXT = f"""
+import torch
+from ndot.data import DatasetInfo, register
+from ndot.data.loader import DeviceLoader
+
+
+def loaders(cfg, device, input_size):
+    g = torch.Generator().manual_seed(0)  # the same data in every process that runs the config
+    y = torch.randint(0, 4, (1000,), generator=g)
+    x = torch.randn(1000, 1, input_size, input_size, generator=g)
+    x[torch.arange(1000), 0, :, y] += 2.0  # class k: column k lit
+    x, y = x.to(device), y.to(device)
+    return (DeviceLoader(x[:800], y[:800], cfg.batch_size, shuffle=True, seed=cfg.seed),
+            DeviceLoader(x[800:], y[800:], cfg.batch_size, shuffle=False))
+
+
+register({USER_DATASET!r}, loaders, DatasetInfo(num_classes=4, in_channels=1, image_size=None, in_data_root=False))
+"""
+
+
+@pytest.fixture
+def user_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """USER_DATA_MODULE, as user_arch has USER_MODULE: yields (USER_DATA_MODULE, USER_DATASET), and afterwards
+    the process knows it no more."""
+    from ndot.data import DATASETS
+
+    _write_user_module(tmp_path, monkeypatch, USER_DATA_MODULE, _USER_DATA_MODULE_TEXT)
+    yield USER_DATA_MODULE, USER_DATASET
+    DATASETS.pop(USER_DATASET, None)
+    sys.modules.pop(USER_DATA_MODULE, None)
+
+
+def _write_user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, text: str) -> None:
+    folder = tmp_path / "user"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{module}.py").write_text(text)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
 
 
 @pytest.fixture(scope="module")

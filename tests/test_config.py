@@ -35,6 +35,7 @@ from ndot.models import ARCHS, from_config
         ({"dropout": 1.0}, "dropout must be in [0, 1)"),
         ({"imports": "no_such_module"}, "imports: cannot import 'no_such_module' (No module named 'no_such_module')"),
         ({"imports": "ndot.layers", "arch": "ws2"}, "unknown architecture 'ws2' (registered by none of imports ndot.layers)"),
+        ({"imports": "ndot.layers", "dataset": "stripes"}, "unknown dataset 'stripes' (registered by none of imports ndot.layers)"),
     ],
 )
 def test_bad_config_raises_one_line(kw, words):

@@ -1,9 +1,11 @@
 """The offline digits dataset: the fixed stratified 80/20 split and its inputs."""
 from __future__ import annotations
 
+import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from ndot import data
 from ndot.config import TrainConfig
 from ndot.data import digits
 
@@ -40,3 +42,15 @@ def test_the_split_is_the_one_results_were_reported_on():
     _, _, x_test, y_test = digits.split()
     assert torch.equal(x_test[:12, 0], torch.tensor(d.images[first], dtype=torch.float32) / 16.0)
     assert y_test[:12].tolist() == d.target[first].tolist() == [7, 6, 3, 7, 7, 3, 2, 8, 9, 3, 2, 6]
+
+
+def test_a_name_registered_for_another_dataset_is_refused(user_data):
+    # Tables and checkpoints go by the name: another dataset under it would be read as this one.
+    with pytest.raises(ValueError, match="dataset 'digits' is registered already, by ndot.data.digits"):
+        data.register("digits", digits.loaders, digits.INFO)
+    module, name = user_data
+    mine = __import__(module)
+    with pytest.raises(ValueError, match=f"dataset '{name}' is registered already, by {module}"):
+        data.register(name, digits.loaders, digits.INFO)
+    data.register(name, mine.loaders, data.info(name))  # the same again, as a module imported twice does
+    assert data.origin(name) == module and data.origin("digits") == "ndot.data.digits"

@@ -223,6 +223,18 @@ def test_an_architecture_of_the_users_own_module_is_swept_by_trials_that_import_
     assert state["model"]["features.0.weight"].shape[0] == 16
 
 
+def test_a_dataset_of_the_users_own_module_is_swept_by_trials_that_import_it(cluster, tmp_path, user_data):
+    module, dataset = user_data
+    argv = ["--archs", "small_cnn", "--dataset", dataset, "--set", f"imports={module}", "--T", "1", "--rules", "ndot_A",
+            "--epochs", "1", "--batch-size", "32", "--storage", str(tmp_path), "--name", "mine", "--address", cluster.address]
+    assert cli.main(ARCHITECTURES, argv) == 0
+    trials = pd.read_parquet(tmp_path / "mine" / "trials.parquet")
+    assert list(trials["status"]) == [results.COMPLETED] and list(trials["dataset"]) == [dataset]
+    # The trial read the module's data, of four classes, not digits' ten.
+    state = checkpoint.load(tmp_path / "mine" / trials["checkpoint"][0] / checkpoint.TRIAL)
+    assert state["model"]["readout.weight"].shape[0] == 4
+
+
 def test_a_sweep_run_where_ray_is_initialised_already_is_refused_in_one_line_and_leaves_it(cluster, tmp_path, capsys):
     ray.init(address=cluster.address, logging_level="WARNING")  # a notebook's own connection
     try:

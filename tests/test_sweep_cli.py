@@ -434,6 +434,16 @@ def test_an_architecture_registered_in_the_driver_alone_is_refused_naming_the_mo
     assert err.rstrip().endswith(f"--set imports={module}") and not ray.is_initialized()
 
 
+def test_a_dataset_registered_in_the_driver_alone_is_refused_naming_the_module_to_import(tmp_path, capsys, user_data):
+    # As an architecture is: its trials would each error "unknown dataset" after Ray had started.
+    module, dataset = user_data
+    __import__(module)
+    rc = exit_status(cli.main, ARCHITECTURES, ["--dataset", dataset, "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"dataset '{dataset}' is registered in this process only" in err, err
+    assert err.rstrip().endswith(f"--set imports={module}") and not ray.is_initialized()
+
+
 def test_script_exits_nonzero_without_starting_ray(tmp_path):
     before = _sessions()
     done = subprocess.run(

@@ -189,6 +189,22 @@ def test_an_architecture_of_a_module_named_in_imports_trains_and_evaluates_where
     assert arch in ARCHS
 
 
+def test_a_dataset_of_a_module_named_in_imports_trains_and_evaluates_where_that_module_is_not_imported(
+        tmp_path, capsys, user_data):
+    module, dataset = user_data
+    out = tmp_path / "run"
+    assert main([*RUN, "--imports", module, "--dataset", dataset, "--out", str(out)]) == 0
+    # Its info, not digits': four classes.
+    assert checkpoint.load(out / checkpoint.BEST)["model"]["readout.weight"].shape[0] == 4
+    data.DATASETS.pop(dataset)
+    sys.modules.pop(module)
+    assert evaluate_main([str(out), "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["config"]["dataset"] == dataset and dataset in data.DATASETS
+    # The module's data again, made in the evaluating process: the run's own test accuracy.
+    assert result["test_acc"] == json.loads((out / "metrics.jsonl").read_text())["test_acc"]
+
+
 def test_the_default_out_folder_is_named_after_the_flags_given(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     refused(capsys, [*RUN, "--resume"], "runs/digits-small_cnn-ndot_A-T1-seed3/checkpoint.pt does not exist")

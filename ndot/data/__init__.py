@@ -7,14 +7,15 @@ DataError with one line when the data is missing (before any work starts), and
 picks input_size. A module that caches what it derives from its files also exposes `prepare(cfg, workers)`,
 which builds that cache where its loaders read it. A loader yields (x, y) on `device`: x is [B, C, H, W] for static
 images (the same input at every time step) or [B, T, C, H, W] for event frames;
-it has `set_epoch`, `__len__` and `num_samples`.
+it has `set_epoch`, `__len__` and `num_samples`. A dataset of the user's, outside the package, is added with
+`register` from a module named in TrainConfig.imports.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
-from typing import TYPE_CHECKING
+from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -40,8 +41,8 @@ class DatasetInfo:
 
 
 # name -> module under ndot.data, imported on first use so that a run on
-# digits never imports tonic.
-DATASETS: dict[str, str] = {
+# digits never imports tonic; or what `register` added, which reads as such a module.
+DATASETS: dict[str, str | SimpleNamespace] = {
     "digits": "digits",
     "cifar10": "cifar",
     "cifar100": "cifar",
@@ -49,10 +50,46 @@ DATASETS: dict[str, str] = {
 }
 
 
-def _module(name: str) -> ModuleType:
+def register(name: str, loaders: Callable[["TrainConfig", torch.device, int], tuple[Loader, Loader]], info: DatasetInfo,
+             check: Callable[["TrainConfig"], None] | None = None,
+             prepare: Callable[["TrainConfig", int], None] | None = None) -> None:
+    """Add dataset `name` to DATASETS, with the functions a module under ndot.data has (above).
+
+    `loaders(cfg, device, input_size)` returns (train, test) loaders, e.g. two ndot.data.loader.DeviceLoader
+    over x [N, C, H, W] (or [N, T, C, H, W], frames) on `device` and labels y [N], class indices in
+    [0, info.num_classes): C is info.in_channels, H = W info.image_size, or `input_size` (the architecture's)
+    where that is None. Every process that runs the config calls it (a sweep's trials, a resume, ndot.evaluate):
+    its data and split must come out the same in each. The train loader shuffles by cfg.seed and the epoch
+    of set_epoch, as DeviceLoader(..., shuffle=True, seed=cfg.seed) does: a resumed run sees the same batches.
+    Optional: `check(cfg)` raises DataError, one line, where the data is missing, before any work;
+    `prepare(cfg, workers)` builds what the loaders cache (a sweep's driver runs it before its trials start).
+    Files are read under ndot.data.storage.data_root(cfg), with info.in_data_root.
+
+    Registered from a module of its own, named in TrainConfig.imports (--imports, --set imports=...), it is
+    known in every process that runs the config, a sweep's trials too. ValueError where `name` is taken by
+    another dataset: the name is what tables and checkpoints go by.
+    """
+    entry = SimpleNamespace(INFO=info, loaders=loaders, check=check or _nothing_to_check, prepare=prepare)
+    if DATASETS.get(name, entry) != entry:
+        raise ValueError(f"dataset {name!r} is registered already, by {origin(name)}")
+    DATASETS[name] = entry
+
+
+def _nothing_to_check(cfg: "TrainConfig") -> None:
+    """A registered dataset's check where it has none: its data is made, or ships with its module."""
+
+
+def origin(name: str) -> str:
+    """The name of the module that defines dataset `name` (one of DATASETS)."""
+    entry = DATASETS[name]
+    return f"ndot.data.{entry}" if isinstance(entry, str) else entry.loaders.__module__
+
+
+def _module(name: str) -> ModuleType | SimpleNamespace:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}")
-    return importlib.import_module(f"ndot.data.{DATASETS[name]}")
+    entry = DATASETS[name]
+    return importlib.import_module(origin(name)) if isinstance(entry, str) else entry
 
 
 def info(name: str) -> DatasetInfo:

@@ -67,7 +67,8 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
                                                     f"{results.TRIALS_TABLE}.parquet (python -m ndot.results) and the figures. "
                                                     f"{_FLAGS_HELP}")  # run from Python too
     p.add_argument("--preset", choices=sorted(sweep.presets), help=f"defaults for every flag (default: {DEFAULT_PRESET})")
-    p.add_argument("--dataset", help=f"one of {', '.join(sorted(data.DATASETS))}")
+    p.add_argument("--dataset", help=f"one of {', '.join(sorted(data.DATASETS))}, or one the modules of --set imports=MODULES "
+                                     "register")
     p.add_argument("--data-root", help="data folder (default: $NDOT_DATA, else ~/data on each node)")
     p.add_argument("--download", action="store_true", help="fetch a missing dataset (on every node that lacks it)")
     p.add_argument("--rules", type=listed(str), help=f"RULE_MODE list, e.g. ndot_O,ndot_A,ottt_A,bptt_A; RULE one of {', '.join(RULES)}, "
@@ -189,16 +190,16 @@ def _check_trials(base: dict[str, Any], cells: Sequence[Stratum], space: SearchS
             TrainConfig.from_dict({**base, **cell.values, **corner}).validate()
 
 
-def _check_trials_know(archs: Sequence[str], imports: str) -> None:
-    """InputError for an architecture of the user's that the trials would not know: they run in processes of their
-    own, which know only ndot's and those the modules of `imports` register (here it is known, or validation failed)."""
-    for name in archs:
-        where = ARCHS[name].build.__module__
+def _check_trials_know(named: Sequence[tuple[str, str, str]], imports: str) -> None:
+    """InputError for an architecture or dataset of the user's that the trials would not know: they run in processes
+    of their own, which know only ndot's and those the modules of `imports` register. `named`: (what, name, the
+    module that defines it) of each the trials use (here each is known, or validation failed)."""
+    for what, name, where in named:
         if where == "__main__":
-            raise InputError(f"architecture {name!r} is defined in the script that started the sweep, which its trials cannot "
+            raise InputError(f"{what} {name!r} is defined in the script that started the sweep, which its trials cannot "
                              "import: register it in a module of its own and name that with --set imports=MODULE")
         if not imports and where.partition(".")[0] != "ndot":
-            raise InputError(f"architecture {name!r} is registered in this process only, and the sweep's trials run in "
+            raise InputError(f"{what} {name!r} is registered in this process only, and the sweep's trials run in "
                              f"processes of their own: name the module that registers it with --set imports={where}")
 
 
@@ -232,7 +233,8 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
                          "repeats one run: give --trials 1, or a range such as --lr 0.03,0.3")
     cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
     _check_trials(base, cells, space)
-    _check_trials_know(axes["arch"], base.get("imports", ""))
+    _check_trials_know([("architecture", name, ARCHS[name].build.__module__) for name in axes["arch"]]
+                       + [("dataset", base["dataset"], data.origin(base["dataset"]))], base.get("imports", ""))
     rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
     check_rule_flags(base, rules, lambda name: f"--set {name}")
     if args.data_root == "":
