@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # A sweep without --address joins the cluster $RAY_ADDRESS names: the suite's sweeps run on the Ray
 # each test starts, never on a cluster the shell that runs the suite points at.
 os.environ.pop("RAY_ADDRESS", None)
+# A suite started in the background of a shell without job control (`pytest &`, nohup) has SIGINT ignored,
+# and commands it starts inherit that: the tests that stop one with Ctrl-C would wait out their timeouts.
+# A handled signal is reset to the default in a child, an ignored one is not.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Installed here for the sweeps and the event data, absent from the GPU machine's image:
 # bench/gpu_check.sh must run without them.
 NOT_ON_THE_GPU_MACHINE = ("ray", "optuna", "tonic", "faery", "aedat", "expelliarmus", "importRosbag",
