@@ -295,6 +295,40 @@ def test_the_fused_step_without_a_flat_view_is_still_exact():
             assert_close(fused.detach(), eager.detach(), 1e-12)
 
 
+@pytest.mark.parametrize("rule,option", [("ndot", "signed"), ("bptt", "detach_reset")])
+def test_the_fused_step_runs_the_rule_options_as_the_eager_step(rule, option):
+    """--signed_factor and --detach_reset are branches of the step that the fused comparisons above, all at
+    the defaults, never compile. Potentials on multiples of 1/16 hit A = 0 exactly, where the signed factor
+    λ·sign(A[t]) differs from λ; each option must change the eager result, or the check would be empty."""
+    g = torch.Generator().manual_seed(4)
+    currents = torch.randint(-8, 17, (4, 2, 8, 16), generator=g).double() / 8
+    weights = torch.randn(currents.shape, dtype=torch.float64, generator=g)
+    through_time = rule == "bptt"
+
+    def run(step, on: bool) -> list[torch.Tensor]:
+        kw = dict(rule=rule, lam=0.5, v_th=1.0, alpha=4.0, signed=False, detach_reset=False,
+                  through_time=through_time, trace=not through_time, out_scale=2.74)
+        kw[option] = on
+        x = currents.clone().requires_grad_()
+        state, outs, traces = (None, None, None), [], []
+        for I, w in zip(x, weights):
+            s, v, a, e = step(I, *state, **kw)
+            state = (v, a, e)
+            outs.append(s)
+            if not through_time:  # each step's backward before the next, which updates â and e in place
+                (w * s).sum().backward()
+                traces.append(a.clone())
+        if through_time:
+            sum((w * s).sum() for w, s in zip(weights, outs)).backward()
+        return [torch.stack(outs).detach(), x.grad, *traces]
+
+    eager, fused = run(neuron_step, True), run(fused_neuron_step(), True)
+    for i, (f, want) in enumerate(zip(fused, eager)):
+        assert_close(f, want, 1e-12, f"{option}: output {i}")
+    off = run(neuron_step, False)
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(eager, off)), f"{option} changed nothing here"
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_channels_last_alone_is_exact_in_float64(rule):
     model, x, y = on("cpu", torch.float64)
