@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import HANG_S
+from helpers import HANG_S, assert_close
 from ndot import checkpoint, data, malloc
 from ndot.config import ConfigError, TrainConfig
 from ndot.evaluate import evaluate
@@ -41,6 +41,39 @@ def test_metrics_every_epoch_and_learning():
     assert seen[-1]["test_acc"] > 0.5, "three epochs of NDOT_A should learn digits well past chance"
     # Cosine to zero, stepped per epoch.
     assert seen[0]["lr"] == 0.1 and seen[1]["lr"] == pytest.approx(0.075) and seen[2]["lr"] == pytest.approx(0.025)
+
+
+def test_the_optimiser_steps_by_the_recipes_sgd_at_each_epochs_cosine_lr():
+    """Spec §5: SGD with momentum μ (dampening 0, not Nesterov), weight decay on every parameter, at the lr
+    of epoch e of E: lr·½(1 + cos(π(e - 1)/E)). The reported lr alone does not show that the steps took it.
+    A batch holds the whole training set, so mode A takes one step per epoch, b_e = μ b_(e-1) + g_e + wd p_(e-1)
+    and p_e = p_(e-1) - lr_e b_e; runs from the same weights and batch tell wd and μ apart without g."""
+    cheap = {**FAST, "T": 1, "batch_size": 2048, "epochs": 2, "mode": "A"}
+    names = [n for n, _ in from_config(TrainConfig(**cheap), 1, 10).named_parameters()]
+
+    def run(**kw) -> list[tuple[dict, dict | None]]:
+        """(weights, momentum buffers b: None without momentum) after each epoch."""
+        cfg, states = TrainConfig(**{**cheap, **kw}), []
+        train(cfg, lambda m, s: states.append(s))
+        return [({n: s["model"][n] for n in names},
+                 {n: s["optimizer"]["state"][i]["momentum_buffer"] for i, n in enumerate(names)} if cfg.momentum else None)
+                for s in states]
+
+    def close(got: dict, want: dict, what: str) -> None:
+        # The values, not their differences: a step is far smaller than a weight, and its difference mostly rounding.
+        for n in names:
+            assert_close(got[n], want[n], 1e-6, f"{what}: {n}")
+
+    lr1, lr2 = 0.1, 0.1 * 0.5 * (1 + math.cos(math.pi / 2))
+    (p1, b1), (p2, b2) = run()
+    close(p2, {n: p1[n] - lr2 * b2[n] for n in names}, "epoch 2's step")
+    p0 = {n: p1[n] + lr1 * b1[n] for n in names}
+    [(_, b1_wd)] = run(epochs=1, weight_decay=0.01)  # epoch 1 of 1 has epoch 1 of 2's lr
+    close(b1_wd, {n: b1[n] + 0.01 * p0[n] for n in names}, "weight decay")
+    # Without momentum epoch 1 steps alike (b_1 = g_1), and epoch 2 by g_2 alone: 0.9 b_1 less.
+    (q1, _), (q2, _) = run(momentum=0.0)
+    close(q1, p1, "epoch 1 without momentum")
+    close(q2, {n: p2[n] + lr2 * 0.9 * b1[n] for n in names}, "momentum")
 
 
 def test_the_result_holds_the_trained_network_which_scores_the_last_epochs_accuracy():
