@@ -361,21 +361,25 @@ def test_the_readmes_python_example_runs(capsys):
     assert epoch.startswith("1 0.") and status.startswith("completed 0.")
 
 
-def test_the_runs_precision_reaches_every_training_and_evaluation_batch(monkeypatch):
+def test_the_runs_settings_reach_every_training_and_evaluation_batch(monkeypatch):
     # The one test of a bf16 run (tests/test_fast_path.py, on CUDA) skips on a CPU, where bf16 autocast runs too:
-    # a trainer that dropped cfg.precision would train and test in fp32 and pass every other test here.
+    # a trainer that dropped cfg.precision would train and test in fp32 and pass every other test here. So did
+    # one that trained every rule in mode A, or at loss α 0.05 whatever the config's (the DVS recipe's is 0.001).
     import ndot.evaluate as evaluate_module
     import ndot.train as train_module
     asked = []
 
-    def recorded(name, real):  # runs as it is, its precision noted
+    def recorded(name, real):  # runs as it is, its settings noted
         def run(*args, **kwargs):
-            asked.append((name, kwargs.get("precision")))
+            asked.append((name, tuple(sorted(kwargs.items()))))
             return real(*args, **kwargs)
         return run
 
     for module, name in ((train_module, "train_batch"), (evaluate_module, "eval_batch")):
         monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
-    result = train(TrainConfig(**{**FAST, "T": 1, "epochs": 1, "batch_size": 128, "precision": "bf16"}))
-    assert result.status == "completed"
-    assert set(asked) == {("train_batch", "bf16"), ("eval_batch", "bf16")}
+    cfg = TrainConfig(**{**FAST, "T": 1, "epochs": 1, "batch_size": 128, "precision": "bf16", "rule": "ottt", "mode": "O",
+                         "loss_alpha": 0.2})
+    assert train(cfg).status == "completed"
+    same = {"T": 1, "loss_alpha": 0.2, "precision": "bf16"}
+    assert set(asked) == {("train_batch", tuple(sorted({**same, "rule": "ottt", "mode": "O"}.items()))),
+                          ("eval_batch", tuple(sorted(same.items())))}
