@@ -1,6 +1,7 @@
 """CIFAR10-DVS: .aedat4 recordings written with faery, read through tonic and the real loaders and cache."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -581,3 +582,52 @@ def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, capl
         fcntl.flock(holder, fcntl.LOCK_UN)
     waiter.join(timeout=30)
     assert not waiter.is_alive()
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has ended: its parent (here init, or a subreaper) has not reaped it yet
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the system ends a worker with its main process on Linux")
+def test_a_cache_builder_killed_with_sigkill_leaves_no_worker_and_lets_the_next_one_build_it(dataset_root, tmp_path):
+    # Its DataLoader workers, stuck on their full queue, outlived it for good, and with them their copy of the
+    # cache's lock, which they inherited: the next builder waited for ever.
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import ndot.cli
+        from ndot.cli import show_progress
+        from ndot.data import dvs
+        ndot.cli.PROGRESS_S = 0.0
+        dataset = dvs.CIFAR10DVS(save_to={str(dataset_root)!r}, transform=dvs.EventFrames(2, 48, "counts"))
+        show_progress()
+        dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), Path({str(tmp_path)!r}), workers=2)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert proc.stderr.readline().startswith("cifar10dvs: converting 1000 recordings"), proc.stderr.read()
+        assert proc.stderr.readline() == "cifar10dvs: 0/1000 recordings converted\n"  # from its workers' first batch
+        workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir() for pid in (task / "children").read_text().split()]
+        assert len(workers) == 2
+        os.kill(proc.pid, signal.SIGSTOP)  # its workers fill their queue, which nothing reads any more
+        time.sleep(1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=HANG_S)
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)):
+            assert time.monotonic() < deadline, "its workers outlived it"
+            time.sleep(0.1)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+    (lock,) = tmp_path.glob("*.lock")
+    assert [p.name for p in tmp_path.iterdir()] == [lock.name], "a cache, or half of one"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go: no BlockingIOError
+    dataset = dvs.CIFAR10DVS(save_to=str(dataset_root), transform=dvs.EventFrames(2, 48, "counts"))
+    built = dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), tmp_path)
+    assert built.train_x.shape == (900, 2, 2, 48, 48) and len(list(tmp_path.glob("*.pt"))) == 1

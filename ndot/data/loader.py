@@ -5,7 +5,9 @@ epoch's batches are the same whether or not the run was resumed in between.
 """
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -29,16 +31,24 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def stops_left_to_the_main_process(worker_id: int) -> None:
     """A DataLoader's worker_init_fn: Ctrl-C and SIGTERM, which a terminal and a batch scheduler send every process
     of the group, are ignored by its workers, and the main process, stopping, ends them.
 
     A worker they reached died printing a traceback of its own (multiprocessing's resource sharer), or told the
     main process so, which printed torch's "DataLoader worker ... is killed by signal: Terminated": both under
-    the command's one line. A worker still ends with the main process, however that ends (torch's watchdog).
+    the command's one line. A worker still ends with the main process, however that ends: torch's watchdog
+    looks between batches only, and a main process killed (SIGKILL) while its workers' queue was full left them
+    stuck on it for good, holding the locks they inherited (a cache's, a run folder's), for which the next
+    process waited for ever or was refused. So on Linux the system kills a worker as its main process ends.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def num_batches(samples: int, batch_size: int) -> int:
