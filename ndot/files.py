@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
 import shutil
+import socket
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -266,6 +269,32 @@ def check_writable(folder: str) -> None:
     write_bytes(probe, b"")
     fs, path = filesystem(probe)
     fs.delete_file(path)
+
+
+class Held(Exception):
+    """Another process holds the lock; the message names it (its pid, host and start)."""
+
+
+@contextlib.contextmanager
+def claim(path: Path) -> Iterator[None]:
+    """Hold the file `path` (created with its folder) for this process while the block runs; Held naming the
+    holder where another process holds it.
+
+    The lock is the system's (flock), which lets it go when its holder ends, killed too: nothing stale blocks
+    the next claim. Over NFS the server holds the lock for every client.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise Held(f.read().strip() or "starting") from None
+        # Who holds it, for the refusal of another (the lock itself is the kernel's).
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
 
 
 def write_local(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:

@@ -261,6 +261,10 @@ DEFAULT_OUT = "runs/{dataset}-{arch}-{rule}_{mode}-T{T}-seed{seed}"
 LOG = "metrics.jsonl"
 # What a run leaves in its folder; a fresh run refuses a folder holding any of them.
 _RUN_FILES = (checkpoint.LAST, checkpoint.BEST, LOG)
+# The file a run holds locked (files.claim) while it writes its folder. Two runs started into one --out at
+# once both found it empty and each wrote there: metrics.jsonl held both runs' epochs interleaved, and
+# checkpoint.pt and best.pt whichever wrote last; a --resume of a run still going did the same.
+RUN_LOCK = "run.lock"
 # What a resume reads of checkpoint.pt besides the weights and the config (see _report_epoch).
 _RESUMED = ("epoch", "metrics", "best_test_acc", "optimizer", "rng")
 
@@ -313,9 +317,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfig, torch.device, dict[str, Any] | None]:
+def _prepare(given: dict[str, Any], out: Path, resume: bool,
+             holding: contextlib.ExitStack) -> tuple[TrainConfig, torch.device, dict[str, Any] | None]:
     """The run's config, device and checkpoint to resume, or ConfigError (data.DataError) before the run
-    writes anything but what mends the folder of a killed run it resumes (_mend)."""
+    writes anything but its lock and what mends the folder of a killed run it resumes (_mend).
+
+    The folder is held (RUN_LOCK) in `holding` from before its files are looked at."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
     state = None
@@ -323,6 +330,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         ckpt_path = out / checkpoint.LAST
         if not ckpt_path.is_file():
             raise ConfigError(f"--resume given but {ckpt_path} does not exist")
+        _hold(out, holding, "resume it once that run has ended")
         state = checkpoint.read(str(ckpt_path))
         missing = [k for k in _RESUMED if k not in state]
         if missing and "scheduler" in state:
@@ -354,6 +362,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
         check_rule_flags(given, [cfg.validate().rule], lambda name: f"--{name}")
         check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         device = runnable_device(cfg)
+        _hold(out, holding, "wait for it to end, or pass another --out")
         held = [name for name in _RUN_FILES if (out / name).exists()]
         if held:
             # A fresh run would overwrite them: that run's results are not this one's to discard.
@@ -362,6 +371,15 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool) -> tuple[TrainConfi
     with _writing_in(out):
         files.check_writable(str(out))
     return cfg, device, state
+
+
+def _hold(out: Path, holding: contextlib.ExitStack, then: str) -> None:
+    """Lock the run folder `out` (created) for this process until `holding` closes; ConfigError where another run holds it."""
+    with _writing_in(out):
+        try:
+            holding.enter_context(files.claim(out / RUN_LOCK))
+        except files.Held as e:
+            raise ConfigError(f"another run is writing in --out {out} ({e}): {then}") from None
 
 
 @contextlib.contextmanager
@@ -432,10 +450,17 @@ def _run(given: dict[str, Any], n_threads: int | None) -> int:
     out, resume = given.pop("out", None), given.pop("resume", False)
     # With --resume the config is in the folder: its name can only come from the flags given.
     out = out or Path(DEFAULT_OUT.format(**{**TrainConfig().to_dict(), **given}))
-    try:
-        cfg, device, state = _prepare(given, out, resume)
-    except (ConfigError, data.DataError) as e:
-        return refuse(e)
+    with contextlib.ExitStack() as holding:
+        try:
+            cfg, device, state = _prepare(given, out, resume, holding)
+        except (ConfigError, data.DataError) as e:
+            return refuse(e)
+        return _train_held(cfg, device, state, out, n_threads)
+
+
+def _train_held(cfg: TrainConfig, device: torch.device, state: dict[str, Any] | None, out: Path,
+                n_threads: int | None) -> int:
+    """Train the run of a checked command line into `out`, which this process holds, and say how it ended."""
     ckpt_path, best_path, log_path = out / checkpoint.LAST, out / checkpoint.BEST, out / LOG
     pace = Pace()
 

@@ -22,7 +22,7 @@ from ndot.cli import Terminated
 from ndot.evaluate import main as evaluate_main
 from ndot.config import RULES, ConfigError, TrainConfig
 from ndot.models import ARCHS
-from ndot.train import DEFAULT_OUT, main, train
+from ndot.train import DEFAULT_OUT, RUN_LOCK, main, train
 
 RUN = ["--dataset", "digits", "--arch", "small_cnn", "--T", "1", "--epochs", "1", "--batch_size", "64",
        "--seed", "3", "--device", "cpu"]
@@ -38,7 +38,8 @@ def refused(capsys, argv: list[str], words: str) -> str:
 
 
 def contents(folder) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    # The lock a refused command held while it looked at the folder is no part of the run there.
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != RUN_LOCK}
 
 
 @pytest.fixture
@@ -103,7 +104,7 @@ def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, caps
 def test_resume_takes_the_config_from_the_checkpoint_and_only_the_flags_given(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a run's")
     assert main([*RUN, "--out", str(tmp_path)]) == 0  # batch 64, T 1, seed 3: none the default
-    assert {p.name for p in tmp_path.iterdir()} == {"notes.txt", *RUN_FILES}
+    assert {p.name for p in tmp_path.iterdir()} == {"notes.txt", RUN_LOCK, *RUN_FILES}
     assert main(["--out", str(tmp_path), "--resume", "--epochs", "2", "--workers", "0"]) == 0
     saved = checkpoint.load(tmp_path / "checkpoint.pt")
     assert saved["epoch"] == 2
@@ -327,6 +328,31 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_status(tmp_path):
     assert epochs == list(range(1, len(epochs) + 1)) and checkpoint.load(run / "checkpoint.pt")["epoch"] == epochs[-1]
 
 
+def test_a_run_folder_is_written_by_one_run_at_a_time_and_let_go_when_that_run_is_killed(tmp_path, capsys):
+    # Two runs started into one --out at once both found it empty and trained there: metrics.jsonl held both
+    # runs' epochs interleaved, checkpoint.pt and best.pt whichever wrote last. A --resume of the run while it
+    # still went mended its log under it, then did the same.
+    run = tmp_path / "run"
+    other = subprocess.Popen([sys.executable, "-m", "ndot.train", *RUN, "--epochs", "50", "--threads", "1", "--out", str(run)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().endswith(f"-> {run}\n")  # it has the folder, and no epoch yet
+        holder = f"error: another run is writing in --out {run} (pid {other.pid} on "
+        assert refused(capsys, [*RUN, "--lr", "0.05", "--out", str(run)], "): wait for it to end, or pass another --out") \
+            .startswith(holder)
+        next(line for line in other.stdout if line.startswith("epoch") and " loss " in line)
+        assert refused(capsys, ["--out", str(run), "--resume"], "): resume it once that run has ended").startswith(holder)
+    finally:
+        other.kill()  # SIGKILL: nothing of its own lets the folder go
+        other.wait(timeout=HANG_S)
+    # The folder holds its one run's epochs, and is the next command's: here refused for them, not the lock.
+    done = checkpoint.load(run / "checkpoint.pt")["epoch"]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, done + 1))
+    assert checkpoint.load(run / "best.pt")["config"]["lr"] == TrainConfig().lr != 0.05
+    refused(capsys, [*RUN, "--out", str(run)], f"{run} holds a run already")
+
+
 def test_sigterm_while_a_checkpoint_is_written_ends_the_run_as_between_epochs(tmp_path, capsys, monkeypatch):
     # Most of a large model's save is spent in torch's zip writer, which calls the file's Python write:
     # that is where the signal's handler raises, and the writer then failed on closing, its words
@@ -343,7 +369,7 @@ def test_sigterm_while_a_checkpoint_is_written_ends_the_run_as_between_epochs(tm
     assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert err == f"interrupted after epoch 1 of 2: continue with python -m ndot.train --out {run} --resume\n", err
-    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES), "a stray temporary file"
+    assert sorted(p.name for p in run.iterdir()) == sorted([*RUN_FILES, RUN_LOCK]), "a stray temporary file"
     assert checkpoint.load(run / "checkpoint.pt")["epoch"] == 1
 
 
@@ -567,7 +593,7 @@ def test_a_full_disk_ends_the_run_in_one_line_keeping_the_epochs_saved_before(tm
     err = capsys.readouterr().err
     assert err == (f"error: cannot write in --out {run}: [Errno 28] No space left on device; epoch 1 of 2 is the last "
                    f"saved: once it can be written, continue with python -m ndot.train --out {run} --resume\n"), err
-    assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES), "a stray temporary file"
+    assert sorted(p.name for p in run.iterdir()) == sorted([*RUN_FILES, RUN_LOCK]), "a stray temporary file"
     assert checkpoint.load(run / "checkpoint.pt")["epoch"] == 1
     monkeypatch.setattr(files._Landing, "write", real)
     assert main(["--out", str(run), "--resume"]) == 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -12,7 +11,6 @@ import os
 import socket
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -132,20 +130,12 @@ def _lock_path(experiment: str) -> Path:
 @contextlib.contextmanager
 def held(experiment: str, resume: bool) -> Iterator[None]:
     """Hold `experiment` for this process while the block runs; Busy where another driver holds it."""
-    path = _lock_path(experiment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    with contextlib.ExitStack() as holding:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
+            holding.enter_context(files.claim(_lock_path(experiment)))
+        except files.Held as e:
             then = "resume it once that driver has ended" if resume else "pass another --name"
-            raise Busy(f"experiment {experiment} is being run by another driver ({f.read().strip() or 'starting'}): "
-                       f"{then}") from None
-        # Who holds it, for the refusal of another (the lock itself is the kernel's).
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
+            raise Busy(f"experiment {experiment} is being run by another driver ({e}): {then}") from None
         yield
 
 
