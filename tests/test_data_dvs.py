@@ -631,3 +631,33 @@ def test_a_cache_builder_killed_with_sigkill_leaves_no_worker_and_lets_the_next_
     dataset = dvs.CIFAR10DVS(save_to=str(dataset_root), transform=dvs.EventFrames(2, 48, "counts"))
     built = dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), tmp_path)
     assert built.train_x.shape == (900, 2, 2, 48, 48) and len(list(tmp_path.glob("*.pt"))) == 1
+
+
+def test_a_cache_builder_killed_in_mid_write_leaves_no_file_behind_once_the_cache_is_built(dataset_root, tmp_path):
+    # The half-written temporary file stayed beside the cache for good: hundreds of MB of it at the paper's T.
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from ndot import files
+        from ndot.data import dvs
+        real = files._Landing.write
+        def write(self, b):
+            n = real(self, b)
+            self.flush()
+            print("writing", flush=True)
+            time.sleep(600)
+        files._Landing.write = write
+        dataset = dvs.CIFAR10DVS(save_to={str(dataset_root)!r}, transform=dvs.EventFrames(2, 48, "counts"))
+        dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), Path({str(tmp_path)!r}))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+    finally:
+        proc.kill()
+        proc.wait(timeout=HANG_S)
+    (half,) = tmp_path.glob(".*.tmp")
+    assert half.stat().st_size > 0
+    dataset = dvs.CIFAR10DVS(save_to=str(dataset_root), transform=dvs.EventFrames(2, 48, "counts"))
+    dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), tmp_path)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".pt"]

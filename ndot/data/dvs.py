@@ -339,6 +339,10 @@ def frames(dataset: CIFAR10DVS, train: list[int], test: list[int], cache_dir: Pa
         cached = _load(path, key)  # another process may have built it while this one waited
         if cached is not None:
             return cached
+        # What a builder killed in mid-write left (files.write_local's temporary file, up to the whole cache's size,
+        # hundreds of MB): the lock's holder alone writes one, so none is another's still being written.
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
         log.info(f"cifar10dvs: converting {len(train) + len(test)} recordings into {key['T']} frames each, "
                  f"once, into {path}")
         train_x, train_y, faults = _convert(dataset, train, workers, (0, len(train) + len(test)))
