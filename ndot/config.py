@@ -12,9 +12,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 ONLINE_RULES = ("ndot", "ndot_ref", "ottt", "sltt")
 RULES = (*ONLINE_RULES, "bptt")
-# Fields that change only some rules: turned on for another, they would change nothing, silently.
-RULE_FLAGS = {"signed_factor": ("ndot",), "detach_reset": ("bptt",), "readout_trace": ONLINE_RULES}
 MODES = ("O", "A")
+# Fields that change only some rules, or only one mode: turned on for another, they would change nothing, silently.
+RULE_FLAGS = {"signed_factor": ("ndot",), "detach_reset": ("bptt",), "readout_trace": ONLINE_RULES}
+MODE_FLAGS = {"weight_change": ("O",)}
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("auto", "device", "cpu")
 DVS_ENCODINGS = ("counts", "authors")
@@ -75,6 +76,9 @@ class TrainConfig:
     # Online rules: the readout's weight gradient reads the last layer's trace, as in the authors'
     # code, instead of its spikes (exact for a readout, which has no membrane after it).
     readout_trace: bool = False
+    # Mode O: the authors' CIFAR10-DVS script adds weight_change * Σ_W ||W - W_prev||₂ / √numel(W) to the
+    # loss of every step but the first of a batch, W_prev being W before the previous step's update (spec §2).
+    weight_change: float = 0.0
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -159,6 +163,8 @@ class TrainConfig:
             # Past float32's largest the threshold is inf in the membrane's dtype: nothing ever fires, and
             # BPTT's reset u - Vth·s is inf·0 = NaN (a silent network, which ndot.models.finite tells).
             bad(f"v_th must be > 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.v_th!r}")
+        if not 0 <= self.weight_change <= FLOAT32_MAX:
+            bad(f"weight_change must be >= 0 and at most float32's largest {FLOAT32_MAX:.4g}, got {self.weight_change!r}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
@@ -222,17 +228,22 @@ def check_settings(keys: Iterable[str]) -> None:
     raise ConfigError(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; {known}")
 
 
-def rule_flags_off(rule: str) -> dict[str, bool]:
-    """Each setting of RULE_FLAGS that changes nothing for `rule`, off: what a run of the rule records,
-    whatever a sweep of several rules set for the others."""
-    return {name: False for name, applies in RULE_FLAGS.items() if rule not in applies}
+def rule_flags_off(rule: str, mode: str) -> dict[str, Any]:
+    """Each setting of RULE_FLAGS and MODE_FLAGS that changes nothing for `rule` in `mode`, off (its default): what
+    a run of the rule records, whatever a sweep of several rules or modes set for the others."""
+    off = [name for name, applies in RULE_FLAGS.items() if rule not in applies]
+    off += [name for name, applies in MODE_FLAGS.items() if mode not in applies]
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in off}
 
 
-def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], spelled: Callable[[str], str]) -> None:
-    """ConfigError when a setting of RULE_FLAGS is on and changes none of `rules` (`spelled` names it as given)."""
-    for name, applies in RULE_FLAGS.items():
-        if settings.get(name) and not set(rules) & set(applies):
-            raise ConfigError(f"{spelled(name)} applies to rule {' or '.join(applies)} only, not {', '.join(rules)}")
+def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], modes: Sequence[str],
+                     spelled: Callable[[str], str]) -> None:
+    """ConfigError when a setting of RULE_FLAGS (MODE_FLAGS) is on and changes none of `rules` (`modes`);
+    `spelled` names it as given."""
+    for flags, kind, given in ((RULE_FLAGS, "rule", rules), (MODE_FLAGS, "mode", modes)):
+        for name, applies in flags.items():
+            if settings.get(name) and not set(given) & set(applies):
+                raise ConfigError(f"{spelled(name)} applies to {kind} {' or '.join(applies)} only, not {', '.join(given)}")
 
 
 def check_data_flags(settings: Mapping[str, Any], dataset: str, spelled: Callable[[str], str]) -> None:
@@ -303,6 +314,8 @@ FIELD_HELP = {
     "signed_factor": "NDOT on a zero denominator: lambda * sign(A[t]) instead of lambda",
     "detach_reset": "bptt only: no gradient through the soft reset",
     "readout_trace": "online rules: the readout's weight gradient reads the last layer's trace, not its spikes",
+    "weight_change": "mode O: adds this times the sum over parameters W of ||W - W before the previous step||_2 / "
+                     "sqrt(numel W) to every step's loss but a batch's first (the authors' CIFAR10-DVS script: 0.025)",
     "seed": "seed of the weights, shuffles and augmentations",
     "device": "where to train: auto (the GPU where there is one), cpu or cuda[:N]",
     "precision": "compute precision (bf16: autocast, for GPUs; a CPU without bf16 units runs it several times slower)",

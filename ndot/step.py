@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 
 import torch
@@ -44,6 +45,7 @@ def train_batch(
     mode: str,
     T: int,
     loss_alpha: float,
+    weight_change: float = 0.0,
     precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Train on one batch; returns (Σ_t L[t], Σ_t o[t]) detached, without a device sync.
@@ -52,13 +54,18 @@ def train_batch(
     the input of step t (event data); y: [B] class indices. The model maps one step's input to o[t].
     Online rules run backward at every step (the graph never spans two steps);
     mode "O" also steps the optimiser at every step, mode "A" once per batch.
-    BPTT builds the whole sequence and runs one backward. The model's neurons compute the
+    BPTT builds the whole sequence and runs one backward. Mode "O" with `weight_change` c > 0 adds, as the
+    authors' CIFAR10-DVS script does, c Σ_W ||W - W'||₂ / √numel(W) over the model's parameters to the loss of
+    every step after the batch's first, W' (constant) being W before the previous step's update; the loss
+    returned leaves it out. The model's neurons compute the
     gradient: they must run `rule` (ndot.layers.configure sets it; ValueError otherwise).
     The model is put in training mode, in which its neurons keep traces. Gradients left in `opt`'s
     parameters (by a call that raised midway, e.g. out of memory) are dropped first.
     """
     _check_rule(model, rule, mode)
     _check_steps(x, y, T, precision)
+    if weight_change and mode != "O":  # W does not change inside the batch: the term would be zero
+        raise ValueError(f"weight_change applies to mode O only, not {mode!r}")
     model.train()
     reset_state(model)
     opt.zero_grad(set_to_none=True)
@@ -88,8 +95,18 @@ def train_batch(
         # One backward per optimiser step: each conv builds Ŵ with its graph and that backward goes
         # through it, one standardisation fewer per layer and step than building Ŵ without a graph
         # and rebuilding it at a block's exit (the same bits; tests/test_step.py).
+        params = list(model.parameters())
+        before: list[Tensor] = []
         for t in range(T):
-            forward(t).backward()
+            loss = forward(t)
+            if weight_change and t > 0:
+                # At W = W' the norm's gradient is torch's zero (a parameter the last step left unmoved), as
+                # in the authors' code; their reg_lambda 0.05 times their 0.5 is c = 0.025.
+                loss = loss + weight_change * sum(torch.linalg.vector_norm(p - q) / math.sqrt(p.numel())
+                                                  for p, q in zip(params, before))
+            if weight_change and t < T - 1:
+                before = [p.detach().clone() for p in params]
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     return loss_sum, logits

@@ -94,7 +94,7 @@ def runnable_device(cfg: TrainConfig, root_origin: str | None = None) -> torch.d
     Every check of a config is here, so that the command line refuses, before it touches the run
     folder, what train() would refuse after.
     """
-    check_rule_flags(cfg.validate().to_dict(), [cfg.rule], str)
+    check_rule_flags(cfg.validate().to_dict(), [cfg.rule], [cfg.mode], str)
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
@@ -113,9 +113,9 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 def _saved_run(config: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config as a run of it holds it now: the settings that change nothing for its rule
-    (RULE_FLAGS) off, which train() refuses on. ndot before 7ea7bad saved them on where a sweep of
+    or mode (RULE_FLAGS, MODE_FLAGS) off, which train() refuses on. ndot before 7ea7bad saved them on where a sweep of
     several rules set them, so that its trials' checkpoints were of 'another run' to a resume."""
-    return {**config, **rule_flags_off(config["rule"])}
+    return {**config, **rule_flags_off(config["rule"], config["mode"])}
 
 
 def _to_this_cpu(cfg: TrainConfig, given: dict[str, Any]) -> str:
@@ -179,7 +179,7 @@ def train(
                        channels_last=cfg.channels_last, fused_neuron=cfg.fused_neuron, fused_ws=cfg.fused_ws)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     step = functools.partial(train_batch, rule=cfg.rule, mode=cfg.mode, T=cfg.T,
-                             loss_alpha=cfg.loss_alpha, precision=cfg.precision)
+                             loss_alpha=cfg.loss_alpha, weight_change=cfg.weight_change, precision=cfg.precision)
     run_batch = GraphedStep(step, model, opt) if cfg.cuda_graph else functools.partial(step, model, opt)
 
     start, best = 1, 0.0
@@ -359,7 +359,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool,
             raise ConfigError(f"the run in {out} has done its {cfg.epochs} epochs: --epochs N (more) extends it")
     else:
         cfg = TrainConfig(**given)
-        check_rule_flags(given, [cfg.validate().rule], lambda name: f"--{name}")
+        check_rule_flags(given, [cfg.validate().rule], [cfg.mode], lambda name: f"--{name}")
         check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         device = runnable_device(cfg)
         _hold(out, holding, "wait for it to end, or pass another --out")

@@ -1,4 +1,5 @@
 """Bad input: one clear line, before any work."""
+import math
 import re
 import subprocess
 import sys
@@ -8,8 +9,8 @@ import torch
 
 from helpers import HANG_S
 from ndot import checkpoint
-from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, MAX_WORKERS, RULES, ConfigError, TrainConfig, check_rule_flags,
-                         parse_field, parse_method)
+from ndot.config import (FLOAT32_MAX, MAX_EPOCHS, MAX_T, MAX_WORKERS, ONLINE_RULES, RULES, ConfigError, TrainConfig,
+                         check_rule_flags, parse_field, parse_method, rule_flags_off)
 from ndot.layers import neurons
 from ndot.models import ARCHS, from_config
 
@@ -176,12 +177,27 @@ def test_parse_field_reads_each_kind_of_field_from_command_line_text():
 def test_a_rule_flag_is_refused_exactly_where_it_changes_no_rule(name, applies):
     for rule in RULES:
         if rule in applies:
-            check_rule_flags({name: True}, [rule], str)
+            check_rule_flags({name: True}, [rule], ["A"], str)
         else:
             with pytest.raises(ConfigError, match=f"{name} applies to rule"):
-                check_rule_flags({name: True}, [rule], str)
-        check_rule_flags({name: False}, [rule], str)  # off changes nothing anywhere: never refused
-    check_rule_flags({name: True}, list(RULES), str)  # a sweep over every rule: some rule uses it
+                check_rule_flags({name: True}, [rule], ["A"], str)
+        check_rule_flags({name: False}, [rule], ["A"], str)  # off changes nothing anywhere: never refused
+    check_rule_flags({name: True}, list(RULES), ["A"], str)  # a sweep over every rule: some rule uses it
+
+
+def test_weight_change_is_refused_where_no_mode_O_reads_it_and_turned_off_there():
+    # In mode A, W does not change inside a batch: the term is zero.
+    with pytest.raises(ConfigError, match="^weight_change applies to mode O only, not A$"):
+        check_rule_flags({"weight_change": 0.025}, ["ndot"], ["A"], str)
+    for rule in ONLINE_RULES:
+        check_rule_flags({"weight_change": 0.025}, [rule], ["O"], str)
+    check_rule_flags({"weight_change": 0.025}, ["ndot", "bptt"], ["A", "O"], str)
+    check_rule_flags({"weight_change": 0.0}, ["ndot"], ["A"], str)
+    assert rule_flags_off("ndot", "A") == {"detach_reset": False, "weight_change": 0.0}
+    assert rule_flags_off("ndot", "O") == {"detach_reset": False}
+    for bad in (-0.01, math.inf):
+        with pytest.raises(ConfigError, match="weight_change must be"):
+            TrainConfig(mode="O", weight_change=bad).validate()
 
 
 def test_the_device_resolves_to_what_this_machine_has(monkeypatch):

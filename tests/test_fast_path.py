@@ -64,14 +64,16 @@ def on(device, dtype, **fast):
 # The CUDA-only tests come first: should gpu_check.sh's time limit cut the run, the
 # paths that have no CPU stand-in have run.
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (bench/gpu_check.sh runs this)")
-@pytest.mark.parametrize("rule,mode", [("ndot", "A"), ("ndot", "O"), ("bptt", "A")])
+# weight_change: the weights' copies that its term reads are taken inside the captured step.
+@pytest.mark.parametrize("rule,mode,weight_change", [("ndot", "A", 0.0), ("ndot", "O", 0.0), ("ndot", "O", 0.025),
+                                                     ("bptt", "A", 0.0)])
 # A second GPU while the first is the current one (--device cuda:1): the capture must be of its stream.
 @pytest.mark.parametrize("gpu", ["cuda:0", pytest.param("cuda:1", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs a second GPU"))])
-def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, gpu, exact_cudnn):
+def test_cuda_graph_replay_trains_like_the_eager_step(rule, mode, weight_change, gpu, exact_cudnn):
     models = [make_model(rule=rule, dtype=torch.float32).to(gpu) for _ in range(2)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
-    step = partial(train_batch, rule=rule, mode=mode, T=3, loss_alpha=0.05)
+    step = partial(train_batch, rule=rule, mode=mode, T=3, loss_alpha=0.05, weight_change=weight_change)
     graphed = GraphedStep(step, models[1], opts[1])
     # Two batches, a new lr (a new capture), and a smaller last batch (a graph of its own).
     for i, (n, lr) in enumerate([(4, 0.1), (4, 0.1), (4, 0.05), (3, 0.05)]):

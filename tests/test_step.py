@@ -437,3 +437,66 @@ def test_the_readmes_network_of_ones_own_trains_and_evaluates_as_written():
     scope: dict = {}
     exec(example, scope)
     assert scope["o"].shape == (4, 8, 10) and torch.isfinite(scope["loss"])
+
+
+def _final_and_after_first_step(weight_change: float, lr: float, extra: bool = False):
+    model = make_model(rule="ndot")
+    if extra:
+        model.unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # no gradient from the loss
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    kept = []
+    opt.register_step_post_hook(lambda *_: kept.append({n: p.detach().clone() for n, p in model.named_parameters()}))
+    train_batch(model, opt, *batch(), rule="ndot", mode="O", T=2, loss_alpha=0.05, weight_change=weight_change)
+    return kept[-1], kept[0]
+
+
+def test_weight_change_adds_the_authors_term_to_each_online_step_after_the_first():
+    # T = 2: step 1 starts from the same W1 and traces with the term or without, so the final weights differ by
+    # -lr times the gradient at W1 of c Σ ||W - W0||₂ / √numel, W0 constant, written here on plain tensors.
+    lr, c = 0.5, 0.3
+    plain, W1 = _final_and_after_first_step(0.0, lr)
+    penalised, _ = _final_and_after_first_step(c, lr)
+    W0 = dict(make_model(rule="ndot").named_parameters())
+    W = {n: w.clone().requires_grad_() for n, w in W1.items()}
+    term = c * sum(((w - W0[n].detach()) ** 2).sum().sqrt() / w.numel() ** 0.5 for n, w in W.items())
+    step = dict(zip(W, torch.autograd.grad(term, list(W.values()))))
+    for n in plain:
+        torch.testing.assert_close(penalised[n], plain[n] - lr * step[n], rtol=1e-12, atol=1e-15, msg=n)
+        assert not torch.equal(penalised[n], plain[n])
+
+
+def test_weight_change_leaves_a_parameter_the_last_step_did_not_move_unmoved():
+    # ||W - W'|| at W = W' has no gradient: torch's subgradient there is 0, what the authors' torch.norm gives too.
+    final, _ = _final_and_after_first_step(0.1, 0.5, extra=True)
+    assert all(torch.isfinite(w).all() for w in final.values())
+    assert torch.equal(final["unused"], torch.ones(3, dtype=torch.float64))
+
+
+def test_weight_change_is_refused_in_mode_a():
+    model = make_model(rule="ndot")
+    with pytest.raises(ValueError, match="weight_change applies to mode O only"):
+        train_batch(model, RecordingSGD(model.parameters()), *batch(), rule="ndot", mode="A", T=2, loss_alpha=0.05,
+                    weight_change=0.1)
+
+
+def test_weight_change_reads_the_weights_before_the_previous_step_not_the_batchs_first():
+    # T = 3: a run without the term is made to follow the penalised run's weights, so that at each step the
+    # gradients differ by the term's alone: none at step 0, then that of c Σ ||W_t - W_t-1||₂ / √numel.
+    c = 0.3
+    model = make_model(rule="ndot")
+    path, penalised = [[p.detach().clone() for p in model.parameters()]], []
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt.register_step_pre_hook(lambda *_: penalised.append([p.grad.clone() for p in model.parameters()]))
+    opt.register_step_post_hook(lambda *_: path.append([p.detach().clone() for p in model.parameters()]))
+    train_batch(model, opt, *batch(), rule="ndot", mode="O", T=3, loss_alpha=0.05, weight_change=c)
+
+    follower = make_model(rule="ndot")
+    plain = RecordingSGD(follower.parameters())
+    plain.register_step_post_hook(lambda o, *_: [p.data.copy_(w) for p, w in zip(follower.parameters(), path[len(o.records)])])
+    train_batch(follower, plain, *batch(), rule="ndot", mode="O", T=3, loss_alpha=0.05)
+    for t in range(3):
+        W = [w.clone().requires_grad_() for w in path[t]]
+        term = c * sum(((w - w0) ** 2).sum().sqrt() / w.numel() ** 0.5 for w, w0 in zip(W, path[t - 1])) if t else 0
+        expected = torch.autograd.grad(term, W) if t else [torch.zeros_like(w) for w in W]
+        for got, g, want in zip(penalised[t], plain.records[t], expected):
+            torch.testing.assert_close(got - g, want, rtol=1e-9, atol=1e-14)

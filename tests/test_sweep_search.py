@@ -48,14 +48,15 @@ def test_strata_cross_axes_and_split_methods():
 
 
 def test_a_setting_for_some_rules_is_off_in_the_trials_of_the_others():
-    # --set detach_reset=true --set signed_factor=true --set readout_trace=true over three rules: each trial records what it runs.
-    base = {"detach_reset": True, "signed_factor": True, "readout_trace": True}
-    search = StratifiedSearch(strata({"method": ("ndot_A", "ottt_A", "bptt_A")}), SearchSpace(), 1, METRIC, "max", "unused", seed=0)
+    # --set detach_reset=true --set signed_factor=true --set readout_trace=true --set weight_change=0.025 over three
+    # rules and two modes: each trial records what it runs.
+    base = {"detach_reset": True, "signed_factor": True, "readout_trace": True, "weight_change": 0.025}
+    search = StratifiedSearch(strata({"method": ("ndot_A", "ottt_O", "bptt_A")}), SearchSpace(), 1, METRIC, "max", "unused", seed=0)
     configs = [{**base, **search.suggest(f"t{i}")} for i in range(3)]  # Tune lays a suggestion over the base config
     assert {c["rule"]: {k: c[k] for k in base} for c in configs} == {
-        "ndot": {"detach_reset": False, "signed_factor": True, "readout_trace": True},
-        "ottt": {"detach_reset": False, "signed_factor": False, "readout_trace": True},
-        "bptt": {"detach_reset": True, "signed_factor": False, "readout_trace": False}}
+        "ndot": {"detach_reset": False, "signed_factor": True, "readout_trace": True, "weight_change": 0.0},
+        "ottt": {"detach_reset": False, "signed_factor": False, "readout_trace": True, "weight_change": 0.025},
+        "bptt": {"detach_reset": True, "signed_factor": False, "readout_trace": False, "weight_change": 0.0}}
 
 
 def test_every_stratum_gets_the_same_budget_whatever_the_results():

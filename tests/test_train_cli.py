@@ -217,6 +217,12 @@ def test_a_flag_that_cannot_change_the_rule_is_refused(tmp_path, capsys, flag, r
     assert not (tmp_path / "run").exists()
 
 
+def test_weight_change_is_refused_in_mode_A(tmp_path, capsys):
+    refused(capsys, [*RUN, "--mode", "A", "--weight_change", "0.025", "--out", str(tmp_path / "run")],
+            "--weight_change applies to mode O only, not A")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flags,words", [(["--data_root", "data"], "--data_root does not apply to dataset 'digits'"),
                                          (["--download"], "--download does not apply to dataset 'digits'"),
                                          (["--data_root", ""], "data_root must be a folder or None, got ''")])

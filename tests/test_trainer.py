@@ -280,7 +280,7 @@ def test_resume_refuses_a_change_to_any_field_but_where_and_how_long_it_runs():
     changed = {"dataset": "cifar10", "arch": "vgg11_ws", "rule": "ottt", "mode": "O", "T": 3, "lr": 0.2,
                "momentum": 0.5, "weight_decay": 1e-4, "batch_size": 64, "loss_alpha": 0.1, "surrogate_alpha": 2.0,
                "tau": 4.0, "v_th": 0.5, "dropout": 0.1, "signed_factor": True, "detach_reset": True,
-               "readout_trace": True, "seed": 4, "precision": "bf16", "crop": False, "flip": False,
+               "readout_trace": True, "weight_change": 0.025, "seed": 4, "precision": "bf16", "crop": False, "flip": False,
                "autoaugment": False, "cutout": False, "dvs_encoding": "authors"}
     assert set(changed) | _RESUMABLE_CHANGES == {f.name for f in dataclasses.fields(TrainConfig)}
     resume = {"config": saved.to_dict(), "epoch": 2, "model": from_config(saved, 1, 10).state_dict()}
@@ -378,8 +378,9 @@ def test_the_runs_settings_reach_every_training_and_evaluation_batch(monkeypatch
     for module, name in ((train_module, "train_batch"), (evaluate_module, "eval_batch")):
         monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
     cfg = TrainConfig(**{**FAST, "T": 1, "epochs": 1, "batch_size": 128, "precision": "bf16", "rule": "ottt", "mode": "O",
-                         "loss_alpha": 0.2})
+                         "loss_alpha": 0.2, "weight_change": 0.3})
     assert train(cfg).status == "completed"
     same = {"T": 1, "loss_alpha": 0.2, "precision": "bf16"}
-    assert set(asked) == {("train_batch", tuple(sorted({**same, "rule": "ottt", "mode": "O"}.items()))),
+    trained = {**same, "rule": "ottt", "mode": "O", "weight_change": 0.3}
+    assert set(asked) == {("train_batch", tuple(sorted(trained.items()))),
                           ("eval_batch", tuple(sorted(same.items())))}

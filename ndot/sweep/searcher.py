@@ -120,7 +120,7 @@ class StratifiedSearch(Searcher):
         stratum = self._strata[i]
         # A setting for some of the sweep's rules (--set detach_reset=true with bptt among them) is
         # recorded off in the trials of the others, as it runs there.
-        off = rule_flags_off(stratum.values["rule"]) if "rule" in stratum.values else {}
+        off = rule_flags_off(stratum.values["rule"], stratum.values["mode"]) if "rule" in stratum.values else {}
         return {**trial.params, **fixed, **stratum.values, **off, STRATUM_KEY: stratum.label}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
