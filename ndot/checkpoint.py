@@ -25,7 +25,8 @@ LAST, BEST, TRIAL, HISTORY = "checkpoint.pt", "best.pt", "state.pt", "history.js
 # The layout of a saved state, stored in it under "format" (states written before it was stored have
 # none). Raise it with a change that an older ndot would misread, which `load` then refuses rather than
 # misreading: TrainConfig.from_record passes over a setting it does not know, the run's default standing in.
-FORMAT = 1
+# 2: weight_change, which an older ndot would resume without.
+FORMAT = 2
 
 
 def is_best(metrics: dict[str, Any]) -> bool:

@@ -286,7 +286,7 @@ def test_a_history_that_is_not_a_trials_epoch_rows_is_passed_over_and_refused_wh
     # small_cnn of an older ndot: what differs, not torch's lines of every key
     ("older", [], "small_cnn for digits, as this version of ndot builds it (features.2.weight missing, "
                   "features.3.weight unexpected and 10 more)"),
-    ("newer", [], "w.pt was written by a newer ndot (checkpoint format 2; this one reads up to 1): update ndot"),
+    ("newer", [], "w.pt was written by a newer ndot (checkpoint format 3; this one reads up to 2): update ndot"),
     ("nan", [], "the weights are not finite (a run that diverged at epoch 3): nothing to evaluate"),
     ("run", ["--threads", "0"], "--threads: must be a whole number in [1, "),
     # The storage of the result, not the weights, is named.

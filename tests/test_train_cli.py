@@ -426,8 +426,8 @@ def older(state: dict) -> dict:
 
 
 @pytest.mark.parametrize("change,words", [
-    (lambda st: {**st, "format": checkpoint.FORMAT + 1}, "checkpoint.pt was written by a newer ndot (checkpoint format 2; "
-                                                          "this one reads up to 1): update ndot to read it"),
+    (lambda st: {**st, "format": checkpoint.FORMAT + 1}, "checkpoint.pt was written by a newer ndot (checkpoint format 3; "
+                                                          "this one reads up to 2): update ndot to read it"),
     (older, "checkpoint.pt is of an older ndot, whose checkpoints held a learning-rate scheduler's state and no metrics"),
     (lambda st: {**st, "model": small_cnn_of_an_older_ndot(st["model"])},
      "small_cnn for digits, as this version of ndot builds it (features.2.weight missing, features.3.weight unexpected and"),
