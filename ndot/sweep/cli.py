@@ -313,7 +313,8 @@ def check(plan: Plan, resume: bool) -> None:
             # Strata that read other data (CIFAR10-DVS frames of another T) can fail alone: the line says which.
             more = f" and {len(labels) - 1} more that read its data" if len(labels) > 1 else ""
             raise data.DataError(f"stratum {labels[0]}{more}: {e}") from e.__cause__
-    # Device and cuda_graph are no axis of a sweep: every stratum's are these.
+    # Device and cuda_graph are no axis of a sweep: every stratum has the first's.
+    cfg = TrainConfig.from_dict({**plan.base, **plan.strata[0].values})
     if (cfg.device.startswith("cuda") or cfg.cuda_graph) and plan.gpus_per_trial == 0:
         what = f"device {cfg.device}" if cfg.device.startswith("cuda") else "cuda_graph"
         raise InputError(f"{what} needs --gpus-per-trial > 0: a trial sees only the GPUs Ray gives it")
