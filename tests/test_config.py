@@ -46,6 +46,11 @@ def test_bad_config_raises_one_line(kw, words):
     assert words in msg and "\n" not in msg
 
 
+def test_imports_are_read_as_a_list_written_by_hand():
+    # The README's `--imports my_arch,my_data`, typed with a space after a comma or a comma left at the end.
+    assert TrainConfig(imports="ndot.layers, ndot.models,").validate().imports == "ndot.layers, ndot.models,"
+
+
 def test_defaults_are_the_specs_and_reach_the_network():
     """A run with no flags is the spec's: λ = 0.5 (τ = 2), Vth = 1, surrogate α = 4 (§1), loss α = 0.05
     (§3), SGD lr 0.1, momentum 0.9, no weight decay, batch 128 (§5), NDOT_A with the unsigned factor."""

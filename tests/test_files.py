@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -205,3 +207,16 @@ def test_a_new_file_that_fails_to_land_is_not_claimed_another_way(tmp_path, monk
     with pytest.raises(OSError, match="No space left"):
         files.write_new(str(tmp_path / "sweep.json"), b"x")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_claim_names_its_holder_alone_not_the_ones_before(tmp_path):
+    # The file outlives each holder: a refusal that read the earlier holders' lines too named a process long gone.
+    lock = tmp_path / "run.lock"
+    lock.write_text("pid 1 on a machine long gone, started 2000-01-01 00:00:00")  # a holder that has ended
+    with files.claim(lock):
+        with pytest.raises(files.Held, match=rf"^pid {os.getpid()} on {re.escape(socket.gethostname())}, "
+                                             r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d$"):
+            with files.claim(lock):
+                pass
+    with files.claim(lock):  # let go when the block ended
+        pass

@@ -317,6 +317,13 @@ def test_a_rule_looks_the_same_whichever_other_rules_a_figure_draws():
     assert looks(plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4], ("ottt_A",))).axes[0]) == {"ottt_A": with_o["ottt_A"]}
 
 
+def test_rules_this_version_does_not_know_look_unlike_each_other_and_the_known_ones():
+    # A newer ndot's tables: each unknown rule after every known one, not all on one slot.
+    trials = _trials(["small_cnn"], [1, 4], ("ndot_A", "zeta_A", "zeta_O"))
+    looks = [(to_hex(line.get_color()), line.get_marker()) for line in plots.accuracy_vs_axis(trials).axes[0].get_lines()]
+    assert len(looks) == 3 and len(set(looks)) == 3
+
+
 def test_coinciding_points_nest_and_accuracy_stays_under_100_percent():
     # The architectures smoke sweep: bptt_A and ndot_A both at 97.2 %, one point each. Markers of one size drew
     # ndot_A's square over bptt_A's circle, and the axis, autoscaled round one value, ran to 102 %.

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+import torch
 import psutil  # after ray: Ray's copy, on the path once ray is imported
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR as JOB_CONFIG
 from ray.cluster_utils import Cluster
@@ -32,6 +33,7 @@ from ndot.data import dvs, fixtures
 from ndot.data.storage import cache_root
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
+from ndot.models import ARCHS, register
 from ndot.sweep import cli, reach, resources, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
 from ndot.sweep.space import STRATUM_KEY
@@ -365,7 +367,8 @@ def test_every_preset_is_a_valid_plan(sweep):
 def test_missing_dataset_is_refused(tmp_path, capsys):
     rc = exit_status(cli.main, TIMESTEPS, ["--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--storage", str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc != 0 and err.count("\n") == 1 and "cifar10" in err
+    # Every stratum reads the same data: its line names no stratum.
+    assert rc != 0 and err.count("\n") == 1 and err.startswith(f"error: cifar10 is incomplete in {tmp_path / 'empty'}"), err
 
 
 def test_unwritable_storage_is_refused(tmp_path, capsys):
@@ -390,8 +393,10 @@ def dvs_root(tmp_path, monkeypatch) -> Path:
     return tmp_path / "dvs"
 
 
+@pytest.mark.parametrize("rules, which", [("ndot_O,ottt_A", "T=2,ndot_O and 1 more that read its data"), ("ndot_O", "T=2,ndot_O")])
 def test_a_stratum_whose_frames_cannot_be_cached_is_refused_before_ray_starts_where_the_firsts_are(dvs_root, tmp_path,
-                                                                                                     monkeypatch, capsys):
+                                                                                                     monkeypatch, capsys,
+                                                                                                     rules, which):
     # A cache that holds T=1's frames and takes no more: each trial at T=2 would fail, once Ray ran it.
     dvs.load_frames(TrainConfig(dataset="cifar10dvs", data_root=str(dvs_root), T=1, workers=0), dvs.INFO.image_size)
     capsys.readouterr()  # its progress line, where an earlier test showed them
@@ -403,10 +408,10 @@ def test_a_stratum_whose_frames_cannot_be_cached_is_refused_before_ray_starts_wh
     monkeypatch.setattr(dvs, "check", lambda cfg: (checked.append(cfg.T), check(cfg)))
     monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("the sweep started Ray"))
     rc = exit_status(cli.main, TIMESTEPS, ["--dataset", "cifar10dvs", "--data-root", str(dvs_root), "--T", "1,2",
-                                           "--rules", "ndot_O,ottt_A", "--storage", str(tmp_path / "runs")])
+                                           "--rules", rules, "--storage", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
-    assert f"stratum T=2,ndot_O and 1 more that read its data: cannot write the CIFAR10-DVS frame cache in {frames}" in err, err
+    assert f"error: stratum {which}: cannot write the CIFAR10-DVS frame cache in {frames}" in err, err
     assert checked == [1, 2], "each T's frames checked once, not once a rule"
 
 
@@ -423,6 +428,11 @@ def test_a_sweep_on_a_ray_of_its_own_caches_each_ts_frames_before_its_trials_sta
     assert [[name.split("-")[1] for name in names] for names in cached] == [["T1", "T2"]]
     err = capsys.readouterr().err
     assert [line.split(" into ")[1].split()[0] for line in err.splitlines() if " recordings into " in line] == ["1", "2"], err
+    # The frames a trial's loaders read: those cached, converted again by none.
+    for T in (1, 2):
+        data.loaders(TrainConfig(dataset="cifar10dvs", data_root=str(dvs_root), T=T, workers=0), torch.device("cpu"))
+    assert " recordings into " not in capsys.readouterr().err
+    assert len(list((tmp_path / "cache" / "cifar10dvs").glob("*.pt"))) == 2
 
 
 def test_an_architecture_registered_in_the_driver_alone_is_refused_naming_the_module_to_import(tmp_path, capsys, user_arch):
@@ -433,6 +443,27 @@ def test_an_architecture_registered_in_the_driver_alone_is_refused_naming_the_mo
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and f"architecture '{arch}' is registered in this process only" in err, err
     assert err.rstrip().endswith(f"--set imports={module}") and not ray.is_initialized()
+
+
+def test_an_architecture_that_a_module_of_imports_registers_passes_the_sweeps_checks(tmp_path, user_arch):
+    module, arch = user_arch  # imported by the checks, as by each trial
+    plan = cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
+        ["--archs", f"small_cnn,{arch}", "--set", f"imports={module}", "--storage", str(tmp_path)]))
+    assert {s.values["arch"] for s in plan.strata} == {"small_cnn", arch} and plan.base["imports"] == module
+
+
+def test_an_architecture_defined_in_the_script_that_starts_the_sweep_is_refused_whatever_imports_says(tmp_path, capsys):
+    # A trial imports the modules of imports, never the driver's script (__main__ there is Ray's worker).
+    script = {"__name__": "__main__"}
+    exec("from ndot.models import ARCHS\ndef mine(c, k, n):\n    return ARCHS['small_cnn'].build(c, k, n)", script)
+    register("mine", script["mine"], 16)
+    try:
+        rc = exit_status(cli.main, ARCHITECTURES, ["--archs", "mine", "--set", "imports=ndot.layers", "--storage", str(tmp_path),
+                                                   "--address", f"127.0.0.1:{closed_port()}"])
+    finally:
+        ARCHS.pop("mine")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "architecture 'mine' is defined in the script that started the sweep" in err, err
 
 
 def test_a_dataset_registered_in_the_driver_alone_is_refused_naming_the_module_to_import(tmp_path, capsys, user_data):

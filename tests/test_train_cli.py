@@ -190,6 +190,24 @@ def test_an_architecture_of_a_module_named_in_imports_trains_and_evaluates_where
     assert arch in ARCHS
 
 
+def test_a_run_whose_architectures_module_moved_resumes_with_imports_naming_it_anew(tmp_path, capsys, user_arch):
+    # The module renamed (into a package of the user's, say): the weights are checked against the network it builds.
+    module, arch = user_arch
+    out = tmp_path / "run"
+    assert main([*RUN, "--imports", module, "--arch", arch, "--out", str(out)]) == 0
+    moved = f"{module}_moved"
+    Path(f"{module}.py").rename(f"{moved}.py")  # in the current folder, on sys.path (user_arch)
+    ARCHS.pop(arch)
+    sys.modules.pop(module)
+    try:
+        assert main(["--out", str(out), "--resume", "--epochs", "2", "--imports", moved]) == 0
+        saved = checkpoint.load(out / checkpoint.LAST)
+        assert (saved["epoch"], saved["config"]["imports"]) == (2, moved)
+        assert ARCHS[arch].build.__module__ == moved
+    finally:
+        sys.modules.pop(moved, None)
+
+
 def test_a_dataset_of_a_module_named_in_imports_trains_and_evaluates_where_that_module_is_not_imported(
         tmp_path, capsys, user_data):
     module, dataset = user_data
