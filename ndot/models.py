@@ -140,6 +140,8 @@ ARCHS: dict[str, Arch] = {
     "small_cnn": Arch(small_cnn, 16),
     "resnet_ws": Arch(resnet_ws, 32),
 }
+# ndot's own, known in every process; the others are known where the module that registered them was imported.
+BUILT_IN_ARCHS = frozenset(ARCHS)
 
 
 def register(name: str, build: Callable[[int, int, NeuronArgs], SpikingNet], input_size: int) -> None:

@@ -29,7 +29,7 @@ from ray.cluster_utils import Cluster
 from data_fixtures import closed_port
 from helpers import HANG_S, exit_status
 from ndot import data, files, results
-from ndot.data import dvs, fixtures
+from ndot.data import digits, dvs, fixtures
 from ndot.data.storage import cache_root
 from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
@@ -443,6 +443,26 @@ def test_an_architecture_registered_in_the_driver_alone_is_refused_naming_the_mo
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and f"architecture '{arch}' is registered in this process only" in err, err
     assert err.rstrip().endswith(f"--set imports={module}") and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("what", ["architecture", "dataset"])
+def test_a_name_registered_in_the_driver_for_ndots_own_network_or_data_is_refused_without_imports(tmp_path, capsys, what):
+    # ndot's own builder or loaders under a new name (vgg11_ws for 64 px input, say): the trials know the function,
+    # not the name, which the sweep let through as ndot's, and each trial errored on it as unknown.
+    if what == "architecture":
+        register("small_cnn_32", ARCHS["small_cnn"].build, 32)
+        argv = ["--archs", "small_cnn_32"]
+    else:
+        data.register("digits_again", digits.loaders, digits.INFO)
+        argv = ["--dataset", "digits_again"]
+    try:
+        rc = exit_status(cli.main, ARCHITECTURES, [*argv, "--storage", str(tmp_path), "--address", f"127.0.0.1:{closed_port()}"])
+    finally:
+        ARCHS.pop("small_cnn_32", None)
+        data.DATASETS.pop("digits_again", None)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{what} '{argv[1]}' is registered in this process only" in err and err.rstrip().endswith("--set imports=MODULE"), err
 
 
 def test_an_architecture_that_a_module_of_imports_registers_passes_the_sweeps_checks(tmp_path, user_arch):

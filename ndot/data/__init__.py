@@ -48,6 +48,8 @@ DATASETS: dict[str, str | SimpleNamespace] = {
     "cifar100": "cifar",
     "cifar10dvs": "dvs",
 }
+# ndot's own, known in every process; the others are known where the module that registered them was imported.
+BUILT_IN_DATASETS = frozenset(DATASETS)
 
 
 def register(name: str, loaders: Callable[["TrainConfig", torch.device, int], tuple[Loader, Loader]], info: DatasetInfo,
