@@ -435,6 +435,42 @@ def test_a_sweep_on_a_ray_of_its_own_caches_each_ts_frames_before_its_trials_sta
     assert len(list((tmp_path / "cache" / "cifar10dvs").glob("*.pt"))) == 2
 
 
+# A dataset of the user's that caches what it reads per T, as CIFAR10-DVS does: digits, its prepare recorded.
+_CACHING_DATA = """
+from ndot.data import DatasetInfo, digits, register
+
+PREPARED = []  # (T, workers) of each call
+
+
+def prepare(cfg, workers):
+    PREPARED.append((cfg.T, workers))
+
+
+def loaders(cfg, device, input_size):
+    return digits.loaders(cfg, device, input_size)
+
+
+register("digits_by_T", loaders, DatasetInfo(10, 1, None, in_data_root=False, depends_on=("T",)), prepare=prepare)
+"""
+
+
+def test_a_sweep_on_a_ray_of_its_own_prepares_a_dataset_of_the_users_own_once_per_distinct_data(tmp_path, monkeypatch):
+    # With the cores Ray would give the trials, before they start, as ndot's own CIFAR10-DVS frames are.
+    (tmp_path / "caching_data.py").write_text(_CACHING_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher: write_trials(plan))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    argv = ["--dataset", "digits_by_T", "--set", "imports=caching_data", "--T", "1,2", "--rules", "ndot_O,ottt_A",
+            "--storage", str(tmp_path / "runs")]
+    try:
+        assert exit_status(cli.main, TIMESTEPS, argv) == 0
+        cpus = int(resources.local_ray()["CPU"])
+        assert sys.modules["caching_data"].PREPARED == [(1, cpus), (2, cpus)]
+    finally:
+        data.DATASETS.pop("digits_by_T", None)
+        sys.modules.pop("caching_data", None)
+
+
 def test_an_architecture_registered_in_the_driver_alone_is_refused_naming_the_module_to_import(tmp_path, capsys, user_arch):
     # Its trials, in processes of their own, would each error "unknown architecture" after Ray had started.
     module, arch = user_arch
