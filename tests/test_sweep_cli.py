@@ -176,6 +176,23 @@ def test_a_resume_whose_newest_experiment_state_is_cut_short_is_refused_before_r
     assert not ray.is_initialized()
 
 
+def test_a_resumed_sweep_on_a_dataset_of_the_users_own_imports_its_module_before_the_data_checks(tmp_path, monkeypatch,
+                                                                                                user_data):
+    # A resume is a process of its own, which has not imported the module: its plan's imports must be read first.
+    module, dataset = user_data
+    flags = ["--storage", str(tmp_path), "--name", "s"]
+    runner.save_plan(cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
+        [*flags, "--dataset", dataset, "--set", f"imports={module}"])))
+    (tmp_path / "s" / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    data.DATASETS.pop(dataset)
+    sys.modules.pop(module)
+    ran = []
+    stand_in_for_ray(monkeypatch, lambda plan, resume, callbacks, launcher: ran.append(resume) or write_trials(plan))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    assert exit_status(cli.main, ARCHITECTURES, [*flags, "--resume"]) == 0 and ran == [True]
+    assert dataset in data.DATASETS
+
+
 @pytest.mark.parametrize("change, says", [
     (lambda plan: plan["strata"][1]["values"].update(T=20000), "T must be an integer in [1, 10000], got 20000"),
     (lambda plan: plan["base"].update(warp=9), "unknown setting 'warp'"),
