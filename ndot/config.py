@@ -204,9 +204,10 @@ class TrainConfig:
 
 
 def _import_modules(names: str) -> None:
-    """Import each of the comma-separated module names (TrainConfig.imports); ConfigError for one that is not found.
+    """Import each of the comma-separated module names (TrainConfig.imports); ConfigError for one that cannot be
+    imported, itself or a module it imports (named in the line).
 
-    An error raised inside a module that is found is its author's to read, and keeps its traceback.
+    Any other error raised inside a module is its author's to read, and keeps its traceback.
     """
     for name in filter(None, (n.strip() for n in names.split(","))):
         try:
