@@ -64,7 +64,9 @@ def register(name: str, loaders: Callable[["TrainConfig", torch.device, int], tu
     its data and split must come out the same in each. The train loader shuffles by cfg.seed and the epoch
     of set_epoch, as DeviceLoader(..., shuffle=True, seed=cfg.seed) does: a resumed run sees the same batches.
     Optional: `check(cfg)` raises DataError, one line, where the data is missing, before any work;
-    `prepare(cfg, workers)` builds what the loaders cache (a sweep's driver runs it before its trials start).
+    `prepare(cfg, workers)` builds what the loaders cache (a sweep's driver runs it before its trials start, once
+    for each distinct ndot.data.key: a cache that depends on more than dataset, data_root and download names those
+    fields in info.depends_on, e.g. ("T",), or ("arch",) for data cached at the architecture's input_size).
     Files are read under ndot.data.storage.data_root(cfg), with info.in_data_root.
 
     Registered from a module of its own, named in TrainConfig.imports (--imports, --set imports=...), it is
