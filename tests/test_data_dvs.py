@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -24,7 +25,7 @@ from PIL import Image
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from helpers import HANG_S, exit_status
 from ndot.config import TrainConfig
-from ndot.data import DataError, dvs, fixtures, storage
+from ndot.data import DataError, dvs, fixtures, key, storage
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import TIMESTEPS
 from ndot.train import main as train_main
@@ -661,3 +662,12 @@ def test_a_cache_builder_killed_in_mid_write_leaves_no_file_behind_once_the_cach
     dataset = dvs.CIFAR10DVS(save_to=str(dataset_root), transform=dvs.EventFrames(2, 48, "counts"))
     dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), tmp_path)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".lock", ".pt"]
+
+
+def test_configs_read_the_same_frames_where_their_dataset_root_download_T_and_encoding_are_the_same():
+    # What a sweep checks and caches once for every stratum that reads it (ndot.data.key).
+    cfg = TrainConfig(dataset="cifar10dvs", data_root="/d", T=2)
+    same = [dataclasses.replace(cfg, **change) for change in ({"lr": 0.5}, {"rule": "ottt"}, {"arch": "vgg11_ws"})]
+    other = [dataclasses.replace(cfg, **change) for change in ({"T": 3}, {"dvs_encoding": "authors"}, {"data_root": "/e"},
+                                                              {"download": True}, {"dataset": "cifar10"})]
+    assert {key(c) for c in same} == {key(cfg)} and len({key(c) for c in [cfg, *other]}) == 6
