@@ -210,28 +210,21 @@ def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_and_envi
     assert [name for name in runner._TUNE_SETTINGS if name in os.environ] == []
 
 
-def test_an_architecture_of_the_users_own_module_is_swept_by_trials_that_import_it(cluster, tmp_path, user_arch):
-    # Registered in the driver alone, the trials' processes would not know it: --set imports has each import it.
-    module, arch = user_arch
-    argv = ["--archs", arch, "--set", f"imports={module}", "--T", "1", "--rules", "ndot_A", "--epochs", "1",
-            "--batch-size", "32", "--storage", str(tmp_path), "--name", "mine", "--address", cluster.address]
+def test_an_architecture_and_a_dataset_of_the_users_own_modules_are_swept_by_trials_that_import_them(
+        cluster, tmp_path, user_arch, user_data):
+    # Registered in the driver alone, the trials' processes would not know them: --set imports has each import them.
+    (arch_module, arch), (data_module, dataset) = user_arch, user_data
+    argv = ["--archs", arch, "--dataset", dataset, "--set", f"imports={arch_module},{data_module}", "--T", "1",
+            "--rules", "ndot_A", "--epochs", "1", "--batch-size", "32", "--storage", str(tmp_path), "--name", "mine",
+            "--address", cluster.address]
     assert cli.main(ARCHITECTURES, argv) == 0
     trials = pd.read_parquet(tmp_path / "mine" / "trials.parquet")
     assert list(trials["status"]) == [results.COMPLETED] and list(trials["arch"]) == [arch]
-    # The trial trained the module's network (16 channels first), not another under its name.
+    assert list(trials["dataset"]) == [dataset]
+    # The trial trained the module's network (16 channels first), not another under its name, on the module's
+    # data, of four classes, not digits' ten.
     state = checkpoint.load(tmp_path / "mine" / trials["checkpoint"][0] / checkpoint.TRIAL)
     assert state["model"]["features.0.weight"].shape[0] == 16
-
-
-def test_a_dataset_of_the_users_own_module_is_swept_by_trials_that_import_it(cluster, tmp_path, user_data):
-    module, dataset = user_data
-    argv = ["--archs", "small_cnn", "--dataset", dataset, "--set", f"imports={module}", "--T", "1", "--rules", "ndot_A",
-            "--epochs", "1", "--batch-size", "32", "--storage", str(tmp_path), "--name", "mine", "--address", cluster.address]
-    assert cli.main(ARCHITECTURES, argv) == 0
-    trials = pd.read_parquet(tmp_path / "mine" / "trials.parquet")
-    assert list(trials["status"]) == [results.COMPLETED] and list(trials["dataset"]) == [dataset]
-    # The trial read the module's data, of four classes, not digits' ten.
-    state = checkpoint.load(tmp_path / "mine" / trials["checkpoint"][0] / checkpoint.TRIAL)
     assert state["model"]["readout.weight"].shape[0] == 4
 
 

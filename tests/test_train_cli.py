@@ -177,17 +177,26 @@ def test_help_gives_every_option_its_default_and_valid_values(capsys, monkeypatc
     assert f"(default: {DEFAULT_OUT})" in entries["out"]
 
 
-def test_an_architecture_of_a_module_named_in_imports_trains_and_evaluates_where_that_module_is_not_imported(
-        tmp_path, capsys, user_arch):
-    module, arch = user_arch
+def test_an_architecture_and_a_dataset_of_modules_named_in_imports_train_and_evaluate_where_those_are_not_imported(
+        tmp_path, capsys, user_arch, user_data):
+    (arch_module, arch), (data_module, dataset) = user_arch, user_data
     out = tmp_path / "run"
-    assert main([*RUN, "--imports", module, "--arch", arch, "--out", str(out)]) == 0
-    assert checkpoint.load(out / checkpoint.BEST)["model"]["features.0.weight"].shape[0] == 16
-    # A process that has not imported it, as ndot.evaluate's is: the run's config names the module.
+    assert main([*RUN, "--imports", f"{arch_module},{data_module}", "--arch", arch, "--dataset", dataset,
+                 "--out", str(out)]) == 0
+    # The module's network (16 channels first), on the module's data's info, not digits': four classes.
+    model = checkpoint.load(out / checkpoint.BEST)["model"]
+    assert model["features.0.weight"].shape[0] == 16 and model["readout.weight"].shape[0] == 4
+    # A process that has not imported them, as ndot.evaluate's is: the run's config names the modules.
     ARCHS.pop(arch)
-    sys.modules.pop(module)
+    data.DATASETS.pop(dataset)
+    sys.modules.pop(arch_module)
+    sys.modules.pop(data_module)
     assert evaluate_main([str(out), "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["config"]["dataset"] == dataset and dataset in data.DATASETS
     assert arch in ARCHS
+    # The module's data again, made in the evaluating process: the run's own test accuracy.
+    assert result["test_acc"] == json.loads((out / "metrics.jsonl").read_text())["test_acc"]
 
 
 def test_a_run_whose_architectures_module_moved_resumes_with_imports_naming_it_anew(tmp_path, capsys, user_arch):
@@ -206,22 +215,6 @@ def test_a_run_whose_architectures_module_moved_resumes_with_imports_naming_it_a
         assert ARCHS[arch].build.__module__ == moved
     finally:
         sys.modules.pop(moved, None)
-
-
-def test_a_dataset_of_a_module_named_in_imports_trains_and_evaluates_where_that_module_is_not_imported(
-        tmp_path, capsys, user_data):
-    module, dataset = user_data
-    out = tmp_path / "run"
-    assert main([*RUN, "--imports", module, "--dataset", dataset, "--out", str(out)]) == 0
-    # Its info, not digits': four classes.
-    assert checkpoint.load(out / checkpoint.BEST)["model"]["readout.weight"].shape[0] == 4
-    data.DATASETS.pop(dataset)
-    sys.modules.pop(module)
-    assert evaluate_main([str(out), "--out", str(tmp_path / "eval.json")]) == 0
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["config"]["dataset"] == dataset and dataset in data.DATASETS
-    # The module's data again, made in the evaluating process: the run's own test accuracy.
-    assert result["test_acc"] == json.loads((out / "metrics.jsonl").read_text())["test_acc"]
 
 
 def test_the_default_out_folder_is_named_after_the_flags_given(tmp_path, monkeypatch, capsys):
