@@ -448,7 +448,7 @@ def test_killed_driver_resumes_to_the_trials_asked_for(cluster, tmp_path):
     # The resume may run more trials at once than the start did (the cluster grew, say).
     done = subprocess.run([*cmd, "--resume", "--max-concurrent", "2"], capture_output=True, text=True, timeout=HANG_S)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "(as started; ignored: --rules, --T, --epochs)" in done.stdout
+    assert "resuming driver: 2 strata x 1 trials, 8 epochs" in done.stdout and "ignored" not in done.stdout
     rows = results.load(str(tmp_path / "driver"))
     trials = results.load(str(tmp_path / "driver"), results.TRIALS_TABLE)
     assert sorted(trials["stratum"]) == sorted(s.label for s in strata({"T": (1,), "method": ("ndot_A", "ottt_A")}))

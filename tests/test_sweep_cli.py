@@ -130,16 +130,35 @@ def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest
     runner.save_plan(plan)
     (Path(plan.experiment) / "tuner.pkl").touch()  # what Tuner.can_restore looks for
     assert cli.resumed_plan(TIMESTEPS, parse("--resume")) == plan
-    changed = cli.resumed_plan(TIMESTEPS, parse("--resume", "--max-concurrent", "3", "--cpus-per-trial", "2", "--T", "4"))
+    changed = cli.resumed_plan(TIMESTEPS, parse("--resume", "--max-concurrent", "3", "--cpus-per-trial", "2", "--T", "1,2"))
     assert changed == dataclasses.replace(plan, max_concurrent=3, cpus_per_trial=2)
     with pytest.raises(cli.InputError, match="--max-concurrent must be at least 1, got 0"):
         cli.resumed_plan(TIMESTEPS, parse("--resume", "--max-concurrent", "0"))
-    assert cli._ignored_on_resume(parse("--resume", "--max-concurrent", "3", "--T", "4")) == ["--T"]
+    assert cli._ignored_on_resume(parse("--resume", "--max-concurrent", "3", "--T", "1,2")) == []
     with pytest.raises(cli.InputError, match="experiment s is a timesteps sweep: resume it with sweeps/timesteps.py"):
         cli.resumed_plan(ARCHITECTURES, parse("--resume"))
     # Through ray:// the tuner runs in the cluster, out of the resume's reach.
     client = parse("--resume", "--max-concurrent", "3", "--address", "ray://head:10001")
     assert cli._ignored_on_resume(client) == ["--max-concurrent"]
+
+
+def test_a_resume_refuses_in_one_line_each_flag_that_would_change_the_sweep_and_takes_those_it_started_with(tmp_path, capsys):
+    # Run as started, more trials or another seed asked for would be dropped with exit 0; run as asked, a
+    # sweep's trials would mix two plans.
+    started = ["--storage", str(tmp_path), "--name", "s", "--preset", "smoke", "--T", "1,2", "--rules", "ndot_O,bptt_A",
+               "--lr", "0.02,0.5", "--trials", "2", "--epochs", "2", "--seed", "1", "--set", "tau=3"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(started))
+    runner.save_plan(plan)
+    (Path(plan.experiment) / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    assert cli.resumed_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args([*started, "--resume"])) == plan
+    for changed, says in [(["--trials", "4"], "--trials 4 (started with 2)"), (["--T", "1,2,4"], "--T 1,2,4 (started with 1,2)"),
+                          (["--seed", "2"], "--seed 2 (started with 1)"), (["--epochs", "3"], "--epochs 3 (started with 2)"),
+                          (["--rules", "ndot_A"], "--rules ndot_A (started with ndot_O,bptt_A)"),
+                          (["--lr", "0.1"], "--lr 0.1 (started with 0.02,0.5)"), (["--preset", "paper"], "--preset paper (started with smoke)"),
+                          (["--set", "tau=2"], "--set tau=2.0 (started with 3.0)")]:
+        assert exit_status(cli.main, TIMESTEPS, ["--storage", str(tmp_path), "--name", "s", "--resume", *changed]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"experiment s as it was started, not with {says}: leave them out" in err, err
 
 
 def test_the_command_printed_to_continue_a_sweep_resumes_it_as_pasted_into_a_shell(tmp_path, monkeypatch):

@@ -98,8 +98,9 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
     p.add_argument(
         "--resume", action="store_true",
-        help="continue the experiment --name in --storage as it was started, errored trials included "
-        "(of the other flags only --cpus-per-trial, --gpus-per-trial and, but through ray://, --max-concurrent apply)",
+        help="continue the experiment --name in --storage as it was started, errored trials included (a flag that "
+        "defines the sweep, such as --trials or --T, is refused unless it has the value the sweep started with; "
+        "--cpus-per-trial, --gpus-per-trial and, but through ray://, --max-concurrent apply)",
     )
     return p
 
@@ -260,7 +261,7 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         name=_name(args.name) or f"{sweep.name}-{args.preset or DEFAULT_PRESET}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=_storage(args), base=base, strata=tuple(cells), space=space, trials_per_stratum=trials,
         cpus_per_trial=cpus, gpus_per_trial=gpus, max_concurrent=_max_concurrent(args.max_concurrent),
-        grace_period=preset.grace_period, seed=seed, sweep=sweep.name,
+        grace_period=preset.grace_period, seed=seed, sweep=sweep.name, preset=args.preset or DEFAULT_PRESET,
     )
 
 
@@ -298,10 +299,45 @@ def resumed_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
         _check_trials(plan.base, plan.strata, plan.space)
     except ConfigError as e:
         raise ConfigError(f"experiment {args.name} cannot run as started ({results.PLAN_FILE}): {e}") from None
+    changed = _changed_on_resume(plan, args)
+    if changed:
+        # Run as started, the sweep would not be the one asked for; run as asked, its trials would mix two plans.
+        raise InputError(f"a resume continues experiment {args.name} as it was started, not with {', '.join(changed)}: "
+                         "leave them out, or start a sweep with them under another --name")
     cpus, gpus = _resources(_given(args.cpus_per_trial, plan.cpus_per_trial), _given(args.gpus_per_trial, plan.gpus_per_trial))
     # A plan that counted the cluster's slots counts them again: it may have grown, or trials shrunk.
     return dataclasses.replace(plan, cpus_per_trial=cpus, gpus_per_trial=gpus,
                                max_concurrent=_max_concurrent(_given(args.max_concurrent, plan.max_concurrent)))
+
+
+def _text(value: Any) -> str:
+    """A plan flag's value as typed: a list comma-separated, a span of one value as that value."""
+    return ",".join(map(str, dict.fromkeys(value))) if isinstance(value, tuple) else str(value)
+
+
+def _changed_on_resume(plan: Plan, args: argparse.Namespace) -> list[str]:
+    """Each plan flag given to a resume whose value is not the one `plan` runs, as 'FLAG VALUE (started with VALUE)'.
+    Those it runs with may be given: the command line that started the sweep, --resume added, continues it."""
+    configs = [TrainConfig.from_dict({**plan.base, **s.values}) for s in plan.strata]
+
+    def each(field: str) -> tuple:
+        return tuple(dict.fromkeys(getattr(c, field) for c in configs))
+
+    started = {
+        "preset": plan.preset or args.preset,  # a plan saved before plans named their preset: not compared
+        "dataset": configs[0].dataset, "data_root": configs[0].data_root, "download": configs[0].download,
+        "rules": tuple(dict.fromkeys(f"{c.rule}_{c.mode}" for c in configs)), "T": each("T"), "archs": each("arch"),
+        "lr": plan.space.lr, "momentum": plan.space.momentum, "loss_alpha": plan.space.loss_alpha,
+        "batch_size": plan.space.batch_size, "trials": plan.trials_per_stratum, "epochs": configs[0].epochs,
+        "seed": plan.seed,
+    }
+    given = {name: getattr(args, name) for name in started if getattr(args, name) not in (None, False)}
+    if "data_root" in given:
+        given["data_root"] = os.path.abspath(os.path.expanduser(given["data_root"]))  # as build_plan saves it
+    changed = [f"--{name.replace('_', '-')}{'' if value is True else ' ' + _text(value)} (started with {_text(started[name])})"
+               for name, value in given.items() if value != started[name]]
+    return changed + [f"--set {name}={_text(value)} (started with {_text(getattr(configs[0], name))})"
+                      for name, value in _settings(args.set).items() if value != getattr(configs[0], name)]
 
 
 def check(plan: Plan, resume: bool) -> None:
@@ -601,12 +637,6 @@ def _check_fits_here(plan: Plan, here: dict[str, float]) -> None:
                          "or join a cluster with --address")
 
 
-# Flags that define what a sweep runs: a resume takes them from the experiment's sweep.json.
-_PLAN_FLAGS = ("preset", "dataset", "data_root", "download", "rules", "T", "archs", "lr", "momentum", "loss_alpha",
-               "batch_size", "trials", "epochs", "seed", "set")
-
-
 def _ignored_on_resume(args: argparse.Namespace) -> list[str]:
     # Through ray:// Tune's tuner runs in the cluster, where a resume cannot reset its limit (ndot.sweep.runner).
-    names = _PLAN_FLAGS + (("max_concurrent",) if runner.through_client(args.address) else ())
-    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) not in (None, False, [])]
+    return ["--max-concurrent"] if args.max_concurrent is not None and runner.through_client(args.address) else []

@@ -66,6 +66,7 @@ class Plan:
     grace_period: int = 1
     seed: int = 0
     sweep: str = ""  # the Sweep's name, which a resume checks ("": a plan built outside a sweep's script)
+    preset: str = ""  # the preset it was built from, which a resume's --preset must name ("": not recorded)
 
     @property
     def experiment(self) -> str:
