@@ -308,11 +308,14 @@ def _not_a_sweep(folder: str, why: str) -> str:
     return f"{folder} is not a sweep's experiment folder ({why}){inside}"
 
 
+def _plan(experiment: str) -> dict[str, Any]:
+    """The experiment's plan (PLAN_FILE) as ndot.sweep.runner wrote it; {} without one."""
+    return json.loads(read_bytes(plan_uri(experiment))) if is_experiment(experiment) else {}
+
+
 def plan_order(experiment: str) -> list[str]:
     """The strata as the sweep's plan (PLAN_FILE) lists them, the order its own summary uses; [] without a plan."""
-    if not is_experiment(experiment):
-        return []
-    return [s["label"] for s in json.loads(read_bytes(plan_uri(experiment))).get("strata", [])]
+    return [s["label"] for s in _plan(experiment).get("strata", [])]
 
 
 def summary_text(trials: pd.DataFrame, order: Sequence[str] = ()) -> str:
@@ -358,7 +361,12 @@ def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
     # in the experiment state that collect reads: in the order they began, both write the same tables, and
     # the summary picks the same one of two trials that tie.
     records = sorted(records, key=_began)
+    # Whose rows they are, once several sweeps' tables are concatenated: the sweep's --name and script, as its
+    # plan records them, so a copy of the folder elsewhere still says ("" where the plan does not say).
+    plan = _plan(experiment)
+    sweep = {"experiment": plan.get("name", ""), "sweep": plan.get("sweep", "")}
     for table, frame in ((EPOCHS_TABLE, epochs_frame(records)), (TRIALS_TABLE, trials_frame(records))):
+        frame = pd.concat([pd.DataFrame(sweep, index=frame.index), frame], axis=1)
         write_bytes(table_uri(experiment, table), _parquet(frame))
 
 

@@ -11,8 +11,12 @@ from ray.train._internal.storage import StorageContext
 from ray.tune import Checkpoint, CheckpointConfig
 from ray.tune.experiment import Trial
 
+import pandas as pd
+
 from ndot import checkpoint, results
+from ndot.sweep import cli, runner
 from ndot.sweep.cli import Progress, status_line
+from ndot.sweep.definitions import ARCHITECTURES, TIMESTEPS
 from ndot.sweep.recorder import TablesCallback
 from ndot.sweep.scheduler import continue_from_whole_checkpoint
 
@@ -53,6 +57,32 @@ def test_tables_go_to_the_trials_experiment_folder(tmp_path):
     trials = results.load(str(tmp_path / "sweeps" / "exp"), results.TRIALS_TABLE)
     assert trials["epochs_run"].tolist() == [2] and trials["checkpoint"].tolist() == ["t0/checkpoint_000001"]
     assert len(results.load(str(tmp_path / "sweeps" / "exp"))) == 2
+
+
+def test_two_sweeps_tables_concatenated_say_which_sweep_each_row_is_of_as_written_and_as_rebuilt(tmp_path, capsys):
+    # The live tables, and those rebuilt from the trials' folders (no experiment state), of two sweeps.
+    experiments = {}
+    for sweep, name in ((TIMESTEPS, "t-smoke"), (ARCHITECTURES, "a-smoke")):
+        plan = cli.build_plan(sweep, cli.parser(sweep).parse_args(["--storage", str(tmp_path), "--name", name]))
+        runner.save_plan(plan, new=True)
+        trials = [_trial(Path(plan.experiment), f"{name}-{i}") for i in range(2)]
+        _step(TablesCallback(min_interval_s=0), trials, {t.trial_id: _checkpoint(t, 2) for t in trials})
+        experiments[plan.experiment] = [results.load(plan.experiment, table) for table in (results.EPOCHS_TABLE, results.TRIALS_TABLE)]
+        assert results.main(["collect", plan.experiment]) == 0
+        assert "no readable experiment state" in capsys.readouterr().err
+        for table, live in zip((results.EPOCHS_TABLE, results.TRIALS_TABLE), experiments[plan.experiment]):
+            rebuilt = results.load(plan.experiment, table)
+            assert list(rebuilt.columns[:3]) == list(live.columns[:3]) == ["experiment", "sweep", "trial_id"]
+            assert rebuilt[["experiment", "sweep"]].equals(live[["experiment", "sweep"]])
+    for table in (results.EPOCHS_TABLE, results.TRIALS_TABLE):
+        both = pd.concat([pd.read_parquet(results.table_uri(e, table)) for e in experiments])
+        assert pd.api.types.is_string_dtype(both["experiment"]) and pd.api.types.is_string_dtype(both["sweep"])
+        ids = both.groupby("experiment")["trial_id"].unique().map(sorted).to_dict()
+        assert ids == {name: [f"{name}-0", f"{name}-1"] for name in ("t-smoke", "a-smoke")}, table
+        assert both.groupby("experiment")["sweep"].unique().map(list).to_dict() == {"t-smoke": ["timesteps"], "a-smoke": ["architectures"]}
+    # The summary and figures read tables with the columns as they read those written before them.
+    experiment = next(iter(experiments))
+    assert results.main(["summary", experiment]) == 0 and results.main(["plot", experiment]) == 0
 
 
 def test_a_history_that_cannot_be_read_yet_is_read_at_a_later_write(tmp_path, caplog):
