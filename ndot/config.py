@@ -7,6 +7,7 @@ import importlib
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -215,6 +216,17 @@ def _import_modules(names: str) -> None:
         except ImportError as e:
             raise ConfigError(f"imports: cannot import {name!r} ({e}); every process that runs the config imports it: "
                               "install it, or put its folder on PYTHONPATH") from None
+
+
+def importing() -> tuple[str, ...]:
+    """The modules whose top-level code is running in the caller's stack, innermost first: a register call's,
+    the modules whose import registers its name (one named in TrainConfig.imports does so in every process)."""
+    frame, names = sys._getframe(1), []
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            names.append(frame.f_globals.get("__name__", "__main__"))
+        frame = frame.f_back
+    return tuple(names)
 
 
 def check_settings(keys: Iterable[str]) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ndot.config import importing
 from ndot.layers import LIF, Seq, WSConv2d, avg_pool, configure, neurons
 from ndot.ops import traced_conv2d
 
@@ -142,6 +143,8 @@ ARCHS: dict[str, Arch] = {
 }
 # ndot's own, known in every process; the others are known where the module that registered them was imported.
 BUILT_IN_ARCHS = frozenset(ARCHS)
+# The others' name -> the modules whose import registered it (ndot.config.importing).
+REGISTERED_BY: dict[str, tuple[str, ...]] = {}
 
 
 def register(name: str, build: Callable[[int, int, NeuronArgs], SpikingNet], input_size: int) -> None:
@@ -156,6 +159,7 @@ def register(name: str, build: Callable[[int, int, NeuronArgs], SpikingNet], inp
     if ARCHS.get(name, arch) != arch:
         raise ValueError(f"architecture {name!r} is registered already, by {ARCHS[name].build.__module__}")
     ARCHS[name] = arch
+    REGISTERED_BY[name] = importing()
 
 
 def build(name: str, in_channels: int, num_classes: int, neuron: NeuronArgs | None = None,

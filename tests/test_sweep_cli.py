@@ -544,6 +544,33 @@ def test_an_architecture_that_a_module_of_imports_registers_passes_the_sweeps_ch
     assert {s.values["arch"] for s in plan.strata} == {"small_cnn", arch} and plan.base["imports"] == module
 
 
+def test_an_architecture_that_a_module_of_imports_registers_through_a_module_it_imports_passes(tmp_path, user_arch):
+    module, arch = user_arch
+    (tmp_path / "user" / "lab_models.py").write_text(f"import {module}\n")
+    try:
+        plan = cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
+            ["--archs", arch, "--set", "imports=lab_models", "--storage", str(tmp_path)]))
+    finally:
+        sys.modules.pop("lab_models", None)
+    assert {s.values["arch"] for s in plan.strata} == {arch}
+
+
+@pytest.mark.parametrize("what", ["architecture", "dataset"])
+def test_a_name_that_the_modules_of_imports_do_not_register_is_refused_naming_the_module_that_does(
+        tmp_path, capsys, user_arch, user_data, what):
+    # The driver imported the module that registers it, the trials only those of imports: each would have errored
+    # on the name as unknown, after Ray had started.
+    module, name = user_arch if what == "architecture" else user_data
+    __import__(module)
+    rc = exit_status(cli.main, ARCHITECTURES, ["--archs" if what == "architecture" else "--dataset", name,
+                                               "--set", "imports=ndot.layers", "--storage", str(tmp_path),
+                                               "--address", f"127.0.0.1:{closed_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{what} '{name}' is registered by {module}, not by the modules the sweep's trials import " \
+           f"(--set imports=ndot.layers): add {module} to imports" in err, err
+
+
 def test_an_architecture_defined_in_the_script_that_starts_the_sweep_is_refused_whatever_imports_says(tmp_path, capsys):
     # A trial imports the modules of imports, never the driver's script (__main__ there is Ray's worker).
     script = {"__name__": "__main__"}

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ndot.config import importing
+
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
     from ndot.data.loader import Loader
@@ -50,6 +52,8 @@ DATASETS: dict[str, str | SimpleNamespace] = {
 }
 # ndot's own, known in every process; the others are known where the module that registered them was imported.
 BUILT_IN_DATASETS = frozenset(DATASETS)
+# The others' name -> the modules whose import registered it (ndot.config.importing).
+REGISTERED_BY: dict[str, tuple[str, ...]] = {}
 
 
 def register(name: str, loaders: Callable[["TrainConfig", torch.device, int], tuple[Loader, Loader]], info: DatasetInfo,
@@ -77,6 +81,7 @@ def register(name: str, loaders: Callable[["TrainConfig", torch.device, int], tu
     if DATASETS.get(name, entry) != entry:
         raise ValueError(f"dataset {name!r} is registered already, by {origin(name)}")
     DATASETS[name] = entry
+    REGISTERED_BY[name] = importing()
 
 
 def _nothing_to_check(cfg: "TrainConfig") -> None:

@@ -28,7 +28,7 @@ from ndot import data, files, results
 from ndot.cli import Parser, handle, listed, refuse, show_progress, signal_handlers_kept
 from ndot.config import MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
 from ndot.data import storage
-from ndot.models import ARCHS, BUILT_IN_ARCHS
+from ndot.models import ARCHS, BUILT_IN_ARCHS, REGISTERED_BY
 from ndot.sweep import reach, resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
@@ -191,11 +191,13 @@ def _check_trials(base: dict[str, Any], cells: Sequence[Stratum], space: SearchS
             TrainConfig.from_dict({**base, **cell.values, **corner}).validate()
 
 
-def _check_trials_know(registered: Sequence[tuple[str, str, str]], imports: str) -> None:
+def _check_trials_know(registered: Sequence[tuple[str, str, str, tuple[str, ...]]], imports: str) -> None:
     """InputError for an architecture or dataset of the user's that the trials would not know: they run in processes
     of their own, which know only ndot's and those the modules of `imports` register. `registered`: (what, name, the
-    module that defines its function) of each the trials use that is not ndot's own."""
-    for what, name, where in registered:
+    module that defines its function, the modules whose import registered it) of each the trials use that is not
+    ndot's own."""
+    named = [m.strip() for m in imports.split(",") if m.strip()]
+    for what, name, where, registered_by in registered:
         if where == "__main__":
             raise InputError(f"{what} {name!r} is defined in the script that started the sweep, which its trials cannot "
                              "import: register it in a module of its own and name that with --set imports=MODULE")
@@ -204,6 +206,13 @@ def _check_trials_know(registered: Sequence[tuple[str, str, str]], imports: str)
             module = "MODULE" if where.partition(".")[0] == "ndot" else where
             raise InputError(f"{what} {name!r} is registered in this process only, and the sweep's trials run in "
                              f"processes of their own: name the module that registers it with --set imports={module}")
+        # Importing a module imports its packages first: one of them may be what registers the name.
+        if not any(m == r or m.startswith(r + ".") for m in named for r in registered_by):
+            by = registered_by[0] if registered_by else "__main__"
+            by, fix = (("the script that started the sweep", "register it in a module of its own and add that")
+                       if by == "__main__" else (by, f"add {by}"))
+            raise InputError(f"{what} {name!r} is registered by {by}, not by the modules the sweep's trials import "
+                             f"(--set imports={imports}): {fix} to imports")
 
 
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
@@ -238,9 +247,10 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     cpus, gpus = _resources(_given(args.cpus_per_trial, preset.cpus_per_trial), _given(args.gpus_per_trial, preset.gpus_per_trial))
     _check_trials(base, cells, space)
     # By name, not by the module of its function: ndot's own builder registered under another name is unknown to a trial.
-    registered = [("architecture", name, ARCHS[name].build.__module__) for name in axes["arch"] if name not in BUILT_IN_ARCHS]
+    registered = [("architecture", name, ARCHS[name].build.__module__, REGISTERED_BY.get(name, ()))
+                  for name in axes["arch"] if name not in BUILT_IN_ARCHS]
     if base["dataset"] not in data.BUILT_IN_DATASETS:
-        registered.append(("dataset", base["dataset"], data.origin(base["dataset"])))
+        registered.append(("dataset", base["dataset"], data.origin(base["dataset"]), data.REGISTERED_BY.get(base["dataset"], ())))
     _check_trials_know(registered, base.get("imports", ""))
     rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
     modes = list(dict.fromkeys(cell.values.get("mode", base.get("mode")) for cell in cells))
