@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import math
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from torchvision.datasets.utils import calculate_md5, download_and_extract_archi
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
 from ndot.config import TrainConfig
+import ndot.cli
 from ndot import data
 from ndot.data import DataError, cifar, fixtures, storage
 from ndot.data.loader import DeviceLoader, WorkerLoader, epoch_generator, sample_seed
@@ -365,6 +367,15 @@ def test_download_restores_a_missing_meta_file(served, root, tmp_path):
     (tmp_path / "data" / CIFAR10.base_folder / "batches.meta").unlink()
     cifar.check(config(tmp_path / "data", download=True))
     assert len(served) == 1 and cifar.read(config(tmp_path / "data"), train=True)[1].shape == (N_TRAIN,)
+
+
+def test_a_download_whose_stderr_is_no_terminal_writes_its_progress_as_lines(served, tmp_path, capsys, monkeypatch):
+    # A sweep's trial logs, a batch job's: the library's bar redraws itself after a '\r' ten times a second, a line
+    # of the log each. Of its states, one per PROGRESS_S is a line (none here) and the last.
+    monkeypatch.setattr(ndot.cli, "PROGRESS_S", math.inf)
+    cifar.check(config(tmp_path / "data", download=True))
+    err = capsys.readouterr().err  # the bar's, and the server's about the probe for a redirect, which hangs up
+    assert len(served) == 1 and "\r" not in err and [line[:4] for line in err.splitlines() if "%|" in line] == ["100%"], err
 
 
 def test_stalled_download_times_out(tmp_path, monkeypatch):

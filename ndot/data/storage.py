@@ -10,13 +10,16 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import socket
+import sys
 import tarfile
 import urllib.error
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
+from ndot.cli import Pace
 from ndot.data import DataError
 
 if TYPE_CHECKING:
@@ -75,6 +78,30 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+class _PacedBars:
+    """stderr for a library's download (torchvision's, tonic's) where it is no terminal: their tqdm bar redraws
+    itself after a '\r' ten times a second, in a log a line each, thousands in a slow download. This passes on
+    what ends in '\n' (the bar's last state, any other line), and of the redrawn states one per PROGRESS_S."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.pace, self.state = out, Pace(), ""
+
+    def write(self, text: str) -> int:
+        for piece in re.split(r"(?<=[\r\n])", text):
+            self.state += piece
+            if self.state.endswith("\n"):
+                self.out.write(self.state)
+                self.state = ""
+            elif self.state.endswith("\r"):
+                redrawn, self.state = self.state[:-1], ""
+                if redrawn.strip() and self.pace.due():
+                    self.out.write(redrawn + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: str, present: Callable[[], bool]) -> None:
     """Run `fetch` (a library's download) with a socket timeout, unless `present()`; any failure becomes one DataError line.
 
@@ -87,7 +114,8 @@ def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: st
         with file_lock(folder / f".{what}-download.lock", waiting=f"waiting for another process downloading {what} into {folder}"):
             if present():
                 return
-            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S), \
+                    contextlib.redirect_stderr(sys.stderr if sys.stderr.isatty() else _PacedBars(sys.stderr)):
                 fetch()
     except (OSError, RuntimeError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
         raise DataError(f"downloading {what} into {folder} failed: {_reason(exc)}; {manual}") from exc
