@@ -345,6 +345,14 @@ def test_trials_read_the_data_root_the_driver_checked(tmp_path, monkeypatch):
     assert cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--dataset", "digits"])).base.get("data_root") is None
 
 
+def test_a_relative_ndot_cache_in_the_jobs_runtime_env_is_refused(tmp_path, monkeypatch, capsys):
+    # It reaches every trial as it is, and each, in a folder of its own, would build the frames there again.
+    monkeypatch.setenv(JOB_CONFIG, json.dumps({"runtime_env": {"env_vars": {"NDOT_CACHE": "frames"}}}))
+    rc = exit_status(cli.main, TIMESTEPS, ["--storage", str(tmp_path), "--address", f"127.0.0.1:{closed_port()}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "NDOT_CACHE=frames in the job's runtime_env is relative" in err, err
+
+
 def test_trials_on_the_clusters_other_nodes_cache_where_the_drivers_ndot_cache_says(tmp_path, monkeypatch):
     # The cluster starts without it, as its other machines do, and the driver sets it after: relative, as Tune
     # runs each trial in a folder of its own.

@@ -364,6 +364,11 @@ def check(plan: Plan, resume: bool) -> None:
             # Strata that read other data (CIFAR10-DVS frames of another T) can fail alone: the line says which.
             more = f" and {len(labels) - 1} more that read its data" if len(labels) > 1 else ""
             raise data.DataError(f"stratum {labels[0]}{more}: {e}") from e.__cause__
+    # The job's, unlike this process's (runner.trial_env), reaches the trials as it is, each in a folder of its own.
+    cache = runner.job_env_vars().get("NDOT_CACHE")
+    if cache and not os.path.isabs(os.path.expanduser(cache)):
+        raise InputError(f"NDOT_CACHE={cache} in the job's runtime_env is relative, and Tune runs each trial in a folder "
+                         "of its own, where each would build the caches again: make it absolute")
     # Device and cuda_graph are no axis of a sweep: every stratum has the first's.
     cfg = TrainConfig.from_dict({**plan.base, **plan.strata[0].values})
     if (cfg.device.startswith("cuda") or cfg.cuda_graph) and plan.gpus_per_trial == 0:

@@ -221,10 +221,15 @@ def trial_env() -> dict[str, Any] | None:
     refuse a second one.
     """
     cache = os.environ.get("NDOT_CACHE")
-    job = json.loads(os.environ.get(runtime_env_constants.RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
-    if not cache or "NDOT_CACHE" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+    if not cache or "NDOT_CACHE" in job_env_vars():
         return None
     return {"env_vars": {"NDOT_CACHE": os.path.abspath(os.path.expanduser(cache))}}
+
+
+def job_env_vars() -> dict[str, str]:
+    """The variables the runtime_env of the job this driver runs in (`ray job submit`) sets in every process of it."""
+    job = json.loads(os.environ.get(runtime_env_constants.RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def connect(address: str | None) -> None:
