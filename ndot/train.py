@@ -362,15 +362,23 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool,
         check_rule_flags(given, [cfg.validate().rule], [cfg.mode], lambda name: f"--{name}")
         check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         device = runnable_device(cfg)
+        if not (out / RUN_LOCK).exists():
+            # No run writes there (it would hold the lock): refused before the lock's file is left in another
+            # run's folder. Else once held, where a run still writing is named.
+            _refuse_a_run_in(out)
         _hold(out, holding, "wait for it to end, or pass another --out")
-        held = [name for name in _RUN_FILES if (out / name).exists()]
-        if held:
-            # A fresh run would overwrite them: that run's results are not this one's to discard.
-            then = "--resume to continue it" if checkpoint.LAST in held else "remove them to start afresh"
-            raise ConfigError(f"{out} holds a run already ({', '.join(held)}): {then}, or another --out")
+        _refuse_a_run_in(out)
     with _writing_in(out):
         files.check_writable(str(out))
     return cfg, device, state
+
+
+def _refuse_a_run_in(out: Path) -> None:
+    """ConfigError where `out` holds a run's files: a fresh run would overwrite them, that run's results."""
+    held = [name for name in _RUN_FILES if (out / name).exists()]
+    if held:
+        then = "--resume to continue it" if checkpoint.LAST in held else "remove them to start afresh"
+        raise ConfigError(f"{out} holds a run already ({', '.join(held)}): {then}, or another --out")
 
 
 def _hold(out: Path, holding: contextlib.ExitStack, then: str) -> None:

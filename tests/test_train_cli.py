@@ -84,7 +84,7 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_keeps_it(tmp_path, capsy
     before = contents(tmp_path)
     err = refused(capsys, [*RUN, "--out", str(tmp_path)], f"{tmp_path} holds a run already ({', '.join(held)})")
     assert then in err
-    assert contents(tmp_path) == before
+    assert contents(tmp_path) == before and not (tmp_path / RUN_LOCK).exists(), "the refused run's lock was left there"
 
 
 @pytest.mark.parametrize("out,words", [("file", "is a file, not a folder"), ("file/run", "cannot write in --out"),
