@@ -283,6 +283,8 @@ def _help(f: dataclasses.Field) -> str:
     text = FIELD_HELP.get(f.name, f.name)
     if f.name in _CHOICES:
         text += f"; one of {', '.join(_CHOICES[f.name])}"
+    if f.name in ("dataset", "arch"):
+        text += ", or one that a module of --imports registers"
     return text if f.default is None else f"{text} (default: {'none' if f.default == '' else f.default})"
 
 
