@@ -325,8 +325,9 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool,
     writes anything but its lock and what mends the folder of a killed run it resumes (_mend).
 
     The folder is held (RUN_LOCK) in `holding` from before its files are looked at."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+    with _writing_in(out):  # a name longer than the filesystem takes fails even to be looked up
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder")
     state = None
     if resume:
         ckpt_path = out / checkpoint.LAST
