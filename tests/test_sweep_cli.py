@@ -89,6 +89,8 @@ def storage(tmp_path):
         (["--lr", "0.1", "--trials", "2"], "repeats one run: give --trials 1"),
         (["--name", "a/../b"], "must be a folder name"),
         (["--name", ".."], "must be a folder name"),
+        (["--name", "é" * 128], "--name is 256 bytes long"),
+        (["--resume", "--name", "é" * 128], "--name is 256 bytes long"),
         (["--resume"], "--resume needs the --name"),
         (["--resume", "--name", "never-ran"], "no experiment to resume"),
         (["--set", "precision"], "FIELD=VALUE"),

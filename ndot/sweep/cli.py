@@ -181,6 +181,9 @@ def _name(name: str | None) -> str | None:
     # The experiment is one folder of --storage: a path would put it elsewhere.
     if name is not None and (name in ("", ".", "..") or "/" in name or "\\" in name):
         raise InputError(f"--name {name!r} must be a folder name, without '/'")
+    # Ray stages every experiment in a local folder of this name, whatever --storage is: filesystems take 255 bytes.
+    if name is not None and len(os.fsencode(name)) > 255:
+        raise InputError(f"--name is {len(os.fsencode(name))} bytes long: a folder name takes at most 255")
     return name
 
 
