@@ -163,11 +163,12 @@ def signal_handlers_kept(*signums: int) -> Iterator[None]:
 
 
 def named(text: str) -> str:
-    """An argparse type: a path or URI, not empty. An unset shell variable gives "", which would read as
-    nothing given (a default taken instead) or as the current folder."""
+    """An argparse type: a path or URI, not empty, ~ expanded. An unset shell variable gives "", which would read as
+    nothing given (a default taken instead) or as the current folder; the shell leaves ~ in --out=~/x, which would
+    name a folder "~" in the current one."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a file or folder, got an empty string")
-    return text
+    return os.path.expanduser(text)
 
 
 def listed(kind: Callable[[str], Any]) -> Callable[[str], tuple]:

@@ -276,7 +276,7 @@ def _folder(text: str) -> Path:
     if not text.strip():
         # Path("") is ".": an empty --out (an unset shell variable) would put the run where it was typed.
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
-    return Path(text)
+    return Path(text).expanduser()  # the shell leaves ~ in --out=~/x
 
 
 def _help(f: dataclasses.Field) -> str:

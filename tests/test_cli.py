@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ndot.cli import Parser, listed, show_progress
+from ndot.cli import Parser, listed, named, show_progress
 
 
 def parser() -> Parser:
@@ -61,6 +61,13 @@ def test_progress_lines_reach_stderr_once_each_and_not_stdout(capsys):
     logging.getLogger("ndot.data.dvs").debug("not shown")
     out, err = capsys.readouterr()
     assert out == "" and err == "cifar10dvs: 10/100 recordings converted\n"
+
+
+def test_a_named_path_with_a_tilde_is_in_the_home_folder_and_a_uri_is_left_alone(tmp_path, monkeypatch):
+    # ndot.evaluate --out=~/e.json and ndot.bench --out=~/b.jsonl: the shell expands no ~ after '='.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert named("~/e.json") == str(tmp_path / "e.json")
+    assert named("s3://bucket/~x") == "s3://bucket/~x"
 
 
 def test_a_listed_value_given_twice_is_measured_once_in_the_order_given():

@@ -95,6 +95,17 @@ def test_an_out_that_cannot_be_a_folder_is_refused(tmp_path, capsys, out, words)
     refused(capsys, [*RUN, "--out", str(tmp_path / out)], words)
 
 
+def test_a_tilde_in_out_is_the_home_folder_where_the_shell_leaves_it(tmp_path, capsys, monkeypatch):
+    # --out=~/run: the shell expands no ~ after '=', and the run went to a folder named "~" in the current one.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run = tmp_path / "home" / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    refused(capsys, [*RUN, "--out=~/run"], f"{run} holds a run already")
+    assert not (tmp_path / "~").exists()
+
+
 def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert exit_status(main, [*RUN, "--out", ""]) == 2
