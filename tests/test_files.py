@@ -148,9 +148,9 @@ def test_an_upload_whose_writes_fail_leaves_the_old_file_and_no_stray(tmp_path):
 @pytest.mark.parametrize("through", ["path", "uri"])
 def test_a_write_onto_a_folder_fails_and_leaves_no_stray(tmp_path, through):
     (tmp_path / "trials.parquet").mkdir()
-    target = str(tmp_path / "trials.parquet")
+    target = tmp_path / "trials.parquet"
     with pytest.raises(OSError):
-        files.write_bytes(target if through == "path" else f"file://{target}", b"table")
+        files.write_bytes(str(target) if through == "path" else target.as_uri(), b"table")
     assert [p.name for p in tmp_path.iterdir()] == ["trials.parquet"] and (tmp_path / "trials.parquet").is_dir()
 
 
@@ -176,19 +176,21 @@ def test_a_stream_whose_write_failed_is_discarded_when_it_is_closed_after(tmp_pa
 def test_a_write_to_a_uri_lands_at_its_path_and_leaves_no_temporary_file(tmp_path):
     # An object store (s3://, gs://) has no rename: the temporary object is moved onto the path, not copied,
     # which would leave a .NAME.*.tmp beside every table a sweep rewrites. file:// takes the same branch.
-    files.write_bytes(f"file://{tmp_path}/sweep/trials.parquet", b"new")
+    # as_uri escapes what a URI cannot hold as it is (a basetemp with a space or an accent).
+    uri = (tmp_path / "sweep" / "trials.parquet").as_uri()
+    files.write_bytes(uri, b"new")
     assert os.listdir(tmp_path / "sweep") == ["trials.parquet"]
-    assert files.read_bytes(f"file://{tmp_path}/sweep/trials.parquet") == b"new"
+    assert files.read_bytes(uri) == b"new"
 
 
 @pytest.mark.parametrize("through", ["path", "uri"])
 def test_a_new_file_is_written_whole_once_and_a_second_writer_gets_file_exists(tmp_path, through, monkeypatch):
-    target = str(tmp_path / "sweep" / "sweep.json")
-    uri = target if through == "path" else f"file://{target}"
+    target = tmp_path / "sweep" / "sweep.json"
+    uri = str(target) if through == "path" else target.as_uri()
     files.write_new(uri, b"first")
     with pytest.raises(FileExistsError):
         files.write_new(uri, b"second")
-    assert Path(target).read_bytes() == b"first" and os.listdir(tmp_path / "sweep") == ["sweep.json"]
+    assert target.read_bytes() == b"first" and os.listdir(tmp_path / "sweep") == ["sweep.json"]
     if through == "path":  # a filesystem without hard links claims the path instead
         def no_links(*args):
             raise PermissionError(1, "Operation not permitted")
