@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
@@ -204,12 +205,19 @@ def _run(args: argparse.Namespace) -> int:
     weights = path if "://" in path else os.path.abspath(path)
     result = {"weights": weights, "epoch": state.get("epoch"), "config": state["config"],
               "evaluated_with": evaluated_with, **m}
-    files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+    try:
+        files.write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+        unwritten = None
+    except files.STORAGE_ERRORS as e:  # storage that filled or failed during the evaluation: its scores are printed all the same
+        unwritten = e
     top5 = f", top-5 {m['test_top5']:.4f}" if "test_top5" in m else ""
     print(f"test accuracy {m['test_acc']:.4f}{top5}, loss {m['test_loss']:.4f}")
     print("accuracy after step t: " + "  ".join(f"{t}: {a:.4f}" for t, a in enumerate(m["acc_by_step"], 1)))
     print(f"firing rate {m['firing_rate']:.4f}; by layer: "
           + ", ".join(f"{k} {v:.4f}" for k, v in m["layer_firing_rates"].items()))
+    if unwritten is not None:
+        print(f"error: cannot write the result to {out}: {str(unwritten).splitlines()[0]}", file=sys.stderr)
+        return 1
     print(f"-> {out}")
     return 0
 

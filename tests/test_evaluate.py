@@ -1,5 +1,7 @@
 """Evaluation: accuracy after each step, the best epoch's weights, and python -m ndot.evaluate."""
+import errno
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -182,6 +184,27 @@ def test_the_evaluation_says_how_far_it_is(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     m = int(lines[1].partition("/")[2])
     assert m > 1 and lines[1:m] == [f"batch {i}/{m}" for i in range(1, m)] and lines[m].startswith("test accuracy ")
+
+
+def test_a_disk_that_fills_during_the_evaluation_ends_it_in_one_line_after_its_scores(tmp_path, monkeypatch, capsys):
+    # The result is checked writable before the work and written after it: a disk that filled in between ended
+    # the command in a traceback, its scores never printed.
+    assert train_main([*RUN, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real = files._Landing.write
+
+    def full_for_json(self, b):
+        if self._path.endswith(".json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, b)
+
+    monkeypatch.setattr(files._Landing, "write", full_for_json)
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "\ntest accuracy " in out and "\nfiring rate " in out and "->" not in out
+    assert err == f"error: cannot write the result to {tmp_path}/eval-best-T2.json: [Errno 28] No space left on device\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a stray temporary file"
 
 
 def test_threads_holds_for_the_evaluation_alone(tmp_path, monkeypatch):
