@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from ray.train._internal.session import _TrainingResult
 from ray.train._internal.storage import StorageContext
 from ray.tune import Checkpoint, CheckpointConfig
 from ray.tune.experiment import Trial
+from tensorboardX import SummaryWriter
 
 import pandas as pd
 
@@ -17,7 +19,7 @@ from ndot import checkpoint, results
 from ndot.sweep import cli, runner
 from ndot.sweep.cli import Progress, status_line
 from ndot.sweep.definitions import ARCHITECTURES, TIMESTEPS
-from ndot.sweep.recorder import TablesCallback
+from ndot.sweep.recorder import TablesCallback, TensorBoardCallback
 from ndot.sweep.scheduler import continue_from_whole_checkpoint
 
 CONFIG = {"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 2, "epochs": 3, "stratum": "T=2,ndot_A"}
@@ -283,3 +285,11 @@ def test_an_errored_trial_is_read_from_the_checkpoint_tune_recorded_last(tmp_pat
     trial.set_status(Trial.ERROR)
     record = results.record(trial)
     assert [row["epoch"] for row in record.history] == [1] and record.checkpoint == "t0/checkpoint_000000"
+
+
+def test_a_diverged_epochs_infinite_loss_goes_to_tensorboard_without_a_line_of_tensorboardx(tmp_path, caplog):
+    # Its line named no trial nor metric; the sweep's own says the trial diverged. Tune leaves NaN out itself.
+    TensorBoardCallback().setup()
+    with SummaryWriter(str(tmp_path)) as writer, caplog.at_level(logging.WARNING):
+        writer.add_scalar("ray/tune/train_loss", math.inf)
+    assert not caplog.records

@@ -114,7 +114,21 @@ class TensorBoardCallback(TBXLoggerCallback):
     at interpreter shutdown: a traceback after the sweep's last line, the one saying how to resume.
     """
 
+    def setup(self, **info: Any) -> None:
+        super().setup(**info)
+        # In the process that writes the files (the driver's, or the cluster's under ray://), for the sweep and after.
+        logging.getLogger(_NONFINITE_NOTICE_LOGGER).addFilter(_without_the_nonfinite_notice)
+
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial in list(self._trial_writer):
             self._trial_writer.pop(trial).close()
             self._trial_result.pop(trial, None)
+
+
+# tensorboardX says this, without naming trial or metric, for each scalar that is not finite: a diverged epoch's
+# infinite training loss (Tune leaves NaN out itself), which the sweep's own line already reports as diverged.
+_NONFINITE_NOTICE_LOGGER = "tensorboardX.x2num"
+
+
+def _without_the_nonfinite_notice(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "NaN or Inf found in input tensor."
