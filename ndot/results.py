@@ -128,11 +128,27 @@ def collect(experiment: str) -> list[TrialRecord]:
     # Imported here so that load() and plotting work without Ray.
     from ray.tune import ExperimentAnalysis
 
+    without_tunes_metrics_notice()
     try:
         analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
     except ValueError:  # no state, or one cut short (json's errors are ValueErrors)
         return from_folders(experiment)
     return [record(t) for t in analysis.trials]
+
+
+# Tune's ExperimentAnalysis, which Tuner.restore and Tuner.fit build too, reads each trial's result.json, which
+# ndot never uses (a trial's rows come from its checkpoints), and names in a warning every trial without one: on
+# each interrupted sweep, its resume and its collect, the trials stopped before their first epoch ended.
+_ANALYSIS_LOGGER = "ray.tune.analysis.experiment_analysis"
+
+
+def _without_the_metrics_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to fetch metrics for ")
+
+
+def without_tunes_metrics_notice() -> None:
+    """Leave out, for the rest of the process, Tune's warning of trials it has no result.json of."""
+    logging.getLogger(_ANALYSIS_LOGGER).addFilter(_without_the_metrics_notice)
 
 
 def from_folders(experiment: str) -> list[TrialRecord]:

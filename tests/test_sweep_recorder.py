@@ -1,6 +1,7 @@
 """The sweep's tables and progress lines, without Ray running: where they are written, storage that fails for a moment, checkpoints gone."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -293,3 +294,16 @@ def test_a_diverged_epochs_infinite_loss_goes_to_tensorboard_without_a_line_of_t
     with SummaryWriter(str(tmp_path)) as writer, caplog.at_level(logging.WARNING):
         writer.add_scalar("ray/tune/train_loss", math.inf)
     assert not caplog.records
+
+
+def test_collect_says_nothing_of_a_trial_stopped_in_its_first_epoch(tmp_path, caplog):
+    # Tune's ExperimentAnalysis named each trial without a result.json, a file the tables are not read from: on
+    # stderr at every interrupted sweep's end, resume and collect.
+    trial = _trial(tmp_path / "exp")
+    Path(trial.storage.trial_fs_path).mkdir(parents=True)
+    trial.create_placement_group_factory()  # as Tune does before it saves a trial's state
+    state = {"trial_data": [trial.get_json_state()]}
+    (tmp_path / "exp" / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING):
+        [record] = results.collect(str(tmp_path / "exp"))
+    assert record.trial_id == "t0" and record.history == [] and not caplog.records

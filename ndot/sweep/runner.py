@@ -400,6 +400,7 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     checkpoints (ndot.sweep.scheduler); only the resources per trial and the
     trials at once come from `plan` (see `load_plan`), and `callbacks` are not used.
     """
+    results.without_tunes_metrics_notice()
     with _tune_settings():
         if resume:
             tuner = _restored_tuner(plan, launcher)
