@@ -115,7 +115,8 @@ class DeviceLoader:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """An independent torch seed for one sample of one epoch."""
-    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0] >> 1)
+    # Shifted as a Python int: NumPy 1.x promotes uint64 and an int to float64, which has no >>.
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0]) >> 1
 
 
 class _SeededTransform(Dataset):
