@@ -29,14 +29,15 @@ class SpikeFn(torch.autograd.Function):
     def forward(ctx: Any, u: Tensor, v_th: float, alpha: float, scale: float) -> Tensor:
         ctx.save_for_backward(u)
         ctx.v_th, ctx.alpha, ctx.scale = v_th, alpha, scale
-        # H(u - Vth) without the difference: fl(u - Vth) >= 0 exactly when u >= Vth. Compared straight
-        # into u's dtype: a CPU writes and widens a bool mask some nine times slower than this one pass.
+        # H(u - Vth) without the difference: fl(u - Vth) >= 0 exactly when u >= Vth.
+        if torch.compiler.is_compiling():
+            # Out of place: torch 2.11 returns zero gradients from a compiled Function whose forward
+            # writes into its output (out= included); Inductor fuses the mask and the product either way.
+            return (u >= v_th).to(u.dtype) * scale
+        # Compared straight into u's dtype: a CPU writes and widens a bool mask some nine times slower
+        # than this one pass.
         s = torch.ge(u, v_th, out=torch.empty_like(u))
-        if scale == 1.0:
-            return s
-        # Compiled, out of place: torch 2.11 (the GPU machine's) returns zero gradients from a compiled
-        # Function whose forward writes into its output; Inductor fuses the product either way.
-        return s * scale if torch.compiler.is_compiling() else s.mul_(scale)
+        return s if scale == 1.0 else s.mul_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
