@@ -586,9 +586,19 @@ def test_a_process_waiting_for_another_to_build_the_cache_says_so(tmp_path, capl
 
 
 def _alive(pid: int) -> bool:
-    try:  # a zombie has ended: its parent (here init, or a subreaper) has not reaped it yet
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
+    # Alive while any of its threads is: a killed worker's main thread can be a zombie already while its queue's
+    # feeder thread, on its way out, still holds the files they share (the cache's lock).
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(_thread_alive(task) for task in tasks)
+
+
+def _thread_alive(task: Path) -> bool:
+    try:  # a zombie or dead thread has let go of its files: its parent (init, or a subreaper) may not have reaped it
+        return (task / "stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
         return False
 
 
