@@ -607,6 +607,7 @@ def test_a_cache_builder_killed_with_sigkill_leaves_no_worker_and_lets_the_next_
     # Its DataLoader workers, stuck on their full queue, outlived it for good, and with them their copy of the
     # cache's lock, which they inherited: the next builder waited for ever.
     script = textwrap.dedent(f"""
+        import logging, time
         from pathlib import Path
         import ndot.cli
         from ndot.cli import show_progress
@@ -614,6 +615,13 @@ def test_a_cache_builder_killed_with_sigkill_leaves_no_worker_and_lets_the_next_
         ndot.cli.PROGRESS_S = 0.0
         dataset = dvs.CIFAR10DVS(save_to={str(dataset_root)!r}, transform=dvs.EventFrames(2, 48, "counts"))
         show_progress()
+        # It stays on its first batch once it printed it: going on, it was soon past the first split (other workers,
+        # or none, or a cache being written) while the test, under load, had not yet listed its workers or killed it.
+        class Hold(logging.Handler):
+            def emit(self, record):
+                if record.getMessage().endswith(" recordings converted"):
+                    time.sleep(600)
+        logging.getLogger("ndot").addHandler(Hold())
         dvs.frames(dataset, *dvs.split(dataset.data, dataset.targets), Path({str(tmp_path)!r}), workers=2)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
@@ -623,8 +631,7 @@ def test_a_cache_builder_killed_with_sigkill_leaves_no_worker_and_lets_the_next_
         assert proc.stderr.readline() == "cifar10dvs: 0/1000 recordings converted\n"  # from its workers' first batch
         workers = [int(pid) for task in Path(f"/proc/{proc.pid}/task").iterdir() for pid in (task / "children").read_text().split()]
         assert len(workers) == 2
-        os.kill(proc.pid, signal.SIGSTOP)  # its workers fill their queue, which nothing reads any more
-        time.sleep(1)
+        time.sleep(1)  # its workers fill their queue, which nothing reads any more
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=HANG_S)
         deadline = time.monotonic() + 10
@@ -632,6 +639,7 @@ def test_a_cache_builder_killed_with_sigkill_leaves_no_worker_and_lets_the_next_
             assert time.monotonic() < deadline, "its workers outlived it"
             time.sleep(0.1)
     finally:
+        proc.kill()
         for worker in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
