@@ -124,6 +124,12 @@ def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_name_of_255_bytes_is_a_folder_name_and_names_the_experiment(tmp_path):
+    name = "é" * 127 + "s"
+    runner.save_plan(cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--name", name])), new=True)
+    assert (tmp_path / name / results.PLAN_FILE).is_file()
+
+
 def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest_as_started(tmp_path):
     def parse(*flags: str):
         return cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--name", "s", *flags])
@@ -142,6 +148,7 @@ def test_a_resume_takes_resources_and_trials_at_once_from_its_flags_and_the_rest
     # Through ray:// the tuner runs in the cluster, out of the resume's reach.
     client = parse("--resume", "--max-concurrent", "3", "--address", "ray://head:10001")
     assert cli._ignored_on_resume(client) == ["--max-concurrent"]
+    assert cli._ignored_on_resume(parse("--resume", "--address", "ray://head:10001")) == []
 
 
 def test_a_resume_refuses_in_one_line_each_flag_that_would_change_the_sweep_and_takes_those_it_started_with(tmp_path, capsys):
@@ -161,6 +168,32 @@ def test_a_resume_refuses_in_one_line_each_flag_that_would_change_the_sweep_and_
         assert exit_status(cli.main, TIMESTEPS, ["--storage", str(tmp_path), "--name", "s", "--resume", *changed]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"experiment s as it was started, not with {says}: leave them out" in err, err
+
+
+def test_a_resume_given_a_relative_data_root_and_download_as_started_or_without_them_continues_the_sweep(tmp_path, monkeypatch):
+    # The plan saves the data root absolute and --download as a setting: neither, typed again or left out, is a change.
+    monkeypatch.chdir(tmp_path)
+    started = ["--storage", str(tmp_path), "--name", "s", "--dataset", "cifar10", "--data-root", "data", "--download"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(started))
+    runner.save_plan(plan)
+    (Path(plan.experiment) / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    for resume in ([*started, "--resume"], [*started[:4], "--resume"]):
+        assert cli.resumed_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(resume)) == plan, resume
+
+
+def test_a_resume_compares_the_preset_the_sweep_started_with_only_where_its_plan_names_it(tmp_path):
+    # A sweep started without --preset ran the default one; a plan saved before plans named theirs says nothing.
+    flags = ["--storage", str(tmp_path), "--name", "s"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(flags))
+    runner.save_plan(plan)
+    (Path(plan.experiment) / "tuner.pkl").touch()  # what Tuner.can_restore looks for
+    with pytest.raises(cli.InputError, match=rf"--preset paper \(started with {cli.DEFAULT_PRESET}\)"):
+        cli.resumed_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args([*flags, "--resume", "--preset", "paper"]))
+    saved = json.loads(files.read_bytes(results.plan_uri(plan.experiment)))
+    del saved["preset"]
+    files.write_bytes(results.plan_uri(plan.experiment), json.dumps(saved).encode())
+    resumed = cli.resumed_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args([*flags, "--resume", "--preset", "paper"]))
+    assert resumed == dataclasses.replace(plan, preset="")
 
 
 def test_the_command_printed_to_continue_a_sweep_resumes_it_as_pasted_into_a_shell(tmp_path, monkeypatch):
@@ -353,6 +386,9 @@ def test_a_relative_ndot_cache_in_the_jobs_runtime_env_is_refused(tmp_path, monk
     rc = exit_status(cli.main, TIMESTEPS, ["--storage", str(tmp_path), "--address", f"127.0.0.1:{closed_port()}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "NDOT_CACHE=frames in the job's runtime_env is relative" in err, err
+    # ~ is each trial's home, as cache_root reads it.
+    monkeypatch.setenv(JOB_CONFIG, json.dumps({"runtime_env": {"env_vars": {"NDOT_CACHE": "~/frames"}}}))
+    cli.check(cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--storage", str(tmp_path), "--name", "s"])), resume=False)
 
 
 def test_trials_on_the_clusters_other_nodes_cache_where_the_drivers_ndot_cache_says(tmp_path, monkeypatch):
@@ -579,6 +615,33 @@ def test_a_name_that_the_modules_of_imports_do_not_register_is_refused_naming_th
     assert rc == 2 and err.count("\n") == 1, err
     assert f"{what} '{name}' is registered by {module}, not by the modules the sweep's trials import " \
            f"(--set imports=ndot.layers): add {module} to imports" in err, err
+
+
+def test_a_module_whose_name_only_begins_as_the_registering_ones_does_not_register_it(tmp_path, user_arch):
+    # user_arch_extra is no submodule of user_arch: importing it imports nothing of user_arch's.
+    module, arch = user_arch
+    __import__(module)
+    (tmp_path / "user" / f"{module}_extra.py").write_text("")
+    try:
+        with pytest.raises(cli.InputError, match=f"is registered by {module}, not by the modules"):
+            cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
+                ["--archs", arch, "--set", f"imports={module}_extra", "--storage", str(tmp_path)]))
+    finally:
+        sys.modules.pop(f"{module}_extra", None)
+
+
+def test_an_architecture_registered_by_the_scripts_own_code_is_refused_whatever_imports_says(tmp_path):
+    # ndot's builder, from a module the trials can import, registered under this name by the script's top level.
+    exec("from ndot.models import ARCHS, register\nregister('mine', ARCHS['small_cnn'].build, 16)", {"__name__": "__main__"})
+    try:
+        with pytest.raises(cli.InputError) as e:
+            cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
+                ["--archs", "mine", "--set", "imports=ndot.layers", "--storage", str(tmp_path)]))
+    finally:
+        ARCHS.pop("mine")
+    assert str(e.value) == ("architecture 'mine' is registered by the script that started the sweep, not by the modules "
+                            "the sweep's trials import (--set imports=ndot.layers): register it in a module of its own "
+                            "and add that to imports")
 
 
 def test_an_architecture_defined_in_the_script_that_starts_the_sweep_is_refused_whatever_imports_says(tmp_path, capsys):
