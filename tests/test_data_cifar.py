@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import http.server
+import io
 import math
+import os
 import shutil
 import signal
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -376,6 +379,25 @@ def test_a_download_whose_stderr_is_no_terminal_writes_its_progress_as_lines(ser
     cifar.check(config(tmp_path / "data", download=True))
     err = capsys.readouterr().err  # the bar's, and the server's about the probe for a redirect, which hangs up
     assert len(served) == 1 and "\r" not in err and [line[:4] for line in err.splitlines() if "%|" in line] == ["100%"], err
+
+
+def test_each_state_of_a_redrawn_bar_that_is_due_is_a_line_and_blank_ones_none(monkeypatch):
+    # PROGRESS_S 0: every state is due. tqdm opens with a bare '\r' and ends with '\n'.
+    monkeypatch.setattr(ndot.cli, "PROGRESS_S", 0.0)
+    out = io.StringIO()
+    bars = storage._PacedBars(out)
+    for text in ["\r", " 10%|#", "\r 50%|##\r", "\r", "100%|###\n", "done\n"]:
+        assert bars.write(text) == len(text)
+    assert out.getvalue() == " 10%|#\n 50%|##\n100%|###\ndone\n"
+
+
+def test_a_download_whose_stderr_is_a_terminal_draws_its_bar_there(tmp_path, monkeypatch):
+    master, slave = os.openpty()
+    with open(master, "rb"), open(slave, "w") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        seen = []
+        storage.download(lambda: seen.append(sys.stderr), what="x", folder=tmp_path, manual="", present=lambda: False)
+    assert seen == [tty]
 
 
 def test_stalled_download_times_out(tmp_path, monkeypatch):
