@@ -47,11 +47,12 @@ def user_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     researcher's shell is (Ray puts a driver's folder on its workers' path); not imported yet. Yields
     (USER_MODULE, USER_ARCH). Afterwards the process knows it no more: USER_ARCH is out of ARCHS, which the
     tests over ARCHS read."""
-    from ndot.models import ARCHS
+    from ndot.models import ARCHS, REGISTERED_BY
 
     _write_user_module(tmp_path, monkeypatch, USER_MODULE, _USER_MODULE_TEXT)
     yield USER_MODULE, USER_ARCH
     ARCHS.pop(USER_ARCH, None)
+    REGISTERED_BY.pop(USER_ARCH, None)
     sys.modules.pop(USER_MODULE, None)
 
 
@@ -81,11 +82,12 @@ register({USER_DATASET!r}, loaders, DatasetInfo(num_classes=4, in_channels=1, im
 def user_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """USER_DATA_MODULE, as user_arch has USER_MODULE: yields (USER_DATA_MODULE, USER_DATASET), and afterwards
     the process knows it no more."""
-    from ndot.data import DATASETS
+    from ndot.data import DATASETS, REGISTERED_BY
 
     _write_user_module(tmp_path, monkeypatch, USER_DATA_MODULE, _USER_DATA_MODULE_TEXT)
     yield USER_DATA_MODULE, USER_DATASET
     DATASETS.pop(USER_DATASET, None)
+    REGISTERED_BY.pop(USER_DATASET, None)
     sys.modules.pop(USER_DATA_MODULE, None)
 
 
