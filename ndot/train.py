@@ -328,6 +328,9 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool,
     with _writing_in(out):  # a name longer than the filesystem takes fails even to be looked up
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file, not a folder")
+        if out.is_symlink() and not out.exists():
+            # Else creating the folder fails as "File exists", naming neither the link nor its missing target.
+            raise ConfigError(f"--out {out} is a link to {out.readlink()}, which does not exist: create it, or pass another --out")
     state = None
     if resume:
         ckpt_path = out / checkpoint.LAST

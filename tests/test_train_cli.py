@@ -89,9 +89,11 @@ def test_a_fresh_run_refuses_a_folder_holding_a_run_and_keeps_it(tmp_path, capsy
 
 @pytest.mark.parametrize("out,words", [("file", "is a file, not a folder"), ("file/run", "cannot write in --out"),
                                        ("/proc/nope", "cannot write in --out"),
-                                       ("é" * 128, "cannot write in --out")])  # 256 bytes: too long a name
+                                       ("é" * 128, "cannot write in --out"),  # 256 bytes: too long a name
+                                       ("dangling", "is a link to gone, which does not exist")])
 def test_an_out_that_cannot_be_a_folder_is_refused(tmp_path, capsys, out, words):
     (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to("gone")
     refused(capsys, [*RUN, "--out", str(tmp_path / out)], words)
 
 
