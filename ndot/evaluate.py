@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
@@ -216,8 +215,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"firing rate {m['firing_rate']:.4f}; by layer: "
           + ", ".join(f"{k} {v:.4f}" for k, v in m["layer_firing_rates"].items()))
     if unwritten is not None:
-        print(f"error: cannot write the result to {out}: {str(unwritten).splitlines()[0]}", file=sys.stderr)
-        return 1
+        refuse(f"cannot write the result to {out}: {unwritten}")
+        return 1  # not the status of bad input, refuse's: the evaluation itself ran
     print(f"-> {out}")
     return 0
 

@@ -26,7 +26,8 @@ from ray.tune.experiment import Trial
 
 from ndot import data, files, results
 from ndot.cli import Parser, handle, listed, refuse, show_progress, signal_handlers_kept
-from ndot.config import MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags, parse_field, parse_method
+from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags, method,
+                         parse_field, parse_method)
 from ndot.data import storage
 from ndot.models import ARCHS, BUILT_IN_ARCHS, REGISTERED_BY
 from ndot.sweep import reach, resources, runner
@@ -153,7 +154,7 @@ def _storage(args: argparse.Namespace) -> str:
         except ValueError as e:  # pyarrow's ArrowInvalid: a relative path, a host, a space left unescaped
             raise InputError(f"--storage {args.storage} is no file URI: {e}") from None
     if "://" not in storage:
-        return os.path.abspath(os.path.expanduser(storage))  # ~ too: the shell leaves it in --storage=~/x
+        return _absolute(storage)
     if not storage.partition("://")[2].strip("/"):
         raise InputError(f"--storage {args.storage} names no bucket: give e.g. s3://BUCKET/PREFIX")
     return storage
@@ -175,6 +176,11 @@ def _settings(items: Sequence[str]) -> dict[str, Any]:
             raise InputError(f"{name} has a flag of its own: use {_FLAGGED[name]}")
         out[name] = parse_field(name, text)
     return out
+
+
+def _absolute(path: str) -> str:
+    """A local path as every trial reads it, whatever folder Tune runs it in; ~ too: the shell leaves it in --x=~/y."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _name(name: str | None) -> str | None:
@@ -267,7 +273,7 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     # its own, and named in the config, as $NDOT_DATA does not reach the processes of a cluster's other nodes.
     root = args.data_root if args.data_root is not None else os.environ.get("NDOT_DATA")
     if root and data.info(base["dataset"]).in_data_root:
-        base["data_root"] = os.path.abspath(os.path.expanduser(root))
+        base["data_root"] = _absolute(root)
     if args.download:
         base["download"] = True
     return Plan(
@@ -339,14 +345,14 @@ def _changed_on_resume(plan: Plan, args: argparse.Namespace) -> list[str]:
     started = {
         "preset": plan.preset or args.preset,  # a plan saved before plans named their preset: not compared
         "dataset": configs[0].dataset, "data_root": configs[0].data_root, "download": configs[0].download,
-        "rules": tuple(dict.fromkeys(f"{c.rule}_{c.mode}" for c in configs)), "T": each("T"), "archs": each("arch"),
+        "rules": tuple(dict.fromkeys(method(c.rule, c.mode) for c in configs)), "T": each("T"), "archs": each("arch"),
         "lr": plan.space.lr, "momentum": plan.space.momentum, "loss_alpha": plan.space.loss_alpha,
         "batch_size": plan.space.batch_size, "trials": plan.trials_per_stratum, "epochs": configs[0].epochs,
         "seed": plan.seed,
     }
     given = {name: getattr(args, name) for name in started if getattr(args, name) not in (None, False)}
     if "data_root" in given:
-        given["data_root"] = os.path.abspath(os.path.expanduser(given["data_root"]))  # as build_plan saves it
+        given["data_root"] = _absolute(given["data_root"])  # as build_plan saves it
     changed = [f"--{name.replace('_', '-')}{'' if value is True else ' ' + _text(value)} (started with {_text(started[name])})"
                for name, value in given.items() if value != started[name]]
     return changed + [f"--set {name}={_text(value)} (started with {_text(getattr(configs[0], name))})"
