@@ -149,6 +149,21 @@ def test_split_on_the_fixture_through_tonic(dataset_root):
     assert [Path(ds.data[i]).name for i in test[:3]] == [f"cifar10_airplane_{i}.aedat4" for i in (90, 91, 92)]
 
 
+def test_a_load_lists_the_recordings_once_and_as_tonic_does(dataset_root, monkeypatch):
+    # Over a network mount every listing of the 10,000 recordings costs: the check, the cache key and the reading
+    # share one. tonic's CIFAR10DVS, created per load, walked the folder twice more.
+    top = str(dataset_root / "CIFAR10DVS")
+    listed = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(os.fspath(path)) or real(path))
+    dataset, train, test = dvs._recordings(config(dataset_root), 48)
+    dvs.loaders(config(dataset_root), CPU, 48)
+    assert listed.count(top) == 2, "once each"
+    monkeypatch.setattr(os, "scandir", real)
+    theirs = dvs.CIFAR10DVS(save_to=str(dataset_root))
+    assert sorted(zip(dataset.data, dataset.targets)) == sorted(zip(theirs.data, theirs.targets))
+
+
 # --- loaders -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T", [2, 5])

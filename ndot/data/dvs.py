@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import re
 from collections import Counter
@@ -88,9 +89,14 @@ def _listed(items: list[str], sep: str = "; ") -> str:
     return sep.join(items[:3]) + (f"{sep}…" if len(items) > 3 else "")
 
 
-def _problem(folder: Path) -> str | None:
-    """What is wrong with the files on disk, in words, or None."""
-    recordings = sorted(folder.rglob("*.aedat4")) if folder.is_dir() else []
+def _listing(folder: Path) -> list[Path]:
+    """The recordings under `folder`, sorted: one walk, which the check, the cache key and the reading share (over a
+    network mount each walk of the 10,000 files costs; tonic's CIFAR10DVS walks the folder twice more on creation)."""
+    return sorted(Path(path, name) for path, _, names in os.walk(folder) for name in names if name.endswith(".aedat4"))
+
+
+def _problem(folder: Path, recordings: list[Path]) -> str | None:
+    """What is wrong with the files on disk, `recordings` the listing of `folder`, in words, or None."""
     have = Counter(p.parent.name for p in recordings)
     marker = folder / CIFAR10DVS.filename
     if not have:
@@ -116,20 +122,27 @@ def _problem(folder: Path) -> str | None:
     return None
 
 
-def check(cfg: "TrainConfig") -> None:
+def _checked(cfg: "TrainConfig") -> list[Path]:
+    """cfg's recordings, listed once, downloaded first where cfg asks; DataError where they are not all there."""
     folder = location(cfg)
-    problem = _problem(folder)
+    recordings = _listing(folder)
+    problem = _problem(folder, recordings)
     if problem is not None and cfg.download:
         root = storage.data_root(cfg)
         storage.download(
             lambda: CIFAR10DVS(save_to=str(root)),
-            what="cifar10dvs", folder=folder, present=lambda: _problem(folder) is None,
+            what="cifar10dvs", folder=folder, present=lambda: _problem(folder, _listing(folder)) is None,
             manual=f"download {CIFAR10DVS.url} ({CIFAR10DVS.filename}) on a machine with network access, "
                    f"put it in {folder} and pass --download again to unpack it",
         )
-        problem = _problem(folder)
+        recordings = _listing(folder)
+        problem = _problem(folder, recordings)
     if problem is not None:
         raise DataError(problem)
+    return recordings
+
+
+def check(cfg: "TrainConfig") -> None:
     # Frames not cached yet are written into the cache: checked here, as the trials of a sweep would each
     # fail on a folder that cannot be created only once Ray runs them. A read-only cache that holds them serves.
     dataset, train, test = _recordings(cfg, INFO.image_size)
@@ -363,9 +376,21 @@ def _cache_path(cache_dir: Path, key: dict[str, object]) -> Path:
     return cache_dir / f"cifar10dvs-T{key['T']}-{key['size']}px-{key['encoding']}-{key['recordings']}.pt"
 
 
+class _Listed(CIFAR10DVS):
+    """tonic's CIFAR10DVS, which reads and labels them, over the recordings `_listing` found: tonic's own creation
+    walks the folder twice more, and downloads the whole data set where it finds fewer than 1000 recordings."""
+
+    def __init__(self, folder: Path, recordings: list[Path], transform: EventFrames) -> None:
+        self.location_on_system = str(folder)
+        self.transform, self.target_transform, self.transforms = transform, None, None
+        self.data = [str(p) for p in recordings]
+        self.targets = [self.classes[p.parent.name] for p in recordings]  # tonic's label: the folder's name
+
+
 def _recordings(cfg: "TrainConfig", size: int) -> tuple[CIFAR10DVS, list[int], list[int]]:
-    """The dataset, converting to cfg's frames at `size`, and its (train, test) indices."""
-    dataset = CIFAR10DVS(save_to=str(storage.data_root(cfg)), transform=EventFrames(cfg.T, size, cfg.dvs_encoding))
+    """The dataset of cfg's recordings (checked: DataError), converting to cfg's frames at `size`, and its
+    (train, test) indices."""
+    dataset = _Listed(location(cfg), _checked(cfg), EventFrames(cfg.T, size, cfg.dvs_encoding))
     return dataset, *split(dataset.data, dataset.targets)
 
 
@@ -397,8 +422,7 @@ class FrameRecipe:
 
 
 def loaders(cfg: "TrainConfig", device: torch.device, input_size: int) -> tuple[DeviceLoader, DeviceLoader]:
-    check(cfg)
-    data = load_frames(cfg, input_size)
+    data = load_frames(cfg, input_size)  # which checks the recordings
     if cfg.dvs_encoding == "authors":
         mean, std = (torch.tensor(v) for v in AUTHORS_NORMALISATION)
     else:
