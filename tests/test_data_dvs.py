@@ -458,6 +458,17 @@ def test_a_recording_outside_the_class_folders_is_refused_before_any_work(tmp_pa
     assert "1 recordings outside its class folders" in one_line(err) and "(extra/cifar10_cat_1.aedat4)" in one_line(err)
 
 
+def test_macos_appledouble_files_are_no_recordings(tmp_path, monkeypatch, private_cache):
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)
+    # Beside the recording (a tar or a copy made on macOS) and under __MACOSX/ (a zip made there): its metadata.
+    for name in ("cat/._cifar10_cat_1.aedat4", "__MACOSX/cat/._cifar10_cat_1.aedat4"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000))
+    dvs.check(config(tmp_path))
+    assert len(dvs.load_frames(config(tmp_path), 48).train_y) == 30
+
+
 def test_missing_marker_is_explained_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
     folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)

@@ -91,8 +91,12 @@ def _listed(items: list[str], sep: str = "; ") -> str:
 
 def _listing(folder: Path) -> list[Path]:
     """The recordings under `folder`, sorted: one walk, which the check, the cache key and the reading share (over a
-    network mount each walk of the 10,000 files costs; tonic's CIFAR10DVS walks the folder twice more on creation)."""
-    return sorted(Path(path, name) for path, _, names in os.walk(folder) for name in names if name.endswith(".aedat4"))
+    network mount each walk of the 10,000 files costs; tonic's CIFAR10DVS walks the folder twice more on creation).
+
+    A copy made on macOS (a zip, a tar, a copy to a FAT or network disk) holds an AppleDouble file of each one's
+    metadata, `._<name>`, beside it or under `__MACOSX/<class>/`: no recording, though tonic lists and labels it."""
+    return sorted(Path(path, name) for path, _, names in os.walk(folder) for name in names
+                  if name.endswith(".aedat4") and not name.startswith("._"))
 
 
 def _problem(folder: Path, recordings: list[Path]) -> str | None:
