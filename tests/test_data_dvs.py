@@ -533,6 +533,21 @@ def test_a_recording_without_events_is_named_as_such_not_sent_to_download(cut_sh
     assert not cache_files(private_cache)
 
 
+def test_a_recording_of_another_sensor_is_one_error_naming_it_and_nothing_is_cached(tmp_path, monkeypatch,
+                                                                                    private_cache):
+    # A DAVIS346's events: counted as they were, x = 200 on row y would have landed at x = 72 on row y + 1.
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)
+    events = fixtures.recording_events(50, np.random.default_rng(0))
+    events["x"][-1], events["y"][-1] = 200, 7
+    fixtures.write_recording(folder / "dog" / "cifar10_dog_2.aedat4", events, dimensions=(346, 260))
+    with pytest.raises(DataError) as err:
+        dvs.loaders(config(tmp_path), CPU, 48)
+    assert "1 cifar10dvs recordings" in one_line(err)
+    assert "dog/cifar10_dog_2.aedat4 (events off the 128x128 sensor: x up to 200," in one_line(err)
+    assert not cache_files(private_cache)
+
+
 def test_an_empty_recording_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
     folder = fixtures.write_cifar10dvs(tmp_path, per_class=3, events=50)

@@ -178,6 +178,10 @@ def count_frames(events: np.ndarray, T: int) -> torch.Tensor:
     """Events (fields x, y, p, in time order) -> float32 counts [T, polarities, H, W] over T equal-count bins."""
     w, h, polarities = SENSOR_SIZE
     n = len(events)
+    # Through the flat index, an event off the sensor (a damaged recording, another sensor's) would count in another
+    # pixel, polarity or bin, or make the counts too long; tonic's ToFrame fails on it too (IndexError).
+    if n and (events["x"].max() >= w or events["y"].max() >= h):
+        raise DataError(f"events off the {w}x{h} sensor: x up to {events['x'].max()}, y up to {events['y'].max()}")
     bins = np.arange(n, dtype=np.int64) * T // max(n, 1)
     flat = ((bins * polarities + events["p"].astype(np.int64)) * h + events["y"]) * w + events["x"]
     counts = np.bincount(flat, minlength=T * polarities * h * w).reshape(T, polarities, h, w)
@@ -246,6 +250,8 @@ class _Readings(Dataset):
     def __getitem__(self, k: int) -> tuple[np.ndarray | None, int | None, str | None]:
         try:
             frames, label = self.dataset[self.indices[k]]
+        except DataError as e:  # the file was read, and its events are wrong (count_frames)
+            return None, None, str(e)
         # tonic's words depend on where reading stopped (a file cut short by an interrupted unzip: "failed to fill
         # whole buffer"; one without events: numpy's "need at least one array to concatenate", or a bare
         # Exception): the file itself says what is wrong with it, and a failure on a sound file is not its fault.

@@ -71,12 +71,11 @@ def recording_events(n: int, rng: np.random.Generator) -> np.ndarray:
     return events
 
 
-def write_recording(path: Path, events: np.ndarray) -> None:
-    """One .aedat4 recording of the CIFAR10-DVS sensor, as faery writes it."""
+def write_recording(path: Path, events: np.ndarray, dimensions: tuple[int, int] = dvs.SENSOR_SIZE[:2]) -> None:
+    """One .aedat4 recording of a sensor of `dimensions` (W, H), by default CIFAR10-DVS's, as faery writes it."""
     import faery
 
-    w, h, _ = dvs.SENSOR_SIZE
-    faery.events_stream_from_array(events, dimensions=(w, h)).to_file(path)
+    faery.events_stream_from_array(events, dimensions=dimensions).to_file(path)
 
 
 def write_cifar10dvs(root: Path, per_class: int, events: int, seed: int = 0) -> Path:
