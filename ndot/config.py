@@ -17,6 +17,9 @@ MODES = ("O", "A")
 # Fields that change only some rules, or only one mode: turned on for another, they would change nothing, silently.
 RULE_FLAGS = {"signed_factor": ("ndot",), "detach_reset": ("bptt",), "readout_trace": ONLINE_RULES}
 MODE_FLAGS = {"weight_change": ("O",)}
+# Fields read from a batch's second time step on (weight_change compares W with W before the previous step): at
+# T = 1 they would change nothing, silently.
+MULTISTEP_FLAGS = ("weight_change",)
 PRECISIONS = ("fp32", "bf16")
 LOADERS = ("auto", "device", "cpu")
 DVS_ENCODINGS = ("counts", "authors")
@@ -241,22 +244,27 @@ def check_settings(keys: Iterable[str]) -> None:
     raise ConfigError(f"unknown setting{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; {known}")
 
 
-def rule_flags_off(rule: str, mode: str) -> dict[str, Any]:
-    """Each setting of RULE_FLAGS and MODE_FLAGS that changes nothing for `rule` in `mode`, off (its default): what
-    a run of the rule records, whatever a sweep of several rules or modes set for the others."""
-    off = [name for name, applies in RULE_FLAGS.items() if rule not in applies]
-    off += [name for name, applies in MODE_FLAGS.items() if mode not in applies]
+def rule_flags_off(run: Mapping[str, Any]) -> dict[str, Any]:
+    """Each setting of RULE_FLAGS, MODE_FLAGS and MULTISTEP_FLAGS that changes nothing for the rule, mode or T that
+    `run` holds, off (its default): what a run records, whatever a sweep of several rules, modes or T set for the others."""
+    off = [name for name, applies in RULE_FLAGS.items() if "rule" in run and run["rule"] not in applies]
+    off += [name for name, applies in MODE_FLAGS.items() if "mode" in run and run["mode"] not in applies]
+    off += [name for name in MULTISTEP_FLAGS if run.get("T") == 1]
     return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in off}
 
 
-def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], modes: Sequence[str],
+def check_rule_flags(settings: Mapping[str, Any], rules: Sequence[str], modes: Sequence[str], Ts: Sequence[int],
                      spelled: Callable[[str], str]) -> None:
-    """ConfigError when a setting of RULE_FLAGS (MODE_FLAGS) is on and changes none of `rules` (`modes`);
-    `spelled` names it as given."""
+    """ConfigError when a setting of RULE_FLAGS (MODE_FLAGS, MULTISTEP_FLAGS) is on and changes none of `rules`
+    (`modes`, `Ts`); `spelled` names it as given."""
     for flags, kind, given in ((RULE_FLAGS, "rule", rules), (MODE_FLAGS, "mode", modes)):
         for name, applies in flags.items():
             if settings.get(name) and not set(given) & set(applies):
                 raise ConfigError(f"{spelled(name)} applies to {kind} {' or '.join(applies)} only, not {', '.join(given)}")
+    for name in MULTISTEP_FLAGS:
+        if settings.get(name) and max(Ts) == 1:
+            raise ConfigError(f"{spelled(name)} applies to T > 1 only, not T = 1: it compares the weights with those "
+                              "before a batch's previous time step")
 
 
 def check_data_flags(settings: Mapping[str, Any], dataset: str, spelled: Callable[[str], str]) -> None:
@@ -327,7 +335,7 @@ FIELD_HELP = {
     "signed_factor": "NDOT on a zero denominator: lambda * sign(A[t]) instead of lambda",
     "detach_reset": "bptt only: no gradient through the soft reset",
     "readout_trace": "online rules: the readout's weight gradient reads the last layer's trace, not its spikes",
-    "weight_change": "mode O: adds this times the sum over parameters W of ||W - W before the previous step||_2 / "
+    "weight_change": "mode O, T > 1: adds this times the sum over parameters W of ||W - W before the previous step||_2 / "
                      "sqrt(numel W) to every step's loss but a batch's first (the authors' CIFAR10-DVS script: 0.025)",
     "seed": "seed of the weights, shuffles and augmentations",
     "device": "where to train: auto (the GPU where there is one), cpu or cuda[:N]",

@@ -94,7 +94,7 @@ def runnable_device(cfg: TrainConfig, root_origin: str | None = None) -> torch.d
     Every check of a config is here, so that the command line refuses, before it touches the run
     folder, what train() would refuse after.
     """
-    check_rule_flags(cfg.validate().to_dict(), [cfg.rule], [cfg.mode], str)
+    check_rule_flags(cfg.validate().to_dict(), [cfg.rule], [cfg.mode], [cfg.T], str)
     device = resolve_device(cfg.device)
     if cfg.cuda_graph and device.type != "cuda":
         raise ConfigError(f"cuda_graph needs a CUDA device; this run resolved to {device}")
@@ -112,10 +112,10 @@ def epoch_lr(base_lr: float, epoch: int, epochs: int) -> float:
 
 
 def _saved_run(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's config as a run of it holds it now: the settings that change nothing for its rule
-    or mode (RULE_FLAGS, MODE_FLAGS) off, which train() refuses on. ndot before 7ea7bad saved them on where a sweep of
-    several rules set them, so that its trials' checkpoints were of 'another run' to a resume."""
-    return {**config, **rule_flags_off(config["rule"], config["mode"])}
+    """A checkpoint's config as a run of it holds it now: the settings that change nothing for its rule, mode
+    or T (RULE_FLAGS, MODE_FLAGS, MULTISTEP_FLAGS) off, which train() refuses on. ndot before 7ea7bad saved them on
+    where a sweep of several rules set them, so that its trials' checkpoints were of 'another run' to a resume."""
+    return {**config, **rule_flags_off(config)}
 
 
 def _to_this_cpu(cfg: TrainConfig, given: dict[str, Any]) -> str:
@@ -365,7 +365,7 @@ def _prepare(given: dict[str, Any], out: Path, resume: bool,
             raise ConfigError(f"the run in {out} has done its {cfg.epochs} epochs: --epochs N (more) extends it")
     else:
         cfg = TrainConfig(**given)
-        check_rule_flags(given, [cfg.validate().rule], [cfg.mode], lambda name: f"--{name}")
+        check_rule_flags(given, [cfg.validate().rule], [cfg.mode], [cfg.T], lambda name: f"--{name}")
         check_data_flags(given, cfg.dataset, lambda name: f"--{name}")
         device = runnable_device(cfg)
         if not (out / RUN_LOCK).exists():

@@ -182,27 +182,38 @@ def test_parse_field_reads_each_kind_of_field_from_command_line_text():
 def test_a_rule_flag_is_refused_exactly_where_it_changes_no_rule(name, applies):
     for rule in RULES:
         if rule in applies:
-            check_rule_flags({name: True}, [rule], ["A"], str)
+            check_rule_flags({name: True}, [rule], ["A"], [4], str)
         else:
             with pytest.raises(ConfigError, match=f"{name} applies to rule"):
-                check_rule_flags({name: True}, [rule], ["A"], str)
-        check_rule_flags({name: False}, [rule], ["A"], str)  # off changes nothing anywhere: never refused
-    check_rule_flags({name: True}, list(RULES), ["A"], str)  # a sweep over every rule: some rule uses it
+                check_rule_flags({name: True}, [rule], ["A"], [4], str)
+        check_rule_flags({name: False}, [rule], ["A"], [4], str)  # off changes nothing anywhere: never refused
+    check_rule_flags({name: True}, list(RULES), ["A"], [4], str)  # a sweep over every rule: some rule uses it
 
 
 def test_weight_change_is_refused_where_no_mode_O_reads_it_and_turned_off_there():
     # In mode A, W does not change inside a batch: the term is zero.
     with pytest.raises(ConfigError, match="^weight_change applies to mode O only, not A$"):
-        check_rule_flags({"weight_change": 0.025}, ["ndot"], ["A"], str)
+        check_rule_flags({"weight_change": 0.025}, ["ndot"], ["A"], [4], str)
     for rule in ONLINE_RULES:
-        check_rule_flags({"weight_change": 0.025}, [rule], ["O"], str)
-    check_rule_flags({"weight_change": 0.025}, ["ndot", "bptt"], ["A", "O"], str)
-    check_rule_flags({"weight_change": 0.0}, ["ndot"], ["A"], str)
-    assert rule_flags_off("ndot", "A") == {"detach_reset": False, "weight_change": 0.0}
-    assert rule_flags_off("ndot", "O") == {"detach_reset": False}
+        check_rule_flags({"weight_change": 0.025}, [rule], ["O"], [4], str)
+    check_rule_flags({"weight_change": 0.025}, ["ndot", "bptt"], ["A", "O"], [4], str)
+    check_rule_flags({"weight_change": 0.0}, ["ndot"], ["A"], [4], str)
+    assert rule_flags_off({"rule": "ndot", "mode": "A", "T": 4}) == {"detach_reset": False, "weight_change": 0.0}
+    assert rule_flags_off({"rule": "ndot", "mode": "O", "T": 4}) == {"detach_reset": False}
     for bad in (-0.01, math.inf):
         with pytest.raises(ConfigError, match="weight_change must be"):
             TrainConfig(mode="O", weight_change=bad).validate()
+
+
+def test_weight_change_is_refused_where_no_T_has_a_previous_step_and_turned_off_there():
+    # At T = 1 a batch has no step after its first, where the term is added: it would change nothing.
+    with pytest.raises(ConfigError, match="^weight_change applies to T > 1 only, not T = 1: "):
+        check_rule_flags({"weight_change": 0.025}, ["ndot"], ["O"], [1], str)
+    check_rule_flags({"weight_change": 0.025}, ["ndot"], ["O"], [1, 2], str)  # a sweep over T: T = 2 reads it
+    check_rule_flags({"weight_change": 0.0}, ["ndot"], ["O"], [1], str)
+    assert rule_flags_off({"rule": "ndot", "mode": "O", "T": 1}) == {"detach_reset": False, "weight_change": 0.0}
+    # What a sweep's stratum does not hold (here its rule and mode) leaves the flags that depend on it as they are.
+    assert rule_flags_off({"T": 2}) == {} and rule_flags_off({"T": 1}) == {"weight_change": 0.0}
 
 
 def test_the_device_resolves_to_what_this_machine_has(monkeypatch):

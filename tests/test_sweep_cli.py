@@ -104,6 +104,7 @@ def storage(tmp_path):
         (["--set", "readout_trace=true", "--rules", "bptt_A"], "--set readout_trace applies to rule ndot or"),
         (["--set", "detach_reset=yes", "--rules", "ndot_O,ottt_A"], "--set detach_reset applies to rule bptt only, not ndot, ottt"),
         (["--set", "weight_change=0.025", "--rules", "ndot_A,ottt_A"], "--set weight_change applies to mode O only, not A"),
+        (["--set", "weight_change=0.025", "--rules", "ndot_O", "--T", "1"], "--set weight_change applies to T > 1 only, not T = 1"),
         (["--T", "20000"], "T must be an integer in [1, 10000]"),
         (["--epochs", "1000000"], "epochs must be an integer in [1, 100000]"),
         (["--lr", "inf"], "lr must be a finite number"),
@@ -122,6 +123,12 @@ def test_bad_input_is_one_line_and_nonzero(argv, says, storage, capsys):
     assert rc != 0
     assert err.count("\n") == 1 and says in err, err
     assert not ray.is_initialized()
+
+
+def test_weight_change_over_several_T_is_taken_where_one_of_them_reads_it():
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(
+        ["--rules", "ndot_O", "--T", "1,2", "--set", "weight_change=0.025"]))
+    assert plan.base["weight_change"] == 0.025  # the searcher turns it off at T = 1 (tests/test_sweep_search.py)
 
 
 def test_a_name_of_255_bytes_is_a_folder_name_and_names_the_experiment(tmp_path):
@@ -884,6 +891,7 @@ def test_presets_run_what_the_readme_says():
     # of the rules given in mode O too: it is the preset's, not asked for.
     assert dvs.base["weight_change"] == 0.025 and "weight_change" not in plan(TIMESTEPS, "paper").base
     cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--preset", "paper_dvs", "--rules", "ndot_A,ottt_A"]))
+    cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--preset", "paper_dvs", "--T", "1"]))
     assert sorted({s.values["T"] for s in plan(TIMESTEPS, "paper").strata}) == [1, 2, 4, 6]
     # Each stratum's first trial runs the recipe's searched values, except in the learning-rate smoke sweep.
     assert plan(TIMESTEPS, "smoke").space.first_point() == {"lr": 0.1}

@@ -59,6 +59,14 @@ def test_a_setting_for_some_rules_is_off_in_the_trials_of_the_others():
         "bptt": {"detach_reset": True, "signed_factor": False, "readout_trace": False, "weight_change": 0.0}}
 
 
+def test_weight_change_is_off_in_the_trials_at_one_time_step():
+    # --T 1,2 --rules ndot_O --set weight_change=0.025 (or paper_dvs's, with --T 1,2): T = 1 has no step that reads it.
+    base = {"weight_change": 0.025}
+    search = StratifiedSearch(strata({"T": (1, 2), "method": ("ndot_O",)}), SearchSpace(), 1, METRIC, "max", "unused", seed=0)
+    configs = [{**base, **search.suggest(f"t{i}")} for i in range(2)]
+    assert {c["T"]: c["weight_change"] for c in configs} == {1: 0.0, 2: 0.025}
+
+
 def test_every_stratum_gets_the_same_budget_whatever_the_results():
     search = _search()
     issued = []

@@ -248,6 +248,13 @@ def test_weight_change_is_refused_in_mode_A(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_weight_change_is_refused_at_one_time_step(tmp_path, capsys):
+    # RUN's T is 1: a batch of one step has no previous step to compare the weights with.
+    refused(capsys, [*RUN, "--mode", "O", "--weight_change", "0.025", "--out", str(tmp_path / "run")],
+            "--weight_change applies to T > 1 only, not T = 1")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flags,words", [(["--data_root", "data"], "--data_root does not apply to dataset 'digits'"),
                                          (["--download"], "--download does not apply to dataset 'digits'"),
                                          (["--data_root", ""], "data_root must be a folder or None, got ''")])

@@ -263,9 +263,10 @@ def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
     _check_trials_know(registered, base.get("imports", ""))
     rules = list(dict.fromkeys(cell.values.get("rule", base.get("rule")) for cell in cells))
     modes = list(dict.fromkeys(cell.values.get("mode", base.get("mode")) for cell in cells))
-    # A preset's setting that none of the rules asked for reads (paper_dvs's weight_change, mode O's) is off in
-    # their trials, not refused.
-    check_rule_flags(given, rules, modes, lambda name: f"--set {name}")
+    Ts = list(dict.fromkeys(cell.values.get("T", base.get("T")) for cell in cells))
+    # A preset's setting that none of the rules, or T, asked for reads (paper_dvs's weight_change, mode O's at T > 1)
+    # is off in their trials, not refused.
+    check_rule_flags(given, rules, modes, Ts, lambda name: f"--set {name}")
     if args.data_root == "":
         raise InputError("--data-root must name a folder, got ''")
     check_data_flags(vars(args), base["dataset"], lambda name: _FLAGGED[name])

@@ -118,10 +118,9 @@ class StratifiedSearch(Searcher):
         self._stratum_of[trial_id], self._number[trial_id] = i, trial.number
         self._live.add(trial_id)
         stratum = self._strata[i]
-        # A setting for some of the sweep's rules (--set detach_reset=true with bptt among them) is
+        # A setting for some of the sweep's rules (--set detach_reset=true with bptt among them), or of its T, is
         # recorded off in the trials of the others, as it runs there.
-        off = rule_flags_off(stratum.values["rule"], stratum.values["mode"]) if "rule" in stratum.values else {}
-        return {**trial.params, **fixed, **stratum.values, **off, STRATUM_KEY: stratum.label}
+        return {**trial.params, **fixed, **stratum.values, **rule_flags_off(stratum.values), STRATUM_KEY: stratum.label}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         self._check_restored()

@@ -57,7 +57,7 @@ def run_trial(config: dict[str, Any]) -> None:
     # The rest of the trial's config is TrainConfig's fields: a key that is none (a Plan built by hand)
     # is refused, not passed over with the field it was meant for left at its default.
     settings = {k: v for k, v in config.items() if k != STRATUM_KEY}
-    cfg = TrainConfig.from_dict({**settings, **rule_flags_off(config["rule"], config["mode"])})
+    cfg = TrainConfig.from_dict({**settings, **rule_flags_off(config)})
     check_gpus_usable(cfg.device, ray.get_gpu_ids())
     show_progress()  # into Ray's worker log: where a trial spends minutes converting data or waiting, it says so
     trial_id = tune.get_context().get_trial_id()
