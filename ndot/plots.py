@@ -90,8 +90,14 @@ def _styles(trials: pd.DataFrame) -> dict[str, dict]:
     unknown = [m for m in methods if m not in METHODS]
     slot = {m: METHODS.index(m) if m in METHODS else len(METHODS) + unknown.index(m) for m in methods}
     step = (LARGEST - SMALLEST) / max(len(methods) - 1, 1)
-    return {m: {"color": COLOURS[slot[m] % len(COLOURS)], "marker": MARKERS[slot[m] % len(MARKERS)],
+    return {m: {"color": COLOURS[slot[m] % len(COLOURS)], "marker": _marker(slot[m]),
                 "markersize": LARGEST - i * step} for i, m in enumerate(methods)}
+
+
+def _marker(slot: int) -> str:
+    # Each round of the colours shifts the markers by one: past the palette (methods this version does not know), a
+    # method's colour is an earlier one's, never with its marker too (for len(COLOURS) * len(MARKERS) methods).
+    return MARKERS[(slot + slot // len(COLOURS)) % len(MARKERS)]
 
 
 def _curves(trials: pd.DataFrame) -> pd.Series:

@@ -322,6 +322,11 @@ def test_rules_this_version_does_not_know_look_unlike_each_other_and_the_known_o
     trials = _trials(["small_cnn"], [1, 4], ("ndot_A", "zeta_A", "zeta_O"))
     looks = [(to_hex(line.get_color()), line.get_marker()) for line in plots.accuracy_vs_axis(trials).axes[0].get_lines()]
     assert len(looks) == 3 and len(set(looks)) == 3
+    # Past tab10's ten colours and the ten markers: the second unknown rule took ndot_O's colour and circle.
+    many = (*plots.METHODS, *(f"zeta{i}_A" for i in range(12)))
+    lines = plots.accuracy_vs_axis(_trials(["small_cnn"], [1, 4], many)).axes[0].get_lines()
+    looks = {line.get_label(): (to_hex(line.get_color()), line.get_marker()) for line in lines}
+    assert len(looks) == len(many) and len(set(looks.values())) == len(many)
 
 
 def test_coinciding_points_nest_and_accuracy_stays_under_100_percent():
