@@ -162,6 +162,20 @@ def signal_handlers_kept(*signums: int) -> Iterator[None]:
                 signal.signal(n, handler)
 
 
+@contextlib.contextmanager
+def logs_without(logger: str, keep: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """`logger`'s records that `keep` refuses left out until the block ends: a notebook that ran it (a sweep, a
+    collect) logs them again in its later work with Ray and Tune. A filter `logger` had already stays."""
+    log = logging.getLogger(logger)
+    added = keep not in log.filters
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        if added:
+            log.removeFilter(keep)
+
+
 def named(text: str) -> str:
     """An argparse type: a path or URI, not empty, ~ expanded. An unset shell variable gives "", which would read as
     nothing given (a default taken instead) or as the current folder; the shell leaves ~ in --out=~/x, which would

@@ -13,6 +13,7 @@ local folder or a URI such as s3://bucket/sweeps/name.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -30,7 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ndot import checkpoint
-from ndot.cli import Parser, named, refuse, run
+from ndot.cli import Parser, logs_without, named, refuse, run
 from ndot.config import TrainConfig, method
 from ndot.files import STORAGE_ERRORS, filesystem, join, kind, read_bytes, uri_of, write_bytes
 from ndot.sweep.space import STRATUM_KEY
@@ -128,9 +129,9 @@ def collect(experiment: str) -> list[TrialRecord]:
     # Imported here so that load() and plotting work without Ray.
     from ray.tune import ExperimentAnalysis
 
-    without_tunes_metrics_notice()
     try:
-        analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
+        with without_tunes_metrics_notice():
+            analysis = ExperimentAnalysis(experiment if "://" in experiment else os.path.abspath(experiment))
     except ValueError:  # no state, or one cut short (json's errors are ValueErrors)
         return from_folders(experiment)
     return [record(t) for t in analysis.trials]
@@ -146,9 +147,9 @@ def _without_the_metrics_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to fetch metrics for ")
 
 
-def without_tunes_metrics_notice() -> None:
-    """Leave out, for the rest of the process, Tune's warning of trials it has no result.json of."""
-    logging.getLogger(_ANALYSIS_LOGGER).addFilter(_without_the_metrics_notice)
+def without_tunes_metrics_notice() -> contextlib.AbstractContextManager[None]:
+    """Tune's warning of trials it has no result.json of, left out until the block ends."""
+    return logs_without(_ANALYSIS_LOGGER, _without_the_metrics_notice)
 
 
 def from_folders(experiment: str) -> list[TrialRecord]:

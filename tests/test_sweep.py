@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import shlex
@@ -30,7 +31,7 @@ from ray.tune.experiment import Trial
 
 from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
-from ndot.sweep import cli, runner
+from ndot.sweep import cli, recorder, runner
 from ndot.sweep.definitions import ARCHITECTURES, SMOKE, TIMESTEPS
 from ndot.sweep.recorder import TensorBoardCallback
 from ndot.sweep.searcher import listed_trials
@@ -189,9 +190,10 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
     assert abs(scored["test_acc"] - best["best_test_acc"]) <= 0.01
 
 
-def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_and_environment(cluster, tmp_path, monkeypatch):
+def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_environment_and_logs(cluster, tmp_path, monkeypatch):
     # A notebook's: after the sweep, SIGTERM and SIGUSR1 must reach them and Ctrl-C interrupt, not the
-    # sweep's handler or Ray Tune's, which outlived it; and Tune's settings must not be the notebook's.
+    # sweep's handler or Ray Tune's, which outlived it; Tune's settings must not be the notebook's; and its later
+    # Tune runs must log what the sweep's own lines stand in for (the sweep's log filters outlived it).
     def notebooks(signum, frame):
         pass
 
@@ -211,6 +213,9 @@ def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_and_envi
             signal.signal(n, handler)
     assert after == {signal.SIGTERM: notebooks, signal.SIGINT: before[signal.SIGINT], signal.SIGUSR1: notebooks}
     assert [name for name in runner._TUNE_SETTINGS if name in os.environ] == []
+    filters = [("ray.tune.tune", cli._without_tunes_resume_hint), (results._ANALYSIS_LOGGER, results._without_the_metrics_notice),
+               (recorder._NONFINITE_NOTICE_LOGGER, recorder._without_the_nonfinite_notice)]
+    assert [name for name, keep in filters if keep in logging.getLogger(name).filters] == []
 
 
 def test_an_architecture_and_a_dataset_of_the_users_own_modules_are_swept_by_trials_that_import_them(

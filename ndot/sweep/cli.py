@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from ndot import data, files, results
-from ndot.cli import Parser, handle, listed, refuse, show_progress, signal_handlers_kept
+from ndot.cli import Parser, handle, listed, logs_without, refuse, show_progress, signal_handlers_kept
 from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags, method,
                          parse_field, parse_method)
 from ndot.data import storage
@@ -617,8 +617,8 @@ def _drive(plan: Plan, args: argparse.Namespace, source: str, holding: contextli
                       "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
             holding.enter_context(runner.held(plan.experiment, args.resume))
             handle(signal.SIGTERM, _on_sigterm(runner.head_address(args.address), ended, again, plan.experiment))
-            logging.getLogger("ray.tune.tune").addFilter(_without_tunes_resume_hint)
-            figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
+            with logs_without("ray.tune.tune", _without_tunes_resume_hint):
+                figures = runner.run(plan, resume=args.resume, callbacks=[Progress(plan.num_trials)], launcher=launcher)
         except (runner.Claimed, runner.Busy) as e:  # another driver with this --name got there first, or runs it
             return refuse(e)
         finally:

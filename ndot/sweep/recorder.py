@@ -116,13 +116,16 @@ class TensorBoardCallback(TBXLoggerCallback):
 
     def setup(self, **info: Any) -> None:
         super().setup(**info)
-        # In the process that writes the files (the driver's, or the cluster's under ray://), for the sweep and after.
+        # In the process that writes the files (the driver's, or the cluster's under ray://), until the sweep ends.
         logging.getLogger(_NONFINITE_NOTICE_LOGGER).addFilter(_without_the_nonfinite_notice)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial in list(self._trial_writer):
             self._trial_writer.pop(trial).close()
             self._trial_result.pop(trial, None)
+        # Tune calls this however the sweep ends, interrupted too: run from Python, the process's later
+        # tensorboardX writers say it again.
+        logging.getLogger(_NONFINITE_NOTICE_LOGGER).removeFilter(_without_the_nonfinite_notice)
 
 
 # tensorboardX says this, without naming trial or metric, for each scalar that is not finite: a diverged epoch's

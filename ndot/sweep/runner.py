@@ -29,6 +29,7 @@ from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 
 from ndot import files, results
+from ndot.cli import logs_without
 from ndot.sweep import resources
 from ndot.sweep.recorder import TablesCallback, TensorBoardCallback
 from ndot.sweep.scheduler import StratifiedASHA
@@ -238,12 +239,12 @@ def connect(address: str | None) -> None:
     if address is None:
         _not_ray = {child.pid for child in psutil.Process().children()}
         _adopt_orphans(True)
-        logging.getLogger(_TOKEN_NOTICE_LOGGER).addFilter(_without_the_token_notice)
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
     # Trials' output is not forwarded: their errors are stored with the trial, and a sweep on a Ray of its own
     # builds the data caches, whose progress lines matter, before its trials start (ndot.sweep.cli.main).
-    ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", runtime_env=trial_env())
+    with logs_without(_TOKEN_NOTICE_LOGGER, _without_the_token_notice) if address is None else contextlib.nullcontext():
+        ray.init(address=address or "local", log_to_driver=False, logging_level="WARNING", runtime_env=trial_env())
 
 
 # A new local Ray turns token authentication on by itself and says so at every start, with how to opt
@@ -400,8 +401,7 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     checkpoints (ndot.sweep.scheduler); only the resources per trial and the
     trials at once come from `plan` (see `load_plan`), and `callbacks` are not used.
     """
-    results.without_tunes_metrics_notice()
-    with _tune_settings():
+    with results.without_tunes_metrics_notice(), _tune_settings():
         if resume:
             tuner = _restored_tuner(plan, launcher)
         else:
