@@ -608,6 +608,20 @@ def test_an_architecture_that_a_module_of_imports_registers_through_a_module_it_
     assert {s.values["arch"] for s in plan.strata} == {arch}
 
 
+def test_a_module_of_imports_that_registers_through_one_the_driver_imported_first_passes(tmp_path, user_arch):
+    # The driver's import of user_arch registered the name, crediting only the modules importing then: lab_models,
+    # imported after, was refused as registering nothing, though each trial's import of it registers the name.
+    module, arch = user_arch
+    __import__(module)
+    (tmp_path / "user" / "lab_models.py").write_text(f"import {module}\n")
+    try:
+        plan = cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
+            ["--archs", arch, "--set", "imports=lab_models", "--storage", str(tmp_path)]))
+    finally:
+        sys.modules.pop("lab_models", None)
+    assert {s.values["arch"] for s in plan.strata} == {arch}
+
+
 @pytest.mark.parametrize("what", ["architecture", "dataset"])
 def test_a_name_that_the_modules_of_imports_do_not_register_is_refused_naming_the_module_that_does(
         tmp_path, capsys, user_arch, user_data, what):

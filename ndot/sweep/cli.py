@@ -9,11 +9,13 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -206,6 +208,7 @@ def _check_trials_know(registered: Sequence[tuple[str, str, str, tuple[str, ...]
     module that defines its function, the modules whose import registered it) of each the trials use that is not
     ndot's own."""
     named = [m.strip() for m in imports.split(",") if m.strip()]
+    known: dict[str, list[str]] | None = None
     for what, name, where, registered_by in registered:
         if where == "__main__":
             raise InputError(f"{what} {name!r} is defined in the script that started the sweep, which its trials cannot "
@@ -217,11 +220,32 @@ def _check_trials_know(registered: Sequence[tuple[str, str, str, tuple[str, ...]
                              f"processes of their own: name the module that registers it with --set imports={module}")
         # Importing a module imports its packages first: one of them may be what registers the name.
         if not any(m == r or m.startswith(r + ".") for m in named for r in registered_by):
+            # Credited by none in this process, whose order of imports may have hidden it: a fresh one, as a trial is, decides.
+            known = _known_after_importing(imports) if known is None else known
+            if name in known.get(what, ()):
+                continue
             by = registered_by[0] if registered_by else "__main__"
             by, fix = (("the script that started the sweep", "register it in a module of its own and add that")
                        if by == "__main__" else (by, f"add {by}"))
             raise InputError(f"{what} {name!r} is registered by {by}, not by the modules the sweep's trials import "
                              f"(--set imports={imports}): {fix} to imports")
+
+
+# A trial's view, printed as one line of JSON: what a process knows once it has imported the modules of imports (argv[1]).
+_KNOWN_AFTER_IMPORTS = """import json, sys
+from ndot import config, data, models
+config._import_modules(sys.argv[1])
+print(json.dumps({"architecture": sorted(models.ARCHS), "dataset": sorted(data.DATASETS)}))"""
+
+
+def _known_after_importing(imports: str) -> dict[str, list[str]]:
+    """The architectures and datasets that a fresh process knows once it has imported the modules of `imports`, as a
+    trial does; {} where that fails. REGISTERED_BY credits only the modules importing when the name was registered: a
+    module of imports that imports the registering one, which this process had imported before, is not among them."""
+    # This process's sys.path, on which its own check of the config found the modules.
+    done = subprocess.run([sys.executable, "-c", _KNOWN_AFTER_IMPORTS, imports], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {}
 
 
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
