@@ -7,10 +7,12 @@ removes a worker node runs last.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -370,6 +372,89 @@ def test_a_trial_trains_at_its_cpus_threads_whatever_omp_num_threads_its_node_ho
         _run(cluster, plan)
     assert results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]["status"] == results.COMPLETED
     assert seen.read_text().split() == ["1", "1"]
+
+
+# A folder of files the driver's stdout creates (_Releasing): each releases the trial where it waits for it.
+RELEASE: str | None = None
+
+
+def _trial_held_until_the_driver_says_what_it_does(config: dict) -> None:
+    """The sweep's trainable, held where a paper run takes minutes: in its data build, which says how far it has
+    come as ndot's own do; in its first epoch, after one batch; and at its second epoch's start. Past HANG_S it
+    is held no more, and the test fails on the lines it finds."""
+    import logging
+
+    import ndot.data
+    import ndot.train
+
+    real_loaders, real_batch, real_lr = ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr
+    deadline, batches = time.monotonic() + HANG_S, iter(range(1, 1 << 30))
+
+    def released(name: str) -> None:
+        while not Path(RELEASE, name).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def loaders(cfg, device):
+        logging.getLogger("ndot.data.digits").info("digits: 3/10 recordings converted")
+        released("data")
+        return real_loaders(cfg, device)
+
+    def train_batch(*args, **kwargs):
+        if next(batches) == 2:
+            released("epoch 1")
+        return real_batch(*args, **kwargs)
+
+    def epoch_lr(lr, epoch, epochs):
+        if epoch == 2:
+            released("epoch 2")
+        return real_lr(lr, epoch, epochs)
+
+    ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr = loaders, train_batch, epoch_lr
+    try:
+        runner.run_trial(config)
+    finally:
+        ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr = real_loaders, real_batch, real_lr
+
+
+class _Releasing(io.StringIO):
+    """The driver's stdout, which releases the held trial once a status line has shown where it is held."""
+
+    def __init__(self, release: Path) -> None:
+        super().__init__()
+        self._release = release
+
+    def write(self, text: str) -> int:
+        lines = text.splitlines()  # a status line, and a line below it for each running trial that says what it does
+        if len(lines) == 2 and "(0 of 2 epochs done)" in lines[0]:
+            for name, says in (("data", ": digits: 3/10 recordings converted"), ("epoch 1", ": epoch 1: batch 1/")):
+                if says in lines[1]:
+                    (self._release / name).touch()
+        # Its first epoch reported, the trial is counted in epochs, and says no more.
+        if len(lines) == 1 and "(1 of 2 epochs done)" in lines[0]:
+            (self._release / "epoch 2").touch()
+        return super().write(text)
+
+
+def test_the_drivers_status_line_says_what_a_trial_on_another_node_does_before_its_first_epoch(cluster, tmp_path,
+                                                                                               monkeypatch):
+    # On a cluster a trial builds its data caches on its node, where its output stays (runner.connect): tens of
+    # minutes of CIFAR10-DVS frames, then minutes of a paper run's first epoch, read "0 epochs done" all along.
+    plan = _plan(tmp_path / "runs", "held", 2)
+    release = tmp_path / "release"
+    release.mkdir()
+    out = _Releasing(release)
+    runner.connect(cluster.address)
+    try:
+        with _trials_run_by(monkeypatch, _trial_held_until_the_driver_says_what_it_does, RELEASE=str(release)), \
+                contextlib.redirect_stdout(out):
+            runner.run(plan, callbacks=[cli.Progress(plan.num_trials, every_s=0.1)])
+    finally:
+        ray.shutdown()
+    assert results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]["status"] == results.COMPLETED
+    said = [line for line in out.getvalue().splitlines() if line.startswith("  ")]
+    assert "  held lr=0.1: digits: 3/10 recordings converted" in said, out.getvalue()[-3000:]
+    assert any(re.fullmatch(r"  held lr=0\.1: epoch 1: batch 1/\d+", line) for line in said), out.getvalue()[-3000:]
+    assert (release / "epoch 2").exists(), "the trial's line outlived its first epoch result"
 
 
 # A file the test creates: while it exists, every trial fails at its start.

@@ -7,6 +7,7 @@ scheduler    ASHA early stopping within a stratum
 resources    how many trials fit at once, on a fixed or an autoscaling cluster
 reach        whether every node of the cluster reaches a local --storage
 trainable    the Tune function trainable around ndot.train.train
+activity     what running trials do before their first epoch result, for the status lines
 recorder     keeps the Parquet tables current while a sweep runs
 state_sync   holds each save of Tune's experiment state until the last upload has ended
 runner       builds, runs and resumes the Tune experiment

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import pyarrow.fs as pafs
 import ray
 from ray import tune
+from ray.actor import ActorHandle
 from ray.tune.experiment import Trial
 
 from ndot import data, files, results
@@ -32,7 +33,7 @@ from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flag
                          parse_field, parse_method)
 from ndot.data import storage
 from ndot.models import ARCHS, BUILT_IN_ARCHS, REGISTERED_BY
-from ndot.sweep import reach, resources, runner
+from ndot.sweep import activity, reach, resources, runner
 from ndot.sweep.definitions import Sweep
 from ndot.sweep.runner import METRIC, Plan
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum, strata
@@ -444,12 +445,23 @@ class Progress(tune.Callback):
         self._total, self._every_s, self._clock = total, every_s, clock
         self._start = clock()
         self._next = self._start + every_s
+        self._board: ActorHandle | None = None
+
+    def setup(self, **info: Any) -> None:
+        # Here, not in __init__: Tune stores this callback with the experiment before the sweep runs, and restores it
+        # for a resume, whose run calls setup again.
+        self._board = activity.board()
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = self._clock()
         if now >= self._next:
             self._next = now + self._every_s
-            print(status_line(trials, self._total, now - self._start), flush=True)
+            running = [t for t in trials if t.status == Trial.RUNNING]
+            # Before its first epoch result a trial reads as 0 epochs done: for tens of minutes where it builds its
+            # data caches on a cluster's node, whose output the driver never sees. It says what it does instead.
+            said = activity.read(self._board) if running and self._board is not None else {}
+            doing = [f"  {_label(t)}: {said[t.trial_id]}" for t in running if t.trial_id in said]
+            print("\n".join([status_line(trials, self._total, now - self._start), *doing]), flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._line(trials, trial, Trial.TERMINATED)
@@ -468,7 +480,11 @@ class Progress(tune.Callback):
             progress = "epoch 1, not tested"
         else:
             progress = f"epoch {last['epoch']}, best acc {last[METRIC]:.4f}"
-        print(f"[{done}/{self._total}] {trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}: {outcome} ({progress})", flush=True)
+        print(f"[{done}/{self._total}] {_label(trial)}: {outcome} ({progress})", flush=True)
+
+
+def _label(trial: Trial) -> str:
+    return f"{trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}"
 
 
 def status_line(trials: list[Trial], total: int, elapsed_s: float) -> str:
@@ -484,7 +500,7 @@ def status_line(trials: list[Trial], total: int, elapsed_s: float) -> str:
     tested = [t for t in trials if METRIC in (t.last_result or {}) and _tested(t.last_result)]
     if tested:
         best = max(tested, key=lambda t: t.last_result[METRIC])
-        line += f"; best acc so far {best.last_result[METRIC]:.4f} ({best.config[STRATUM_KEY]} lr={best.config['lr']:.3g})"
+        line += f"; best acc so far {best.last_result[METRIC]:.4f} ({_label(best)})"
     return line
 
 

@@ -1,23 +1,28 @@
 """The Tune function trainable: one trial = one ndot.train.train run, reported and checkpointed every epoch."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 import os
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
+from ray.actor import ActorHandle
 
 from ndot import checkpoint, results
-from ndot.cli import show_progress, torch_threads
+from ndot.cli import Pace, show_progress, torch_threads
 from ndot.config import TrainConfig, rule_flags_off
 from ndot.device import described, resolve_device
+from ndot.sweep import activity
 from ndot.sweep.space import STRATUM_KEY
 from ndot.train import train
 
@@ -51,6 +56,66 @@ def trial_threads() -> int:
     return max(1, math.floor(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
+class Reporter:
+    """A trial's side: says what it does, from its start to its first epoch result in this process (a trial
+    restarted on another node builds its data there again). A line that cannot be sent is dropped: a trial
+    never fails or waits for one."""
+
+    def __init__(self, trial_id: str) -> None:
+        self._trial_id = trial_id
+        self._pace = Pace()
+        self._at: tuple[int, str] | None = None
+        try:
+            self._board: ActorHandle | None = ray.get_actor(activity.ACTOR)
+        except Exception:  # ValueError where the driver made none (a sweep run without ndot.sweep.cli.Progress)
+            self._board = None
+        self.say("starting")
+
+    def say(self, line: str) -> None:
+        self._send("set", line)
+
+    def batch(self, epoch: int, done: int, total: int, what: str = "batch") -> None:
+        """train()'s on_batch: a line at each new epoch or test pass, then one every ndot.cli.PROGRESS_S."""
+        if (epoch, what) != self._at or self._pace.due():
+            self._at = (epoch, what)
+            self._pace.printed()
+            self.say(f"epoch {epoch}: {what} {done}/{total}")
+
+    def done(self) -> None:
+        """The first epoch result is in: from here on the status line counts the trial's epochs."""
+        self._send("drop")
+        self._board = None
+
+    @contextlib.contextmanager
+    def logged(self) -> Iterator[None]:
+        """Within the block, the library's progress lines (logger "ndot": a cache built, a wait for another
+        process's) are the trial's line."""
+        handler = _Said(self)
+        logger = logging.getLogger("ndot")
+        logger.addHandler(handler)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)  # a reused worker runs the next trial with a Reporter of its own
+
+    def _send(self, method: str, *args: Any) -> None:
+        if self._board is None:
+            return
+        try:
+            getattr(self._board, method).remote(self._trial_id, *args)  # its answer is never waited for
+        except Exception:  # an actor gone with its node, a Ray shutting down: the trial goes on without its lines
+            self._board = None
+
+
+class _Said(logging.Handler):
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__()
+        self._reporter = reporter
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._reporter.say(record.getMessage())
+
+
 def run_trial(config: dict[str, Any]) -> None:
     # The trials of a sweep started before its searcher turned off the settings that change nothing
     # for their rule (ndot.sweep.searcher) hold them on, which train() refuses.
@@ -65,6 +130,7 @@ def run_trial(config: dict[str, Any]) -> None:
     # keeps its first start through restarts, so the trials table measures wall time from there.
     node = {**_node(), "started_at": time.time()}
     node["ran_on"] = described(resolve_device(cfg.device))  # after started_at: on a GPU, this initialises CUDA
+    status = Reporter(trial_id)
     resume, history, best = None, [], None
     restored = tune.get_checkpoint()
     if restored is not None:
@@ -89,7 +155,9 @@ def run_trial(config: dict[str, Any]) -> None:
             if best is not None and best["epoch"] != state["epoch"]:
                 torch.save(best, Path(d, checkpoint.BEST))
             checkpoint.write_history(d, history)
+            status.done()  # before the report: the driver that reads the epoch no longer reads the trial's line
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    with torch_threads(trial_threads()):
-        train(cfg, on_epoch=on_epoch, resume=resume)
+    with torch_threads(trial_threads()), status.logged():
+        train(cfg, on_epoch=on_epoch, resume=resume, on_batch=status.batch,
+              on_test_batch=functools.partial(status.batch, what="test batch"))
