@@ -8,8 +8,10 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tarfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5, download_and_extract_archive
 
 from data_fixtures import closed_port, crop_offsets, one_line, uniform_enough
+from helpers import HANG_S
 from ndot.config import TrainConfig
 import ndot.cli
 from ndot import data
@@ -465,3 +468,42 @@ def test_the_cpu_pipeline_draws_each_samples_augmentation_anew_every_epoch():
     x1, x2 = (torch.cat([x for x, _ in batches(loader, e)]) for e in (1, 2))
     assert not torch.equal(x1, x2)
     assert torch.equal(torch.cat([x for x, _ in batches(loader, 1)]), x1), "an epoch replays"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a worker's signals in /proc")
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_ctrl_c_while_workers_start_under_spawn_or_forkserver_ends_in_one_line(method):
+    # Under "spawn" (macOS's default) and "forkserver" (Python 3.14's on Linux) a worker imports torch before its
+    # worker_init_fn ignores Ctrl-C, and the main process hands each its dataset in turn. A Ctrl-C then gave the
+    # importing worker's traceback (spawn), and the main process, stopped mid-start, waited at exit for ever for the
+    # workers already started, which ignore SIGTERM. Here it comes as the third worker is handed the dataset: the
+    # first has started, the second is importing.
+    script = textwrap.dedent(f"""
+        import multiprocessing, os, signal, time
+        import torch
+        from ndot.cli import run
+        from ndot.data.loader import WorkerLoader
+
+        def ignores_sigterm(pid):
+            with open(f"/proc/{{pid}}/status") as f:
+                ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+            return ignored >> (signal.SIGTERM - 1) & 1
+
+        class Handed(list):
+            def __reduce__(self):  # in the main process, as it hands a worker the dataset
+                handed.append(1)
+                if len(handed) == 3:
+                    while not any(ignores_sigterm(p.pid) for p in multiprocessing.active_children()):
+                        time.sleep(0.01)
+                    os.killpg(0, signal.SIGINT)
+                return list, (list(self),)
+
+        handed = []
+        multiprocessing.set_start_method({method!r})
+        run(lambda: list(WorkerLoader(Handed([(0, 0)] * 6), torch.tensor, 2, shuffle=False, workers=3)) and 0)
+    """)
+    # More workers than this machine may have cores: torch warns of it.
+    done = subprocess.run([sys.executable, "-W", "ignore:This DataLoader will create:UserWarning", "-c", script],
+                          capture_output=True, text=True, timeout=HANG_S,
+                          start_new_session=True)
+    assert (done.returncode, done.stderr) == (130, "interrupted (SIGINT)\n")

@@ -63,7 +63,7 @@ from ndot import files
 from ndot.cli import Pace
 from ndot.config import DVS_ENCODINGS
 from ndot.data import DataError, DatasetInfo, augment, storage
-from ndot.data.loader import DeviceLoader, stops_left_to_the_main_process
+from ndot.data.loader import DeviceLoader, started, stops_left_to_the_main_process
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
@@ -284,7 +284,7 @@ def _convert(dataset: CIFAR10DVS, indices: list[int], workers: int,
     batches = DataLoader(_Readings(dataset, indices), batch_size=32, num_workers=workers, collate_fn=list,
                          generator=torch.Generator(), worker_init_fn=stops_left_to_the_main_process)
     pace = Pace()
-    for k, (frames, label, fault) in enumerate(item for batch in batches for item in batch):
+    for k, (frames, label, fault) in enumerate(item for batch in started(batches) for item in batch):
         # The 10,000 recordings take minutes: a line every ndot.cli.PROGRESS_S keeps the wait visible.
         if pace.due():
             log.info(f"cifar10dvs: {counted[0] + k}/{counted[1]} recordings converted")

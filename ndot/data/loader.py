@@ -6,13 +6,17 @@ epoch's batches are the same whether or not the run was resumed in between.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import signal
 import sys
+from multiprocessing import forkserver, resource_tracker
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ndot.cli import handle, signal_handlers_kept
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -32,6 +36,9 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 _PR_SET_PDEATHSIG = 1
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+# Windows has no signal masks (nor process groups to signal).
+_MASKS = hasattr(signal, "pthread_sigmask")
 
 
 def stops_left_to_the_main_process(worker_id: int) -> None:
@@ -45,10 +52,46 @@ def stops_left_to_the_main_process(worker_id: int) -> None:
     stuck on it for good, holding the locks they inherited (a cache's, a run folder's), for which the next
     process waited for ever or was refused. So on Linux the system kills a worker as its main process ends.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in _STOPS:
+        signal.signal(signum, signal.SIG_IGN)
+    if _MASKS:  # ignored now, they may reach it: `started` had them blocked since the worker was born
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def started(loader: DataLoader) -> Iterator[Any]:
+    """iter(loader), its workers started with Ctrl-C and SIGTERM held, which the process acts on once it holds them.
+
+    Started by "spawn" (macOS's default), a worker imports torch and the dataset's modules before its worker_init_fn
+    (stops_left_to_the_main_process) ignores them: a Ctrl-C in those seconds printed its traceback, or made the main
+    process print torch's "DataLoader worker ... is killed by signal". Blocked in the thread that starts the workers,
+    they are blocked in the workers too (the mask outlives exec) until these ignore them. And the main process, stopped
+    while it handed a later worker its dataset (seconds, under "spawn" and "forkserver"), dropped the half-built
+    iterator, and at exit waited for ever for the workers already started, which ignore SIGTERM.
+    """
+    if loader.num_workers == 0 or not _MASKS:
+        return iter(loader)
+    # The servers that starting workers starts, started first: under the mask below, the resource tracker (all but
+    # "fork") would unblock the two as it started, and the forkserver keep them blocked in all it forks for others.
+    method = multiprocessing.get_start_method()
+    if method != "fork":
+        resource_tracker.ensure_running()
+    if method == "forkserver":
+        forkserver.ensure_running()
+    caught: list[int] = []
+    try:
+        with signal_handlers_kept(*_STOPS):
+            for signum in _STOPS:
+                handle(signum, lambda signum, frame: caught.append(signum))
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+            try:
+                return iter(loader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)  # runs the handler above for what arrived meanwhile
+    finally:
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # to the handler the process had: the iterator, built, ends its workers
 
 
 def num_batches(samples: int, batch_size: int) -> int:
@@ -191,7 +234,7 @@ class WorkerLoader:
             worker_init_fn=stops_left_to_the_main_process,
             pin_memory=self.device.type == "cuda",
         )
-        for x, y in loader:
+        for x, y in started(loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
