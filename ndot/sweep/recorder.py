@@ -22,16 +22,20 @@ class TablesCallback(tune.Callback):
     history in its newest checkpoint. Tune registers a checkpoint only after its
     callbacks have returned, and drops it when one raises, so `on_checkpoint`
     only notes the folder; the history is read when the tables are next written.
-    Tables are rewritten at most every `min_interval_s` (rewriting is linear in
-    the sweep's size) and at once when a trial ends and when the experiment
-    ends. Storage that fails for a moment costs a warning and a retry at the
-    next write, never the sweep: the tables can always be rebuilt from the
+    Tables are rewritten at most every `min_interval_s` (a write is linear in the
+    sweep's size, though it builds anew only the rows of trials that changed:
+    results.Tables) and at once when a trial ends and when the experiment ends.
+    Storage that fails for a moment costs a warning and a retry at the next
+    write, never the sweep: the tables can always be rebuilt from the
     checkpoints (python -m ndot.results collect).
     """
 
+    # The experiment's tables, once its folder is known. A class attribute: a callback that Tune unpickles from a
+    # sweep started by an older ndot, which kept the folder alone, has it too.
+    _tables: results.Tables | None = None
+
     def __init__(self, min_interval_s: float = 10.0) -> None:
         self._min_interval_s = min_interval_s
-        self._experiment: str | None = None
         # trial id -> (history, checkpoint relative to the experiment)
         self._saved: dict[str, tuple[list[results.Row], str | None]] = {}
         # trial id -> (filesystem, path, path relative to the experiment) of a checkpoint registered since the last read
@@ -43,7 +47,7 @@ class TablesCallback(tune.Callback):
         self._last_write = self._next_read = 0.0
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if self._experiment is not None or not trials or time.monotonic() < self._next_read:
+        if self._tables is not None or not trials or time.monotonic() < self._next_read:
             return
         self._ended |= {t.trial_id for t in trials if t.status == Trial.TERMINATED}
         # A restored experiment: start from what its trials' checkpoints already hold. (Not from
@@ -54,7 +58,7 @@ class TablesCallback(tune.Callback):
             log.warning("ndot: could not read the trials' checkpoints (%s); trying again in %.0f s", e, self._min_interval_s)
             self._next_read = time.monotonic() + self._min_interval_s
             return
-        self._experiment = results.experiment_of(trials[0])
+        self._tables = results.Tables(results.experiment_of(trials[0]))
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: tune.Checkpoint, **info: Any) -> None:
         self._unread[trial.trial_id] = checkpoint.filesystem, checkpoint.path, results.relative_checkpoint(trial, checkpoint.path)
@@ -85,7 +89,7 @@ class TablesCallback(tune.Callback):
         return trial.status
 
     def _write(self) -> None:
-        if self._experiment is None:
+        if self._tables is None:
             return
         for trial_id, (fs, path, relative) in list(self._unread.items()):
             try:
@@ -97,10 +101,10 @@ class TablesCallback(tune.Callback):
         records = [results.TrialRecord.of(t, *self._saved.get(t.trial_id, ([], None)), status=self._status(t)) for t in self._trials]
         self._last_write = time.monotonic()
         try:
-            results.write_tables(self._experiment, records)
+            self._tables.write(records)
         except files.STORAGE_ERRORS as e:
             log.warning("ndot: could not write the tables to %s (%s); trying again in %.0f s",
-                        self._experiment, e, self._min_interval_s)
+                        self._tables.experiment, e, self._min_interval_s)
             self._changed, self._trial_ended = True, False
             return
         self._changed, self._trial_ended = bool(self._unread), False
