@@ -214,6 +214,7 @@ def test_weight_change_is_refused_where_no_T_has_a_previous_step_and_turned_off_
     assert rule_flags_off({"rule": "ndot", "mode": "O", "T": 1}) == {"detach_reset": False, "weight_change": 0.0}
     # What a sweep's stratum does not hold (here its rule and mode) leaves the flags that depend on it as they are.
     assert rule_flags_off({"T": 2}) == {} and rule_flags_off({"T": 1}) == {"weight_change": 0.0}
+    assert rule_flags_off({"rule": "ndot", "mode": "O"}) == {"detach_reset": False}  # T is the sweep's base T
 
 
 def test_the_device_resolves_to_what_this_machine_has(monkeypatch):

@@ -492,15 +492,19 @@ def test_a_gpu_run_resumed_without_a_gpu_is_told_the_flags_that_continue_it_here
     assert checkpoint.load(tmp_path / "checkpoint.pt")["epoch"] == 2
 
 
-def test_a_checkpoint_holding_a_setting_on_that_its_rule_ignores_resumes_with_it_off(trained, tmp_path, capsys):
+@pytest.mark.parametrize("saved,off", [
     # As ndot saved an ndot trial of a sweep that set detach_reset for its bptt trials, before 7ea7bad.
+    ({"detach_reset": True}, {"detach_reset": False}),
+    # As ndot saved a mode-O run at T = 1 (RUN's) with weight_change, before 561e840.
+    ({"mode": "O", "weight_change": 0.025}, {"weight_change": 0.0})])
+def test_a_checkpoint_holding_a_setting_on_that_its_run_ignores_resumes_with_it_off(trained, tmp_path, capsys, saved, off):
     trained(tmp_path)
     state = checkpoint.load(tmp_path / "checkpoint.pt")
-    state["config"]["detach_reset"] = True
+    state["config"].update(saved)
     checkpoint.save(tmp_path / "checkpoint.pt", state)
     assert main(["--out", str(tmp_path), "--resume", "--epochs", "2"]) == 0, capsys.readouterr().err
     resumed = checkpoint.load(tmp_path / "checkpoint.pt")
-    assert resumed["epoch"] == 2 and resumed["config"] == {**state["config"], "detach_reset": False, "epochs": 2}
+    assert resumed["epoch"] == 2 and resumed["config"] == {**state["config"], **off, "epochs": 2}
 
 
 def test_a_resume_leaves_best_pt_alone_when_the_checkpoints_epoch_is_not_the_best(trained, tmp_path, capsys):
