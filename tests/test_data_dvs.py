@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
+import io
 import logging
 import os
 import shutil
@@ -13,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +96,15 @@ def test_equal_count_frames_keep_every_event_in_time_order():
     # Event i sits at pixel (i // 128, i % 128): each bin holds one contiguous run of indices.
     owner = frames.sum(1).flatten(1).argmax(0)[:1003]
     assert torch.equal(owner, owner.sort().values)
+
+
+@pytest.mark.parametrize("field", ["x", "y"])
+def test_an_event_one_past_the_sensors_edge_is_refused_not_counted_in_another_pixel(field):
+    # x = 128 would count at x = 0 a row down; y = 128 in the other polarity, or the next bin.
+    events = tonic_events(10, np.random.default_rng(0))
+    events[field][-1] = 128
+    with pytest.raises(DataError, match=f"^events off the 128x128 sensor: .*{field} up to 128"):
+        dvs.count_frames(events, 2)
 
 
 def test_counts_encoding_resizes_to_48_keeping_the_mass():
@@ -484,6 +496,25 @@ def test_failed_download_is_one_error(tmp_path, monkeypatch):
         dvs.check(config(tmp_path, download=True))
     message = one_line(err)
     assert "downloading cifar10dvs" in message and "refused" in message
+
+
+def test_the_archive_put_in_the_folder_is_unpacked_by_download_and_read(tmp_path, monkeypatch, private_cache):
+    # The route a refusal names where no network reaches: CIFAR10DVS.zip (a zip of one zip per class) put in the
+    # folder, --download unpacks it; the recordings then found are those the load reads.
+    monkeypatch.setattr(dvs, "RECORDINGS_PER_CLASS", 3)
+    staged = fixtures.write_cifar10dvs(tmp_path / "staged", per_class=3, events=50)
+    archive = tmp_path / "root" / "CIFAR10DVS" / dvs.CIFAR10DVS.filename
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as outer:
+        for name in dvs.CLASSES:
+            inner = io.BytesIO()
+            with zipfile.ZipFile(inner, "w") as z:
+                for path in (staged / name).iterdir():
+                    z.write(path, f"{name}/{path.name}")
+            outer.writestr(f"{name}.zip", inner.getvalue())
+    monkeypatch.setattr(dvs.CIFAR10DVS, "file_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    dvs.check(config(tmp_path / "root", download=True))
+    assert len(dvs.load_frames(config(tmp_path / "root"), 48).train_y) == 30
 
 
 @pytest.fixture
