@@ -608,18 +608,22 @@ def test_an_architecture_that_a_module_of_imports_registers_through_a_module_it_
     assert {s.values["arch"] for s in plan.strata} == {arch}
 
 
-def test_a_module_of_imports_that_registers_through_one_the_driver_imported_first_passes(tmp_path, user_arch):
+@pytest.mark.parametrize("what", ["architecture", "dataset"])
+def test_a_module_of_imports_that_registers_through_one_the_driver_imported_first_passes(tmp_path, monkeypatch,
+                                                                                         user_arch, user_data, what):
     # The driver's import of user_arch registered the name, crediting only the modules importing then: lab_models,
     # imported after, was refused as registering nothing, though each trial's import of it registers the name.
-    module, arch = user_arch
+    module, name = user_arch if what == "architecture" else user_data
     __import__(module)
     (tmp_path / "user" / "lab_models.py").write_text(f"import {module}\n")
+    monkeypatch.chdir(tmp_path)  # found on the driver's sys.path (a notebook's sys.path.append), not in its folder
     try:
         plan = cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(
-            ["--archs", arch, "--set", "imports=lab_models", "--storage", str(tmp_path)]))
+            ["--archs" if what == "architecture" else "--dataset", name, "--set", "imports=lab_models",
+             "--storage", str(tmp_path)]))
     finally:
         sys.modules.pop("lab_models", None)
-    assert {s.values["arch"] for s in plan.strata} == {arch}
+    assert plan.base["imports"] == "lab_models" and name in (plan.base["dataset"], *(s.values.get("arch") for s in plan.strata))
 
 
 @pytest.mark.parametrize("what", ["architecture", "dataset"])
