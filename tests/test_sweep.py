@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -33,11 +34,11 @@ from ray.tune.experiment import Trial
 
 from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
-from ndot.sweep import cli, recorder, runner
+from ndot.sweep import cli, recorder, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, SMOKE, TIMESTEPS
 from ndot.sweep.recorder import TensorBoardCallback
 from ndot.sweep.searcher import listed_trials
-from ndot.sweep.space import SearchSpace, Stratum, strata
+from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum, strata
 
 ROOT = Path(__file__).resolve().parents[1]
 # Node deaths are noticed in about a second instead of Ray's default half minute.
@@ -455,6 +456,59 @@ def test_the_drivers_status_line_says_what_a_trial_on_another_node_does_before_i
     assert "  held lr=0.1: digits: 3/10 recordings converted" in said, out.getvalue()[-3000:]
     assert any(re.fullmatch(r"  held lr=0\.1: epoch 1: batch 1/\d+", line) for line in said), out.getvalue()[-3000:]
     assert (release / "epoch 2").exists(), "the trial's line outlived its first epoch result"
+
+
+def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epoch_or_the_trial(cluster, monkeypatch,
+                                                                                                 capsys, caplog):
+    # Step by step what the test above runs end to end: the trial's side in this process, as in a Ray worker that
+    # runs one trial after another (reuse_actors), and the driver's lines under its status line.
+    def shown(*trials: Trial) -> list[str]:
+        progress.on_step_end(0, list(trials))
+        return capsys.readouterr().out.splitlines()[1:]
+
+    first, second = (Trial("run_trial", config={STRATUM_KEY: "s", "lr": lr, "epochs": 2}, trial_id=trial_id, stub=True)
+                     for trial_id, lr in (("first", 0.1), ("second", 0.2)))
+    for trial in (first, second):
+        trial.set_status(Trial.RUNNING)
+    monkeypatch.setattr("ndot.cli.PROGRESS_S", math.inf)
+    ndot_logger = logging.getLogger("ndot")
+    handlers = list(ndot_logger.handlers)
+    ray.init(address=cluster.address)
+    try:
+        progress = cli.Progress(2, every_s=0.0)
+        progress.setup()
+        status = trainable.Reporter("first")
+        assert shown(first, second) == ["  s lr=0.1: starting"]
+        with status.logged(), caplog.at_level(logging.INFO, logger="ndot"):
+            logging.getLogger("ndot.data.digits").info("digits: 3/10 recordings converted")
+            assert shown(first) == ["  s lr=0.1: digits: 3/10 recordings converted"]
+            status.batch(1, 1, 10)
+            status.batch(1, 2, 10)  # the next line of an epoch is PROGRESS_S after its last
+            assert shown(first) == ["  s lr=0.1: epoch 1: batch 1/10"]
+            monkeypatch.setattr("ndot.cli.PROGRESS_S", 0.0)
+            status.batch(1, 3, 10)
+            assert shown(first) == ["  s lr=0.1: epoch 1: batch 3/10"]
+            monkeypatch.setattr("ndot.cli.PROGRESS_S", math.inf)
+            status.batch(1, 1, 4, what="test batch")
+            assert shown(first) == ["  s lr=0.1: epoch 1: test batch 1/4"]
+            status.done()
+            status.batch(2, 1, 10)
+            assert shown(first) == []
+        assert ndot_logger.handlers == handlers
+        # A trial that ended before its first epoch result (a restart of the first that failed) shows its last line
+        # no more; the worker's next trial takes the library's lines, the first's handler none.
+        trainable.Reporter("first")
+        first.set_status(Trial.ERROR)
+        status = trainable.Reporter("second")
+        with status.logged(), caplog.at_level(logging.INFO, logger="ndot"):
+            logging.getLogger("ndot.data.digits").info("digits: 5/10 recordings converted")
+        assert shown(first, second) == ["  s lr=0.2: digits: 5/10 recordings converted"]
+        # The actor gone (its node with it): the status line goes on without the trials' lines, the trials without it.
+        ray.kill(progress._board)
+        status.say("lost")
+        assert shown(first, second) == []
+    finally:
+        ray.shutdown()
 
 
 # A file the test creates: while it exists, every trial fails at its start.
