@@ -381,14 +381,15 @@ RELEASE: str | None = None
 
 def _trial_held_until_the_driver_says_what_it_does(config: dict) -> None:
     """The sweep's trainable, held where a paper run takes minutes: in its data build, which says how far it has
-    come as ndot's own do; in its first epoch, after one batch; and at its second epoch's start. Past HANG_S it
-    is held no more, and the test fails on the lines it finds."""
+    come as ndot's own do; in its first epoch, after one batch; in its test pass, after one batch; and at its second
+    epoch's start. Past HANG_S it is held no more, and the test fails on the lines it finds."""
     import logging
 
     import ndot.data
     import ndot.train
 
-    real_loaders, real_batch, real_lr = ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr
+    real_loaders, real_batch, real_lr, real_evaluate = (ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr,
+                                                        ndot.train.evaluate)
     deadline, batches = time.monotonic() + HANG_S, iter(range(1, 1 << 30))
 
     def released(name: str) -> None:
@@ -410,11 +411,19 @@ def _trial_held_until_the_driver_says_what_it_does(config: dict) -> None:
             released("epoch 2")
         return real_lr(lr, epoch, epochs)
 
-    ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr = loaders, train_batch, epoch_lr
+    def evaluate(*args, on_batch, **kwargs):
+        def tested(done, total):
+            on_batch(done, total)
+            if done == 1:
+                released("test pass")
+        return real_evaluate(*args, on_batch=tested, **kwargs)
+
+    ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr, ndot.train.evaluate = loaders, train_batch, epoch_lr, evaluate
     try:
         runner.run_trial(config)
     finally:
-        ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr = real_loaders, real_batch, real_lr
+        ndot.data.loaders, ndot.train.train_batch, ndot.train.epoch_lr, ndot.train.evaluate = (real_loaders, real_batch, real_lr,
+                                                                                              real_evaluate)
 
 
 class _Releasing(io.StringIO):
@@ -427,7 +436,8 @@ class _Releasing(io.StringIO):
     def write(self, text: str) -> int:
         lines = text.splitlines()  # a status line, and a line below it for each running trial that says what it does
         if len(lines) == 2 and "(0 of 2 epochs done)" in lines[0]:
-            for name, says in (("data", ": digits: 3/10 recordings converted"), ("epoch 1", ": epoch 1: batch 1/")):
+            for name, says in (("data", ": digits: 3/10 recordings converted"), ("epoch 1", ": epoch 1: batch 1/"),
+                               ("test pass", ": epoch 1: test batch 1/")):
                 if says in lines[1]:
                     (self._release / name).touch()
         # Its first epoch reported, the trial is counted in epochs, and says no more.
@@ -455,6 +465,7 @@ def test_the_drivers_status_line_says_what_a_trial_on_another_node_does_before_i
     said = [line for line in out.getvalue().splitlines() if line.startswith("  ")]
     assert "  held lr=0.1: digits: 3/10 recordings converted" in said, out.getvalue()[-3000:]
     assert any(re.fullmatch(r"  held lr=0\.1: epoch 1: batch 1/\d+", line) for line in said), out.getvalue()[-3000:]
+    assert any(re.fullmatch(r"  held lr=0\.1: epoch 1: test batch 1/\d+", line) for line in said), out.getvalue()[-3000:]
     assert (release / "epoch 2").exists(), "the trial's line outlived its first epoch result"
 
 

@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import logging
 import os
 import re
 import shlex
@@ -1021,6 +1022,22 @@ def test_ending_the_local_ray_kills_its_processes_orphans_included_and_no_other(
                 os.kill(pid, signal.SIGKILL)
         before.kill()
         before.wait()
+
+
+def test_the_token_notice_of_the_local_ray_a_sweep_starts_is_left_out_and_a_later_rays_is_not(monkeypatch, caplog):
+    # Ray's part stands in: the notice its start logs. Run from Python, the process's own later Ray says it again.
+    notice = logging.getLogger(runner._TOKEN_NOTICE_LOGGER)
+    said = "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+    monkeypatch.setattr(runner, "_not_ray", None)
+    monkeypatch.setattr(runner.ray, "init", lambda **kwargs: notice.warning(said))
+    try:
+        with caplog.at_level(logging.WARNING, logger=notice.name):
+            runner.connect(None)
+            assert not caplog.records
+            runner.ray.init()
+    finally:
+        runner._adopt_orphans(False)
+    assert [r.getMessage() for r in caplog.records] == [said]
 
 
 def test_storage_that_fails_as_the_sweep_ends_costs_one_line_not_a_traceback(tmp_path, monkeypatch, capsys, caplog):

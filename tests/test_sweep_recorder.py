@@ -337,3 +337,5 @@ def test_collect_says_nothing_of_a_trial_stopped_in_its_first_epoch(tmp_path, ca
     with caplog.at_level(logging.WARNING):
         [record] = results.collect(str(tmp_path / "exp"))
     assert record.trial_id == "t0" and record.history == [] and not caplog.records
+    # Only there: a notebook's later Tune analyses log it again.
+    assert results._without_the_metrics_notice not in logging.getLogger(results._ANALYSIS_LOGGER).filters
