@@ -106,6 +106,8 @@ def test_train_validates_a_config_built_in_python_before_touching_data(tmp_path)
     # A setting that would change nothing for the rule, as the command line refuses it too.
     with pytest.raises(ConfigError, match="^signed_factor applies to rule ndot only, not ottt$"):
         train(TrainConfig(**{**FAST, "dataset": "cifar10", "data_root": str(tmp_path), "rule": "ottt", "signed_factor": True}))
+    with pytest.raises(ConfigError, match="^weight_change applies to T > 1 only, not T = 1: "):
+        train(TrainConfig(**{**FAST, "dataset": "cifar10", "data_root": str(tmp_path), "mode": "O", "T": 1, "weight_change": 0.025}))
 
 
 @pytest.mark.parametrize("rule,mode", [("ndot", "O"), ("bptt", "A")])
