@@ -34,7 +34,7 @@ from ray.tune.experiment import Trial
 
 from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
-from ndot.sweep import cli, recorder, runner, trainable
+from ndot.sweep import activity, cli, recorder, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, SMOKE, TIMESTEPS
 from ndot.sweep.recorder import TensorBoardCallback
 from ndot.sweep.searcher import listed_trials
@@ -515,7 +515,7 @@ def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epo
             logging.getLogger("ndot.data.digits").info("digits: 5/10 recordings converted")
         assert shown(first, second) == ["  s lr=0.2: digits: 5/10 recordings converted"]
         # The actor gone (its node with it): the status line goes on without the trials' lines, the trials without it.
-        ray.kill(progress._board)
+        ray.kill(ray.get_actor(activity.ACTOR))
         status.say("lost")
         assert shown(first, second) == []
     finally:
