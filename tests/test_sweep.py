@@ -36,6 +36,7 @@ from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
 from ndot.sweep import activity, cli, recorder, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, SMOKE, TIMESTEPS
+from ndot.sweep.progress import Progress
 from ndot.sweep.recorder import TensorBoardCallback
 from ndot.sweep.searcher import listed_trials
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum, strata
@@ -458,7 +459,7 @@ def test_the_drivers_status_line_says_what_a_trial_on_another_node_does_before_i
     try:
         with _trials_run_by(monkeypatch, _trial_held_until_the_driver_says_what_it_does, RELEASE=str(release)), \
                 contextlib.redirect_stdout(out):
-            runner.run(plan, callbacks=[cli.Progress(plan.num_trials, every_s=0.1)])
+            runner.run(plan, callbacks=[Progress(plan.num_trials, every_s=0.1)])
     finally:
         ray.shutdown()
     assert results.load(plan.experiment, results.TRIALS_TABLE).iloc[0]["status"] == results.COMPLETED
@@ -486,7 +487,7 @@ def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epo
     handlers = list(ndot_logger.handlers)
     ray.init(address=cluster.address)
     try:
-        progress = cli.Progress(2, every_s=0.0)
+        progress = Progress(2, every_s=0.0)
         progress.setup()
         status = trainable.Reporter("first")
         assert shown(first, second) == ["  s lr=0.1: starting"]

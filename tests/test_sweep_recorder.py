@@ -18,7 +18,7 @@ import pandas as pd
 
 from ndot import checkpoint, results
 from ndot.sweep import cli, runner
-from ndot.sweep.cli import Progress, status_line
+from ndot.sweep.progress import Progress, status_line
 from ndot.sweep.definitions import ARCHITECTURES, TIMESTEPS
 from ndot.sweep.recorder import TablesCallback, TensorBoardCallback
 from ndot.sweep.scheduler import continue_from_whole_checkpoint

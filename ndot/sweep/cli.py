@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -24,8 +23,6 @@ from typing import Any, Callable, Sequence
 import pyarrow.fs as pafs
 import ray
 from ray import tune
-from ray.actor import ActorHandle
-from ray.tune.experiment import Trial
 
 from ndot import data, files, results
 from ndot.cli import Parser, handle, listed, logs_without, refuse, show_progress, signal_handlers_kept
@@ -33,10 +30,11 @@ from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flag
                          parse_field, parse_method)
 from ndot.data import storage
 from ndot.models import ARCHS, BUILT_IN_ARCHS, REGISTERED_BY
-from ndot.sweep import activity, reach, resources, runner
+from ndot.sweep import reach, resources, runner
+from ndot.sweep.progress import Progress
 from ndot.sweep.definitions import Sweep
-from ndot.sweep.runner import METRIC, Plan
-from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum, strata
+from ndot.sweep.runner import Plan
+from ndot.sweep.space import SearchSpace, Stratum, strata
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +43,6 @@ DEFAULT_STORAGE = "runs/sweeps"
 SLOW_CHECK_S = 3.0
 # Seconds an interrupted sweep waits for what is left of its local Ray to end once killed.
 RAY_END_S = 10.0
-# Seconds between the status lines of a running sweep.
-STATUS_EVERY_S = 300.0
 DEFAULT_PRESET = "smoke"
 _FLAGS_HELP = " ".join(__doc__.split("\n\n")[1].split())
 
@@ -435,79 +431,6 @@ def data_configs(plan: Plan) -> dict[tuple, tuple[list[str], TrainConfig]]:
         cfg = TrainConfig.from_dict({**plan.base, **stratum.values})
         out.setdefault(data.key(cfg), ([], cfg))[0].append(stratum.label)
     return out
-
-
-class Progress(tune.Callback):
-    """One line per finished trial and, while trials run, a line every `every_s` on where they are:
-    a paper-preset trial runs for hours before it finishes."""
-
-    def __init__(self, total: int, every_s: float = STATUS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self._total, self._every_s, self._clock = total, every_s, clock
-        self._start = clock()
-        self._next = self._start + every_s
-        self._board: ActorHandle | None = None
-
-    def setup(self, **info: Any) -> None:
-        # Here, not in __init__: Tune stores this callback with the experiment before the sweep runs, and restores it
-        # for a resume, whose run calls setup again.
-        self._board = activity.board()
-
-    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        now = self._clock()
-        if now >= self._next:
-            self._next = now + self._every_s
-            running = [t for t in trials if t.status == Trial.RUNNING]
-            # Before its first epoch result a trial reads as 0 epochs done: for tens of minutes where it builds its
-            # data caches on a cluster's node, whose output the driver never sees. It says what it does instead.
-            said = activity.read(self._board) if running and self._board is not None else {}
-            doing = [f"  {_label(t)}: {said[t.trial_id]}" for t in running if t.trial_id in said]
-            print("\n".join([status_line(trials, self._total, now - self._start), *doing]), flush=True)
-
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._line(trials, trial, Trial.TERMINATED)
-
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._line(trials, trial, Trial.ERROR)
-
-    def _line(self, trials: list[Trial], trial: Trial, status: str) -> None:
-        # Counted from the trial list, so that the count is right after a resume too.
-        done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials if t is not trial)
-        last = trial.last_result if "epoch" in (trial.last_result or {}) else None
-        outcome = results.outcome(status, last, trial.config["epochs"])
-        if last is None:
-            progress = "no epoch"
-        elif not _tested(last):
-            progress = "epoch 1, not tested"
-        else:
-            progress = f"epoch {last['epoch']}, best acc {last[METRIC]:.4f}"
-        print(f"[{done}/{self._total}] {_label(trial)}: {outcome} ({progress})", flush=True)
-
-
-def _label(trial: Trial) -> str:
-    return f"{trial.config[STRATUM_KEY]} lr={trial.config['lr']:.3g}"
-
-
-def status_line(trials: list[Trial], total: int, elapsed_s: float) -> str:
-    """Where a sweep of `total` trials stands, in one line: `trials` are those the searcher has created so far."""
-    done = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
-    running = [t for t in trials if t.status == Trial.RUNNING]
-    line = f"{datetime.timedelta(seconds=round(elapsed_s))} in: {done}/{total} trials done, {len(running)} running"
-    if running:
-        epochs = sorted((t.last_result or {}).get("epoch", 0) for t in running)
-        span = f"{epochs[0]}-{epochs[-1]}" if epochs[0] != epochs[-1] else f"{epochs[0]}"
-        line += f" ({span} of {running[0].config['epochs']} epochs done)"
-    line += f", {total - done - len(running)} waiting"
-    tested = [t for t in trials if METRIC in (t.last_result or {}) and _tested(t.last_result)]
-    if tested:
-        best = max(tested, key=lambda t: t.last_result[METRIC])
-        line += f"; best acc so far {best.last_result[METRIC]:.4f} ({_label(best)})"
-    return line
-
-
-def _tested(result: dict[str, Any]) -> bool:
-    # A trial that diverged in its first epoch reports METRIC 0, ASHA's and Optuna's, without having
-    # been tested: the tables hold no accuracy for it.
-    return not (result["status"] == "diverged" and result["epoch"] == 1)
 
 
 def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:

@@ -67,7 +67,7 @@ class Reporter:
         self._at: tuple[int, str] | None = None
         try:
             self._board: ActorHandle | None = ray.get_actor(activity.ACTOR)
-        except Exception:  # ValueError where the driver made none (a sweep run without ndot.sweep.cli.Progress)
+        except Exception:  # ValueError where the driver made none (a sweep run without ndot.sweep.progress.Progress)
             self._board = None
         self.say("starting")
 
