@@ -379,10 +379,10 @@ def test_the_runs_settings_reach_every_training_and_evaluation_batch(monkeypatch
 
     for module, name in ((train_module, "train_batch"), (evaluate_module, "eval_batch")):
         monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
-    cfg = TrainConfig(**{**FAST, "T": 1, "epochs": 1, "batch_size": 128, "precision": "bf16", "rule": "ottt", "mode": "O",
+    cfg = TrainConfig(**{**FAST, "T": 2, "epochs": 1, "batch_size": 128, "precision": "bf16", "rule": "ottt", "mode": "O",
                          "loss_alpha": 0.2, "weight_change": 0.3})
     assert train(cfg).status == "completed"
-    same = {"T": 1, "loss_alpha": 0.2, "precision": "bf16"}
+    same = {"T": 2, "loss_alpha": 0.2, "precision": "bf16"}
     trained = {**same, "rule": "ottt", "mode": "O", "weight_change": 0.3}
     assert set(asked) == {("train_batch", tuple(sorted(trained.items()))),
                           ("eval_batch", tuple(sorted(same.items())))}
