@@ -320,9 +320,14 @@ def test_an_errored_trial_is_read_from_the_checkpoint_tune_recorded_last(tmp_pat
 
 def test_a_diverged_epochs_infinite_loss_goes_to_tensorboard_without_a_line_of_tensorboardx(tmp_path, caplog):
     # Its line named no trial nor metric; the sweep's own says the trial diverged. Tune leaves NaN out itself.
-    TensorBoardCallback().setup()
-    with SummaryWriter(str(tmp_path)) as writer, caplog.at_level(logging.WARNING):
-        writer.add_scalar("ray/tune/train_loss", math.inf)
+    callback = TensorBoardCallback()
+    callback.setup()
+    try:
+        with SummaryWriter(str(tmp_path)) as writer, caplog.at_level(logging.WARNING):
+            writer.add_scalar("ray/tune/train_loss", math.inf)
+    finally:
+        # Ended as Tune ends every sweep: left set up, its log filter outlived the test, in every later test.
+        callback.on_experiment_end([])
     assert not caplog.records
 
 
