@@ -11,6 +11,8 @@ from typing import Iterator
 import pytest
 import torch
 
+from ndot.cli import signal_handlers_kept
+
 ROOT = Path(__file__).resolve().parent.parent
 # A sweep without --address joins the cluster $RAY_ADDRESS names: the suite's sweeps run on the Ray
 # each test starts, never on a cluster the shell that runs the suite points at.
@@ -20,6 +22,17 @@ os.environ.pop("RAY_ADDRESS", None)
 # A handled signal is reset to the default in a child, an ignored one is not.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def signal_handlers_kept_by_the_module() -> Iterator[None]:
+    """The handlers that a module's Ray and Tune work sets in this process set back when it ends, as ndot.sweep.cli.main
+    sets them back at a sweep's end: a head node's and ray.init's SIGTERM, and Tune's SIGINT and SIGUSR1, which
+    tests/test_sweep.py's runs through runner.run left to every later module (Tune's swallows a first Ctrl-C)."""
+    with signal_handlers_kept(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        yield
+
+
 # Installed here for the sweeps and the event data, absent from the GPU machine's image:
 # bench/gpu_check.sh must run without them.
 NOT_ON_THE_GPU_MACHINE = ("ray", "optuna", "tonic", "faery", "aedat", "expelliarmus", "importRosbag",
