@@ -516,7 +516,12 @@ def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epo
             logging.getLogger("ndot.data.digits").info("digits: 5/10 recordings converted")
         assert shown(first, second) == ["  s lr=0.2: digits: 5/10 recordings converted"]
         # The actor gone (its node with it): the status line goes on without the trials' lines, the trials without it.
-        ray.kill(ray.get_actor(activity.ACTOR))
+        board = ray.get_actor(activity.ACTOR)
+        ray.kill(board)
+        # ray.kill returns before the actor ends, which may yet take the line below: once it answers no more.
+        with pytest.raises(ray.exceptions.RayActorError):
+            while True:
+                ray.get(board.lines.remote(), timeout=HANG_S)
         status.say("lost")
         assert shown(first, second) == []
     finally:
