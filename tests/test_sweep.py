@@ -528,6 +528,24 @@ def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epo
         ray.shutdown()
 
 
+def test_a_resumed_sweeps_status_lines_count_from_its_resume_on_this_machines_clock(cluster, capsys):
+    # Tune restores the Progress pickled as the sweep started: its times were read on that machine's clock (a
+    # monotonic one, from its boot). Resumed where the clock reads less, the next line was due only once it
+    # reached theirs: days of a sweep without one.
+    now = 1e6
+    progress = Progress(1, every_s=10.0, clock=lambda: now)
+    now = 5.0
+    trial = Trial("run_trial", config={STRATUM_KEY: "s", "lr": 0.1, "epochs": 2}, trial_id="t", stub=True)
+    ray.init(address=cluster.address)
+    try:
+        progress.setup()
+        now = 15.0
+        progress.on_step_end(0, [trial])
+    finally:
+        ray.shutdown()
+    assert capsys.readouterr().out.startswith("0:00:10 in: 0/1 trials done")
+
+
 # A file the test creates: while it exists, every trial fails at its start.
 FAIL_WHILE: str | None = None
 

@@ -25,14 +25,19 @@ class Progress(tune.Callback):
 
     def __init__(self, total: int, every_s: float = STATUS_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._total, self._every_s, self._clock = total, every_s, clock
-        self._start = clock()
-        self._next = self._start + every_s
+        self._started()
         self._board: ActorHandle | None = None
 
     def setup(self, **info: Any) -> None:
-        # Here, not in __init__: Tune stores this callback with the experiment before the sweep runs, and restores it
-        # for a resume, whose run calls setup again.
+        # Here too, not in __init__ alone: Tune stores this callback with the experiment before the sweep runs, and
+        # restores it for a resume, whose run calls setup again. Its clock then is another process's, on another
+        # machine or boot maybe: the restored times said a negative time in, or no line for as long as that uptime.
+        self._started()
         self._board = activity.board()
+
+    def _started(self) -> None:
+        self._start = self._clock()
+        self._next = self._start + self._every_s
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         now = self._clock()
