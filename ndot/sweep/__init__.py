@@ -8,6 +8,7 @@ resources    how many trials fit at once, on a fixed or an autoscaling cluster
 reach        whether every node of the cluster reaches a local --storage
 trainable    the Tune function trainable around ndot.train.train
 activity     what running trials do before their first epoch result, for the status lines
+progress     the driver's lines: one per finished trial, and the status line every few minutes
 recorder     keeps the Parquet tables current while a sweep runs
 state_sync   holds each save of Tune's experiment state until the last upload has ended
 runner       builds, runs and resumes the Tune experiment

@@ -31,8 +31,8 @@ from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flag
 from ndot.data import storage
 from ndot.models import ARCHS, BUILT_IN_ARCHS, REGISTERED_BY
 from ndot.sweep import reach, resources, runner
-from ndot.sweep.progress import Progress
 from ndot.sweep.definitions import Sweep
+from ndot.sweep.progress import Progress
 from ndot.sweep.runner import Plan
 from ndot.sweep.space import SearchSpace, Stratum, strata
 

@@ -69,7 +69,7 @@ PAPER = Preset(
 # Spec §5-6, CIFAR10-DVS: the same optimiser and schedule, frames = T from 2 to 10 (the paper's
 # DVS table), and the authors' DVS loss α of 0.001, which is also the first point where α is
 # searched (--loss-alpha LOW,HIGH). Frames are 48x48 with pad-4 crops, no flip. Their DVS script's
-# --online_update also adds the weight-change term (spec §2): weight_change, read in mode O only.
+# --online_update also adds the weight-change term (spec §2): weight_change, read in mode O at T > 1 only.
 PAPER_DVS = replace(PAPER, dataset="cifar10dvs", T=(2, 4, 6, 8, 10), loss_alpha=(0.001, 0.001),
                     first={**RECIPE, "loss_alpha": 0.001}, config={**PAPER.config, "weight_change": 0.025})
 
