@@ -616,7 +616,8 @@ def test_a_module_of_imports_that_registers_through_one_the_driver_imported_firs
     # imported after, was refused as registering nothing, though each trial's import of it registers the name.
     module, name = user_arch if what == "architecture" else user_data
     __import__(module)
-    (tmp_path / "user" / "lab_models.py").write_text(f"import {module}\n")
+    # Its own output, a line left open, before what the fresh process that checks it answers.
+    (tmp_path / "user" / "lab_models.py").write_text(f"import {module}\nprint('lab models:', end='')\n")
     monkeypatch.chdir(tmp_path)  # found on the driver's sys.path (a notebook's sys.path.append), not in its folder
     try:
         plan = cli.build_plan(ARCHITECTURES, cli.parser(ARCHITECTURES).parse_args(

@@ -228,11 +228,14 @@ def _check_trials_know(registered: Sequence[tuple[str, str, str, tuple[str, ...]
                              f"(--set imports={imports}): {fix} to imports")
 
 
-# A trial's view, printed as one line of JSON: what a process knows once it has imported the modules of imports (argv[1]).
+# A trial's view, printed as one line of JSON after the mark (argv[2]): what a process knows once it has imported the
+# modules of imports (argv[1]).
 _KNOWN_AFTER_IMPORTS = """import json, sys
 from ndot import config, data, models
 config._import_modules(sys.argv[1])
-print(json.dumps({"architecture": sorted(models.ARCHS), "dataset": sorted(data.DATASETS)}))"""
+print(sys.argv[2] + json.dumps({"architecture": sorted(models.ARCHS), "dataset": sorted(data.DATASETS)}))"""
+# What the answer follows: a module of imports may write to stdout too, a line without its end (a progress bar's).
+_KNOWN_MARK = "ndot-known:"
 
 
 def _known_after_importing(imports: str) -> dict[str, list[str]]:
@@ -240,9 +243,10 @@ def _known_after_importing(imports: str) -> dict[str, list[str]]:
     trial does; {} where that fails. REGISTERED_BY credits only the modules importing when the name was registered: a
     module of imports that imports the registering one, which this process had imported before, is not among them."""
     # This process's sys.path, on which its own check of the config found the modules.
-    done = subprocess.run([sys.executable, "-c", _KNOWN_AFTER_IMPORTS, imports], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    return json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {}
+    done = subprocess.run([sys.executable, "-c", _KNOWN_AFTER_IMPORTS, imports, _KNOWN_MARK], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    _, marked, known = done.stdout.rpartition(_KNOWN_MARK)
+    return json.loads(known.splitlines()[0]) if done.returncode == 0 and marked else {}
 
 
 def build_plan(sweep: Sweep, args: argparse.Namespace) -> Plan:
