@@ -127,8 +127,8 @@ class TensorBoardCallback(TBXLoggerCallback):
         for trial in list(self._trial_writer):
             self._trial_writer.pop(trial).close()
             self._trial_result.pop(trial, None)
-        # Tune calls this however the sweep ends, interrupted too: run from Python, the process's later
-        # tensorboardX writers say it again.
+        # Tune calls this as the sweep ends, at a first Ctrl-C too (not at a second, which leaves the filter on): run
+        # from Python, the process's later tensorboardX writers say it again.
         logging.getLogger(_NONFINITE_NOTICE_LOGGER).removeFilter(_without_the_nonfinite_notice)
 
 
