@@ -187,6 +187,15 @@ def whole(fs: pafs.FileSystem, trial_path: str) -> Iterator[tuple[str, list[dict
             yield path, history
 
 
+def drop_all_but(fs: pafs.FileSystem, trial_path: str, kept: str) -> None:
+    """Delete a sweep trial's checkpoint folders other than `kept` (a path on `fs`), to free what a
+    finished trial no longer needs: its last checkpoint holds its history and best weights."""
+    name = kept.rpartition("/")[2]
+    for i in fs.get_file_info(pafs.FileSelector(trial_path)):
+        if i.type == pafs.FileType.Directory and TRIAL_CHECKPOINT.fullmatch(i.base_name) and i.base_name != name:
+            fs.delete_dir(i.path)
+
+
 def newest(fs: pafs.FileSystem, trial_path: str) -> tuple[str | None, list[dict[str, Any]]]:
     """The newest readable checkpoint folder of a sweep trial and its history ((None, []) before the first epoch).
 

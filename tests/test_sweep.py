@@ -98,9 +98,11 @@ def _assert_epochs_complete(epochs: pd.DataFrame, trials: pd.DataFrame) -> None:
 
 
 def _assert_checkpoints_hold_best_weights(experiment: Path, trials: pd.DataFrame) -> None:
-    """Each trial's checkpoint is its last epoch's state, with the weights of its best epoch."""
+    """Each trial's checkpoint is its last epoch's state, with the weights of its best epoch, and, the trial
+    finished, its only one."""
     for _, trial in trials.iterrows():
         folder = experiment / trial["checkpoint"]
+        assert sorted(folder.parent.glob("checkpoint_*")) == [folder], trial["trial_id"]
         assert checkpoint.load(folder / checkpoint.TRIAL)["epoch"] == trial["epochs_run"], trial["trial_id"]
         assert checkpoint.load(evaluate.weights_file(folder))["epoch"] == trial["best_epoch"], trial["trial_id"]
 
@@ -168,17 +170,18 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
                                   trials.sort_values(by, ignore_index=True).drop(columns="num_failures"))
     printed = swept.out + captured.out + capsys.readouterr().out
     assert "best_test_acc" in printed and all(label in printed for label in expected), "no per-stratum summary"
-    # A damaged history (a hand edit, a disk error) is passed over like an upload cut short, with a word.
+    # A damaged history (a hand edit, a disk error) is passed over like an upload cut short, with a word: the
+    # trial, finished, kept its last checkpoint alone, so a rebuild has none of its epochs.
     damaged = tmp_path / "damaged"
     shutil.copytree(experiment, damaged)
     trial_id = trials["trial_id"].iloc[0]
-    *kept, last = sorted(damaged.glob(f"{trial_id}_*/checkpoint_*"))
+    [last] = damaged.glob(f"{trial_id}_*/checkpoint_*")
     (last / checkpoint.HISTORY).write_text("[]")
-    assert kept and results.main(["collect", str(damaged)]) == 0
+    assert results.main(["collect", str(damaged)]) == 0
     captured = capsys.readouterr()
-    assert f"warning: trial {trial_id}: " in captured.err and f"read from {kept[-1]} instead" in captured.err
+    assert f"warning: trial {trial_id}: " in captured.err and "read from no checkpoint instead" in captured.err
     rows = results.load(str(damaged))
-    assert (rows["trial_id"] == trial_id).sum() == SMOKE.epochs - 1
+    assert not (rows["trial_id"] == trial_id).any()
     printed += captured.out
     for figure in ("accuracy_vs_T", "cost_vs_T", "curves_vs_epoch"):
         assert (experiment / f"{figure}.png").stat().st_size > 0
@@ -296,6 +299,8 @@ def test_diverging_trial_ends_diverged_and_the_sweep_goes_on(cluster, tmp_path):
     assert list(epochs.loc[epochs["stratum"] == "lr=1e4", "status"]) == ["diverged"]
     assert trials.loc["lr=0.1", "status"] == results.COMPLETED
     assert trials.loc["lr=0.1", "epochs_run"] == 3
+    # Each finished, a trial keeps its last checkpoint alone.
+    assert sorted(p.name for p in Path(plan.experiment).glob("*/checkpoint_*")) == ["checkpoint_000000", "checkpoint_000002"]
 
 
 # Test accuracies of epochs 1-4, scripted (the test sets them): the best epoch's weights reach the last

@@ -20,7 +20,7 @@ from ndot import checkpoint, results
 from ndot.sweep import cli, runner
 from ndot.sweep.progress import Progress, status_line
 from ndot.sweep.definitions import ARCHITECTURES, TIMESTEPS
-from ndot.sweep.recorder import TablesCallback, TensorBoardCallback
+from ndot.sweep.recorder import CheckpointsCallback, TablesCallback, TensorBoardCallback
 from ndot.sweep.scheduler import continue_from_whole_checkpoint
 
 CONFIG = {"dataset": "digits", "arch": "small_cnn", "rule": "ndot", "mode": "A", "T": 2, "epochs": 3, "stratum": "T=2,ndot_A"}
@@ -269,6 +269,24 @@ def test_a_resume_past_checkpoints_retention_deleted_keeps_only_the_newest_ones(
     _register(trial, _checkpoint(trial, 7), 7)
     on_storage = sorted(p.name for p in Path(trial.storage.trial_fs_path).glob("checkpoint_*"))
     assert on_storage == ["checkpoint_000005", "checkpoint_000006"]
+
+
+def test_a_finished_trial_keeps_its_last_checkpoint_alone_and_an_errored_one_keeps_two_for_its_resume(tmp_path, caplog):
+    trials = {trial_id: _trial(tmp_path / "exp", trial_id, kept=2) for trial_id in ("done", "failed", "unbegun")}
+    for trial in (trials["done"], trials["failed"]):
+        for epoch in (2, 3):
+            _register(trial, _checkpoint(trial, epoch), epoch)
+    callback = CheckpointsCallback()
+    with caplog.at_level(logging.WARNING):
+        for trial_id, ended in (("done", callback.on_trial_complete), ("failed", callback.on_trial_error),
+                                ("unbegun", callback.on_trial_complete)):
+            ended(0, list(trials.values()), trials[trial_id])
+    assert not caplog.records
+    kept = {t.trial_id: sorted(p.name for p in Path(t.path).glob("checkpoint_*")) for t in trials.values()}
+    assert kept == {"done": ["checkpoint_000002"], "failed": ["checkpoint_000001", "checkpoint_000002"], "unbegun": []}
+    trials["done"].set_status(Trial.TERMINATED)
+    record = results.record(trials["done"])
+    assert len(record.history) == 3 and record.checkpoint == "done/checkpoint_000002"
 
 
 def test_a_trial_asha_stopped_is_stopped_early_in_its_run_and_after_a_resume(tmp_path):

@@ -110,6 +110,25 @@ class TablesCallback(tune.Callback):
         self._changed, self._trial_ended = bool(self._unread), False
 
 
+class CheckpointsCallback(tune.Callback):
+    """Deletes the checkpoints of a finished trial (completed, stopped early or diverged) but its last.
+
+    Tune keeps a trial's newest two whatever its state (ndot.sweep.runner.CHECKPOINTS_KEPT), the older one
+    for a restart or a reader where the newer's upload was cut short. A finished trial is never restarted,
+    and Tune completes it only once its last checkpoint is uploaded and registered; that one holds the whole
+    history and the best weights, which the tables name. An errored trial, which --resume runs again, is left
+    as it is, and so are the trials a Ctrl-C stops, which Tune ends without completing them.
+    """
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        if trial.checkpoint is None:  # ended before its first epoch
+            return
+        try:
+            checkpoint.drop_all_but(trial.storage.storage_filesystem, trial.path, trial.checkpoint.path)
+        except files.STORAGE_ERRORS as e:  # Tune does not catch a callback's error: it would end the sweep
+            log.warning("ndot: could not delete the older checkpoints of trial %s (%s)", trial.trial_id, e)
+
+
 class TensorBoardCallback(TBXLoggerCallback):
     """Tune's TensorBoard event files, a folder per trial, each closed when the sweep ends, finished or not.
 

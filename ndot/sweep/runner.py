@@ -31,7 +31,7 @@ from ray.tune.experiment import Trial
 from ndot import files, results
 from ndot.cli import logs_without
 from ndot.sweep import resources
-from ndot.sweep.recorder import TablesCallback, TensorBoardCallback
+from ndot.sweep.recorder import CheckpointsCallback, TablesCallback, TensorBoardCallback
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_trials
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
@@ -46,7 +46,8 @@ METRIC, MODE = "best_test_acc", "max"
 # Restarts of a trial from its checkpoint after its worker died (e.g. a spot node was reclaimed).
 MAX_FAILURES = 3
 # The newest checkpoint and the one before it: reading a trial's results falls back on that one
-# when the newest upload was cut short (ndot.checkpoint.newest).
+# when the newest upload was cut short (ndot.checkpoint.newest). A finished trial keeps its last
+# alone (ndot.sweep.recorder.CheckpointsCallback).
 CHECKPOINTS_KEPT = 2
 REDUCTION_FACTOR = 3
 
@@ -356,7 +357,7 @@ def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback], launcher: bool) -
             name=plan.name,
             storage_path=plan.storage,
             storage_filesystem=files.tune_filesystem(plan.storage),
-            callbacks=[TablesCallback(), TensorBoardCallback(), *callbacks],
+            callbacks=[TablesCallback(), TensorBoardCallback(), CheckpointsCallback(), *callbacks],
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             verbose=0,
