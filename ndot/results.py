@@ -414,10 +414,11 @@ class Tables:
         # in the experiment state that collect reads: in the order they began, both write the same tables, and
         # the summary picks the same one of two trials that tie.
         parts = [self._parts(r) for r in sorted(records, key=_began)]
-        # Whose rows they are, once several sweeps' tables are concatenated: the sweep's --name and script, as its
-        # plan records them, so a copy of the folder elsewhere still says ("" where the plan does not say).
+        # Whose rows they are, once several sweeps' tables are concatenated: the sweep's --name, script and --storage
+        # (two sweeps of one --name in two storages), as its plan records them, so a copy of the folder elsewhere still
+        # says ("" where the plan does not say).
         plan = _plan(self.experiment)
-        sweep = {"experiment": plan.get("name", ""), "sweep": plan.get("sweep", "")}
+        sweep = {"experiment": plan.get("name", ""), "sweep": plan.get("sweep", ""), "storage": plan.get("storage", "")}
         for table, frame in ((EPOCHS_TABLE, _epochs(e for e, _ in parts)), (TRIALS_TABLE, _trials(t for _, t in parts))):
             frame = pd.concat([pd.DataFrame(sweep, index=frame.index), frame], axis=1)
             write_bytes(table_uri(self.experiment, table), _parquet(frame))

@@ -125,9 +125,10 @@ def test_smoke_preset_end_to_end(cluster, tmp_path, capsys, monkeypatch):
     assert set(trials["stratum"]) == expected and len(trials) == len(expected) * SMOKE.trials
     assert set(epochs["stratum"]) == expected
     assert (trials["status"] == results.COMPLETED).all()
-    # Whose rows they are, in tables concatenated with other sweeps': its --name and its script.
+    # Whose rows they are, in tables concatenated with other sweeps': its --name, its script and its --storage.
     for table in (epochs, trials):
         assert (table["experiment"] == "smoke").all() and (table["sweep"] == TIMESTEPS.name).all()
+        assert (table["storage"] == str(tmp_path)).all()
     assert len(epochs) == len(trials) * SMOKE.epochs
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     _assert_epochs_complete(epochs, trials)

@@ -62,27 +62,33 @@ def test_tables_go_to_the_trials_experiment_folder(tmp_path):
     assert len(results.load(str(tmp_path / "sweeps" / "exp"))) == 2
 
 
-def test_two_sweeps_tables_concatenated_say_which_sweep_each_row_is_of_as_written_and_as_rebuilt(tmp_path, capsys):
-    # The live tables, and those rebuilt from the trials' folders (no experiment state), of two sweeps.
+def test_sweeps_tables_concatenated_say_which_sweep_each_row_is_of_as_written_and_as_rebuilt(tmp_path, capsys):
+    # The live tables, and those rebuilt from the trials' folders (no experiment state), of three sweeps, two of
+    # them of one --name in two storages.
     experiments = {}
-    for sweep, name in ((TIMESTEPS, "t-smoke"), (ARCHITECTURES, "a-smoke")):
-        plan = cli.build_plan(sweep, cli.parser(sweep).parse_args(["--storage", str(tmp_path), "--name", name]))
+    for sweep, storage, name in ((TIMESTEPS, "here", "t-smoke"), (ARCHITECTURES, "here", "a-smoke"), (TIMESTEPS, "there", "t-smoke")):
+        args = ["--storage", str(tmp_path / storage), "--name", name]
+        plan = cli.build_plan(sweep, cli.parser(sweep).parse_args(args))
         runner.save_plan(plan, new=True)
-        trials = [_trial(Path(plan.experiment), f"{name}-{i}") for i in range(2)]
+        trials = [_trial(Path(plan.experiment), f"{storage}-{name}-{i}") for i in range(2)]
         _step(TablesCallback(min_interval_s=0), trials, {t.trial_id: _checkpoint(t, 2) for t in trials})
         experiments[plan.experiment] = [results.load(plan.experiment, table) for table in (results.EPOCHS_TABLE, results.TRIALS_TABLE)]
         assert results.main(["collect", plan.experiment]) == 0
         assert "no readable experiment state" in capsys.readouterr().err
         for table, live in zip((results.EPOCHS_TABLE, results.TRIALS_TABLE), experiments[plan.experiment]):
             rebuilt = results.load(plan.experiment, table)
-            assert list(rebuilt.columns[:3]) == list(live.columns[:3]) == ["experiment", "sweep", "trial_id"]
-            assert rebuilt[["experiment", "sweep"]].equals(live[["experiment", "sweep"]])
+            assert list(rebuilt.columns[:4]) == list(live.columns[:4]) == ["experiment", "sweep", "storage", "trial_id"]
+            assert rebuilt[["experiment", "sweep", "storage"]].equals(live[["experiment", "sweep", "storage"]])
     for table in (results.EPOCHS_TABLE, results.TRIALS_TABLE):
-        both = pd.concat([pd.read_parquet(results.table_uri(e, table)) for e in experiments])
-        assert pd.api.types.is_string_dtype(both["experiment"]) and pd.api.types.is_string_dtype(both["sweep"])
-        ids = both.groupby("experiment")["trial_id"].unique().map(sorted).to_dict()
-        assert ids == {name: [f"{name}-0", f"{name}-1"] for name in ("t-smoke", "a-smoke")}, table
-        assert both.groupby("experiment")["sweep"].unique().map(list).to_dict() == {"t-smoke": ["timesteps"], "a-smoke": ["architectures"]}
+        all_three = pd.concat([pd.read_parquet(results.table_uri(e, table)) for e in experiments])
+        assert all(pd.api.types.is_string_dtype(all_three[col]) for col in ("experiment", "sweep", "storage"))
+        by_sweep = all_three.groupby(["storage", "experiment"])
+        ids = by_sweep["trial_id"].unique().map(sorted).to_dict()
+        assert ids == {(str(tmp_path / storage), name): [f"{storage}-{name}-{i}" for i in range(2)]
+                       for storage, name in (("here", "t-smoke"), ("here", "a-smoke"), ("there", "t-smoke"))}, table
+        assert by_sweep["sweep"].unique().map(list).to_dict() == {
+            (str(tmp_path / "here"), "t-smoke"): ["timesteps"], (str(tmp_path / "here"), "a-smoke"): ["architectures"],
+            (str(tmp_path / "there"), "t-smoke"): ["timesteps"]}
     # The summary and figures read tables with the columns as they read those written before them.
     experiment = next(iter(experiments))
     assert results.main(["summary", experiment]) == 0 and results.main(["plot", experiment]) == 0
