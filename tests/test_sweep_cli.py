@@ -36,7 +36,7 @@ from ndot.cli import show_progress
 from ndot.config import ConfigError, TrainConfig
 from ndot.models import ARCHS, register
 from ndot.sweep import cli, reach, resources, runner, trainable
-from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, TIMESTEPS
+from ndot.sweep.definitions import ARCHITECTURES, LEARNING_RATES, PAPER_DVS, TIMESTEPS
 from ndot.sweep.space import STRATUM_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,15 @@ def test_weight_change_over_several_T_is_taken_where_one_of_them_reads_it():
     plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(
         ["--rules", "ndot_O", "--T", "1,2", "--set", "weight_change=0.025"]))
     assert plan.base["weight_change"] == 0.025  # the searcher turns it off at T = 1 (tests/test_sweep_search.py)
+
+
+def test_a_sweeps_searcher_turns_settings_off_by_the_t_its_strata_leave_out(tmp_path):
+    # A sweep of the user's over rules alone, with paper_dvs's weight_change and T = 1: its trials run it off
+    # (trainable.run_trial) and record it so (tests/test_sweep_search.py has the searcher's side).
+    sweep = dataclasses.replace(LEARNING_RATES, presets={"dvs": dataclasses.replace(PAPER_DVS, T=(1,), method=("ndot_O",))})
+    plan = cli.build_plan(sweep, cli.parser(sweep).parse_args(["--preset", "dvs", "--storage", str(tmp_path), "--max-concurrent", "1"]))
+    search = runner._new_tuner(plan, [], launcher=False)._local_tuner._tune_config.search_alg.searcher.searcher
+    assert plan.base["weight_change"] == 0.025 and {**plan.base, **search.suggest("t0")}["weight_change"] == 0.0
 
 
 def test_a_name_of_255_bytes_is_a_folder_name_and_names_the_experiment(tmp_path):

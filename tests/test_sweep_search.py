@@ -67,6 +67,15 @@ def test_weight_change_is_off_in_the_trials_at_one_time_step():
     assert {c["T"]: c["weight_change"] for c in configs} == {1: 0.0, 2: 0.025}
 
 
+def test_a_setting_is_off_in_the_trials_where_the_sweeps_shared_t_or_rule_leaves_it_unread():
+    # A sweep of its own whose strata leave T (or the method) out, with paper_dvs's weight_change: the trials
+    # run it off (ndot.sweep.trainable.run_trial) and record what they run.
+    for base, axes in (({"weight_change": 0.025, "T": 1}, {"method": ("ndot_O",)}),
+                       ({"weight_change": 0.025, "rule": "ndot", "mode": "A"}, {"T": (2,)})):
+        search = StratifiedSearch(strata(axes), SearchSpace(), 1, METRIC, "max", "unused", seed=0, base=base)
+        assert {**base, **search.suggest("t0")}["weight_change"] == 0.0
+
+
 def test_every_stratum_gets_the_same_budget_whatever_the_results():
     search = _search()
     issued = []

@@ -331,7 +331,7 @@ def _restored_tuner(plan: Plan, launcher: bool) -> tune.Tuner:
 
 def _new_tuner(plan: Plan, callbacks: Sequence[tune.Callback], launcher: bool) -> tune.Tuner:
     search = StratifiedSearch(plan.strata, plan.space, plan.trials_per_stratum, METRIC, MODE, plan.experiment, plan.seed,
-                              plan.space.first_point())
+                              plan.space.first_point(), plan.base)
     search_alg = StratifiedGenerator(search, _trials_at_once(plan, launcher))
     asha = StratifiedASHA(
         METRIC, MODE, time_attr="epoch", max_t=plan.base["epochs"],

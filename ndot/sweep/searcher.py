@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -53,6 +54,7 @@ class StratifiedSearch(Searcher):
         experiment: str,
         seed: int = 0,
         first: dict[str, Any] | None = None,
+        base: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         # One "study created" line per stratum is noise in a sweep's log.
@@ -62,6 +64,8 @@ class StratifiedSearch(Searcher):
         self._budget = trials_per_stratum
         self._experiment = experiment
         self._first = first or None
+        # The settings every trial shares (Tune lays each suggestion over them): a T, rule or mode that is no stratum's.
+        self._base = dict(base or {})
         # One seed for all: the strata draw the same random start-up points, so
         # their results compare like for like until TPE's own choices begin.
         self._seed = seed
@@ -81,6 +85,8 @@ class StratifiedSearch(Searcher):
     # A class attribute: a searcher that Tune unpickles from a sweep started before it was kept has it too,
     # and its studies go on drawing from their own samplers in turn, as they did.
     _seed: int | None = None
+    # Likewise: a searcher saved before it was kept turns settings off from the strata's values alone, as it did.
+    _base: Mapping[str, Any] = MappingProxyType({})
 
     @property
     def trial_ids(self) -> list[str]:
@@ -119,8 +125,9 @@ class StratifiedSearch(Searcher):
         self._live.add(trial_id)
         stratum = self._strata[i]
         # A setting for some of the sweep's rules (--set detach_reset=true with bptt among them), or of its T, is
-        # recorded off in the trials of the others, as it runs there.
-        return {**trial.params, **fixed, **stratum.values, **rule_flags_off(stratum.values), STRATUM_KEY: stratum.label}
+        # recorded off in the trials of the others, as it runs there (ndot.sweep.trainable.run_trial).
+        off = rule_flags_off({**self._base, **stratum.values})
+        return {**trial.params, **fixed, **stratum.values, **off, STRATUM_KEY: stratum.label}
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         self._check_restored()
