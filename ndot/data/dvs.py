@@ -1,9 +1,10 @@
 """CIFAR10-DVS (Li et al., 2017) through tonic, as T event frames per recording (spec §5).
 
 Files: `<data root>/CIFAR10DVS/<class>/*.aedat4`, 1000 recordings per class, as
-tonic unpacks them, and tonic's `CIFAR10DVS.zip` beside them: tonic downloads
-the whole dataset again when that file is absent, so it must stay (it may be
-emptied once the recordings are unpacked).
+tonic unpacks them. tonic's CIFAR10DVS downloads the whole dataset again when
+created where its `CIFAR10DVS.zip` is absent: ndot creates one only to download
+missing recordings (`_checked`), and reads through `_Listed`, which downloads
+nothing, so the unpacked recordings serve without the zip.
 
 Frames: a recording's events, in time order, are cut into T bins of equal event
 count (event i of n goes to bin floor(i*T/n): sizes differ by at most one and no
@@ -106,10 +107,9 @@ def _listing(folder: Path) -> list[Path]:
 def _problem(folder: Path, recordings: list[Path]) -> str | None:
     """What is wrong with the files on disk, `recordings` the listing of `folder`, in words, or None."""
     have = Counter(p.parent.name for p in recordings)
-    marker = folder / CIFAR10DVS.filename
     if not have:
         return (f"cifar10dvs is not in {folder}: expected folders {', '.join(CLASSES)} with "
-                f"{RECORDINGS_PER_CLASS} .aedat4 recordings each and tonic's {CIFAR10DVS.filename}; pass "
+                f"{RECORDINGS_PER_CLASS} .aedat4 recordings each; pass "
                 f"--download (download=True) to fetch {CIFAR10DVS.url}, or point the data root at a folder holding CIFAR10DVS/")
     wrong = [f"{c} has {have[c]} of {RECORDINGS_PER_CLASS} recordings" for c in CLASSES if have[c] != RECORDINGS_PER_CLASS]
     # Empty files, what an unpacking that never began writing leaves; those cut short later are found reading them.
@@ -124,9 +124,6 @@ def _problem(folder: Path, recordings: list[Path]) -> str | None:
     if strays:
         return (f"cifar10dvs in {folder} holds {len(strays)} recordings outside its class folders, which tonic labels "
                 f"by their folder's name ({_listed(strays, ', ')}); move them out of {folder}")
-    if not marker.is_file():
-        return (f"{marker} is missing and tonic would download the whole dataset again without it; "
-                f"the recordings are all there, so create it empty: touch {marker}")
     return None
 
 
