@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import ray
+from ray import tune
 from ray.cluster_utils import Cluster
 from ray.train._internal.storage import StorageContext
 from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
@@ -224,6 +225,28 @@ def test_a_sweep_run_from_python_leaves_the_process_its_signal_handlers_environm
     filters = [("ray.tune.tune", cli._without_tunes_resume_hint), (results._ANALYSIS_LOGGER, results._without_the_metrics_notice),
                (recorder._NONFINITE_NOTICE_LOGGER, recorder._without_the_nonfinite_notice)]
     assert [name for name, keep in filters if keep in logging.getLogger(name).filters] == []
+
+
+class _CtrlCTwice(tune.Callback):
+    """Presses Ctrl-C twice at the sweep's first step: the first stops Tune, the second ends it on the spot,
+    without the callbacks' on_experiment_end."""
+
+    def on_step_begin(self, iteration, trials, **info):
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_sweep_ended_by_a_second_ctrl_c_leaves_the_process_its_logs(cluster, tmp_path):
+    handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGUSR1)}  # Tune's fit sets them
+    runner.connect(cluster.address)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(_plan(tmp_path, "ctrl-c", 1), callbacks=[_CtrlCTwice()])
+    finally:
+        ray.shutdown()
+        for n, handler in handlers.items():
+            signal.signal(n, handler)
+    assert recorder._without_the_nonfinite_notice not in logging.getLogger(recorder._NONFINITE_NOTICE_LOGGER).filters
 
 
 def test_an_architecture_and_a_dataset_of_the_users_own_modules_are_swept_by_trials_that_import_them(

@@ -1,6 +1,7 @@
 """Tune callbacks that record a sweep while it runs: its Parquet tables, kept current, and TensorBoard's files."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 
 from ndot import checkpoint, files, results
+from ndot.cli import logs_without
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +148,8 @@ class TensorBoardCallback(TBXLoggerCallback):
         for trial in list(self._trial_writer):
             self._trial_writer.pop(trial).close()
             self._trial_result.pop(trial, None)
-        # Tune calls this as the sweep ends, at a first Ctrl-C too (not at a second, which leaves the filter on): run
-        # from Python, the process's later tensorboardX writers say it again.
+        # Tune calls this as the sweep ends, at a first Ctrl-C too, not at a second: in the driver's process
+        # runner.run takes the filter away whichever way the sweep ended (without_the_nonfinite_notice).
         logging.getLogger(_NONFINITE_NOTICE_LOGGER).removeFilter(_without_the_nonfinite_notice)
 
 
@@ -158,3 +160,9 @@ _NONFINITE_NOTICE_LOGGER = "tensorboardX.x2num"
 
 def _without_the_nonfinite_notice(record: logging.LogRecord) -> bool:
     return record.getMessage() != "NaN or Inf found in input tensor."
+
+
+def without_the_nonfinite_notice() -> contextlib.AbstractContextManager[None]:
+    """tensorboardX's notice of each scalar that is not finite, left out until the block ends: run from Python,
+    the process's later tensorboardX writers say it again."""
+    return logs_without(_NONFINITE_NOTICE_LOGGER, _without_the_nonfinite_notice)

@@ -31,7 +31,7 @@ from ray.tune.experiment import Trial
 from ndot import files, results
 from ndot.cli import logs_without
 from ndot.sweep import resources
-from ndot.sweep.recorder import CheckpointsCallback, TablesCallback, TensorBoardCallback
+from ndot.sweep.recorder import CheckpointsCallback, TablesCallback, TensorBoardCallback, without_the_nonfinite_notice
 from ndot.sweep.scheduler import StratifiedASHA
 from ndot.sweep.searcher import StratifiedGenerator, StratifiedSearch, listed_trials
 from ndot.sweep.space import STRATUM_KEY, SearchSpace, Stratum
@@ -402,7 +402,9 @@ def run(plan: Plan, resume: bool = False, callbacks: Sequence[tune.Callback] = (
     checkpoints (ndot.sweep.scheduler); only the resources per trial and the
     trials at once come from `plan` (see `load_plan`), and `callbacks` are not used.
     """
-    with results.without_tunes_metrics_notice(), _tune_settings():
+    # The recorder's TensorBoardCallback sets the filter of tensorboardX's notice in the process that runs Tune, and
+    # a second Ctrl-C ends fit without its on_experiment_end: where that is this process, this block takes it away.
+    with results.without_tunes_metrics_notice(), without_the_nonfinite_notice(), _tune_settings():
         if resume:
             tuner = _restored_tuner(plan, launcher)
         else:
