@@ -267,6 +267,20 @@ def test_an_architecture_and_a_dataset_of_the_users_own_modules_are_swept_by_tri
     assert state["model"]["readout.weight"].shape[0] == 4
 
 
+def test_a_module_of_imports_that_the_clusters_processes_cannot_import_is_refused_before_any_trial(
+        cluster, tmp_path, user_arch, monkeypatch, capsys):
+    # On the driver's sys.path (as its PYTHONPATH, or a folder its script adds, puts it) but outside its current
+    # folder, which Ray puts on its workers' path: every trial errored at its import, on each restart too.
+    module, arch = user_arch
+    monkeypatch.chdir(tmp_path)
+    argv = ["--archs", arch, "--set", f"imports={module}", "--T", "1", "--rules", "ndot_A", "--epochs", "1",
+            "--storage", str(tmp_path / "runs"), "--name", "far", "--address", cluster.address]
+    assert cli.main(ARCHITECTURES, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot import {module!r} (No module named {module!r})" in err, err
+    assert not (tmp_path / "runs" / "far").exists()
+
+
 def test_a_sweep_run_where_ray_is_initialised_already_is_refused_in_one_line_and_leaves_it(cluster, tmp_path, capsys):
     ray.init(address=cluster.address, logging_level="WARNING")  # a notebook's own connection
     try:

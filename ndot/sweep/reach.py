@@ -1,4 +1,4 @@
-"""Whether every node of the cluster reaches a sweep's local --storage.
+"""Whether every node of the cluster reaches a sweep's local --storage, and the modules its trials import.
 
 Ray Tune writes a trial's checkpoints from the node that runs it into the storage the driver names.
 A folder on the driver's own disk is out of reach of a node on another machine: Ray Tune 2.60 fails
@@ -12,6 +12,7 @@ mounted alike on every node; nodes on this machine (a test cluster) share its di
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import ray
@@ -59,3 +60,31 @@ def unreachable(storage: str, launcher: bool) -> str | None:
     return (f"--storage {storage} is on this machine's own disk ({fstype or 'unknown filesystem'}), which the "
             "cluster's nodes on other machines cannot reach: Ray Tune would fail every trial at its first "
             "checkpoint; give s3://BUCKET/PREFIX, or a folder of a filesystem every node mounts (NFS)")
+
+
+@ray.remote(num_cpus=0)
+def _not_importable(names: list[str]) -> str | None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            return f"{name!r} ({e})"
+    return None
+
+
+def unimportable(imports: str) -> str | None:
+    """Why the connected cluster's processes, which run the trials, cannot import the modules of `imports`
+    (TrainConfig.imports), in one line; None where they can, or where there are none.
+
+    The driver found them on its own sys.path, which no trial shares: a Ray worker's holds the driver's current
+    folder and its script's (as paths on the worker's node), a `ray job submit`'s working_dir, and its node's
+    PYTHONPATH, the driver's only on a Ray the sweep started itself. Every trial would error at its start, on each
+    of its restarts too. Tried in one process, on a node Ray picks: a folder on that node alone passes.
+    """
+    names = [n.strip() for n in imports.split(",") if n.strip()]
+    missing = ray.get(_not_importable.remote(names)) if names else None
+    if missing is None:
+        return None
+    return (f"--set imports={imports}: Ray's worker processes, which run the trials, cannot import {missing}, which "
+            "this driver finds on a path of its own: run the sweep from the module's folder, which Ray puts on their "
+            "path, or ship that folder with `ray job submit --working-dir`")
