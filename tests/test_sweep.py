@@ -559,7 +559,7 @@ def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epo
             logging.getLogger("ndot.data.digits").info("digits: 5/10 recordings converted")
         assert shown(first, second) == ["  s lr=0.2: digits: 5/10 recordings converted"]
         # The actor gone (its node with it): the status line goes on without the trials' lines, the trials without it.
-        board = ray.get_actor(activity.ACTOR)
+        board = ray.get_actor(activity.name())
         ray.kill(board)
         # ray.kill returns before the actor ends, which may yet take the line below: once it answers no more.
         with pytest.raises(ray.exceptions.RayActorError):
@@ -569,6 +569,48 @@ def test_a_trials_line_follows_its_batches_at_a_pace_and_ends_with_its_first_epo
         assert shown(first, second) == []
     finally:
         ray.shutdown()
+
+
+# Another sweep's driver: it makes its trials' actor, then says what that holds once told to, and ends.
+_OTHER_DRIVER = """
+import sys, ray
+from ndot.sweep import activity
+ray.init(address=sys.argv[1], namespace="shared")
+board = activity.board()
+print("ready", flush=True)
+sys.stdin.readline()
+print(activity.read(board), flush=True)
+"""
+
+
+def test_sweeps_whose_drivers_share_a_namespace_keep_their_trials_lines_apart(cluster, capsys):
+    # Through ray:// with RAY_NAMESPACE set, drivers share their named actors: the second sweep's trials sent their
+    # lines to the first's actor, which ended with the first driver, and the lines with it.
+    trial = Trial("run_trial", config={STRATUM_KEY: "s", "lr": 0.1, "epochs": 2}, trial_id="t", stub=True)
+    trial.set_status(Trial.RUNNING)
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_DRIVER, cluster.address], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert other.stdout.readline() == "ready\n"
+        ray.init(address=cluster.address, namespace="shared")
+        try:
+            progress = Progress(1, every_s=0.0)
+            progress.setup()
+            trainable.Reporter("t")
+            progress.on_step_end(0, [trial])
+            assert capsys.readouterr().out.splitlines()[1:] == ["  s lr=0.1: starting"]
+            other.stdin.write("\n")
+            other.stdin.flush()
+            assert other.stdout.readline() == "{}\n"
+            other.stdin.close()
+            assert other.wait(timeout=HANG_S) == 0
+            progress.on_step_end(0, [trial])
+            assert capsys.readouterr().out.splitlines()[1:] == ["  s lr=0.1: starting"]
+        finally:
+            ray.shutdown()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_resumed_sweeps_status_lines_count_from_its_resume_on_this_machines_clock(cluster, capsys):

@@ -14,8 +14,6 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-# Named in the namespace of the driver's job, which its trials share: another sweep's driver has its own.
-ACTOR = "ndot_trial_status"
 # The longest a status line waits on the actor: a line without the trials' words beats a stalled sweep.
 READ_S = 2.0
 
@@ -35,12 +33,20 @@ class _Board:
         return self._lines
 
 
+def name() -> str:
+    """The actor's name, in the driver's process and its trials' alike: they are one Ray job."""
+    # The job's, not one for all sweeps: drivers given one namespace (RAY_NAMESPACE through ray://, both given
+    # ray.init(namespace=...)) share their named actors, and an actor ends with the driver that made it. A second
+    # sweep's trials sent their lines to the first's actor, and the driver read none once the first sweep ended.
+    return f"ndot_trial_status_{ray.get_runtime_context().get_job_id()}"
+
+
 def board() -> ActorHandle:
     """The driver's: the actor its trials send their lines to. It lives as long as a handle to it does."""
     # On the driver's node, which outlives the sweep: elsewhere it could go with a node that the autoscaler
     # or a spot market takes, and the lines with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return _Board.options(name=ACTOR, get_if_exists=True, scheduling_strategy=here).remote()
+    return _Board.options(name=name(), get_if_exists=True, scheduling_strategy=here).remote()
 
 
 def read(handle: ActorHandle) -> dict[str, str]:

@@ -66,7 +66,7 @@ class Reporter:
         self._pace = Pace()
         self._at: tuple[int, str] | None = None
         try:
-            self._board: ActorHandle | None = ray.get_actor(activity.ACTOR)
+            self._board: ActorHandle | None = ray.get_actor(activity.name())
         except Exception:  # ValueError where the driver made none (a sweep run without ndot.sweep.progress.Progress)
             self._board = None
         self.say("starting")
