@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import logging
 import math
 import os
 import re
@@ -402,6 +403,16 @@ def test_a_download_whose_stderr_is_a_terminal_draws_its_bar_there(tmp_path, mon
         seen = []
         storage.download(lambda: seen.append(sys.stderr), what="x", folder=tmp_path, manual="", present=lambda: False)
     assert seen == [tty]
+
+
+def test_a_download_says_so_on_the_library_logger_and_data_present_says_nothing(tmp_path, caplog):
+    # A sweep's trial shows the logger's lines on the driver's status line (ndot.sweep.trainable.Reporter); the
+    # download's bar it does not.
+    caplog.set_level(logging.INFO, logger="ndot")
+    said = []
+    storage.download(lambda: said.extend(caplog.messages), what="x", folder=tmp_path, manual="", present=lambda: False)
+    storage.download(lambda: None, what="x", folder=tmp_path, manual="", present=lambda: True)
+    assert said == caplog.messages == [f"downloading x into {tmp_path}"]
 
 
 def test_stalled_download_times_out(tmp_path, monkeypatch):

@@ -114,6 +114,9 @@ def download(fetch: Callable[[], object], *, what: str, folder: Path, manual: st
         with file_lock(folder / f".{what}-download.lock", waiting=f"waiting for another process downloading {what} into {folder}"):
             if present():
                 return
+            # The library's bar stays in this process's log; a sweep's driver shows its trials' "ndot" lines
+            # (ndot.sweep.trainable.Reporter), and said "starting" all through a download without this one.
+            log.info(f"downloading {what} into {folder}")
             with _socket_timeout(DOWNLOAD_TIMEOUT_S), \
                     contextlib.redirect_stderr(sys.stderr if sys.stderr.isatty() else _PacedBars(sys.stderr)):
                 fetch()
