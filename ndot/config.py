@@ -209,7 +209,8 @@ class TrainConfig:
 
 def _import_modules(names: str) -> None:
     """Import each of the comma-separated module names (TrainConfig.imports); ConfigError for one that cannot be
-    imported, itself or a module it imports (named in the line).
+    imported, itself or a module it imports (named in the line), or that raises ConfigError (registers a name
+    already taken).
 
     Any other error raised inside a module is its author's to read, and keeps its traceback.
     """
@@ -219,6 +220,8 @@ def _import_modules(names: str) -> None:
         except ImportError as e:
             raise ConfigError(f"imports: cannot import {name!r} ({e}); every process that runs the config imports it: "
                               "install it, or put its folder on PYTHONPATH") from None
+        except ConfigError as e:  # e.g. a name it registers is taken: which module of imports tried, in one line
+            raise ConfigError(f"imports: {name!r}: {e}") from None
 
 
 def importing() -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ndot.config import importing
+from ndot.config import ConfigError, importing
 from ndot.layers import LIF, Seq, WSConv2d, avg_pool, configure, neurons
 from ndot.ops import traced_conv2d
 
@@ -152,12 +152,13 @@ def register(name: str, build: Callable[[int, int, NeuronArgs], SpikingNet], inp
     `input_size` x `input_size` input (a dataset without a native size, digits, is resized to it).
 
     Registered from a module of its own, named in TrainConfig.imports (--imports, --set imports=...), it is
-    known in every process that runs the config, a sweep's trials too. ValueError where `name` is taken by
-    another architecture: the name is what tables, checkpoints and the benchmark's cached FLOP counts go by.
+    known in every process that runs the config, a sweep's trials too. ConfigError (a ValueError, one line on the
+    command line) where `name` is taken by another architecture: the name is what tables, checkpoints and the
+    benchmark's cached FLOP counts go by.
     """
     arch = Arch(build, input_size)
     if ARCHS.get(name, arch) != arch:
-        raise ValueError(f"architecture {name!r} is registered already, by {ARCHS[name].build.__module__}")
+        raise ConfigError(f"architecture {name!r} is registered already, by {ARCHS[name].build.__module__}")
     ARCHS[name] = arch
     REGISTERED_BY[name] = importing()
 

@@ -213,6 +213,20 @@ def test_an_architecture_and_a_dataset_of_modules_named_in_imports_train_and_eva
     assert result["test_acc"] == json.loads((out / "metrics.jsonl").read_text())["test_acc"]
 
 
+@pytest.mark.parametrize("text, words", [
+    ("from ndot.models import register\nregister('small_cnn', lambda c, k, n: None, 16)\n",
+     "imports: 'taken': architecture 'small_cnn' is registered already, by ndot.models"),
+    ("from ndot.data import register\nfrom ndot.data.digits import INFO\nregister('digits', None, INFO)\n",
+     "imports: 'taken': dataset 'digits' is registered already, by ndot.data.digits"),
+], ids=["arch", "dataset"])
+def test_a_module_of_imports_that_registers_a_name_already_taken_is_refused_in_one_line(
+        tmp_path, monkeypatch, capsys, text, words):
+    (tmp_path / "taken.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    refused(capsys, [*RUN, "--imports", "taken", "--out", str(tmp_path / "run")], words)
+    assert not (tmp_path / "run").exists() and "taken" not in sys.modules
+
+
 def test_a_run_whose_architectures_module_moved_resumes_with_imports_naming_it_anew(tmp_path, capsys, user_arch):
     # The module renamed (into a package of the user's, say): the weights are checked against the network it builds.
     module, arch = user_arch

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ndot.config import importing
+from ndot.config import ConfigError, importing
 
 if TYPE_CHECKING:
     from ndot.config import TrainConfig
@@ -74,12 +74,12 @@ def register(name: str, loaders: Callable[["TrainConfig", torch.device, int], tu
     Files are read under ndot.data.storage.data_root(cfg), with info.in_data_root.
 
     Registered from a module of its own, named in TrainConfig.imports (--imports, --set imports=...), it is
-    known in every process that runs the config, a sweep's trials too. ValueError where `name` is taken by
-    another dataset: the name is what tables and checkpoints go by.
+    known in every process that runs the config, a sweep's trials too. ConfigError (a ValueError, one line on the
+    command line) where `name` is taken by another dataset: the name is what tables and checkpoints go by.
     """
     entry = SimpleNamespace(INFO=info, loaders=loaders, check=check or _nothing_to_check, prepare=prepare)
     if DATASETS.get(name, entry) != entry:
-        raise ValueError(f"dataset {name!r} is registered already, by {origin(name)}")
+        raise ConfigError(f"dataset {name!r} is registered already, by {origin(name)}")
     DATASETS[name] = entry
     REGISTERED_BY[name] = importing()
 
