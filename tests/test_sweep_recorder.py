@@ -282,6 +282,8 @@ def test_a_finished_trial_keeps_its_last_checkpoint_alone_and_an_errored_one_kee
     for trial in (trials["done"], trials["failed"]):
         for epoch in (2, 3):
             _register(trial, _checkpoint(trial, epoch), epoch)
+    # Newer than the one Tune recorded last, which the tables name: left from before a resume that ended it sooner.
+    _checkpoint(trials["done"], 4)
     callback = CheckpointsCallback()
     with caplog.at_level(logging.WARNING):
         for trial_id, ended in (("done", callback.on_trial_complete), ("failed", callback.on_trial_error),
@@ -293,6 +295,18 @@ def test_a_finished_trial_keeps_its_last_checkpoint_alone_and_an_errored_one_kee
     trials["done"].set_status(Trial.TERMINATED)
     record = results.record(trials["done"])
     assert len(record.history) == 3 and record.checkpoint == "done/checkpoint_000002"
+
+
+def test_checkpoints_that_cannot_be_deleted_cost_a_warning_not_the_sweep(tmp_path, caplog):
+    # Storage that fails as a finished trial's older checkpoints are deleted (here its folder is gone, as from a
+    # mount lost): Tune does not catch a callback's error, and the sweep would end with it.
+    trial = _trial(tmp_path / "exp", kept=2)
+    for epoch in (2, 3):
+        _register(trial, _checkpoint(trial, epoch), epoch)
+    shutil.rmtree(trial.path)
+    with caplog.at_level(logging.WARNING):
+        CheckpointsCallback().on_trial_complete(0, [trial], trial)
+    assert "could not delete the older checkpoints of trial t0" in caplog.text
 
 
 def test_a_trial_asha_stopped_is_stopped_early_in_its_run_and_after_a_resume(tmp_path):
