@@ -256,11 +256,13 @@ def test_a_resumed_stratum_draws_the_lrs_of_the_sweep_uninterrupted_each_once(tm
     assert lrs == uninterrupted, "a stratum's budget spent on one lr twice, or on others than the seed's"
 
 
-def test_a_searcher_pickled_before_its_seed_was_kept_goes_on_suggesting():
-    # Tune unpickles the searcher a sweep was started with: one started before has no _seed of its own.
+@pytest.mark.parametrize("kept_since", [("_base",), ("_seed", "_base")])
+def test_a_searcher_pickled_before_its_seed_or_base_was_kept_goes_on_suggesting(kept_since):
+    # Tune unpickles the searcher a sweep was started with: one started before has no _seed or _base of its own.
     old = _search(n_strata=1, budget=3)
     old.suggest("a")
-    del old.__dict__["_seed"]
+    for name in kept_since:
+        del old.__dict__[name]
     old = pickle.loads(pickle.dumps(old))
     assert len({old.suggest(i)["lr"] for i in "bc"}) == 2 and old.suggest("d") == Searcher.FINISHED
 
