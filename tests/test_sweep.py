@@ -270,10 +270,11 @@ def test_an_architecture_and_a_dataset_of_the_users_own_modules_are_swept_by_tri
 def test_a_module_of_imports_that_the_clusters_processes_cannot_import_is_refused_before_any_trial(
         cluster, tmp_path, user_arch, monkeypatch, capsys):
     # On the driver's sys.path (as its PYTHONPATH, or a folder its script adds, puts it) but outside its current
-    # folder, which Ray puts on its workers' path: every trial errored at its import, on each restart too.
+    # folder, which Ray puts on its workers' path: every trial errored at its import, on each restart too. Named
+    # after a module they import, past a space, as TrainConfig reads the list.
     module, arch = user_arch
     monkeypatch.chdir(tmp_path)
-    argv = ["--archs", arch, "--set", f"imports={module}", "--T", "1", "--rules", "ndot_A", "--epochs", "1",
+    argv = ["--archs", arch, "--set", f"imports=json, {module}", "--T", "1", "--rules", "ndot_A", "--epochs", "1",
             "--storage", str(tmp_path / "runs"), "--name", "far", "--address", cluster.address]
     assert cli.main(ARCHITECTURES, argv) == 2
     err = capsys.readouterr().err
