@@ -207,6 +207,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in record.items() if k in names})
 
 
+def import_names(imports: str) -> list[str]:
+    """The module names of TrainConfig.imports, comma-separated, each as written past its spaces."""
+    return [n.strip() for n in imports.split(",") if n.strip()]
+
+
 def _import_modules(names: str) -> None:
     """Import each of the comma-separated module names (TrainConfig.imports); ConfigError for one that cannot be
     imported, itself or a module it imports (named in the line), or that raises ConfigError (registers a name
@@ -214,7 +219,7 @@ def _import_modules(names: str) -> None:
 
     Any other error raised inside a module is its author's to read, and keeps its traceback.
     """
-    for name in filter(None, (n.strip() for n in names.split(","))):
+    for name in import_names(names):
         try:
             importlib.import_module(name)
         except ImportError as e:

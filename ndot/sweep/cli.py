@@ -26,8 +26,8 @@ from ray import tune
 
 from ndot import data, files, results
 from ndot.cli import Parser, handle, listed, logs_without, refuse, show_progress, signal_handlers_kept
-from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags, method,
-                         parse_field, parse_method)
+from ndot.config import (MODES, RULES, ConfigError, TrainConfig, check_data_flags, check_rule_flags,
+                         import_names, method, parse_field, parse_method)
 from ndot.data import storage
 from ndot.models import ARCHS, BUILT_IN_ARCHS, REGISTERED_BY
 from ndot.sweep import reach, resources, runner
@@ -204,7 +204,7 @@ def _check_trials_know(registered: Sequence[tuple[str, str, str, tuple[str, ...]
     of their own, which know only ndot's and those the modules of `imports` register. `registered`: (what, name, the
     module that defines its function, the modules whose import registered it) of each the trials use that is not
     ndot's own."""
-    named = [m.strip() for m in imports.split(",") if m.strip()]
+    named = import_names(imports)
     known: dict[str, list[str]] | None = None
     for what, name, where, registered_by in registered:
         if where == "__main__":

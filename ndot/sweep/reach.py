@@ -18,6 +18,7 @@ import os
 import ray
 import psutil  # after ray, as Ray's own modules import it: Ray ships its copy and puts it on the path
 
+from ndot.config import import_names
 from ndot.sweep import resources
 
 # Filesystems that several machines mount (/proc/mounts' names), besides any FUSE one ("fuse.s3fs",
@@ -81,7 +82,7 @@ def unimportable(imports: str) -> str | None:
     PYTHONPATH, the driver's only on a Ray the sweep started itself. Every trial would error at its start, on each
     of its restarts too. Tried in one process, on a node Ray picks: a folder on that node alone passes.
     """
-    names = [n.strip() for n in imports.split(",") if n.strip()]
+    names = import_names(imports)
     missing = ray.get(_not_importable.remote(names)) if names else None
     if missing is None:
         return None
