@@ -3,7 +3,8 @@
 CIFAR: torchvision's pickles and folder layout; torchvision checks every file's
 md5, so `write_cifar` returns the lists to register in place of the real ones.
 CIFAR10-DVS: tonic's folder of `.aedat4` recordings (written with faery, a test
-dependency) and its `CIFAR10DVS.zip` marker.
+dependency) and its `CIFAR10DVS.zip` marker, which ndot does not need but tonic's own
+CIFAR10DVS does (the tests and the benchmark that read the fixture through it).
 """
 from __future__ import annotations
 
