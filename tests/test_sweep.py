@@ -35,7 +35,7 @@ from ray.tune.experiment import Trial
 
 from helpers import HANG_S
 from ndot import checkpoint, evaluate, files, results
-from ndot.sweep import activity, cli, recorder, runner, trainable
+from ndot.sweep import activity, cli, reach, recorder, runner, trainable
 from ndot.sweep.definitions import ARCHITECTURES, SMOKE, TIMESTEPS
 from ndot.sweep.progress import Progress
 from ndot.sweep.recorder import TensorBoardCallback
@@ -279,7 +279,15 @@ def test_a_module_of_imports_that_the_clusters_processes_cannot_import_is_refuse
     assert cli.main(ARCHITECTURES, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot import {module!r} (No module named {module!r})" in err, err
+    assert "run the sweep from the module's folder" in err
     assert not (tmp_path / "runs" / "far").exists()
+    # Through ray:// Ray puts no folder of the driver's on the workers' path: running from one is no way out there.
+    ray.init(address=cluster.address, logging_level="WARNING")
+    try:
+        line = reach.unimportable(module, client=True)
+    finally:
+        ray.shutdown()
+    assert "module's folder" not in line and line.endswith("ship that folder with `ray job submit --working-dir`")
 
 
 def test_a_sweep_run_where_ray_is_initialised_already_is_refused_in_one_line_and_leaves_it(cluster, tmp_path, capsys):

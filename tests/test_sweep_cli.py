@@ -62,7 +62,7 @@ def stand_in_for_ray(monkeypatch, run=lambda plan, resume, callbacks, launcher: 
     monkeypatch.setattr(runner, "head_address", lambda address: None)
     monkeypatch.setattr(runner, "run", run)
     monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": cpus}])
-    monkeypatch.setattr(reach, "unimportable", lambda imports: None)
+    monkeypatch.setattr(reach, "unimportable", lambda imports, client: None)
 
 
 @pytest.fixture

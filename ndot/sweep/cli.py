@@ -582,7 +582,7 @@ def _drive(plan: Plan, args: argparse.Namespace, source: str, holding: contextli
                 # that runs no trial) has no such node yet, and its autoscaler may well launch one.
                 print(f"no node up now has {trial}; through ray:// the sweep cannot read what the cluster can launch: "
                       "its trials wait for the autoscaler (for ever if no node type fits)", file=sys.stderr, flush=True)
-            missing = reach.unimportable(plan.base.get("imports", ""))
+            missing = reach.unimportable(plan.base.get("imports", ""), runner.through_client(args.address))
             if missing:
                 return refuse(missing)
             holding.enter_context(runner.held(plan.experiment, args.resume))

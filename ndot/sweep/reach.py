@@ -73,19 +73,21 @@ def _not_importable(names: list[str]) -> str | None:
     return None
 
 
-def unimportable(imports: str) -> str | None:
+def unimportable(imports: str, client: bool) -> str | None:
     """Why the connected cluster's processes, which run the trials, cannot import the modules of `imports`
     (TrainConfig.imports), in one line; None where they can, or where there are none.
 
     The driver found them on its own sys.path, which no trial shares: a Ray worker's holds the driver's current
     folder and its script's (as paths on the worker's node), a `ray job submit`'s working_dir, and its node's
     PYTHONPATH, the driver's only on a Ray the sweep started itself. Every trial would error at its start, on each
-    of its restarts too. Tried in one process, on a node Ray picks: a folder on that node alone passes.
+    of its restarts too. Tried in one process, on a node Ray picks: a folder on that node alone passes. Through
+    ray:// (`client`) Ray puts none of the driver's folders on their path: only a shipped working_dir helps there.
     """
     names = import_names(imports)
     missing = ray.get(_not_importable.remote(names)) if names else None
     if missing is None:
         return None
+    fix = ("" if client else "run the sweep from the module's folder, which Ray puts on their path, or ") + \
+        "ship that folder with `ray job submit --working-dir`"
     return (f"--set imports={imports}: Ray's worker processes, which run the trials, cannot import {missing}, which "
-            "this driver finds on a path of its own: run the sweep from the module's folder, which Ray puts on their "
-            "path, or ship that folder with `ray job submit --working-dir`")
+            f"this driver finds on a path of its own: {fix}")
