@@ -1,5 +1,5 @@
 """Saved states: written atomically (a reader or a crash never sees half a file), read back with
-one-line errors (read), and found again."""
+one-line errors (read), found again, and of a finished sweep trial all but the last deleted (drop_all_but)."""
 from __future__ import annotations
 
 import io

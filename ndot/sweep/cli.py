@@ -1,4 +1,7 @@
-"""The command line shared by the scripts in sweeps/: parse, validate before Ray starts, run, summarise.
+"""The command line shared by the scripts in sweeps/: parse, validate, run, summarise.
+
+What can be checked before Ray starts is; what needs the cluster (does it reach --storage, fit a trial,
+import --set imports' modules) is checked once connected, before any trial.
 
 Every flag defaults to the chosen preset's value. Lists are comma-separated
 (--T 1,2,4,6); a range is LOW,HIGH and searched, a single value is fixed.

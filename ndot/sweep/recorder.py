@@ -1,4 +1,5 @@
-"""Tune callbacks that record a sweep while it runs: its Parquet tables, kept current, and TensorBoard's files."""
+"""Tune callbacks that record a sweep while it runs: its Parquet tables, kept current, TensorBoard's files, and
+of each finished trial its last checkpoint alone."""
 from __future__ import annotations
 
 import contextlib
