@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -278,34 +279,51 @@ def test_a_resume_past_checkpoints_retention_deleted_keeps_only_the_newest_ones(
 
 
 def test_a_finished_trial_keeps_its_last_checkpoint_alone_and_an_errored_one_keeps_two_for_its_resume(tmp_path, caplog):
-    trials = {trial_id: _trial(tmp_path / "exp", trial_id, kept=2) for trial_id in ("done", "failed", "unbegun")}
-    for trial in (trials["done"], trials["failed"]):
-        for epoch in (2, 3):
-            _register(trial, _checkpoint(trial, epoch), epoch)
+    names = ("done", "done_before_a_kill", "failed", "stopped_by_ctrl_c", "unbegun")
+    trials = {trial_id: _trial(tmp_path / "exp", trial_id, kept=2) for trial_id in names}
+    for trial in trials.values():
+        if trial.trial_id != "unbegun":
+            for epoch in (2, 3):
+                _register(trial, _checkpoint(trial, epoch), epoch)
     # Newer than the one Tune recorded last, which the tables name: left from before a resume that ended it sooner.
     _checkpoint(trials["done"], 4)
+    # A driver killed after this trial completed: its callback's state, as Tune's snapshot saved it, is resumed.
+    killed = CheckpointsCallback()
+    killed.on_trial_complete(0, list(trials.values()), trials["done_before_a_kill"])
     callback = CheckpointsCallback()
+    callback.set_state(pickle.loads(pickle.dumps(killed.get_state())))
+    for trial_id, ended in (("done", callback.on_trial_complete), ("failed", callback.on_trial_error),
+                            ("unbegun", callback.on_trial_complete)):
+        ended(0, list(trials.values()), trials[trial_id])
+    for trial in trials.values():
+        trial.set_status(Trial.ERROR if trial.trial_id == "failed" else Trial.TERMINATED)  # a Ctrl-C's stop too
+
+    def kept() -> dict[str, list[str]]:
+        return {t.trial_id: sorted(p.name for p in Path(t.path).glob("checkpoint_*")) for t in trials.values()}
+
+    # Until the sweep ends, past Tune's last snapshot, a resume may yet run a completed trial from its older one.
+    assert kept()["done"] == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
     with caplog.at_level(logging.WARNING):
-        for trial_id, ended in (("done", callback.on_trial_complete), ("failed", callback.on_trial_error),
-                                ("unbegun", callback.on_trial_complete)):
-            ended(0, list(trials.values()), trials[trial_id])
+        callback.on_experiment_end(list(trials.values()))
     assert not caplog.records
-    kept = {t.trial_id: sorted(p.name for p in Path(t.path).glob("checkpoint_*")) for t in trials.values()}
-    assert kept == {"done": ["checkpoint_000002"], "failed": ["checkpoint_000001", "checkpoint_000002"], "unbegun": []}
-    trials["done"].set_status(Trial.TERMINATED)
+    both = ["checkpoint_000001", "checkpoint_000002"]
+    assert kept() == {"done": ["checkpoint_000002"], "done_before_a_kill": ["checkpoint_000002"], "failed": both,
+                      "stopped_by_ctrl_c": both, "unbegun": []}
     record = results.record(trials["done"])
     assert len(record.history) == 3 and record.checkpoint == "done/checkpoint_000002"
 
 
 def test_checkpoints_that_cannot_be_deleted_cost_a_warning_not_the_sweep(tmp_path, caplog):
     # Storage that fails as a finished trial's older checkpoints are deleted (here its folder is gone, as from a
-    # mount lost): Tune does not catch a callback's error, and the sweep would end with it.
+    # mount lost): Tune does not catch a callback's error, and the sweep would end with its traceback.
     trial = _trial(tmp_path / "exp", kept=2)
     for epoch in (2, 3):
         _register(trial, _checkpoint(trial, epoch), epoch)
     shutil.rmtree(trial.path)
+    callback = CheckpointsCallback()
+    callback.on_trial_complete(0, [trial], trial)
     with caplog.at_level(logging.WARNING):
-        CheckpointsCallback().on_trial_complete(0, [trial], trial)
+        callback.on_experiment_end([trial])
     assert "could not delete the older checkpoints of trial t0" in caplog.text
 
 

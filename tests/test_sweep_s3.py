@@ -64,6 +64,12 @@ def test_sweep_stored_in_s3_is_read_back_resumed_and_evaluated_from_the_bucket(b
     assert {"epochs.parquet", "trials.parquet", "sweep.json", "accuracy_vs_T.png", "cost_vs_T.png",
             "curves_vs_epoch.png"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
+    # Each trial, finished, keeps its last checkpoint alone (the one its row names), its older one deleted from
+    # the bucket when the sweep ended.
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    folders = {str(PurePosixPath(i.path).relative_to(path)) for i in found
+               if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")}
+    assert folders == set(trials["checkpoint"])
     # Plotted again, the figures the table no longer draws go from the bucket (one trial a stratum at one
     # learning rate: no accuracy_vs_lr); those it never drew are not there to remove, which is no error.
     files.write_bytes(f"{experiment}/accuracy_vs_lr.png", b"stale")

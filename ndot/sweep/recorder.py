@@ -1,5 +1,5 @@
 """Tune callbacks that record a sweep while it runs: its Parquet tables, kept current, TensorBoard's files, and
-of each finished trial its last checkpoint alone."""
+of each finished trial its last checkpoint alone, once the sweep ends."""
 from __future__ import annotations
 
 import contextlib
@@ -114,22 +114,40 @@ class TablesCallback(tune.Callback):
 
 
 class CheckpointsCallback(tune.Callback):
-    """Deletes the checkpoints of a finished trial (completed, stopped early or diverged) but its last.
+    """Deletes the checkpoints of each finished trial (completed, stopped early or diverged) but its last, when
+    the sweep ends.
 
     Tune keeps a trial's newest two whatever its state (ndot.sweep.runner.CHECKPOINTS_KEPT), the older one
     for a restart or a reader where the newer's upload was cut short. A finished trial is never restarted,
     and Tune completes it only once its last checkpoint is uploaded and registered; that one holds the whole
-    history and the best weights, which the tables name. An errored trial, which --resume runs again, is left
-    as it is, and so are the trials a Ctrl-C stops, which Tune ends without completing them.
+    history and the best weights, which the tables name. Not at once: a driver killed before Tune's next
+    snapshot of the experiment would resume the trial as running, from the checkpoint just deleted, to error
+    on each restart. The sweep ends after Tune's last snapshot is uploaded (a Ctrl-C's too); the trials
+    finished by a killed driver are in this callback's state, which a resume restores. An errored trial,
+    which --resume runs again, is left as it is, and so are the trials a Ctrl-C stops, which Tune ends
+    without completing them.
     """
 
+    def __init__(self) -> None:
+        self._finished: set[str] = set()
+
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        if trial.checkpoint is None:  # ended before its first epoch
-            return
-        try:
-            checkpoint.drop_all_but(trial.storage.storage_filesystem, trial.path, trial.checkpoint.path)
-        except files.STORAGE_ERRORS as e:  # Tune does not catch a callback's error: it would end the sweep
-            log.warning("ndot: could not delete the older checkpoints of trial %s (%s)", trial.trial_id, e)
+        self._finished.add(trial.trial_id)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for trial in trials:
+            if trial.trial_id not in self._finished or trial.checkpoint is None:  # None: ended before its first epoch
+                continue
+            try:
+                checkpoint.drop_all_but(trial.storage.storage_filesystem, trial.path, trial.checkpoint.path)
+            except files.STORAGE_ERRORS as e:  # Tune does not catch a callback's error: a traceback at the end
+                log.warning("ndot: could not delete the older checkpoints of trial %s (%s)", trial.trial_id, e)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"finished": sorted(self._finished)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._finished = set(state["finished"])
 
 
 class TensorBoardCallback(TBXLoggerCallback):

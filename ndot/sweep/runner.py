@@ -47,7 +47,7 @@ METRIC, MODE = "best_test_acc", "max"
 MAX_FAILURES = 3
 # The newest checkpoint and the one before it: reading a trial's results falls back on that one
 # when the newest upload was cut short (ndot.checkpoint.newest). A finished trial keeps its last
-# alone (ndot.sweep.recorder.CheckpointsCallback).
+# alone once the sweep ends (ndot.sweep.recorder.CheckpointsCallback).
 CHECKPOINTS_KEPT = 2
 REDUCTION_FACTOR = 3
 
