@@ -327,6 +327,19 @@ def test_checkpoints_that_cannot_be_deleted_cost_a_warning_not_the_sweep(tmp_pat
     assert "could not delete the older checkpoints of trial t0" in caplog.text
 
 
+def test_a_sweep_started_by_an_older_ndot_prunes_its_finished_trials_after_a_resume(tmp_path):
+    # Tune unpickles the callbacks a sweep was started with: an older ndot's CheckpointsCallback held nothing.
+    trial = _trial(tmp_path / "exp", kept=2)
+    for epoch in (2, 3):
+        _register(trial, _checkpoint(trial, epoch), epoch)
+    started = CheckpointsCallback()
+    vars(started).clear()  # as an older ndot's
+    callback = pickle.loads(pickle.dumps(started))
+    callback.on_trial_complete(0, [trial], trial)
+    callback.on_experiment_end([trial])
+    assert sorted(p.name for p in Path(trial.path).glob("checkpoint_*")) == ["checkpoint_000002"]
+
+
 def test_a_trial_asha_stopped_is_stopped_early_in_its_run_and_after_a_resume(tmp_path):
     # ASHA ends a trial short of its epochs: Tune completes it (TERMINATED), unlike a sweep's Ctrl-C.
     trial = _trial(tmp_path / "exp", "cut")

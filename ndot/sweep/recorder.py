@@ -128,11 +128,12 @@ class CheckpointsCallback(tune.Callback):
     without completing them.
     """
 
-    def __init__(self) -> None:
-        self._finished: set[str] = set()
+    # The ids of the finished trials. A class attribute: a callback that Tune unpickles from a sweep started by
+    # an older ndot, which kept none, has it too.
+    _finished: frozenset[str] = frozenset()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._finished.add(trial.trial_id)
+        self._finished |= {trial.trial_id}
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial in trials:
@@ -147,7 +148,7 @@ class CheckpointsCallback(tune.Callback):
         return {"finished": sorted(self._finished)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._finished = set(state["finished"])
+        self._finished = frozenset(state["finished"])
 
 
 class TensorBoardCallback(TBXLoggerCallback):
