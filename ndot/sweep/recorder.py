@@ -122,8 +122,9 @@ class CheckpointsCallback(tune.Callback):
     and Tune completes it only once its last checkpoint is uploaded and registered; that one holds the whole
     history and the best weights, which the tables name. Not at once: a driver killed before Tune's next
     snapshot of the experiment would resume the trial as running, from the checkpoint just deleted, to error
-    on each restart. The sweep ends after Tune's last snapshot is uploaded (a Ctrl-C's too); the trials
-    finished by a killed driver are in this callback's state, which a resume restores. An errored trial,
+    on each restart. The sweep ends after Tune's last snapshot is uploaded (a Ctrl-C's too; not where Tune's
+    own loop raised, which skips that snapshot and leaves this window open); the trials finished by a killed
+    driver are in this callback's state, which a resume restores. An errored trial,
     which --resume runs again, is left as it is, and so are the trials a Ctrl-C stops, which Tune ends
     without completing them.
     """
