@@ -129,8 +129,8 @@ class CheckpointsCallback(tune.Callback):
     without completing them.
     """
 
-    # The ids of the finished trials. A class attribute: a callback that Tune unpickles from a sweep started by
-    # an older ndot, which kept none, has it too.
+    # The ids of the finished trials. A class attribute, as the searcher's _seed: a callback that Tune unpickles
+    # from a sweep saved without it has it too.
     _finished: frozenset[str] = frozenset()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
