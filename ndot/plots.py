@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.axis import Axis  # noqa: E402
-from matplotlib.colors import to_rgba  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
-
-from ndot.config import MODES, RULES, method, parse_method  # noqa: E402
-from ndot.results import COMPLETED  # noqa: E402
+from ndot.config import MODES, RULES, method, parse_method
+from ndot.results import COMPLETED
 
 if TYPE_CHECKING:
     from pandas.api.typing import DataFrameGroupBy  # pandas >= 2.1; annotations only
@@ -44,7 +42,7 @@ XLABELS = {"T": "time steps T", "arch": "architecture"}
 # tab10 holds the nine rule-mode pairs there are; shapes as well as colours keep rules apart in grey print.
 # Points of several rules often coincide (at T = 1 every rule computes the same gradient): each rule's
 # markers are drawn smaller than the one's before, so that coinciding markers nest rather than hide.
-COLOURS = plt.get_cmap("tab10").colors
+COLOURS = matplotlib.colormaps["tab10"].colors
 MARKERS = "osD^vPX*ph"
 LARGEST, SMALLEST = 9.0, 4.5  # marker sizes (points) of the first rule and of the last
 LINESTYLES = ("-", "--", ":", "-.")
@@ -185,11 +183,20 @@ def _setting(trials: pd.DataFrame) -> str:
     return ", ".join(shared)
 
 
+def _subplots(figsize: tuple[float, float], *grid: int, **share: Any) -> tuple[Figure, Any]:
+    """A figure and its axes (Figure.subplots' `grid` rows and columns) on an Agg canvas of its own, outside pyplot:
+    drawing here sets no backend and leaves pyplot's figures alone, so that a notebook that renders a sweep's figures
+    (or runs the sweep) keeps its own."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*grid, **share)
+
+
 def accuracy_vs_axis(trials: pd.DataFrame) -> Figure:
     """Against T, or against the architecture (see `axis`)."""
     x = axis(trials)
     trials = trials.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig, ax = _subplots((7, 4))
     by = _by_curve_and(trials, x)
     best = _best_trials(trials)
     _lines(ax, by["best_test_acc"].max() * 100, x, "best test accuracy (%)", _styles(trials), _arch_styles(trials),
@@ -222,8 +229,7 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
     several_archs = trials["arch"].nunique() > 1
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2 + 4 * cols, 0.8 + 3.2 * rows), sharex=True, sharey=True,
-                             squeeze=False, layout="constrained")
+    fig, axes = _subplots((2 + 4 * cols, 0.8 + 3.2 * rows), rows, cols, sharex=True, sharey=True, squeeze=False)
     styles = _styles(trials)
     for ax, (arch, T) in zip(axes.flat, panels):
         panel = trials[(trials["arch"] == arch) & (trials["T"] == T)]
@@ -257,7 +263,7 @@ def accuracy_vs_lr(trials: pd.DataFrame) -> Figure:
 def cost_vs_axis(trials: pd.DataFrame) -> Figure:
     """Against T, or against the architecture (see `axis`)."""
     x = axis(trials)
-    fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    fig, (mem, speed) = _subplots((12, 4.4), 1, 2)
     by = _by_curve_and(trials, x)
     styles, archs = _styles(trials), _arch_styles(trials)
     _lines(mem, by["peak_mem_mb"].median(), x, "peak memory (MiB)", styles, archs)  # ndot.memory: 2**20 bytes
@@ -287,8 +293,7 @@ def curves_vs_epoch(trials: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
     drawn = epochs[epochs["trial_id"].isin(best["trial_id"])].sort_values("epoch")
     several_archs = trials["arch"].nunique() > 1
     Ts = sorted(best["T"].unique())
-    fig, axes = plt.subplots(len(Ts), 2, figsize=(12, 1 + 2.8 * len(Ts)), sharex=True, sharey="col", squeeze=False,
-                             layout="constrained")
+    fig, axes = _subplots((12, 1 + 2.8 * len(Ts)), len(Ts), 2, sharex=True, sharey="col", squeeze=False)
     styles, archs = _styles(trials), _arch_styles(trials)
     handles = {}
     for (acc, loss), T in zip(axes, Ts):
@@ -368,6 +373,5 @@ def render(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, bytes]:
         fig = make(points, epochs) if make is curves_vs_epoch else make(points)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=120)
-        plt.close(fig)
         out[name.format(axis=axis(points))] = buf.getvalue()
     return out

@@ -9,18 +9,11 @@ import sys
 
 import pandas as pd
 import pytest
-from matplotlib import pyplot as plt
 from matplotlib.colors import to_hex
 from matplotlib.text import Text
 
 from helpers import HANG_S, exit_status
 from ndot import plots, results
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")  # pyplot keeps every figure the tests draw
 
 
 def test_summary_names_each_strata_best_trial_and_outcomes(tmp_path, capsys):
@@ -392,6 +385,18 @@ def test_plotting_again_removes_the_figures_the_table_no_longer_draws(tmp_path):
     tables(_trials(["small_cnn", "resnet_ws"], [2]).assign(best_test_acc=math.nan))
     results.write_plots(experiment)
     assert {p.stem for p in tmp_path.glob("*.png")} == {"cost_vs_arch", "notes"}
+
+
+def test_drawing_a_sweeps_figures_leaves_the_processs_matplotlib_as_it_was(tmp_path):
+    # A notebook that ran a sweep (or write_plots) had its inline backend set to Agg by ndot.plots' import, in a
+    # fresh process here: its figures no longer showed. "svg" stands in for the notebook's backend.
+    _trials(["small_cnn"], [2, 4]).to_parquet(tmp_path / "trials.parquet")
+    _epochs(_trials(["small_cnn"], [2, 4])).to_parquet(tmp_path / "epochs.parquet")
+    code = ("import sys; import matplotlib.pyplot as plt; plt.switch_backend('svg'); fig = plt.figure()\n"
+            "from ndot import results; drawn = results.write_plots(sys.argv[1])\n"
+            "print(len(drawn), plt.get_backend(), plt.get_fignums() == [fig.number])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=HANG_S)
+    assert out.stdout.split() == ["4", "svg", "True"], out.stderr
 
 
 def _curves(*trials: tuple[str, int, str, list[float], list[float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
