@@ -20,7 +20,7 @@ import torch
 from helpers import HANG_S, assert_close, batch, exit_status, grads, make_model
 from ndot.bench import cli as bench_cli
 from ndot.bench.cli import main as bench_main, read_run
-from ndot.bench.measure import Levers, Setup, gflop_per_image_step, synthetic_batch
+from ndot.bench.measure import Levers, Setup, fresh_model, gflop_per_image_step, synthetic_batch
 from ndot.bench.profile import backward_regions, labelled_model
 from ndot.bench import report
 from ndot.bench.report import _against_device, memory_checks
@@ -730,6 +730,17 @@ def test_bench_measures_an_architecture_that_a_module_named_in_imports_registers
     # at 8x8) and the 32 -> 10 readout, forward and backward (no input gradient for the image).
     forward = [2 * 16 * 16 * 16 * 3 * 9, 2 * 8 * 8 * 32 * 16 * 9, 2 * 32 * 10]
     assert gflop_per_image_step(arch) * 1e9 == pytest.approx(3 * sum(forward) - forward[0], rel=1e-12)
+
+
+def test_each_benchmark_case_starts_from_the_same_weights_and_leaves_the_callers_generator_alone():
+    # Run from a notebook, the benchmark seeded torch's global generator: the caller's later draws were seed 0's.
+    s = Setup(torch.device("cpu"), "small_cnn", batch=2, warmup=0, min_seconds=0.0)
+    torch.manual_seed(7)
+    drawn = torch.get_rng_state()
+    one, _ = fresh_model(s, Levers())
+    assert torch.equal(torch.get_rng_state(), drawn)
+    two, _ = fresh_model(s, Levers())
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
 
 
 def test_bench_plans_the_documented_sizes_and_reads_the_targets_at_the_lever_T():

@@ -122,8 +122,12 @@ def synthetic_batch(s: Setup) -> tuple[Tensor, Tensor]:
 
 
 def fresh_model(s: Setup, levers: Levers) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = accelerate(build(s.arch, CHANNELS, CLASSES).to(s.device),
+    """The same weights in every case, built from a seeded CPU generator that is then given back to the caller as it
+    was: a benchmark run from Python (main(argv) in a notebook) leaves the process's random draws its own."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        net = build(s.arch, CHANNELS, CLASSES)
+    model = accelerate(net.to(s.device),
                        channels_last=levers.channels_last, fused_neuron=levers.fused_neuron, fused_ws=levers.fused_ws)
     model.train()
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
