@@ -157,7 +157,8 @@ def train(
     with the next epoch exactly as the uninterrupted run would have. `on_batch(epoch, i, n)` is called
     after batch i of the epoch's n, `on_test_batch(epoch, i, n)` after batch i of its test pass's n. Seeds the global torch, numpy and Python generators from cfg.seed,
     which the run draws from; on a GPU it turns on cuDNN's algorithm search for the process
-    (torch.backends.cudnn.benchmark), on a CPU glibc's malloc keeps freed memory for reuse (ndot.malloc).
+    (torch.backends.cudnn.benchmark), on a CPU glibc's malloc keeps freed memory for reuse (ndot.malloc); the fused
+    levers set Dynamo's recompile limit and float specialisation in the calling thread (ndot.fast.accelerate).
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train takes a TrainConfig, got {type(cfg).__name__}: TrainConfig.from_dict builds one from a dict")
