@@ -44,6 +44,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
 
     `detail` adds `acc_by_step` (top-1 of the logits summed up to each step) and
     `layer_firing_rates` (per spiking layer, by module name). `on_batch(i, n)` is called after batch i of n.
+    The model is left in evaluation mode, as eval_batch leaves it (ndot.step.train_batch sets training mode again).
     """
     clear_spike_counts(model)  # what earlier evaluation calls counted is not this set's
     device = next(model.parameters()).device
