@@ -1035,6 +1035,21 @@ def test_ending_the_local_ray_kills_its_processes_orphans_included_and_no_other(
         before.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re-parenting to a subreaper is Linux's")
+def test_ending_the_local_ray_gives_back_a_supervisors_adoption_of_orphans(monkeypatch):
+    # A process that adopted orphans before the sweep (a supervisor's, a container's init) still does after it.
+    monkeypatch.setattr(runner, "_not_ray", None)
+    monkeypatch.setattr(runner, "_adopted_before", False)
+    monkeypatch.setattr(runner.ray, "init", lambda **kwargs: None)
+    runner._adopt_orphans(True)
+    try:
+        runner.connect(None)
+        assert runner.end_local_ray(timeout_s=10)
+        assert _subreaper() == 1
+    finally:
+        runner._adopt_orphans(False)
+
+
 def test_the_token_notice_of_the_local_ray_a_sweep_starts_is_left_out_and_a_later_rays_is_not(monkeypatch, caplog):
     # Ray's part stands in: the notice its start logs. Run from Python, the process's own later Ray says it again.
     notice = logging.getLogger(runner._TOKEN_NOTICE_LOGGER)

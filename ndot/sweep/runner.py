@@ -236,10 +236,11 @@ def job_env_vars() -> dict[str, str]:
 
 def connect(address: str | None) -> None:
     """Join the cluster at `address` ("auto": the one this node belongs to), or start a private local Ray when None."""
-    global _not_ray
+    global _not_ray, _adopted_before
     if address is None:
+        if _not_ray is None:  # not a Ray this process has yet to end: the setting from before that one stands
+            _adopted_before = _adopt_orphans(True)
         _not_ray = {child.pid for child in psutil.Process().children()}
-        _adopt_orphans(True)
     # "local": without it, ray.init() joins any Ray already running on this machine
     # (someone's test cluster, say) instead of starting one of its own.
     # Trials' output is not forwarded: their errors are stored with the trial, and a sweep on a Ray of its own
@@ -260,14 +261,22 @@ def _without_the_token_notice(record: logging.LogRecord) -> bool:
 # This process's children from before it started a private local Ray (connect(None)), which are not
 # that Ray's (a notebook's own, a test session's cluster); None where it started none.
 _not_ray: set[int] | None = None
-_PR_SET_CHILD_SUBREAPER = 36
+# Whether this process adopted orphans before that Ray (a process supervisor's own setting), to give back.
+_adopted_before = False
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37
 
 
-def _adopt_orphans(adopt: bool) -> None:
+def _adopt_orphans(adopt: bool) -> bool:
+    """Set whether this process adopts orphans; whether it did before. Linux only (elsewhere False, nothing set)."""
     # A trial's worker whose raylet ends before it is re-parented: made a subreaper, this process
-    # inherits it instead of init, so that end_local_ray still finds it. Linux only.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, int(adopt), 0, 0, 0)
+    # inherits it instead of init, so that end_local_ray still finds it.
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    was = ctypes.c_int()
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, int(adopt), 0, 0, 0)
+    return bool(was.value)
 
 
 def end_local_ray(timeout_s: float) -> bool:
@@ -294,7 +303,7 @@ def end_local_ray(timeout_s: float) -> bool:
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)
     if not alive:
         _not_ray = None
-        _adopt_orphans(False)
+        _adopt_orphans(_adopted_before)
     return not alive
 
 
