@@ -63,16 +63,41 @@ class Clock:
         return self.now
 
 
+class Loader(list):
+    num_samples = 1000
+
+    def set_epoch(self, epoch):
+        pass
+
+
 def test_throughput_counts_images_not_batches(monkeypatch):
-    class Loader(list):
-        num_samples = 1000
-
-        def set_epoch(self, epoch):
-            pass
-
     monkeypatch.setattr(data, "time", Clock())
     # Four batches of a thousand images, read in half a second.
     assert data._images_per_s(Loader([None] * 4), torch.device("cpu")) == 2000
+
+
+class Timeline(Clock):
+    """The clock's readings and the device syncs, in the order they happen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def perf_counter(self) -> float:
+        self.events.append("clock")
+        return super().perf_counter()
+
+    def sync(self, device: torch.device) -> None:
+        self.events.append("sync")
+
+
+def test_the_throughput_clock_starts_once_the_device_has_done_earlier_work(monkeypatch):
+    # bench_cifar's warm-up batch leaves its kernels queued on a GPU: unsynced, they ran in the timed loop.
+    timeline = Timeline()
+    monkeypatch.setattr(data, "time", timeline)
+    monkeypatch.setattr(data, "sync", timeline.sync)
+    data._images_per_s(Loader([None]), torch.device("cpu"))
+    assert timeline.events == ["sync", "clock", "sync", "clock"]
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -31,6 +31,7 @@ from ndot.device import resolve_device
 
 def _images_per_s(loader, device: torch.device) -> float:
     loader.set_epoch(0)
+    sync(device)  # the warm-up batch's kernels, still queued on a GPU, are not this loop's time
     t0 = time.perf_counter()
     for _ in loader:
         pass
