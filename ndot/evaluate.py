@@ -51,6 +51,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
     loss = torch.zeros((), device=device)
     top1 = torch.zeros(cfg.T, device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
+    n = 0  # the samples seen (a user's loader may drop a partial batch that its num_samples counts)
     for i, (x, y) in enumerate(loader, 1):
         l, o = eval_batch(model, x, y, T=cfg.T, loss_alpha=cfg.loss_alpha, precision=cfg.precision)
         loss += l * len(y)
@@ -58,9 +59,9 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
         top1[-len(summed):] += topk_correct(summed, y, 1)
         if num_classes > 10:
             top5 += topk_correct(summed[-1], y, 5)
+        n += len(y)
         if on_batch is not None:
             on_batch(i, len(loader))
-    n = loader.num_samples
     out: Metrics = {"test_loss": float(loss) / n, "test_acc": int(top1[-1]) / n}
     if num_classes > 10:
         out["test_top5"] = int(top5) / n

@@ -208,22 +208,26 @@ def train(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        # The samples seen, not the loader's num_samples: a dataset of the user's whose loader drops a
+        # last partial batch would otherwise be scored over samples it never trained on.
+        n = 0
         for i, (x, y) in enumerate(train_loader, 1):
             loss, logits = run_batch(x, y)
             loss_sum += loss * len(y)
             correct += topk_correct(logits, y, 1)
+            n += len(y)
             if on_batch is not None:
                 on_batch(epoch, i, len(train_loader))
-        train_loss = float(loss_sum) / train_loader.num_samples  # syncs the device
+        train_loss = float(loss_sum) / n  # syncs the device
         seconds = time.perf_counter() - t0
 
         metrics = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_acc": int(correct) / train_loader.num_samples,
+            "train_acc": int(correct) / n,
             "lr": lr,
             "epoch_seconds": seconds,
-            "image_steps_per_s": train_loader.num_samples * cfg.T / seconds,
+            "image_steps_per_s": n * cfg.T / seconds,
         }
         if not math.isfinite(train_loss) or not finite(model):
             metrics.update(status="diverged", peak_mem_mb=peak_mem_mb(device), best_test_acc=best)

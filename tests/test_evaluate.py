@@ -69,6 +69,17 @@ def test_test_loss_top1_and_top5_are_those_of_the_whole_set_at_once():
     assert (got["test_acc"], got["test_top5"]) == (top1, top5) and top1 < top5
 
 
+def test_scores_are_over_the_samples_the_loader_yields_not_those_its_num_samples_counts():
+    # A user's loader with drop_last: its num_samples counts the partial batch it leaves out.
+    class DropsLast(Batches):
+        num_samples = 23
+
+    model = make_model().eval()
+    x, y = batch(n=20, size=16)
+    seen = [(x[:10], y[:10]), (x[10:], y[10:])]
+    assert evaluate(model, DropsLast(seen), TrainConfig(T=2), 10) == evaluate(model, Batches(seen), TrainConfig(T=2), 10)
+
+
 def test_top5_of_the_detailed_evaluation_is_that_of_all_steps_summed_and_only_beyond_10_classes():
     # The command line evaluates with detail=True (accuracy after each step), whose top-5 must still be
     # that of the prediction, Σ_t o[t]; top-5 is reported with more than 10 classes only (README).
