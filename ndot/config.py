@@ -133,7 +133,11 @@ class TrainConfig:
         if not _is_int(self.T) or not 0 < self.T <= MAX_T:
             bad(f"T must be an integer in [1, {MAX_T}], got {self.T!r}")
         if self.rule not in RULES:
-            bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}")
+            # The paper's and the sweep tables' method names (NDOT_O, ottt_A) join the rule and the mode.
+            rule, _, mode = self.rule.lower().rpartition("_")
+            is_method = rule in RULES and mode.upper() in MODES
+            method = f"; {self.rule} is rule {rule!r} with mode {mode.upper()!r}" if is_method else ""
+            bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}{method}")
         if self.mode not in MODES:
             bad(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
         if self.rule == "bptt" and self.mode == "O":

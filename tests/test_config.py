@@ -24,6 +24,8 @@ from ndot.models import ARCHS, from_config
         ({"epochs": 0}, "epochs must be an integer in [1, 100000]"),
         ({"epochs": 10**12}, "epochs must be an integer in [1, 100000]"),
         ({"rule": "stdp"}, f"unknown rule 'stdp'; valid rules: {', '.join(RULES)}"),
+        ({"rule": "NDOT_O"}, f"unknown rule 'NDOT_O'; valid rules: {', '.join(RULES)}; NDOT_O is rule 'ndot' with mode 'O'"),
+        ({"rule": "ndot_ref_A"}, "; ndot_ref_A is rule 'ndot_ref' with mode 'A'"),
         ({"arch": "vgg99"}, f"unknown architecture 'vgg99'; valid architectures: {', '.join(sorted(ARCHS))}"),
         ({"dataset": "mnist"}, "unknown dataset 'mnist'"),
         ({"lr": 0.0}, "lr must be > 0"),
