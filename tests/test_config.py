@@ -34,6 +34,8 @@ from ndot.models import ARCHS, from_config
         ({"weight_decay": 1e308}, "at most float32's largest"),
         ({"rule": "bptt", "mode": "O"}, "rule 'bptt' needs the whole sequence"),
         ({"mode": "B"}, "unknown mode 'B'"),
+        ({"loader": "gpu"}, "unknown loader 'gpu'; valid: "),
+        ({"dvs_encoding": "raw"}, "unknown dvs_encoding 'raw'; valid: "),
         ({"tau": 1.0}, "tau must be > 1"),
         ({"dropout": 1.0}, "dropout must be in [0, 1)"),
         ({"imports": "no_such_module"}, "imports: cannot import 'no_such_module' (No module named 'no_such_module')"),

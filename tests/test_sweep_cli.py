@@ -86,6 +86,7 @@ def storage(tmp_path):
         (["--lr=-0.1,0.5"], "lr must be > 0"),
         (["--lr", "0.1,1e39"], "at most float32's largest"),  # every trial would fail in its first step
         (["--lr", "0.5,0.1"], "LOW must not exceed HIGH"),
+        (["--lr", "0.1,0.2,0.3"], "expected VALUE or LOW,HIGH, got '0.1,0.2,0.3'"),
         (["--archs", "small_cnn,vgg11_ws"], "takes one value in the timesteps sweep"),
         (["--trials", "0"], "--trials"),
         (["--lr", "0.1", "--trials", "2"], "repeats one run: give --trials 1"),
@@ -1091,6 +1092,16 @@ def test_storage_that_fails_as_the_sweep_ends_costs_one_line_not_a_traceback(tmp
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith(f"error: no tables in {tmp_path / 't'} (") and "Traceback" not in err, err
     assert f"python -m ndot.results collect {tmp_path / 't'} writes the tables" in err
+
+
+def test_a_name_whose_experiment_holds_tunes_state_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "tuner.pkl").write_bytes(b"")  # what Tune's can_restore looks for
+    monkeypatch.setattr(runner, "connect", lambda address: pytest.fail("Ray started"))
+    monkeypatch.setattr(resources, "node_shapes", lambda launcher: [{"CPU": 4.0}])
+    assert exit_status(cli.main, TIMESTEPS, ["--T", "1", "--storage", str(tmp_path), "--name", "s"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: experiment {tmp_path / 's'} exists: pass --resume to continue it, or another --name\n", err
 
 
 def test_two_drivers_started_at_once_with_one_name_run_one_sweep_and_refuse_the_other(tmp_path, monkeypatch, capsys):
