@@ -3,6 +3,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from helpers import HANG_S, batch, exit_status, make_model, small_cnn_of_an_older_ndot
 from ndot import checkpoint, data, files, train as train_module
-from ndot.config import TrainConfig
+from ndot.config import ConfigError, TrainConfig
 from ndot.evaluate import default_out, evaluate, main as evaluate_main, weights_file
 from ndot.layers import LIF
 from ndot.models import from_config
@@ -370,3 +371,12 @@ def test_weights_in_storage_that_refuses_the_credentials_are_one_line(tmp_path, 
     assert evaluate_main(["gs://ndot-test-bucket/runs/x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: gs://ndot-test-bucket/runs/x: ") and "OAuth2" in err, err
+
+
+def test_weights_that_are_no_state_dict_or_hold_no_tensor_are_named_so():
+    expected = make_model().state_dict()
+    with pytest.raises(ConfigError, match="^the weights are a list, not the state dict of a network$"):
+        checkpoint.check_weights([], expected, "small_cnn")
+    key = next(iter(expected))
+    with pytest.raises(ConfigError, match=rf"small_cnn, as this version of ndot builds it \({re.escape(key)} no tensor\)$"):
+        checkpoint.check_weights({**expected, key: 0.5}, expected, "small_cnn")
