@@ -516,25 +516,40 @@ def _train_held(cfg: TrainConfig, device: torch.device, state: dict[str, Any] | 
             result = train(cfg, on_epoch, state, on_batch, functools.partial(on_batch, what="test batch"))
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
         return refuse(e)
-    except (KeyboardInterrupt, _NotSaved) as e:
-        # Every finished epoch is saved; the one cut short is run again by a resume.
-        saved = _saved_epoch(ckpt_path)
-        if not saved:
-            # The first epoch's line without its checkpoint: a fresh run would refuse the folder for it.
-            log_path.unlink(missing_ok=True)
-        # --threads is not saved with the run, and another count can move its results.
-        same_threads = f" --threads {n_threads}" if n_threads is not None else ""
-        again = (f"continue with {_prog()} --out {shlex.quote(str(out))} --resume{same_threads}"
-                 if saved else "no epoch finished: start it again")
-        if isinstance(e, _NotSaved):
-            kept = f"epoch {saved} of {cfg.epochs} is the last saved: once it can be written, {again}" if saved else \
-                "no epoch was saved: once it can be written, start it again"
-            print(f"error: {e}; {kept}", file=sys.stderr, flush=True)
-            return 1
-        print(f"interrupted after epoch {saved} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
-        return 128 + stopped_by(e)
+    except torch.OutOfMemoryError as e:
+        # A batch too large for the GPU (BPTT's memory grows with T too): the words that matter, not a traceback.
+        # torch's message goes on with advice on its allocator's settings, which a smaller batch does not need.
+        said = str(e).splitlines()[0].split(" Of the allocated memory")[0]
+        return _ended_early(cfg, out, n_threads, f"out of memory on {device} at batch size {cfg.batch_size}, "
+                                                 f"T = {cfg.T} ({said})", "where the memory was another process's")
+    except _NotSaved as e:
+        return _ended_early(cfg, out, n_threads, str(e), "once it can be written")
+    except KeyboardInterrupt as e:
+        return _ended_early(cfg, out, n_threads, e)
     print(f"{result.status}: best test accuracy {result.best_test_acc:.4f}")
     return 0 if result.status == "completed" else 3
+
+
+def _ended_early(cfg: TrainConfig, out: Path, n_threads: int | None, why: str | KeyboardInterrupt, when: str = "") -> int:
+    """Say in one line why a run ended early (an error's words, or the interrupt) and how it stands: its last saved
+    epoch and the command that continues it, `when` it can; its exit status."""
+    ckpt_path, log_path = out / checkpoint.LAST, out / LOG
+    # Every finished epoch is saved; the one cut short is run again by a resume.
+    saved = _saved_epoch(ckpt_path)
+    if not saved:
+        # The first epoch's line without its checkpoint: a fresh run would refuse the folder for it.
+        log_path.unlink(missing_ok=True)
+    # --threads is not saved with the run, and another count can move its results.
+    same_threads = f" --threads {n_threads}" if n_threads is not None else ""
+    again = (f"continue with {_prog()} --out {shlex.quote(str(out))} --resume{same_threads}"
+             if saved else "no epoch finished: start it again")
+    if isinstance(why, str):
+        kept = f"epoch {saved} of {cfg.epochs} is the last saved: {when}, {again}" if saved else \
+            f"no epoch was saved: {when}, start it again"
+        print(f"error: {why}; {kept}", file=sys.stderr, flush=True)
+        return 1
+    print(f"interrupted after epoch {saved} of {cfg.epochs}: {again}", file=sys.stderr, flush=True)
+    return 128 + stopped_by(why)
 
 
 def cli() -> NoReturn:

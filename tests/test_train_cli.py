@@ -456,6 +456,32 @@ def test_a_run_stopped_in_its_first_epochs_files_names_what_was_saved_and_the_co
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_run_out_of_gpu_memory_ends_in_one_line_naming_its_size_and_what_was_saved(tmp_path, capsys, monkeypatch):
+    # CUDA does not run here: the step raises what torch raises on the GPU, in the second epoch.
+    import ndot.train as train_module
+
+    real, calls = train_module.train_batch, []
+    words = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+             "is free. Of the allocated memory 76.90 GiB is allocated by PyTorch. If reserved but unallocated memory is "
+             "large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+    def step(*args, **kw):
+        calls.append(None)
+        if len(calls) > 23:  # 1437 training digits in batches of 64: 23 a epoch
+            raise torch.OutOfMemoryError(words)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_module, "train_batch", step)
+    run = tmp_path / "run"
+    assert main([*RUN, "--epochs", "2", "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: out of memory on cpu at batch size 64, T = 1 (CUDA out of memory. Tried to allocate 2.00 GiB. "
+                   f"GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.); epoch 1 of 2 is the last saved: "
+                   f"where the memory was another process's, continue with python -m ndot.train --out {run} --resume\n"), err
+    monkeypatch.setattr(train_module, "train_batch", real)
+    assert main(["--out", str(run), "--resume"]) == 0
+
+
 def test_a_resume_from_weights_alone_is_refused_before_the_folder_is_touched(trained, tmp_path, capsys):
     run = tmp_path / "run"
     trained(run)
