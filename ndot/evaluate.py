@@ -28,6 +28,7 @@ from ndot.data.loader import Loader
 from ndot.device import resolve_device
 from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
 from ndot.malloc import keep_freed_memory
+from ndot.memory import out_of_memory
 from ndot.models import finite, from_config
 from ndot.step import eval_batch
 
@@ -198,7 +199,11 @@ def _run(args: argparse.Namespace) -> int:
         if done < total and pace.due():
             print(f"batch {done}/{total}", flush=True)
 
-    m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True, on_batch=on_batch)
+    try:
+        m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True, on_batch=on_batch)
+    except torch.OutOfMemoryError as e:
+        refuse(f"{out_of_memory(e, device, cfg.batch_size, cfg.T)}: give a smaller --batch_size")
+        return 1  # the command was sound, the device too small for it
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
     # The run's own config (what trained the weights) and, apart, what this evaluation ran with.
     evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,

@@ -7,6 +7,7 @@
   record of each allocation and free on a CPU, which keeps no statistics of its own.
 - reset_peak_mem, peak_mem_mb: the high-water mark of a whole epoch, which the trainer
   reports: CUDA's peak allocated on a GPU, the process's peak resident set on a CPU.
+- out_of_memory: a command's words for a batch that did not fit.
 """
 from __future__ import annotations
 
@@ -130,3 +131,10 @@ def peak_mem_mb(device: torch.device) -> float:
     except (OSError, StopIteration):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def out_of_memory(e: torch.OutOfMemoryError, device: torch.device, batch_size: int, T: int) -> str:
+    """One line for a batch that did not fit on `device`: its size and T, and what torch says of the memory."""
+    # torch's message goes on with advice on its allocator's settings, which a smaller batch does not need.
+    said = str(e).splitlines()[0].split(" Of the allocated memory")[0]
+    return f"out of memory on {device} at batch size {batch_size}, T = {T} ({said})"

@@ -34,7 +34,7 @@ from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
 from ndot.graphs import GraphedStep
 from ndot.malloc import keep_freed_memory
-from ndot.memory import peak_mem_mb, reset_peak_mem
+from ndot.memory import out_of_memory, peak_mem_mb, reset_peak_mem
 from ndot.models import ARCHS, finite, from_config
 from ndot.step import train_batch
 
@@ -518,10 +518,8 @@ def _train_held(cfg: TrainConfig, device: torch.device, state: dict[str, Any] | 
         return refuse(e)
     except torch.OutOfMemoryError as e:
         # A batch too large for the GPU (BPTT's memory grows with T too): the words that matter, not a traceback.
-        # torch's message goes on with advice on its allocator's settings, which a smaller batch does not need.
-        said = str(e).splitlines()[0].split(" Of the allocated memory")[0]
-        return _ended_early(cfg, out, n_threads, f"out of memory on {device} at batch size {cfg.batch_size}, "
-                                                 f"T = {cfg.T} ({said})", "where the memory was another process's")
+        return _ended_early(cfg, out, n_threads, out_of_memory(e, device, cfg.batch_size, cfg.T),
+                            "where the memory was another process's")
     except _NotSaved as e:
         return _ended_early(cfg, out, n_threads, str(e), "once it can be written")
     except KeyboardInterrupt as e:

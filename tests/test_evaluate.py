@@ -198,6 +198,23 @@ def test_the_evaluation_says_how_far_it_is(tmp_path, monkeypatch, capsys):
     assert m > 1 and lines[1:m] == [f"batch {i}/{m}" for i in range(1, m)] and lines[m].startswith("test accuracy ")
 
 
+def test_an_evaluation_out_of_gpu_memory_ends_in_one_line_naming_the_batch_size(tmp_path, monkeypatch, capsys):
+    # CUDA does not run here: the step raises what torch raises on the GPU.
+    import ndot.evaluate as evaluate_module
+
+    assert train_main([*RUN, "--epochs", "1", "--out", str(tmp_path)]) == 0
+
+    def step(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. Of the allocated memory 70 GiB ...")
+
+    monkeypatch.setattr(evaluate_module, "eval_batch", step)
+    capsys.readouterr()
+    assert evaluate_main([str(tmp_path), "--batch_size", "4096"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: out of memory on cpu at batch size 4096, T = 2 (CUDA out of memory. Tried to allocate 2.00 GiB.): "
+                   "give a smaller --batch_size\n"), err
+
+
 def test_a_disk_that_fills_during_the_evaluation_ends_it_in_one_line_after_its_scores(tmp_path, monkeypatch, capsys):
     # The result is checked writable before the work and written after it: a disk that filled in between ended
     # the command in a traceback, its scores never printed.
