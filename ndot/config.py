@@ -136,8 +136,8 @@ class TrainConfig:
             # The paper's and the sweep tables' method names (NDOT_O, ottt_A) join the rule and the mode.
             rule, _, mode = self.rule.lower().rpartition("_")
             is_method = rule in RULES and mode.upper() in MODES
-            method = f"; {self.rule} is rule {rule!r} with mode {mode.upper()!r}" if is_method else ""
-            bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}{method}")
+            hint = f"; {self.rule} is rule {rule!r} with mode {mode.upper()!r}" if is_method else ""
+            bad(f"unknown rule {self.rule!r}; valid rules: {', '.join(RULES)}{hint}")
         if self.mode not in MODES:
             bad(f"unknown mode {self.mode!r}; valid modes: {', '.join(MODES)}")
         if self.rule == "bptt" and self.mode == "O":
