@@ -63,6 +63,8 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: TrainConfig, num_class
         n += len(y)
         if on_batch is not None:
             on_batch(i, len(loader))
+    if not n:
+        raise data.DataError(f"the {cfg.dataset} test loader yielded no batch")
     out: Metrics = {"test_loss": float(loss) / n, "test_acc": int(top1[-1]) / n}
     if num_classes > 10:
         out["test_top5"] = int(top5) / n
@@ -204,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
     except torch.OutOfMemoryError as e:
         refuse(f"{out_of_memory(e, device, cfg.batch_size, cfg.T)}: give a smaller --batch_size")
         return 1  # the command was sound, the device too small for it
+    except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
+        return refuse(e)
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
     # The run's own config (what trained the weights) and, apart, what this evaluation ran with.
     evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,

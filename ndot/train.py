@@ -218,6 +218,8 @@ def train(
             n += len(y)
             if on_batch is not None:
                 on_batch(epoch, i, len(train_loader))
+        if not n:
+            raise data.DataError(f"the {cfg.dataset} training loader yielded no batch in epoch {epoch}")
         train_loss = float(loss_sum) / n  # syncs the device
         seconds = time.perf_counter() - t0
 

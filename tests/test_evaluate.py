@@ -81,6 +81,11 @@ def test_scores_are_over_the_samples_the_loader_yields_not_those_its_num_samples
     assert evaluate(model, DropsLast(seen), TrainConfig(T=2), 10) == evaluate(model, Batches(seen), TrainConfig(T=2), 10)
 
 
+def test_a_loader_that_yields_no_batch_is_named_not_divided_by():
+    with pytest.raises(data.DataError, match="^the digits test loader yielded no batch$"):
+        evaluate(make_model().eval(), Batches([]), TrainConfig(T=2), 10)
+
+
 def test_top5_of_the_detailed_evaluation_is_that_of_all_steps_summed_and_only_beyond_10_classes():
     # The command line evaluates with detail=True (accuracy after each step), whose top-5 must still be
     # that of the prediction, Σ_t o[t]; top-5 is reported with more than 10 classes only (README).

@@ -363,6 +363,29 @@ def test_train_metrics_are_per_sample_and_throughput_counts_time_steps(monkeypat
     assert m["image_steps_per_s"] == pytest.approx(n * 3 / m["epoch_seconds"])
 
 
+def test_a_training_loader_that_yields_no_batch_is_named_not_divided_by(monkeypatch):
+    # A user's loader with drop_last and fewer samples than a batch.
+    import ndot.train as train_module
+
+    real_loaders = train_module.data.loaders
+    class Empty:
+        num_samples = 0
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __len__(self):
+            return 0
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(train_module.data, "loaders", lambda cfg, device: (Empty(), real_loaders(cfg, device)[1]))
+
+    with pytest.raises(data.DataError, match="^the digits training loader yielded no batch in epoch 1$"):
+        train(TrainConfig(**{**FAST, "epochs": 1}))
+
+
 def test_peak_memory_is_in_megabytes():
     # /proc's VmHWM is in KiB: a process that has imported torch holds tens of MB at least, not a fraction of one.
     from ndot.memory import peak_mem_mb
