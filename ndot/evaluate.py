@@ -193,7 +193,6 @@ def _run(args: argparse.Namespace) -> int:
           f"evaluating with T={cfg.T} on {device}", flush=True)
     if device.type == "cpu":  # as in training
         keep_freed_memory()
-    _, test_loader = data.loaders(cfg, device)
     pace = Pace()
 
     def on_batch(done: int, total: int) -> None:
@@ -202,11 +201,12 @@ def _run(args: argparse.Namespace) -> int:
             print(f"batch {done}/{total}", flush=True)
 
     try:
+        _, test_loader = data.loaders(cfg, device)
         m = evaluate(model, test_loader, cfg, data.info(cfg.dataset).num_classes, detail=True, on_batch=on_batch)
     except torch.OutOfMemoryError as e:
         refuse(f"{out_of_memory(e, device, cfg.batch_size, cfg.T)}: give a smaller --batch_size")
         return 1  # the command was sound, the device too small for it
-    except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short)
+    except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short), or no batch
         return refuse(e)
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
     # The run's own config (what trained the weights) and, apart, what this evaluation ran with.

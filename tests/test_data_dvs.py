@@ -31,6 +31,7 @@ from ndot.config import TrainConfig
 from ndot.data import DataError, dvs, fixtures, key, storage
 from ndot.sweep import cli, runner
 from ndot.sweep.definitions import TIMESTEPS
+from ndot.evaluate import main as evaluate_main
 from ndot.train import main as train_main
 from ndot.train import train
 
@@ -548,6 +549,19 @@ def test_the_train_command_refuses_recordings_cut_short_in_one_line(cut_short, p
     # Found only in converting them: after the line that says the conversion began, one error line.
     converting, error = capsys.readouterr().err.strip().splitlines()
     assert converting.startswith("cifar10dvs: converting") and error.startswith("error: ") and "cannot be read" in error
+
+
+def test_the_evaluate_command_refuses_recordings_cut_short_in_one_line(dataset_root, cut_short, private_cache, tmp_path,
+                                                                       capsys):
+    # Weights trained on the whole recordings, evaluated on the copy whose recordings an unzip cut short.
+    run = tmp_path / "run"
+    argv = ["--dataset", "cifar10dvs", "--arch", "small_cnn", "--T", "2", "--epochs", "1", "--batch_size", "64",
+            "--workers", "0", "--device", "cpu"]
+    assert train_main([*argv, "--data_root", str(dataset_root), "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert evaluate_main([str(run), "--data_root", str(cut_short)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "cannot be read" in error and "cifar10_truck_7.aedat4" in error, error
 
 
 def test_a_recording_without_events_is_named_as_such_not_sent_to_download(cut_short, private_cache):
