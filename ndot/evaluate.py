@@ -24,7 +24,7 @@ from ndot import checkpoint, data, files
 from ndot.cli import Pace, Parser, named, refuse, run, show_progress, threads, torch_threads
 from ndot.config import PRECISIONS, ConfigError, TrainConfig, method
 from ndot.data import storage
-from ndot.data.loader import Loader
+from ndot.data.loader import Loader, worker_ended
 from ndot.device import resolve_device
 from ndot.layers import clear_spike_counts, firing_rate, layer_firing_rates
 from ndot.malloc import keep_freed_memory
@@ -143,6 +143,8 @@ def _parser() -> Parser:
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     p.add_argument("--data-root", default=None, help="data folder (default: the run's, else $NDOT_DATA, else ~/data)")
+    p.add_argument("--workers", type=int, default=None, help="CPU loader processes (loader cpu, DVS conversion; default: "
+                                                             "the run's)")
     p.add_argument("--threads", type=threads, default=None, help="torch's CPU threads (default: torch's)")
     p.add_argument("--out", type=named, default=None,
                    help="JSON file, local or a URI (default: eval-<weights>-T<T>.json beside the weights; for a sweep "
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("T", args.T), ("precision", args.precision), ("batch_size", args.batch_size),
-                                   ("data_root", args.data_root)) if v is not None}
+                                   ("data_root", args.data_root), ("workers", args.workers)) if v is not None}
     # Where the run trained says nothing about where its weights are read: auto unless asked
     # (an empty --device is asked, and refused, not auto).
     overrides.update(device="auto" if args.device is None else args.device, cuda_graph=False)
@@ -208,6 +210,12 @@ def _run(args: argparse.Namespace) -> int:
         return 1  # the command was sound, the device too small for it
     except data.DataError as e:  # found only in reading the data (a CIFAR10-DVS recording cut short), or no batch
         return refuse(e)
+    except RuntimeError as e:
+        ended = worker_ended(e)
+        if ended is None:
+            raise
+        refuse(f"{ended}: fewer --workers hold less memory, where it ran out")
+        return 1
     # Written before it is printed: a reader of stdout that goes away (`| head -1`) ends the command.
     # The run's own config (what trained the weights) and, apart, what this evaluation ran with.
     evaluated_with = {"T": cfg.T, "precision": cfg.precision, "batch_size": cfg.batch_size, "data_root": cfg.data_root,

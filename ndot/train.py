@@ -29,6 +29,7 @@ from ndot.cli import Pace, Parser, refuse, run, show_progress, sigterm_interrupt
 from ndot.config import (DVS_ENCODINGS, FIELD_HELP, LOADERS, MODES, PRECISIONS, RULES, ConfigError, TrainConfig,
                          check_data_flags, check_rule_flags, method, rule_flags_off)
 from ndot.data import storage
+from ndot.data.loader import worker_ended
 from ndot.device import resolve_device
 from ndot.evaluate import Metrics, evaluate, topk_correct
 from ndot.fast import accelerate
@@ -522,6 +523,11 @@ def _train_held(cfg: TrainConfig, device: torch.device, state: dict[str, Any] | 
         # A batch too large for the GPU (BPTT's memory grows with T too): the words that matter, not a traceback.
         return _ended_early(cfg, out, n_threads, out_of_memory(e, device, cfg.batch_size, cfg.T),
                             "where the memory was another process's")
+    except RuntimeError as e:
+        ended = worker_ended(e)
+        if ended is None:
+            raise
+        return _ended_early(cfg, out, n_threads, ended, "with fewer --workers, where memory ran out")
     except _NotSaved as e:
         return _ended_early(cfg, out, n_threads, str(e), "once it can be written")
     except KeyboardInterrupt as e:

@@ -1,6 +1,7 @@
 """CIFAR-10/100: torchvision's files written by the test, read through the real loaders; both pipelines."""
 from __future__ import annotations
 
+import gc
 import http.server
 import io
 import logging
@@ -295,6 +296,53 @@ def test_data_missing_from_a_saved_data_root_names_the_checkpoint_not_ndot_data(
         assert err.count("\n") == 1 and "NDOT_DATA" not in err, err
         assert err.endswith(f"the data root is the data_root saved in {saved_in}; --data-root overrides it\n"), err
     assert evaluate_main([str(run), "--data-root", str(root), "--out", str(tmp_path / "eval.json")]) == 0  # as it says
+
+
+def _children() -> set[int]:
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+
+
+def _killing_the_loaders_workers_at(call: int, step):
+    """`step`, which at its `call`-th call kills the loader workers started since (the system's out-of-memory
+    killer does so on a laptop)."""
+    before, calls = _children(), []
+
+    def killing(*args, **kw):
+        calls.append(None)
+        if len(calls) == call:
+            for pid in _children() - before:
+                os.kill(pid, signal.SIGKILL)
+        return step(*args, **kw)
+
+    return killing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers are forks of this process (Linux)")
+def test_a_loader_worker_killed_ends_a_run_or_an_evaluation_in_one_line(root, tmp_path, monkeypatch, capsys):
+    import ndot.evaluate as evaluate_module
+    import ndot.train as train_module
+
+    run = tmp_path / "run"
+    # 10 batches an epoch: a worker killed in the second epoch's first step still owes it batches.
+    argv = ["--dataset", "cifar10", "--data_root", str(root), "--arch", "small_cnn", "--T", "1", "--epochs", "2",
+            "--batch_size", "25", "--loader", "cpu", "--workers", "1", "--device", "cpu", "--out", str(run)]
+    monkeypatch.setattr(train_module, "train_batch", _killing_the_loaders_workers_at(11, train_module.train_batch))
+    capsys.readouterr()
+    assert train_main(argv) == 1
+    # The epoch's iterator, in a cycle with the traceback the command caught, holds its dead worker registered with
+    # torch's SIGCHLD handler until collected: meanwhile any child's end raised its error again, wherever this
+    # process was (the command's own process exits at once).
+    gc.collect()
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: a data loader worker ended \(DataLoader worker \(pid\(?s?\)? \d+\) [^\n]*\); epoch 1 of 2 "
+                        rf"is the last saved: with fewer --workers, where memory ran out, continue with python -m ndot.train "
+                        rf"--out {re.escape(str(run))} --resume\n", err), err
+    monkeypatch.setattr(evaluate_module, "eval_batch", _killing_the_loaders_workers_at(1, evaluate_module.eval_batch))
+    assert evaluate_main([str(run), "--data-root", str(root), "--batch-size", "10"]) == 1
+    gc.collect()
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: a data loader worker ended \(DataLoader worker [^\n]*\): fewer --workers hold less "
+                        r"memory, where it ran out\n", err), err
 
 
 def test_half_present_dataset_names_what_is_missing_or_damaged(root, tmp_path):

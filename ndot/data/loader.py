@@ -94,6 +94,17 @@ def started(loader: DataLoader) -> Iterator[Any]:
             signal.raise_signal(signum)  # to the handler the process had: the iterator, built, ends its workers
 
 
+def worker_ended(e: BaseException) -> str | None:
+    """One line for torch's error at a loader worker that ended under it (killed: on a laptop, most often by the
+    system's out-of-memory killer, as each worker holds a copy of the dataset's pipeline); None for other errors."""
+    # torch's words, "DataLoader worker (pid 123) is killed by signal: Killed." (from C++) or "DataLoader worker
+    # (pid(s) 123) exited unexpectedly", are all that tells this error from any other RuntimeError.
+    said = str(e).splitlines()[0].strip() if isinstance(e, RuntimeError) else ""
+    if not said.startswith("DataLoader worker (pid"):
+        return None
+    return f"a data loader worker ended ({said})"
+
+
 def num_batches(samples: int, batch_size: int) -> int:
     """Every sample once per epoch: the last batch holds the remainder."""
     return -(-samples // batch_size)
