@@ -764,6 +764,30 @@ def test_ray_address_from_the_environment_is_the_cluster_a_sweep_joins(storage, 
     assert cli.cluster_address(None) == (None, "$RAY_ADDRESS")
 
 
+def test_on_the_head_of_a_ray_up_cluster_a_sweep_joins_it_unless_told_local(tmp_path, monkeypatch, capsys):
+    # `ray up cluster/gpu.yaml`, then `python sweeps/timesteps.py` in a shell on its head: a Ray of the sweep's
+    # own there has the head's resources alone (no GPU), where the cluster was meant.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.cluster_address(None) == (None, "$RAY_ADDRESS")  # no launcher's config: a laptop
+    (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
+    address, source = cli.cluster_address(None)
+    assert address == "auto" and source.startswith("the head of a `ray up` cluster") and "--address local" in source
+    assert cli.cluster_address("local") == (None, "--address")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cli.cluster_address(None) == ("10.0.0.1:6379", "$RAY_ADDRESS")
+    monkeypatch.delenv("RAY_ADDRESS")
+    # Joined as `auto` says, and a resume of a sweep run on a Ray of its own there says --address local.
+    checked = []
+    monkeypatch.setattr(runner, "check_address", lambda address, **kw: checked.append(address) or pytest.fail("stop"))
+    with pytest.raises(pytest.fail.Exception):
+        cli.main(TIMESTEPS, ["--T", "1", "--storage", str(tmp_path / "runs")])
+    assert checked == ["auto"]
+    plan = cli.build_plan(TIMESTEPS, cli.parser(TIMESTEPS).parse_args(["--T", "1", "--name", "s"]))
+    assert cli.resume_command(plan, None).endswith(" --address local")
+    assert cli.resume_command(plan, "auto").endswith(" --address auto")
+
+
 def test_trial_resources_must_fit_some_node_now_or_launchable():
     gpu_node, cpu_node = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0}
     assert resources.fits(2, 0.25, [cpu_node, gpu_node]) and resources.fits(8, 1, [gpu_node])
@@ -880,19 +904,20 @@ def test_trials_at_once_are_counted_node_by_node_within_the_clusters_max_workers
 
 def test_resources_no_node_can_hold_are_refused_in_one_line(storage, capsys, tmp_path, monkeypatch):
     # This machine has no GPU and Ray starts here with none: a GPU per trial would wait forever. On the head
-    # of a launched cluster too (its config beside it): without --address the sweep runs on a Ray of its own.
+    # of a launched cluster too (its config beside it), given --address local: the sweep runs on a Ray of its own.
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU for Ray here, on a machine with one too
     before = _sessions()
-    rc = exit_status(cli.main, TIMESTEPS, ["--gpus-per-trial", "1", *storage])
+    rc = exit_status(cli.main, TIMESTEPS, ["--gpus-per-trial", "1", "--address", "local", *storage])
     out, err = capsys.readouterr()
     assert rc == 2 and err.count("\n") == 1, err
     assert "0 GPU, too few for 1 CPU and 1 GPU for a trial: lower --cpus-per-trial or --gpus-per-trial" in err, err
     # Known before Ray starts: the Ray is the one the sweep would start on this machine.
     assert "starting" not in out and _sessions() == before and not ray.is_initialized()
-    cpus = exit_status(cli.main, TIMESTEPS, ["--cpus-per-trial", str(resources.local_ray()["CPU"] + 1), *storage])
+    cpus = exit_status(cli.main, TIMESTEPS, ["--cpus-per-trial", str(resources.local_ray()["CPU"] + 1), "--address", "local",
+                                             *storage])
     assert cpus == 2 and "too few for" in capsys.readouterr().err and _sessions() == before
 
 

@@ -96,8 +96,9 @@ def parser(sweep: Sweep) -> argparse.ArgumentParser:
     )
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder, or s3:// or gs:// URI, for the experiment (default: {DEFAULT_STORAGE}); "
                                                                  "on a cluster of several machines a URI, or a folder every node mounts")
-    p.add_argument("--address", help="Ray cluster to join: auto on one of its nodes, HOST:PORT of its head, or ray://HOST:PORT "
-                                     "(default: $RAY_ADDRESS where set, as `ray job submit` sets it; else a private local Ray)")
+    p.add_argument("--address", help="Ray cluster to join: auto on one of its nodes, HOST:PORT of its head, or ray://HOST:PORT; "
+                                     "local for a private Ray on this machine (default: $RAY_ADDRESS where set, as `ray job "
+                                     "submit` sets it; else auto on the head `ray up` started; else local)")
     p.add_argument("--name", help="experiment name (default: SWEEP-PRESET-TIME); required with --resume")
     p.add_argument(
         "--resume", action="store_true",
@@ -446,14 +447,21 @@ def _without_tunes_resume_hint(record: logging.LogRecord) -> bool:
 
 
 def cluster_address(given: str | None) -> tuple[str | None, str]:
-    """The cluster a sweep joins, and what named it: --address, else $RAY_ADDRESS, else None (a private local Ray).
+    """The cluster a sweep joins, and what named it: --address, else $RAY_ADDRESS, else "auto" on the head of a
+    `ray up` cluster, else None (a private local Ray).
 
     `ray job submit` runs its driver with RAY_ADDRESS set to the cluster's head: a sweep submitted
     without --address joins that cluster, as ray.init() itself would, not a Ray of its own on the head node.
+    So does a sweep started on the head in a shell (`ray attach`, `ray submit`), where the launcher left its
+    config: a Ray of its own there would have the head's resources alone (no GPU, in cluster/gpu.yaml).
     """
     if given is not None:
-        return given, "--address"
-    return os.environ.get("RAY_ADDRESS") or None, "$RAY_ADDRESS"
+        return None if given == "local" else given, "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
+    if resources.BOOTSTRAP_CONFIG.expanduser().is_file():
+        return "auto", f"the head of a `ray up` cluster ({resources.BOOTSTRAP_CONFIG}; --address local for a Ray of its own)"
+    return None, "$RAY_ADDRESS"
 
 
 def resume_command(plan: Plan, address: str | None) -> str:
@@ -463,6 +471,8 @@ def resume_command(plan: Plan, address: str | None) -> str:
     # kernel's launcher), the sweep's script in sweeps/.
     ran = sys.argv[0] if os.path.basename(sys.argv[0]) == f"{plan.sweep}.py" else f"sweeps/{plan.sweep}.py"
     script = f"python {q(ran)}" if plan.sweep else "the sweep"
+    if address is None and cluster_address(None)[0] is not None:
+        address = "local"  # where the default joins a cluster, as on a `ray up` head
     return (f"{script} --resume --name {q(plan.name)} --storage {q(plan.storage)}"
             + (f" --address {q(address)}" if address else ""))
 
@@ -573,7 +583,7 @@ def _drive(plan: Plan, args: argparse.Namespace, source: str, holding: contextli
         try:
             launcher = args.address is not None and not runner.through_client(args.address)
             # A private local Ray (no --address) runs on this machine alone.
-            unreachable = reach.unreachable(plan.storage, launcher) if args.address not in (None, "local") else None
+            unreachable = reach.unreachable(plan.storage, launcher) if args.address is not None else None
             if unreachable:
                 return refuse(unreachable)
             trial = f"{plan.cpus_per_trial:g} CPU and {plan.gpus_per_trial:g} GPU for a trial"
