@@ -428,11 +428,13 @@ def write_tables(experiment: str, records: Sequence[TrialRecord]) -> None:
     Tables(experiment).write(records)
 
 
-def load(path: str, table: str = EPOCHS_TABLE) -> pd.DataFrame:
+def load(path: str | os.PathLike[str], table: str = EPOCHS_TABLE) -> pd.DataFrame:
     """A results table: `path` is a .parquet file or an experiment directory (then `table` picks which)."""
     if table not in (EPOCHS_TABLE, TRIALS_TABLE):
         raise ValueError(f"table must be {EPOCHS_TABLE!r} or {TRIALS_TABLE!r}, got {table!r}")
-    uri = path if str(path).endswith(".parquet") else table_uri(str(path), table)
+    # A notebook often holds a pathlib.Path: ndot.files takes text, and a Path to a table failed there (TypeError).
+    path = os.fspath(path)
+    uri = path if path.endswith(".parquet") else table_uri(path, table)
     fs, p = filesystem(uri)
     return pd.read_parquet(p, filesystem=fs)
 

@@ -89,6 +89,12 @@ def test_load_names_the_tables_it_knows():
         results.load("runs/sweeps/any", table="trial")
 
 
+def test_load_takes_a_path_to_a_table_as_it_takes_one_to_the_folder(tmp_path):
+    pd.DataFrame({"trial_id": ["a", "b"]}).to_parquet(tmp_path / "trials.parquet")
+    for path in (tmp_path, tmp_path / "trials.parquet"):
+        assert results.load(path, results.TRIALS_TABLE)["trial_id"].tolist() == ["a", "b"]
+
+
 def test_summary_of_a_folder_without_tables_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert results.main(["summary", str(tmp_path / "empty")]) == 2
