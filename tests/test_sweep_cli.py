@@ -772,7 +772,7 @@ def test_on_the_head_of_a_ray_up_cluster_a_sweep_joins_it_unless_told_local(tmp_
     assert cli.cluster_address(None) == (None, "$RAY_ADDRESS")  # no launcher's config: a laptop
     (tmp_path / resources.BOOTSTRAP_CONFIG.name).write_text((ROOT / "cluster" / "gpu.yaml").read_text())
     address, source = cli.cluster_address(None)
-    assert address == "auto" and source.startswith("the head of a `ray up` cluster") and "--address local" in source
+    assert address == "auto" and source.startswith("on a `ray up` head") and "--address local" in source
     assert cli.cluster_address("local") == (None, "--address")
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cli.cluster_address(None) == ("10.0.0.1:6379", "$RAY_ADDRESS")

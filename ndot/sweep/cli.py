@@ -460,7 +460,7 @@ def cluster_address(given: str | None) -> tuple[str | None, str]:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
     if resources.BOOTSTRAP_CONFIG.expanduser().is_file():
-        return "auto", f"the head of a `ray up` cluster ({resources.BOOTSTRAP_CONFIG}; --address local for a Ray of its own)"
+        return "auto", f"on a `ray up` head ({resources.BOOTSTRAP_CONFIG}; --address local: a Ray of its own), the default --address"
     return None, "$RAY_ADDRESS"
 
 
