@@ -69,7 +69,7 @@ def user_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     sys.modules.pop(USER_MODULE, None)
 
 
-# A researcher's dataset outside the package, registered as USER_DATASET: the README's example.
+# A researcher's dataset outside the package, registered as USER_DATASET: docs/extending.md's example.
 USER_DATA_MODULE, USER_DATASET = "user_data", "stripes"
 _USER_DATA_MODULE_TEXT = f"""
 import torch

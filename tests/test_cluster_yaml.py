@@ -97,7 +97,7 @@ def test_every_shell_on_a_node_runs_the_projects_python(config):
 
 
 def test_a_driver_started_over_ssh_can_outlive_the_connection(config):
-    # `ray submit --tmux` and `ray attach --tmux` (README) need tmux on the head, which a bare image may lack.
+    # `ray submit --tmux` and `ray attach --tmux` (docs/cluster.md) need tmux on the head, which a bare image may lack.
     assert re.search(r"apt-get .*install .*\btmux\b", _commands(config, "setup_commands"))
 
 
@@ -139,8 +139,8 @@ def test_a_paper_sweep_asks_for_every_slot_of_the_grown_cluster(config):
     assert resources.grown_slots(PAPER.cpus_per_trial, PAPER.gpus_per_trial, config) == 64
 
 
-def test_the_spot_quota_the_readme_asks_for_holds_every_worker(config):
+def test_the_spot_quota_the_cluster_guide_asks_for_holds_every_worker(config):
     # A worker type's CPU resource is its instance's vCPUs, which AWS's spot quota counts.
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
     vcpus = sum(t["max_workers"] * t["resources"]["CPU"] for t in workers)
-    assert f"of {vcpus} vCPUs" in " ".join((ROOT / "README.md").read_text().split())
+    assert f"of {vcpus} vCPUs" in " ".join((ROOT / "docs" / "cluster.md").read_text().split())

@@ -51,7 +51,7 @@ def test_bad_config_raises_one_line(kw, words):
 
 
 def test_imports_are_read_as_a_list_written_by_hand():
-    # The README's `--imports my_arch,my_data`, typed with a space after a comma or a comma left at the end.
+    # docs/extending.md's `--imports my_arch,my_data`, typed with a space after a comma or a comma left at the end.
     assert TrainConfig(imports="ndot.layers, ndot.models,").validate().imports == "ndot.layers, ndot.models,"
 
 

@@ -251,7 +251,7 @@ def test_data_root_from_config_then_environment_then_home(monkeypatch, tmp_path)
 
 
 def test_caches_go_to_ndot_cache_then_under_the_data_root(monkeypatch, tmp_path):
-    # README: caches derived from the data go to $NDOT_CACHE, else <data root>/ndot-cache.
+    # docs/data.md: caches derived from the data go to $NDOT_CACHE, else <data root>/ndot-cache.
     monkeypatch.setenv("NDOT_CACHE", str(tmp_path / "caches"))
     assert storage.cache_root(config(tmp_path / "cfg")) == tmp_path / "caches"
     monkeypatch.delenv("NDOT_CACHE")

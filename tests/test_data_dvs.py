@@ -116,7 +116,7 @@ def test_counts_encoding_resizes_to_48_keeping_the_mass():
 
 
 def test_counts_encoding_is_pils_antialiased_bilinear_resize_of_every_frame_and_polarity():
-    # README: resized to 48x48 by antialiased bilinear, the filter of the authors' PIL Resize. PIL resizes a
+    # docs/data.md: resized to 48x48 by antialiased bilinear, the filter of the authors' PIL Resize. PIL resizes a
     # float ("F") image without rounding, so its output is the reference up to float16 storage.
     counts = dvs.count_frames(tonic_events(5000, np.random.default_rng(4)), 2)
     frames = dvs.encode(counts, 48, "counts").float()

@@ -88,7 +88,7 @@ def test_a_loader_that_yields_no_batch_is_named_not_divided_by():
 
 def test_top5_of_the_detailed_evaluation_is_that_of_all_steps_summed_and_only_beyond_10_classes():
     # The command line evaluates with detail=True (accuracy after each step), whose top-5 must still be
-    # that of the prediction, Σ_t o[t]; top-5 is reported with more than 10 classes only (README).
+    # that of the prediction, Σ_t o[t]; top-5 is reported with more than 10 classes only (docs/training.md).
     model = make_model(classes=20).eval()
     model.readout.weight.data.normal_(0, 1)
     x, y = batch(n=40, size=16, classes=20)

@@ -439,7 +439,7 @@ def test_targets_are_the_issues_and_read_the_fastest_levers_at_the_lever_T():
     assert got["ndot_A_bf16_ratio_to_ceiling"] == 0.8 and got["ndot_A_bf16_ok"] and got["ndot_A_bf16_levers"]["fused_neuron"]
     assert got["ndot_O_over_A_bf16"] == pytest.approx(0.9) and got["ndot_O_ok"] and got["ndot_O_bf16_levers"]["fused_neuron"]
     assert got["ndot_A_fp32_image_steps_per_s"] == 14_100 and not got["ndot_A_fp32_ok"]
-    assert got["ndot_O_over_A_fp32"] == pytest.approx(0.8)  # no target, but the README quotes it beside bf16's
+    assert got["ndot_O_over_A_fp32"] == pytest.approx(0.8)  # no target, but docs/performance.md quotes it beside bf16's
     # No fp32 NDOT_O measured (its case failed): no ratio, the fp32 target still judged.
     without = report.targets([r for r in rows if (r["mode"], r["precision"]) != ("O", "fp32")],
                              {"lever_T": 4, "lever_arch": "vgg11_ws", "lever_batch": 128})
@@ -465,7 +465,7 @@ H200_RUN = Path(__file__).parents[1] / "bench" / "results" / "h200-3bfcb5a"
 
 
 def test_the_stored_h200_run_reads_back_into_the_tables_it_printed(capsys):
-    # The README's GPU figures: a run from before the fused_ws lever, which --table reads as off.
+    # docs/performance.md's GPU figures: a run from before the fused_ws lever, which --table reads as off.
     assert bench_main(["--table", str(H200_RUN / "bench.jsonl")]) == 0
     assert capsys.readouterr().out == (H200_RUN / "bench.md").read_text()
     target, = (r for r in read_run(str(H200_RUN / "bench.jsonl")) if r["kind"] == "targets")
@@ -744,7 +744,7 @@ def test_each_benchmark_case_starts_from_the_same_weights_and_leaves_the_callers
 
 
 def test_bench_plans_the_documented_sizes_and_reads_the_targets_at_the_lever_T():
-    # README: the default is the real size (VGG-11-WS, batch 128, T 1, 2, 4, 6, 20, fp32 and bf16), targets
+    # docs/performance.md: the default is the real size (VGG-11-WS, batch 128, T 1, 2, 4, 6, 20, fp32 and bf16), targets
     # read at the per-lever T, 4 by default; --small is small_cnn, batch 8, T 1, 2, 4, one thread, lever T 2.
     cpu = torch.device("cpu")
     real = bench_cli.plan(bench_cli._parser().parse_args([]), cpu)

@@ -431,9 +431,9 @@ def test_the_state_is_freed_before_the_weights_backward_and_no_gradient_outlives
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_the_readmes_network_of_ones_own_trains_and_evaluates_as_written():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    [example] = re.findall(r"```python\n(import torch\nfrom ndot.layers import .*?)```", readme, re.S)
+def test_the_extending_guides_network_of_ones_own_trains_and_evaluates_as_written():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    [example] = re.findall(r"```python\n(import torch\nfrom ndot.layers import .*?)```", guide, re.S)
     scope: dict = {}
     exec(example, scope)
     assert scope["o"].shape == (4, 8, 10) and torch.isfinite(scope["loss"])

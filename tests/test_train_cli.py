@@ -595,7 +595,7 @@ def test_ctrl_c_before_any_epoch_says_to_start_again(tmp_path, capsys, monkeypat
 
 
 def test_each_epoch_writes_its_log_line_then_checkpoint_pt_then_best_pt(tmp_path, monkeypatch):
-    # The order _mend repairs from (README: "An epoch's line is written before checkpoint.pt, and best.pt
+    # The order _mend repairs from (docs/training.md: "An epoch's line is written before checkpoint.pt, and best.pt
     # after it"): a kill between any two leaves a folder a resume can mend. Each save records what is there.
     real, seen = checkpoint.save, []
 
