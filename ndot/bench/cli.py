@@ -2,7 +2,7 @@
 
     python -m ndot.bench              # real size (GPU): vgg11_ws, batch 128, 3x32x32, T in {1,2,4,6,20}
     python -m ndot.bench --small      # small_cnn, batch 8: a CPU smoke run, about a minute on 2 cores, most of it torch.compile
-    python -m ndot.bench --table FILE # the JSON lines of a run as Markdown tables (for the README)
+    python -m ndot.bench --table FILE # the JSON lines of a run as Markdown tables (for docs/performance.md)
 
 Synthetic data, created on the device once. One JSON object per line on stdout (and in --out):
 

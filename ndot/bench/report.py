@@ -84,7 +84,7 @@ def targets(rows: list[Row], lever: Row) -> Row:
     if a32:
         out.update(ndot_A_fp32_image_steps_per_s=a32["image_steps_per_s"],
                    ndot_A_fp32_ok=a32["image_steps_per_s"] >= A_FP32_IMAGE_STEPS_PER_S)
-    if a32 and o32:  # no target, but the ratio the README quotes beside bf16's, read here rather than by hand
+    if a32 and o32:  # no target, but the ratio docs/performance.md quotes beside bf16's, read here rather than by hand
         out["ndot_O_over_A_fp32"] = o32["image_steps_per_s"] / a32["image_steps_per_s"]
     return out
 

@@ -10,7 +10,7 @@ Frames: a recording's events, in time order, are cut into T bins of equal event
 count (event i of n goes to bin floor(i*T/n): sizes differ by at most one and no
 event is dropped; tonic's ToFrame(n_event_bins=T) drops the last n mod T
 events and accumulates with np.add.at, which is slower; the authors' SpikingJelly
-bins give the last bin those n mod T events, README), counted per polarity and
+bins give the last bin those n mod T events, docs/data.md), counted per polarity and
 pixel into [T, 2, 128, 128] (channel = tonic's polarity p, 0 then 1) and
 resized to size x size. Encodings (cfg.dvs_encoding):
 
