@@ -459,7 +459,7 @@ def cluster_address(given: str | None) -> tuple[str | None, str]:
         return None if given == "local" else given, "--address"
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"], "$RAY_ADDRESS"
-    if resources.BOOTSTRAP_CONFIG.expanduser().is_file():
+    if resources.on_launcher_head():
         return "auto", f"on a `ray up` head ({resources.BOOTSTRAP_CONFIG}; --address local: a Ray of its own), the default --address"
     return None, "$RAY_ADDRESS"
 

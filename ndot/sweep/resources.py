@@ -23,9 +23,13 @@ import yaml
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
+def on_launcher_head() -> bool:
+    """Whether this machine is the head of a cluster `ray up` started: the launcher left its config here."""
+    return BOOTSTRAP_CONFIG.expanduser().is_file()
+
+
 def _launcher_config(launcher: bool) -> dict:
-    path = BOOTSTRAP_CONFIG.expanduser()
-    return yaml.safe_load(path.read_text()) if launcher and path.exists() else {}
+    return yaml.safe_load(BOOTSTRAP_CONFIG.expanduser().read_text()) if launcher and on_launcher_head() else {}
 
 
 def _live_nodes() -> list[dict[str, float]]:
