@@ -396,7 +396,7 @@ def test_the_readmes_python_example_runs(capsys):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     [example] = re.findall(r"```python\n(from ndot.config import TrainConfig\n.*?)```", readme, re.S)
     assert "epochs=2" in example and "T=4" in example
-    # One epoch at T = 1 shows that it runs, in 2 s where the README's run takes 15.
+    # One epoch at T = 1 shows that it runs, in 2 s where the README's run took 10.3 s at b280e25.
     exec(example.replace("epochs=2", "epochs=1").replace("T=4", "T=1"), {})
     epoch, status = capsys.readouterr().out.splitlines()
     assert epoch.startswith("1 0.") and status.startswith("completed 0.")
